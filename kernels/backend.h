@@ -1,0 +1,96 @@
+// Backend: the seam between the model and its compute kernels (DESIGN.md §1, issue 6).
+//
+// The model (model/) calls only these functions for its heavy math; `ReferenceBackend` is the
+// plain, obviously-correct implementation every fast kernel is tested against, and fast
+// backends (AVX-512 / BLAS on CPU, CUDA) implement the same interface. Activations are f32,
+// row-major; weights stay in their checkpoint dtype (memory-mapped, never copied) and are
+// described by WeightView.
+//
+// Thread safety: a Backend is stateless apart from scratch space; one engine thread calls it.
+// Implementations may parallelise internally on ThreadPool::Default().
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "kernels/core/dtype.h"
+
+namespace sy::kernels {
+
+// A weight matrix as HF stores a Linear: [rows = out_features, cols = in_features],
+// row-major, `dtype`, `row_stride` elements between rows (== cols when packed).
+struct WeightView {
+  DType dtype = DType::kF32;
+  const void* data = nullptr;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t row_stride = 0;
+
+  const uint8_t* row(int64_t r) const {
+    return static_cast<const uint8_t*>(data) + r * row_stride * DTypeSize(dtype);
+  }
+};
+
+// One expert's SwiGLU FFN: y = w2 · (silu(w1 · x) ⊙ (w3 · x)).
+struct ExpertWeights {
+  WeightView w1;  // gate_proj [inter, hidden]
+  WeightView w3;  // up_proj   [inter, hidden]
+  WeightView w2;  // down_proj [hidden, inter]
+};
+
+// Paged attention over one sequence's KV cache.
+// The cache of one layer is two arrays (K and V) of [num_blocks, block_size, num_kv_heads,
+// head_dim] f32; a sequence's logical position p lives in block block_table[p / block_size],
+// row p % block_size.
+struct PagedKv {
+  float* k = nullptr;
+  float* v = nullptr;
+  int64_t block_size = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+
+  // y[T, N] = x[T, K] · W[N, K]^T  (x, y f32; W.cols == K, W.rows == N).
+  // Overwrites y. If bias != nullptr (f32 [N]) it is added.
+  virtual void MatMul(const float* x, int64_t num_tokens, const WeightView& w, float* y,
+                      const float* bias = nullptr) = 0;
+
+  // y[t] = x[t] / rms(x[t]) * weight, rms = sqrt(mean(x^2) + eps). x may equal y.
+  // weight: [dim] in its dtype.
+  virtual void RmsNorm(const float* x, int64_t num_rows, int64_t dim, const WeightView& weight,
+                       float eps, float* y) = 0;
+
+  // Grouped expert FFN: rows [offsets[g], offsets[g+1]) of x (f32 [R, hidden]) go through
+  // experts[g]; results to y (f32 [R, hidden], overwritten). num_groups experts; empty groups
+  // allowed. experts[g] may be null only when its group is empty.
+  virtual void GroupedExpertFfn(const float* x, const int64_t* offsets, int64_t num_groups,
+                                const ExpertWeights* const* experts, int64_t hidden, float* y) = 0;
+
+  // Causal attention for one sequence: q [num_new, num_heads, head_dim] f32 for positions
+  // start_pos .. start_pos+num_new-1, whose K/V are already written in `kv`; keys 0 ..
+  // start_pos+num_new-1. out [num_new, num_heads, head_dim]. GQA: head h reads KV head
+  // h / (num_heads / num_kv_heads). scale = 1/sqrt(head_dim) unless given.
+  virtual void Attention(const float* q, int64_t num_new, int64_t start_pos, int64_t num_heads,
+                         const PagedKv& kv, const int32_t* block_table, float scale,
+                         float* out) = 0;
+};
+
+// The plain reference kernels (kernels/cpu/reference_backend.cc).
+std::unique_ptr<Backend> MakeReferenceBackend();
+
+// The fastest backend available on this machine for `name` ("reference", "cpu"; "auto"
+// picks the best CPU backend). InvalidArgument for an unknown name.
+absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const std::string& name);
+
+// Shared scalar helpers (also used by reference kernels).
+// Dot product of a weight row (dtype) with f32 x, accumulated in f32.
+float DotRow(const WeightView& w, int64_t row, const float* x);
+
+}  // namespace sy::kernels

@@ -1,0 +1,70 @@
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "parallel/moe_dispatch.h"
+
+namespace sy::parallel {
+namespace {
+
+// Groups (token, k) pairs by expert with a counting sort, runs the experts once over the
+// grouped rows, and scatters the weighted results back. A token that picks the same expert
+// twice (never happens with top-k, but cheap to allow) contributes twice.
+class SingleRankDispatcher final : public MoeDispatcher {
+ public:
+  explicit SingleRankDispatcher(int64_t num_experts) : num_experts_(num_experts) {}
+
+  absl::Status DispatchCombine(int layer, const float* x, int64_t num_tokens, int64_t hidden,
+                               const int32_t* topk_ids, const float* topk_weights,
+                               int64_t num_topk, const GroupedExpertFn& compute,
+                               float* out) override {
+    const int64_t n = num_tokens * num_topk;
+    offsets_.assign(num_experts_ + 1, 0);
+    for (int64_t i = 0; i < n; ++i) {
+      if (topk_ids[i] < 0 || topk_ids[i] >= num_experts_)
+        return absl::InternalError(absl::StrCat("router picked expert ", topk_ids[i],
+                                                " of ", num_experts_));
+      ++offsets_[topk_ids[i] + 1];
+    }
+    for (int64_t e = 0; e < num_experts_; ++e) offsets_[e + 1] += offsets_[e];
+    cursor_.assign(offsets_.begin(), offsets_.end() - 1);
+    row_of_.resize(n);
+    rows_.resize(n * hidden);
+    for (int64_t i = 0; i < n; ++i) {
+      int64_t r = cursor_[topk_ids[i]]++;
+      row_of_[i] = r;
+      std::memcpy(&rows_[r * hidden], x + (i / num_topk) * hidden, hidden * sizeof(float));
+    }
+    results_.resize(n * hidden);
+    if (n > 0) compute(layer, rows_.data(), offsets_.data(), results_.data());
+    std::fill(out, out + num_tokens * hidden, 0.f);
+    for (int64_t t = 0; t < num_tokens; ++t) {
+      float* o = out + t * hidden;
+      for (int64_t k = 0; k < num_topk; ++k) {
+        const float w = topk_weights[t * num_topk + k];
+        const float* y = &results_[row_of_[t * num_topk + k] * hidden];
+        for (int64_t d = 0; d < hidden; ++d) o[d] += w * y[d];
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  int64_t num_local_slots(int) const override { return num_experts_; }
+  int32_t local_slot_expert(int, int64_t slot) const override {
+    return static_cast<int32_t>(slot);
+  }
+
+ private:
+  int64_t num_experts_;
+  std::vector<int64_t> offsets_, cursor_, row_of_;
+  std::vector<float> rows_, results_;
+};
+
+}  // namespace
+
+std::unique_ptr<MoeDispatcher> MakeSingleRankDispatcher(int64_t num_experts) {
+  return std::make_unique<SingleRankDispatcher>(num_experts);
+}
+
+}  // namespace sy::parallel

@@ -1,0 +1,10 @@
+// The `switchyard` subcommands. Each takes the arguments after its name (argv[0] is the
+// first flag) and returns the process exit code. switchyard_main.cc dispatches to them.
+#pragma once
+
+namespace sy::server {
+
+int MakeModelCommand(int argc, char** argv);  // model/ synthetic checkpoint writer
+int RunCommand(int argc, char** argv);        // offline generation
+
+}  // namespace sy::server

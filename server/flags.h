@@ -1,0 +1,53 @@
+// FlagSet: the command-line parser of every `switchyard` subcommand.
+//
+// Accepts `--name=value`, `--name value`, bare `--flag` for booleans (and `--no-flag`), and
+// `--config FILE`, whose lines are `name = value` (or `name: value`; `#` starts a comment) and
+// are applied before the command line, so the command line wins. Positional arguments are
+// collected in order. `--help` makes Parse return a kCancelled status whose message is the
+// usage text. Not thread-safe; used once per process at start-up.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+
+namespace sy::server {
+
+class FlagSet {
+ public:
+  FlagSet(std::string command, std::string summary);
+
+  void Add(const std::string& name, std::string* value, const std::string& help);
+  void Add(const std::string& name, int64_t* value, const std::string& help);
+  void Add(const std::string& name, int* value, const std::string& help);
+  void Add(const std::string& name, double* value, const std::string& help);
+  void Add(const std::string& name, bool* value, const std::string& help);
+
+  // InvalidArgument naming the flag on an unknown flag or bad value.
+  absl::Status Parse(int argc, char** argv);
+  const std::vector<std::string>& positional() const { return positional_; }
+  // True if the flag was given (on the command line or in a config file).
+  bool WasSet(const std::string& name) const;
+  std::string Usage() const;
+
+ private:
+  struct Flag {
+    std::string name, help, default_text;
+    bool is_bool = false;
+    bool* bool_ptr = nullptr;
+    std::function<absl::Status(const std::string&)> set;
+    bool was_set = false;
+  };
+  Flag* Find(const std::string& name);
+  absl::Status Apply(Flag* f, const std::string& value);
+  absl::Status LoadConfig(const std::string& path);
+
+  std::string command_, summary_;
+  std::vector<Flag> flags_;
+  std::vector<std::string> positional_;
+};
+
+}  // namespace sy::server

@@ -1,0 +1,40 @@
+// `switchyard`: the one binary. Subcommands are listed in kCommands.
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+#include "server/commands.h"
+
+namespace {
+
+struct Command {
+  const char* name;
+  int (*fn)(int, char**);
+  const char* summary;
+};
+
+const Command kCommands[] = {
+    {"make-model", sy::server::MakeModelCommand, "write a synthetic Hugging Face MoE checkpoint"},
+    {"run", sy::server::RunCommand, "generate offline from a checkpoint (no server)"},
+};
+
+void PrintUsage() {
+  std::fprintf(stderr, "usage: switchyard COMMAND [flags]   (switchyard COMMAND --help)\n\ncommands:\n");
+  for (const auto& c : kCommands) std::fprintf(stderr, "  %-12s %s\n", c.name, c.summary);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") ||
+      !std::strcmp(argv[1], "help")) {
+    PrintUsage();
+    return argc < 2 ? 2 : 0;
+  }
+  for (const auto& c : kCommands) {
+    if (std::string(argv[1]) == c.name) return c.fn(argc - 2, argv + 2);
+  }
+  std::fprintf(stderr, "switchyard: unknown command '%s'\n", argv[1]);
+  PrintUsage();
+  return 2;
+}
