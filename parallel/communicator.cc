@@ -1,0 +1,66 @@
+#include "parallel/communicator.h"
+
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+
+namespace sy::parallel {
+
+absl::Status ValidateAllToAllV(int world_size, absl::Span<const int64_t> send_counts,
+                               absl::Span<const int64_t> send_offsets,
+                               absl::Span<const int64_t> recv_counts,
+                               absl::Span<const int64_t> recv_offsets) {
+  const std::pair<const char*, absl::Span<const int64_t>> spans[] = {
+      {"send_counts", send_counts},
+      {"send_offsets", send_offsets},
+      {"recv_counts", recv_counts},
+      {"recv_offsets", recv_offsets}};
+  for (const auto& [name, span] : spans) {
+    if (static_cast<int>(span.size()) != world_size)
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, " has ", span.size(), " entries, world size is ", world_size));
+    for (int p = 0; p < world_size; ++p)
+      if (span[p] < 0)
+        return absl::InvalidArgumentError(absl::StrCat(name, "[", p, "] = ", span[p]));
+  }
+  return absl::OkStatus();
+}
+
+// The defaults below express the smaller collectives as one AllToAllV. That costs (n-1)
+// copies of the payload for AllGather (the same as a ring) and is the simplest thing that
+// keeps one code path per engine; engines with a native collective override them.
+
+absl::Status Communicator::AllGather(const void* send, size_t bytes, void* recv) {
+  const int n = world_size();
+  std::vector<int64_t> send_counts(n, static_cast<int64_t>(bytes)), send_offsets(n, 0),
+      recv_counts(n, static_cast<int64_t>(bytes)), recv_offsets(n);
+  for (int p = 0; p < n; ++p) recv_offsets[p] = static_cast<int64_t>(bytes) * p;
+  return AllToAllV(send, send_counts, send_offsets, recv, recv_counts, recv_offsets);
+}
+
+absl::Status Communicator::AllGatherV(const void* send, void* recv,
+                                      absl::Span<const int64_t> recv_counts) {
+  const int n = world_size();
+  if (static_cast<int>(recv_counts.size()) != n)
+    return absl::InvalidArgumentError(
+        absl::StrCat("AllGatherV: recv_counts has ", recv_counts.size(), " entries, world size ",
+                     n));
+  std::vector<int64_t> send_counts(n, recv_counts[rank()]), send_offsets(n, 0),
+      recv_offsets(n, 0);
+  for (int p = 1; p < n; ++p) recv_offsets[p] = recv_offsets[p - 1] + recv_counts[p - 1];
+  return AllToAllV(send, send_counts, send_offsets, recv, recv_counts, recv_offsets);
+}
+
+absl::Status Communicator::Broadcast(void* buf, size_t bytes, int root) {
+  const int n = world_size();
+  if (root < 0 || root >= n)
+    return absl::InvalidArgumentError(absl::StrCat("Broadcast: root ", root, " of ", n));
+  const bool is_root = rank() == root;
+  std::vector<int64_t> send_counts(n, is_root ? static_cast<int64_t>(bytes) : 0),
+      zeros(n, 0), recv_counts(n, 0);
+  send_counts[rank()] = 0;  // the root keeps its own bytes in place
+  if (!is_root) recv_counts[root] = static_cast<int64_t>(bytes);
+  return AllToAllV(buf, send_counts, zeros, buf, recv_counts, zeros);
+}
+
+}  // namespace sy::parallel

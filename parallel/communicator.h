@@ -1,0 +1,78 @@
+// Communicator: the one seam for collectives between ranks (DESIGN.md §3).
+//
+// The expert-parallel dispatcher (parallel/ep_dispatch.h), weight migration and the step
+// protocol move bytes between ranks only through this interface. Implementations:
+//   LocalCommunicator  (local_communicator.h): N ranks as threads of one process;
+//   GlooCommunicator   (gloo_communicator.h):  ranks as processes over TCP (Gloo);
+//   NcclCommunicator   (nccl_communicator.h):  GPUs (NCCL), built with SY_HAVE_CUDA;
+//   FaultyCommunicator (faulty_communicator.h): a wrapper failing or stalling the Nth call.
+//
+// Contract of every collective:
+//   * every rank of the group calls the same collectives in the same order, also a rank with
+//     nothing to send (zero counts); buffers are host memory unless a method says otherwise;
+//   * sizes and offsets are in BYTES;
+//   * each call finishes within timeout() or returns UNAVAILABLE; a dead peer (closed
+//     connection) also gives UNAVAILABLE, never a hang;
+//   * after any failure the communicator is broken(): every later call returns UNAVAILABLE at
+//     once (the group must be re-formed: DESIGN.md §5 "Failure").
+//   * INVALID_ARGUMENT for malformed arguments (wrong span sizes, bad root); the group is then
+//     in an unknown state and is marked broken too, since peers may be waiting on this rank.
+//
+// Thread safety: a communicator is used by one thread at a time (the rank's engine thread);
+// broken() may be read from any thread.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/types/span.h"
+
+namespace sy::parallel {
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+
+  virtual int rank() const = 0;
+  virtual int world_size() const = 0;
+  virtual std::chrono::milliseconds timeout() const = 0;
+  // True once a collective failed; later collectives fail fast.
+  virtual bool broken() const = 0;
+  // "local", "gloo", "nccl", or a wrapper's name.
+  virtual std::string name() const = 0;
+
+  // Fixed-size all-to-all: send holds world_size() blocks of bytes_per_rank (block p goes to
+  // rank p); recv receives block p from rank p. send and recv must not overlap.
+  virtual absl::Status AllToAll(const void* send, void* recv, size_t bytes_per_rank) = 0;
+
+  // Variable all-to-all: send_counts[p] bytes at send + send_offsets[p] go to rank p;
+  // recv_counts[p] bytes from rank p land at recv + recv_offsets[p]. Every span has
+  // world_size() entries; recv_counts[p] must equal rank p's send_counts[rank()] (exchange
+  // counts first with AllToAll).
+  virtual absl::Status AllToAllV(const void* send, absl::Span<const int64_t> send_counts,
+                                 absl::Span<const int64_t> send_offsets, void* recv,
+                                 absl::Span<const int64_t> recv_counts,
+                                 absl::Span<const int64_t> recv_offsets) = 0;
+
+  // recv: [world_size() * bytes], block p from rank p.
+  virtual absl::Status AllGather(const void* send, size_t bytes, void* recv);
+  // Rank p contributes recv_counts[p] bytes (send holds recv_counts[rank()] bytes); recv holds
+  // them back to back in rank order.
+  virtual absl::Status AllGatherV(const void* send, void* recv,
+                                  absl::Span<const int64_t> recv_counts);
+  // buf (bytes) of `root` is copied to every rank's buf.
+  virtual absl::Status Broadcast(void* buf, size_t bytes, int root);
+  virtual absl::Status Barrier() = 0;
+};
+
+// Checks the shape of AllToAllV arguments: spans of world_size entries, counts >= 0,
+// offsets >= 0. INVALID_ARGUMENT naming the bad argument.
+absl::Status ValidateAllToAllV(int world_size, absl::Span<const int64_t> send_counts,
+                               absl::Span<const int64_t> send_offsets,
+                               absl::Span<const int64_t> recv_counts,
+                               absl::Span<const int64_t> recv_offsets);
+
+}  // namespace sy::parallel

@@ -1,0 +1,412 @@
+#include "parallel/ep_dispatch.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <mutex>
+#include <numeric>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/core/dtype.h"
+#include "kernels/core/logging.h"
+#include "kernels/core/status.h"
+
+namespace sy::parallel {
+namespace {
+
+// One (row, expert) entry on the wire; 12 bytes, read and written with memcpy because the
+// pairs follow bf16 rows and need not be 4-byte aligned.
+struct WirePair {
+  int32_t row;
+  int32_t local_slot;
+  float weight;
+};
+static_assert(sizeof(WirePair) == 12);
+
+// Counts exchanged per destination in the counts all-to-all.
+struct WireCounts {
+  int64_t rows;
+  int64_t pairs;
+  int64_t sender_last_load;  // pairs the sender computed in its previous call (-1: none yet)
+};
+
+double Seconds(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
+absl::Status ChooseSlots(const ExpertPlacement& placement, int layer, int rank,
+                         const int32_t* topk_ids, int64_t num_tokens, int64_t num_topk,
+                         int32_t* slots) {
+  struct Route {
+    bool ready = false;
+    std::vector<int32_t> own, remote;
+    std::vector<double> share, current;  // smooth weighted round robin state over `remote`
+    double total = 0;
+    int64_t next_own = 0;
+    int start = 0;
+  };
+  const int num_experts = placement.num_experts();
+  std::vector<Route> routes(num_experts);
+  for (int64_t i = 0; i < num_tokens * num_topk; ++i) {
+    const int32_t e = topk_ids[i];
+    if (e < 0 || e >= num_experts)
+      return absl::InvalidArgumentError(absl::StrCat("router picked expert ", e, " of ",
+                                                     num_experts, " (layer ", layer, ")"));
+    Route& r = routes[e];
+    if (!r.ready) {
+      r.ready = true;
+      for (int32_t s : placement.replicas_of(layer, e))
+        (placement.rank_of_slot(s) == rank ? r.own : r.remote).push_back(s);
+      for (int32_t s : r.remote) r.share.push_back(std::max(0.f, placement.share_of(layer, s)));
+      r.total = std::accumulate(r.share.begin(), r.share.end(), 0.0);
+      if (r.total <= 0) {  // no usable shares: even split
+        std::fill(r.share.begin(), r.share.end(), 1.0);
+        r.total = static_cast<double>(r.share.size());
+      }
+      r.current.assign(r.remote.size(), 0.0);
+      if (!r.remote.empty()) r.start = rank % static_cast<int>(r.remote.size());
+    }
+    if (!r.own.empty()) {
+      slots[i] = r.own[r.next_own++ % r.own.size()];
+      continue;
+    }
+    // Smooth weighted round robin (as nginx's upstream balancer): every pick adds each
+    // replica's share to its credit and takes the largest credit, which spreads picks in
+    // proportion to the shares with the smallest possible deviation at every prefix.
+    const int n = static_cast<int>(r.remote.size());
+    int best = -1;
+    for (int j = 0; j < n; ++j) {
+      const int idx = (r.start + j) % n;
+      r.current[idx] += r.share[idx];
+      if (best < 0 || r.current[idx] > r.current[best]) best = idx;
+    }
+    r.current[best] -= r.total;
+    slots[i] = r.remote[best];
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+class EpDispatcher final : public ExpertParallelDispatcher {
+ public:
+  EpDispatcher(Communicator* comm, std::shared_ptr<const ExpertPlacement> placement,
+               EpDispatchOptions options)
+      : comm_(comm), placement_(std::move(placement)), options_(options) {
+    const int n = comm_->world_size();
+    stats_.world_size = n;
+    stats_.last_rank_load.assign(n, 0);
+    stats_.total_rank_load.assign(n, 0);
+  }
+
+  int64_t num_local_slots(int) const override { return placement_->slots_per_rank(); }
+  int32_t local_slot_expert(int layer, int64_t slot) const override {
+    return placement_->expert_of(layer,
+                                 comm_->rank() * placement_->slots_per_rank() +
+                                     static_cast<int>(slot));
+  }
+
+  EpDispatchStats stats() const override {
+    std::lock_guard<std::mutex> lock(stats_mu_);
+    return stats_;
+  }
+
+  absl::Status SetPlacement(std::shared_ptr<const ExpertPlacement> placement) override {
+    if (placement->num_ranks() != comm_->world_size())
+      return absl::InvalidArgumentError(
+          absl::StrCat("placement for ", placement->num_ranks(), " ranks, communicator has ",
+                       comm_->world_size()));
+    placement_ = std::move(placement);
+    return absl::OkStatus();
+  }
+
+  absl::Status DispatchCombine(int layer, const float* x, int64_t num_tokens, int64_t hidden,
+                               const int32_t* topk_ids, const float* topk_weights,
+                               int64_t num_topk, const GroupedExpertFn& compute,
+                               float* out) override;
+
+ private:
+  size_t ElemBytes() const { return options_.wire_dtype == WireDType::kBF16 ? 2 : 4; }
+  // Writes f32 row src (hidden) into dst in the wire dtype.
+  void PutRow(const float* src, int64_t hidden, char* dst) const {
+    if (options_.wire_dtype == WireDType::kF32) {
+      std::memcpy(dst, src, hidden * sizeof(float));
+    } else {
+      auto* d = reinterpret_cast<uint16_t*>(dst);
+      for (int64_t i = 0; i < hidden; ++i) d[i] = F32ToBf16(src[i]);
+    }
+  }
+  void GetRow(const char* src, int64_t hidden, float* dst) const {
+    if (options_.wire_dtype == WireDType::kF32) {
+      std::memcpy(dst, src, hidden * sizeof(float));
+    } else {
+      const auto* s = reinterpret_cast<const uint16_t*>(src);
+      for (int64_t i = 0; i < hidden; ++i) dst[i] = Bf16ToF32(s[i]);
+    }
+  }
+  void AddRow(const char* src, int64_t hidden, float* dst) const {
+    if (options_.wire_dtype == WireDType::kF32) {
+      const auto* s = reinterpret_cast<const float*>(src);
+      for (int64_t i = 0; i < hidden; ++i) dst[i] += s[i];
+    } else {
+      const auto* s = reinterpret_cast<const uint16_t*>(src);
+      for (int64_t i = 0; i < hidden; ++i) dst[i] += Bf16ToF32(s[i]);
+    }
+  }
+
+  Communicator* comm_;
+  std::shared_ptr<const ExpertPlacement> placement_;
+  EpDispatchOptions options_;
+  int64_t last_load_ = -1;
+
+  // Scratch reused across calls (one engine thread).
+  std::vector<int32_t> slots_;
+  std::vector<int32_t> seen_dest_, seen_row_;  // [K] destinations of the current token
+  std::vector<std::vector<int32_t>> tokens_to_;  // [n][rows] token of each row sent to rank
+  std::vector<std::vector<WirePair>> pairs_to_;  // [n][pairs]
+  std::vector<WireCounts> send_counts_, recv_counts_;
+  std::vector<int64_t> s_cnt_, s_off_, r_cnt_, r_off_;
+  std::vector<char> send_buf_, recv_buf_, ret_send_, ret_recv_;
+  std::vector<int64_t> dispatch_sent_;  // [n] dispatch bytes sent to each rank
+  std::vector<WirePair> in_pairs_;
+  std::vector<int32_t> in_pair_src_;  // source rank of each received pair
+  std::vector<int64_t> src_row_base_;  // [n+1] first global received row of each source
+  std::vector<int64_t> slot_offsets_, cursor_, pos_of_pair_;
+  std::vector<float> grouped_, results_, row_acc_;
+
+  mutable std::mutex stats_mu_;
+  EpDispatchStats stats_;
+};
+
+absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t num_tokens,
+                                           int64_t hidden, const int32_t* topk_ids,
+                                           const float* topk_weights, int64_t num_topk,
+                                           const GroupedExpertFn& compute, float* out) {
+  const int n = comm_->world_size();
+  const int me = comm_->rank();
+  const ExpertPlacement& placement = *placement_;
+  const int spr = placement.slots_per_rank();
+  const size_t row_bytes = ElemBytes() * hidden;
+
+  // 1. Route. A bad id is a bug upstream, but peers are already waiting for this rank's
+  // collectives: join them with nothing to send and report the error afterwards.
+  slots_.resize(num_tokens * num_topk);
+  absl::Status route = ChooseSlots(placement, layer, me, topk_ids, num_tokens, num_topk,
+                                   slots_.data());
+  const int64_t T = route.ok() ? num_tokens : 0;
+
+  // 2. Layout: one row per (token, destination rank).
+  tokens_to_.resize(n);
+  pairs_to_.resize(n);
+  for (int d = 0; d < n; ++d) {
+    tokens_to_[d].clear();
+    pairs_to_[d].clear();
+  }
+  seen_dest_.resize(num_topk);
+  seen_row_.resize(num_topk);
+  for (int64_t t = 0; t < T; ++t) {
+    const int32_t* ts = &slots_[t * num_topk];
+    int num_seen = 0;
+    for (int64_t k = 0; k < num_topk; ++k) {
+      const int d = placement.rank_of_slot(ts[k]);
+      int32_t row = -1;
+      for (int j = 0; j < num_seen; ++j)  // k is small (≤ 8 or so): a scan beats a map
+        if (seen_dest_[j] == d) row = seen_row_[j];
+      if (row < 0) {
+        row = static_cast<int32_t>(tokens_to_[d].size());
+        tokens_to_[d].push_back(static_cast<int32_t>(t));
+        seen_dest_[num_seen] = d;
+        seen_row_[num_seen++] = row;
+      }
+      pairs_to_[d].push_back({row, ts[k] % spr, topk_weights[t * num_topk + k]});
+    }
+  }
+
+  // 3. Counts.
+  send_counts_.resize(n);
+  recv_counts_.resize(n);
+  for (int d = 0; d < n; ++d)
+    send_counts_[d] = {static_cast<int64_t>(tokens_to_[d].size()),
+                       static_cast<int64_t>(pairs_to_[d].size()), last_load_};
+  auto t0 = std::chrono::steady_clock::now();
+  SY_RETURN_IF_ERROR(sy::Annotate(
+      comm_->AllToAll(send_counts_.data(), recv_counts_.data(), sizeof(WireCounts)),
+      absl::StrCat("expert dispatch layer ", layer, ": counts")));
+  const double counts_s = Seconds(t0);
+
+  // 4. Rows and pairs.
+  s_cnt_.assign(n, 0);
+  s_off_.assign(n, 0);
+  r_cnt_.assign(n, 0);
+  r_off_.assign(n, 0);
+  int64_t send_total = 0, recv_total = 0;
+  for (int d = 0; d < n; ++d) {
+    s_off_[d] = send_total;
+    s_cnt_[d] = send_counts_[d].rows * row_bytes + send_counts_[d].pairs * sizeof(WirePair);
+    send_total += s_cnt_[d];
+    r_off_[d] = recv_total;
+    r_cnt_[d] = recv_counts_[d].rows * row_bytes + recv_counts_[d].pairs * sizeof(WirePair);
+    recv_total += r_cnt_[d];
+  }
+  send_buf_.resize(std::max<int64_t>(send_total, 1));
+  recv_buf_.resize(std::max<int64_t>(recv_total, 1));
+  for (int d = 0; d < n; ++d) {
+    char* p = send_buf_.data() + s_off_[d];
+    for (int32_t t : tokens_to_[d]) {
+      PutRow(x + static_cast<int64_t>(t) * hidden, hidden, p);
+      p += row_bytes;
+    }
+    if (!pairs_to_[d].empty())
+      std::memcpy(p, pairs_to_[d].data(), pairs_to_[d].size() * sizeof(WirePair));
+  }
+  t0 = std::chrono::steady_clock::now();
+  SY_RETURN_IF_ERROR(sy::Annotate(comm_->AllToAllV(send_buf_.data(), s_cnt_, s_off_,
+                                                   recv_buf_.data(), r_cnt_, r_off_),
+                                  absl::StrCat("expert dispatch layer ", layer, ": rows")));
+  const double dispatch_s = Seconds(t0);
+  dispatch_sent_ = s_cnt_;
+
+  // 5. Group received pairs by local slot (counting sort), widen rows to f32, compute.
+  src_row_base_.assign(n + 1, 0);
+  int64_t num_pairs = 0;
+  for (int s = 0; s < n; ++s) {
+    src_row_base_[s + 1] = src_row_base_[s] + recv_counts_[s].rows;
+    num_pairs += recv_counts_[s].pairs;
+  }
+  in_pairs_.resize(num_pairs);
+  in_pair_src_.resize(num_pairs);
+  {
+    int64_t i = 0;
+    for (int s = 0; s < n; ++s) {
+      const char* p = recv_buf_.data() + r_off_[s] + recv_counts_[s].rows * row_bytes;
+      if (recv_counts_[s].pairs > 0)
+        std::memcpy(&in_pairs_[i], p, recv_counts_[s].pairs * sizeof(WirePair));
+      for (int64_t j = 0; j < recv_counts_[s].pairs; ++j) in_pair_src_[i + j] = s;
+      i += recv_counts_[s].pairs;
+    }
+  }
+  absl::Status bad_pair;
+  slot_offsets_.assign(spr + 1, 0);
+  for (int64_t i = 0; i < num_pairs; ++i) {
+    const WirePair& pr = in_pairs_[i];
+    const int s = in_pair_src_[i];
+    if (pr.local_slot < 0 || pr.local_slot >= spr || pr.row < 0 ||
+        pr.row >= recv_counts_[s].rows) {
+      bad_pair = absl::InternalError(absl::StrCat("expert dispatch layer ", layer, ": rank ", s,
+                                                  " sent a malformed pair"));
+      num_pairs = 0;
+      slot_offsets_.assign(spr + 1, 0);
+      break;
+    }
+    ++slot_offsets_[pr.local_slot + 1];
+  }
+  for (int s = 0; s < spr; ++s) slot_offsets_[s + 1] += slot_offsets_[s];
+  cursor_.assign(slot_offsets_.begin(), slot_offsets_.end() - 1);
+  pos_of_pair_.resize(num_pairs);
+  grouped_.resize(num_pairs * hidden);
+  for (int64_t i = 0; i < num_pairs; ++i) {
+    const WirePair& pr = in_pairs_[i];
+    const int s = in_pair_src_[i];
+    const int64_t pos = cursor_[pr.local_slot]++;
+    pos_of_pair_[i] = pos;
+    GetRow(recv_buf_.data() + r_off_[s] + static_cast<int64_t>(pr.row) * row_bytes, hidden,
+           &grouped_[pos * hidden]);
+  }
+  results_.resize(num_pairs * hidden);
+  if (num_pairs > 0) compute(layer, grouped_.data(), slot_offsets_.data(), results_.data());
+
+  // 6. Pre-sum Σ weight · y per received row, in the sender's row order. The return segments
+  // reuse the layout of the received rows: rank s gets recv_counts_[s].rows rows back.
+  const int64_t num_in_rows = src_row_base_[n];
+  row_acc_.assign(num_in_rows * hidden, 0.f);
+  for (int64_t i = 0; i < num_pairs; ++i) {
+    const WirePair& pr = in_pairs_[i];
+    float* acc = &row_acc_[(src_row_base_[in_pair_src_[i]] + pr.row) * hidden];
+    const float* y = &results_[pos_of_pair_[i] * hidden];
+    for (int64_t d = 0; d < hidden; ++d) acc[d] += pr.weight * y[d];
+  }
+  // Return bytes: rows only. Send buffer = received rows in wire dtype; receive = our rows.
+  for (int d = 0; d < n; ++d) {
+    s_cnt_[d] = recv_counts_[d].rows * row_bytes;
+    r_cnt_[d] = send_counts_[d].rows * row_bytes;
+  }
+  int64_t ret_send_total = 0, ret_recv_total = 0;
+  for (int d = 0; d < n; ++d) {
+    s_off_[d] = ret_send_total;
+    ret_send_total += s_cnt_[d];
+    r_off_[d] = ret_recv_total;
+    ret_recv_total += r_cnt_[d];
+  }
+  ret_send_.resize(std::max<int64_t>(ret_send_total, 1));
+  ret_recv_.resize(std::max<int64_t>(ret_recv_total, 1));
+  for (int64_t r = 0; r < num_in_rows; ++r)
+    PutRow(&row_acc_[r * hidden], hidden, ret_send_.data() + r * row_bytes);
+  t0 = std::chrono::steady_clock::now();
+  SY_RETURN_IF_ERROR(sy::Annotate(comm_->AllToAllV(ret_send_.data(), s_cnt_, s_off_,
+                                                   ret_recv_.data(), r_cnt_, r_off_),
+                                  absl::StrCat("expert combine layer ", layer)));
+  const double combine_s = Seconds(t0);
+
+  // 7. Combine the partial sums.
+  std::fill(out, out + num_tokens * hidden, 0.f);
+  for (int d = 0; d < n; ++d) {
+    const char* p = ret_recv_.data() + r_off_[d];
+    for (int32_t t : tokens_to_[d]) {
+      AddRow(p, hidden, out + static_cast<int64_t>(t) * hidden);
+      p += row_bytes;
+    }
+  }
+
+  // Counters.
+  {
+    std::lock_guard<std::mutex> lock(stats_mu_);
+    ++stats_.calls;
+    stats_.tokens += T;
+    stats_.pairs_computed += num_pairs;
+    for (int d = 0; d < n; ++d) {
+      if (d == me) continue;
+      stats_.rows_sent += send_counts_[d].rows;
+      stats_.dispatch_bytes += dispatch_sent_[d];
+      stats_.combine_bytes += s_cnt_[d];
+    }
+    stats_.counts_seconds += counts_s;
+    stats_.dispatch_seconds += dispatch_s;
+    stats_.combine_seconds += combine_s;
+    bool known = true;
+    for (int s = 0; s < n; ++s) known = known && recv_counts_[s].sender_last_load >= 0;
+    if (known) {
+      for (int s = 0; s < n; ++s) {
+        stats_.last_rank_load[s] = recv_counts_[s].sender_last_load;
+        stats_.total_rank_load[s] += recv_counts_[s].sender_last_load;
+      }
+      const int64_t mx =
+          *std::max_element(stats_.total_rank_load.begin(), stats_.total_rank_load.end());
+      const double mean =
+          std::accumulate(stats_.total_rank_load.begin(), stats_.total_rank_load.end(), 0.0) /
+          n;
+      stats_.balancedness = mx > 0 ? mean / static_cast<double>(mx) : 1.0;
+    }
+  }
+  last_load_ = num_pairs;
+  if (!route.ok()) return sy::Annotate(route, absl::StrCat("expert dispatch layer ", layer));
+  return bad_pair;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ExpertParallelDispatcher>> MakeExpertParallelDispatcher(
+    Communicator* comm, std::shared_ptr<const ExpertPlacement> placement,
+    EpDispatchOptions options) {
+  if (comm == nullptr || placement == nullptr)
+    return absl::InvalidArgumentError("expert-parallel dispatcher: null communicator or placement");
+  if (placement->num_ranks() != comm->world_size())
+    return absl::InvalidArgumentError(
+        absl::StrCat("expert-parallel dispatcher: placement for ", placement->num_ranks(),
+                     " ranks, communicator has ", comm->world_size()));
+  return std::unique_ptr<ExpertParallelDispatcher>(
+      new EpDispatcher(comm, std::move(placement), options));
+}
+
+}  // namespace sy::parallel

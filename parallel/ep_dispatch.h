@@ -1,0 +1,93 @@
+// Expert-parallel dispatcher: the MoeDispatcher for more than one rank (DESIGN.md §2 step 5,
+// DeepEP's layout → notify → dispatch → combine). Called by the model's MoE layer on every
+// rank's engine thread, once per MoE layer per step, also when the rank has no tokens.
+//
+// One DispatchCombine:
+//   1. route: each (token, k) picks a physical slot of its logical expert (ChooseSlots);
+//   2. layout: per destination rank, the tokens it needs, ONE row per token even when several
+//      of its experts live there, plus per (row, expert) a pair {row, local slot, weight};
+//   3. counts all-to-all (rows, pairs per destination; plus each rank's previous load, which
+//      gives every rank the load of all ranks for balancedness at no extra collective);
+//   4. all-to-all-v of the rows and pairs (rows in f32 or bf16 on the wire);
+//   5. the receiver groups the pairs by local slot (a row needed by two local experts is
+//      copied into both groups) and calls GroupedExpertFn once;
+//   6. the receiver pre-sums Σ weight · y per received row, so the return all-to-all-v carries
+//      one row per (token, destination), not one per (token, expert): with top-k and k > 1 that
+//      is up to k× fewer bytes back;
+//   7. all-to-all-v back; the sender adds the per-destination partial sums.
+//
+// Wire segment from rank a to rank b (bytes, back to back):
+//   rows  [num_rows, hidden] wire dtype, row-major
+//   pairs [num_pairs] of {int32 row, int32 local_slot, f32 weight}
+// Return segment from b to a: [num_rows, hidden] wire dtype, in a's row order.
+//
+// Empty slots (expert -1) get no rows. local_slot_expert() may return -1 for them.
+//
+// Thread safety: one engine thread calls DispatchCombine / SetPlacement; stats() may be called
+// from any thread (metrics).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "parallel/communicator.h"
+#include "parallel/expert_placement.h"
+#include "parallel/moe_dispatch.h"
+
+namespace sy::parallel {
+
+enum class WireDType { kF32, kBF16 };
+
+struct EpDispatchOptions {
+  // Element type of token rows and returned rows on the wire. bf16 halves the bytes; the
+  // expert math stays f32 (rows are widened on the receiver).
+  WireDType wire_dtype = WireDType::kF32;
+};
+
+// Cumulative counters of one rank's dispatcher (exported as switchyard_ep_* metrics).
+struct EpDispatchStats {
+  int world_size = 0;
+  int64_t calls = 0;
+  int64_t tokens = 0;          // tokens this rank dispatched
+  int64_t rows_sent = 0;       // token rows sent to other ranks (one per token and rank)
+  int64_t pairs_computed = 0;  // (token, expert) rows this rank's experts computed
+  int64_t dispatch_bytes = 0;  // bytes this rank sent to other ranks, dispatch phase
+  int64_t combine_bytes = 0;   // bytes this rank sent to other ranks, combine phase
+  double counts_seconds = 0;    // wall time in the counts all-to-all
+  double dispatch_seconds = 0;  // wall time in the rows all-to-all-v
+  double combine_seconds = 0;   // wall time in the return all-to-all-v
+  // Pairs computed per rank in the latest call whose loads are known (one call behind).
+  std::vector<int64_t> last_rank_load;
+  // Pairs computed per rank over all calls (one call behind).
+  std::vector<int64_t> total_rank_load;
+  // mean / max of total_rank_load (1 = perfectly balanced; 1 also when nothing ran yet).
+  double balancedness = 1.0;
+};
+
+class ExpertParallelDispatcher : public MoeDispatcher {
+ public:
+  virtual EpDispatchStats stats() const = 0;
+  // Switches to a new placement (same num_ranks) at a step boundary, on every rank.
+  virtual absl::Status SetPlacement(std::shared_ptr<const ExpertPlacement> placement) = 0;
+};
+
+// comm: not owned, must outlive the dispatcher. INVALID_ARGUMENT when the placement's number
+// of ranks differs from the communicator's world size.
+absl::StatusOr<std::unique_ptr<ExpertParallelDispatcher>> MakeExpertParallelDispatcher(
+    Communicator* comm, std::shared_ptr<const ExpertPlacement> placement,
+    EpDispatchOptions options = {});
+
+// Routing rule (step 1), exposed for tests and the planner's traffic model. For each
+// (token, k) of `rank`'s tokens: a replica on `rank` itself if there is one (several: round
+// robin among them); else the remote replicas in proportion to share_of (even split when the
+// placement has no shares or all remote shares are 0), by smooth weighted round robin whose
+// tie-break starts at a rank-dependent replica so that ranks do not all pick the same one.
+// Deterministic. topk_ids: [num_tokens, num_topk]; slots: [num_tokens, num_topk] out.
+// INVALID_ARGUMENT when an id is out of [0, num_experts).
+absl::Status ChooseSlots(const ExpertPlacement& placement, int layer, int rank,
+                         const int32_t* topk_ids, int64_t num_tokens, int64_t num_topk,
+                         int32_t* slots);
+
+}  // namespace sy::parallel

@@ -1,0 +1,66 @@
+// LocalCommunicator: N ranks as threads of one process sharing memory (DESIGN.md §3). Used by
+// multi-rank tests, the dispatch benchmark and single-process multi-rank runs.
+//
+// A LocalCommunicatorGroup owns the N rank communicators; thread r uses comm(r). Collectives
+// are "pull" copies: each rank posts its send buffer and layout, all ranks meet at a barrier,
+// each copies what it receives straight out of the peers' send buffers, and a second barrier
+// keeps the send buffers alive until every peer has read them. So an all-to-all-v costs one
+// memcpy per byte, the floor for shared memory.
+//
+// Every wait has the group's timeout; a rank that does not arrive in time breaks the group and
+// all waiting ranks return UNAVAILABLE (as a dead peer would over a network).
+//
+// Thread safety: one thread per rank communicator; the group's methods are thread-safe.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "parallel/communicator.h"
+
+namespace sy::parallel {
+
+class LocalCommunicatorGroup {
+ public:
+  LocalCommunicatorGroup(int world_size, std::chrono::milliseconds timeout);
+  ~LocalCommunicatorGroup();
+  LocalCommunicatorGroup(const LocalCommunicatorGroup&) = delete;
+  LocalCommunicatorGroup& operator=(const LocalCommunicatorGroup&) = delete;
+
+  int world_size() const { return world_size_; }
+  // The communicator of rank r, owned by the group.
+  Communicator* comm(int r) const { return comms_[r].get(); }
+  bool broken() const;
+
+  // Test hook: breaks the group as a failed peer would; waiting and later calls on every rank
+  // return UNAVAILABLE.
+  void TEST_Break();
+
+ private:
+  friend class LocalCommunicator;
+  struct Posted {
+    const char* send = nullptr;
+    absl::Span<const int64_t> send_counts, send_offsets;
+  };
+
+  // Waits until all ranks have arrived (generation barrier) or the deadline passes.
+  absl::Status Arrive(int rank, const char* what);
+
+  const int world_size_;
+  const std::chrono::milliseconds timeout_;
+  std::vector<std::unique_ptr<Communicator>> comms_;
+  std::vector<Posted> posted_;  // [world_size]; slot r written by rank r between barriers
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  int arrived_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
+  bool broken_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+}  // namespace sy::parallel
