@@ -1,0 +1,307 @@
+// Fast CPU backend: see fast_backend.h. Work is split over the default pool by output rows
+// (MatMul), by (expert, slice of rows) with a cost-balanced split (GroupedExpertFfn), by
+// (token, head) balanced by key count (Attention) and by rows (RmsNorm).
+#include "kernels/cpu/fast_backend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <vector>
+
+#include "kernels/core/logging.h"
+#include "kernels/core/thread_pool.h"
+#include "kernels/cpu/cpu_kernels.h"
+
+namespace sy::kernels {
+namespace {
+
+using cpu::CpuLevel;
+
+// Multiply-adds below which a kernel call stays on the calling thread: waking the other
+// worker costs a few microseconds.
+constexpr double kMinParallelMacs = 1 << 16;
+
+// Grow-only scratch owned by one thread.
+template <typename T>
+T* Grow(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+  return v.data();
+}
+
+// Runs fn(begin, end) over [0, n) split into per-thread contiguous ranges of about equal total
+// cost; prefix[u] is the summed cost of units before u (size n + 1).
+void BalancedFor(const std::vector<double>& prefix, int64_t n,
+                 const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  ThreadPool& pool = ThreadPool::Default();
+  const int nt = pool.num_threads();
+  const double total = prefix[n];
+  if (nt <= 1 || total < kMinParallelMacs || n == 1) {
+    fn(0, n);
+    return;
+  }
+  auto cut = [&](int p) -> int64_t {
+    if (p >= nt) return n;
+    const double target = total * p / nt;
+    return std::lower_bound(prefix.begin(), prefix.begin() + n + 1, target) - prefix.begin();
+  };
+  pool.ParallelFor(nt, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t b = cut(static_cast<int>(p)), e = cut(static_cast<int>(p) + 1);
+      if (e > b) fn(b, e);
+    }
+  });
+}
+
+// A slice [r0, r1) of the output rows of expert group g's projection.
+struct FfnUnit {
+  int64_t g, r0, r1;
+};
+
+class FastCpuBackend final : public Backend {
+ public:
+  explicit FastCpuBackend(CpuLevel level) : level_(level) {
+    SY_CHECK(level <= cpu::DetectCpuLevel())
+        << "CPU lacks " << cpu::CpuLevelName(level) << " (has "
+        << cpu::CpuLevelName(cpu::DetectCpuLevel()) << ")";
+  }
+
+  std::string name() const override {
+    return std::string("cpu(") + cpu::CpuLevelName(level_) + ")";
+  }
+
+  void MatMul(const float* x, int64_t num_tokens, const WeightView& w, float* y,
+              const float* bias) override {
+    const int64_t n = w.rows, k = w.cols, T = num_tokens;
+    if (T <= 0 || n <= 0) return;
+    const uint16_t* xb = nullptr;
+    int64_t ldxb = 0;
+    if (UsesBf16Activations(w.dtype)) {
+      ldxb = cpu::PaddedBf16Cols(k);
+      uint16_t* buf = Grow(xb_, T * ldxb);
+      ConvertToBf16(x, T, k, k, buf, ldxb);
+      xb = buf;
+    }
+    // Groups of 4 output rows (the register tile); ranges hold enough work to pay for a wake.
+    const int64_t groups = (n + 3) / 4;
+    const int64_t grain = std::max<int64_t>(
+        1, static_cast<int64_t>(kMinParallelMacs / (4.0 * static_cast<double>(k) * T)));
+    ThreadPool::Default().ParallelFor(groups, grain, [&](int64_t g0, int64_t g1) {
+      const int64_t r0 = g0 * 4, r1 = std::min(n, g1 * 4);
+      DotRows(x, k, xb, ldxb, T, w, r0, r1, y + r0, n, bias ? bias + r0 : nullptr);
+    });
+  }
+
+  void RmsNorm(const float* x, int64_t num_rows, int64_t dim, const WeightView& weight,
+               float eps, float* y) override {
+    if (num_rows <= 0) return;
+    float* wf = Grow(norm_w_, dim);
+    ConvertToF32(weight.dtype, weight.data, dim, wf);
+    const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(kMinParallelMacs / dim));
+    ThreadPool::Default().ParallelFor(num_rows, grain, [&](int64_t r0, int64_t r1) {
+      if (level_ >= CpuLevel::kAvx512) {
+        cpu::RmsNormAvx512(x + r0 * dim, r1 - r0, dim, wf, eps, y + r0 * dim);
+      } else {
+        cpu::RmsNormPortable(x + r0 * dim, r1 - r0, dim, wf, eps, y + r0 * dim);
+      }
+    });
+  }
+
+  void GroupedExpertFfn(const float* x, const int64_t* offsets, int64_t num_groups,
+                        const ExpertWeights* const* experts, int64_t hidden,
+                        float* y) override {
+    const int64_t R = offsets[num_groups] - offsets[0];
+    if (R <= 0) return;
+    const int64_t base = offsets[0];
+    // Shapes and activation format per group.
+    int64_t max_inter = 0;
+    bool any_bf16 = false, any_f32 = false;
+    for (int64_t g = 0; g < num_groups; ++g) {
+      if (offsets[g + 1] == offsets[g]) continue;
+      SY_CHECK(experts[g] != nullptr) << "group " << g << " has rows but no expert";
+      const ExpertWeights& e = *experts[g];
+      SY_CHECK(e.w1.cols == hidden && e.w3.cols == hidden && e.w2.rows == hidden &&
+               e.w3.rows == e.w1.rows && e.w2.cols == e.w1.rows)
+          << "expert " << g << " shapes do not match hidden " << hidden;
+      max_inter = std::max(max_inter, e.w1.rows);
+      any_bf16 |= ExpertUsesBf16(e);
+      any_f32 |= !ExpertUsesBf16(e);
+    }
+    const int64_t ldxb = cpu::PaddedBf16Cols(hidden);
+    const int64_t ldhb = cpu::PaddedBf16Cols(max_inter);
+    uint16_t* xb = nullptr;
+    uint16_t* hb = nullptr;
+    float* hf = any_f32 ? Grow(hf_, R * max_inter) : nullptr;
+    if (any_bf16) {
+      xb = Grow(xb_, R * ldxb);
+      ConvertToBf16(x + base * hidden, R, hidden, hidden, xb, ldxb);
+      hb = Grow(hb_, R * ldhb);
+    }
+
+    // Phase 1: gate and up projections and silu(g) * u, by (expert, slice of kSlice rows).
+    constexpr int64_t kSlice = 64;
+    // Cost of one row of one weight matrix for `rows` tokens: streaming the row is worth
+    // about kRowCost tokens of multiply-adds.
+    constexpr double kRowCost = 8;
+    std::vector<FfnUnit>& units = units_;
+    std::vector<double>& prefix = prefix_;
+    auto plan = [&](bool down) {
+      units.clear();
+      prefix.assign(1, 0.0);
+      for (int64_t g = 0; g < num_groups; ++g) {
+        const int64_t rows = offsets[g + 1] - offsets[g];
+        if (rows == 0) continue;
+        const int64_t n = down ? hidden : experts[g]->w1.rows;
+        const int64_t k = down ? experts[g]->w1.rows : hidden;
+        for (int64_t r0 = 0; r0 < n; r0 += kSlice) {
+          const int64_t r1 = std::min(n, r0 + kSlice);
+          units.push_back({g, r0, r1});
+          prefix.push_back(prefix.back() + (down ? 1.0 : 2.0) * (r1 - r0) * k * (rows + kRowCost));
+        }
+      }
+    };
+
+    plan(false);
+    BalancedFor(prefix, static_cast<int64_t>(units.size()), [&](int64_t u0, int64_t u1) {
+      thread_local std::vector<float> gate, up;
+      for (int64_t u = u0; u < u1; ++u) {
+        const FfnUnit& un = units[u];
+        const ExpertWeights& e = *experts[un.g];
+        const int64_t rows = offsets[un.g + 1] - offsets[un.g];
+        const int64_t first = offsets[un.g] - base;
+        const int64_t nn = un.r1 - un.r0;
+        float* gbuf = Grow(gate, rows * nn);
+        float* ubuf = Grow(up, rows * nn);
+        const bool bf = ExpertUsesBf16(e);
+        const float* xs = x + offsets[un.g] * hidden;
+        const uint16_t* xbs = bf ? xb + first * ldxb : nullptr;
+        DotRows(xs, hidden, xbs, ldxb, rows, e.w1, un.r0, un.r1, gbuf, nn, nullptr);
+        DotRows(xs, hidden, xbs, ldxb, rows, e.w3, un.r0, un.r1, ubuf, nn, nullptr);
+        for (int64_t t = 0; t < rows; ++t) {
+          if (bf) {
+            cpu::SiluMulAvx512(gbuf + t * nn, ubuf + t * nn, nn, nullptr,
+                               hb + (first + t) * ldhb + un.r0);
+          } else if (level_ >= CpuLevel::kAvx512) {
+            cpu::SiluMulAvx512(gbuf + t * nn, ubuf + t * nn, nn,
+                               hf + (first + t) * max_inter + un.r0, nullptr);
+          } else {
+            cpu::SiluMulPortable(gbuf + t * nn, ubuf + t * nn, nn,
+                                 hf + (first + t) * max_inter + un.r0);
+          }
+        }
+      }
+    });
+
+    // Phase 2: down projection, by (expert, slice of output columns).
+    plan(true);
+    BalancedFor(prefix, static_cast<int64_t>(units.size()), [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const FfnUnit& un = units[u];
+        const ExpertWeights& e = *experts[un.g];
+        const int64_t rows = offsets[un.g + 1] - offsets[un.g];
+        const int64_t first = offsets[un.g] - base;
+        const bool bf = ExpertUsesBf16(e);
+        DotRows(bf ? nullptr : hf + first * max_inter, max_inter,
+                bf ? hb + first * ldhb : nullptr, ldhb, rows,
+                e.w2, un.r0, un.r1, y + offsets[un.g] * hidden + un.r0, hidden, nullptr);
+      }
+    });
+  }
+
+  void Attention(const float* q, int64_t num_new, int64_t start_pos, int64_t num_heads,
+                 const PagedKv& kv, const int32_t* block_table, float scale,
+                 float* out) override {
+    if (num_new <= 0) return;
+    const int64_t hd = kv.head_dim, nkv = kv.num_kv_heads;
+    const int64_t group = num_heads / nkv;
+    const int64_t total = start_pos + num_new;
+    // Row pointers of every position for every KV head: [nkv][total].
+    const float** kp = Grow(k_rows_, nkv * total);
+    const float** vp = Grow(v_rows_, nkv * total);
+    for (int64_t p = 0; p < total; ++p) {
+      const int64_t row = (block_table[p / kv.block_size] * kv.block_size + p % kv.block_size) * nkv;
+      for (int64_t h = 0; h < nkv; ++h) {
+        kp[h * total + p] = kv.k + (row + h) * hd;
+        vp[h * total + p] = kv.v + (row + h) * hd;
+      }
+    }
+    // Units (token i, head h), i-major; cost grows with the token's key count.
+    const int64_t n = num_new * num_heads;
+    std::vector<double>& prefix = prefix_;
+    prefix.resize(n + 1);
+    prefix[0] = 0;
+    for (int64_t u = 0; u < n; ++u) {
+      prefix[u + 1] = prefix[u] + static_cast<double>(start_pos + u / num_heads + 1) * hd * 2;
+    }
+    BalancedFor(prefix, n, [&](int64_t u0, int64_t u1) {
+      thread_local std::vector<float> scores;
+      float* sc = Grow(scores, total);
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t i = u / num_heads, h = u % num_heads, kh = h / group;
+        const int64_t len = start_pos + i + 1;
+        const float* qi = q + (i * num_heads + h) * hd;
+        float* o = out + (i * num_heads + h) * hd;
+        if (level_ >= CpuLevel::kAvx512) {
+          cpu::AttendOneAvx512(qi, kp + kh * total, vp + kh * total, len, hd, scale, sc, o);
+        } else {
+          cpu::AttendOnePortable(qi, kp + kh * total, vp + kh * total, len, hd, scale, sc, o);
+        }
+      }
+    });
+  }
+
+ private:
+  bool UsesBf16Activations(DType wdt) const {
+    return level_ == CpuLevel::kAvx512Bf16 && wdt == DType::kBF16;
+  }
+  bool ExpertUsesBf16(const ExpertWeights& e) const {
+    return UsesBf16Activations(e.w1.dtype) && UsesBf16Activations(e.w3.dtype) &&
+           UsesBf16Activations(e.w2.dtype);
+  }
+
+  void ConvertToBf16(const float* x, int64_t rows, int64_t k, int64_t ldx, uint16_t* xb,
+                     int64_t ldxb) {
+    const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(4 * kMinParallelMacs / k));
+    ThreadPool::Default().ParallelFor(rows, grain, [&](int64_t r0, int64_t r1) {
+      cpu::ConvertRowsToBf16Avx512(x + r0 * ldx, r1 - r0, k, ldx, xb + r0 * ldxb, ldxb);
+    });
+  }
+
+  // y[t * ldy + (j - r0)] = x[t] . W[j] (+ bias[j - r0]) for j in [r0, r1); x given as f32
+  // (ldx) and, when W's dtype runs on bf16 activations, as bf16 (xb, ldxb).
+  void DotRows(const float* x, int64_t ldx, const uint16_t* xb, int64_t ldxb, int64_t T,
+               const WeightView& w, int64_t r0, int64_t r1, float* y, int64_t ldy,
+               const float* bias) const {
+    if (r1 <= r0 || T <= 0) return;
+    if (UsesBf16Activations(w.dtype)) {
+      cpu::DotRowsBf16Avx512(xb, ldxb, T, reinterpret_cast<const uint16_t*>(w.row(r0)),
+                             w.row_stride, w.cols, r1 - r0, y, ldy, bias);
+    } else if (level_ >= CpuLevel::kAvx512) {
+      cpu::DotRowsF32Avx512(x, ldx, T, w.row(r0), w.dtype, w.row_stride, w.cols, r1 - r0, y,
+                            ldy, bias);
+    } else {
+      cpu::DotRowsPortable(x, ldx, T, w.row(r0), w.dtype, w.row_stride, w.cols, r1 - r0, y,
+                           ldy, bias);
+    }
+  }
+
+  const CpuLevel level_;
+  // Scratch of the calling thread (grow-only; no allocation once warm).
+  std::vector<uint16_t> xb_, hb_;
+  std::vector<float> hf_, norm_w_;
+  std::vector<const float*> k_rows_, v_rows_;
+  std::vector<double> prefix_;
+  std::vector<FfnUnit> units_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> MakeFastCpuBackend(cpu::CpuLevel level) {
+  return std::make_unique<FastCpuBackend>(level);
+}
+
+std::unique_ptr<Backend> MakeFastCpuBackend() {
+  return MakeFastCpuBackend(cpu::DetectCpuLevel());
+}
+
+}  // namespace sy::kernels

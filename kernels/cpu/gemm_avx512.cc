@@ -1,0 +1,357 @@
+// AVX-512 / AVX-512-BF16 kernels of the fast CPU backend (see cpu_kernels.h).
+//
+// Everything below the `#pragma GCC target` line is compiled for AVX-512 only (a per-function
+// target, not a global -march), so the rest of the binary keeps running on other CPUs; the
+// backend calls these only when DetectCpuLevel() says the CPU has the instructions. All
+// standard headers are included above the pragma so no library inline code is compiled
+// with the AVX-512 target by accident.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/cpu/cpu_kernels.h"
+#include "kernels/core/logging.h"
+
+#include <immintrin.h>
+
+#pragma GCC push_options
+// GCC 12's intrinsic headers build casts and reductions from _mm512_undefined_*(), which
+// -Wuninitialized reports as uninitialised; the lanes are never read.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")
+
+namespace sy::kernels::cpu {
+namespace {
+
+// Sums each of a, b, c, d (16 lanes) into one lane of the result: [Σa, Σb, Σc, Σd].
+inline __m128 Reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] and the same for c, d.
+  __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  // Per 128-bit lane: [a, b, c, d] partial sums.
+  __m512 abcd = _mm512_add_ps(
+      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
+      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
+  __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd),
+                           _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+template <int NR>
+inline void StoreTileRow(const __m512* acc, float* y, const float* bias) {
+  if constexpr (NR == 4) {
+    __m128 s = Reduce4(acc[0], acc[1], acc[2], acc[3]);
+    if (bias) s = _mm_add_ps(s, _mm_loadu_ps(bias));
+    _mm_storeu_ps(y, s);
+  } else {
+    for (int r = 0; r < NR; ++r) y[r] = _mm512_reduce_add_ps(acc[r]) + (bias ? bias[r] : 0.f);
+  }
+}
+
+// ---- bf16 x bf16 -> f32 (vdpbf16ps) ---------------------------------------------------------
+// One register tile: MT tokens x NR weight rows, over the whole K.
+template <int MT, int NR>
+inline void TileBf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t k,
+                     float* y, int64_t ldy, const float* bias) {
+  __m512 acc[MT][NR];
+  for (int t = 0; t < MT; ++t)
+    for (int r = 0; r < NR; ++r) acc[t][r] = _mm512_setzero_ps();
+  int64_t kk = 0;
+  for (; kk + 32 <= k; kk += 32) {
+    __m512bh wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(w + r * ldw + kk);
+    for (int t = 0; t < MT; ++t) {
+      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + t * ldx + kk);
+      for (int r = 0; r < NR; ++r) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], xv, wv[r]);
+    }
+  }
+  if (kk < k) {
+    const __mmask32 m = static_cast<__mmask32>((1ull << (k - kk)) - 1);
+    __m512bh wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(m, w + r * ldw + kk);
+    for (int t = 0; t < MT; ++t) {
+      __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x + t * ldx + kk);
+      for (int r = 0; r < NR; ++r) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], xv, wv[r]);
+    }
+  }
+  for (int t = 0; t < MT; ++t) StoreTileRow<NR>(acc[t], y + t * ldy, bias);
+}
+
+template <int MT>
+inline void RowsBf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t k,
+                     int64_t nrows, float* y, int64_t ldy, const float* bias) {
+  int64_t j = 0;
+  for (; j + 4 <= nrows; j += 4) {
+    TileBf16<MT, 4>(x, ldx, w + j * ldw, ldw, k, y + j, ldy, bias ? bias + j : nullptr);
+  }
+  for (; j < nrows; ++j) {
+    TileBf16<MT, 1>(x, ldx, w + j * ldw, ldw, k, y + j, ldy, bias ? bias + j : nullptr);
+  }
+}
+
+// ---- f32 x {f32, bf16, f16} -> f32 (FMA) ----------------------------------------------------
+template <DType W>
+inline __m512 LoadW16(const void* w, int64_t i) {
+  if constexpr (W == DType::kF32) {
+    return _mm512_loadu_ps(static_cast<const float*>(w) + i);
+  } else if constexpr (W == DType::kBF16) {
+    __m256i h = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(w) + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    __m256i h = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(w) + i));
+    return _mm512_cvtph_ps(h);
+  }
+}
+
+template <DType W>
+inline __m512 MaskLoadW16(__mmask16 m, const void* w, int64_t i) {
+  if constexpr (W == DType::kF32) {
+    return _mm512_maskz_loadu_ps(m, static_cast<const float*>(w) + i);
+  } else if constexpr (W == DType::kBF16) {
+    __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(w) + i);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(w) + i);
+    return _mm512_cvtph_ps(h);
+  }
+}
+
+template <DType W>
+inline const void* RowPtr(const void* w, int64_t row, int64_t ldw) {
+  return static_cast<const uint8_t*>(w) + row * ldw * (W == DType::kF32 ? 4 : 2);
+}
+
+template <DType W, int MT, int NR>
+inline void TileF32(const float* x, int64_t ldx, const void* w, int64_t ldw, int64_t k,
+                    float* y, int64_t ldy, const float* bias) {
+  __m512 acc[MT][NR];
+  for (int t = 0; t < MT; ++t)
+    for (int r = 0; r < NR; ++r) acc[t][r] = _mm512_setzero_ps();
+  const void* rows[NR];
+  for (int r = 0; r < NR; ++r) rows[r] = RowPtr<W>(w, r, ldw);
+  int64_t kk = 0;
+  for (; kk + 16 <= k; kk += 16) {
+    __m512 wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = LoadW16<W>(rows[r], kk);
+    for (int t = 0; t < MT; ++t) {
+      __m512 xv = _mm512_loadu_ps(x + t * ldx + kk);
+      for (int r = 0; r < NR; ++r) acc[t][r] = _mm512_fmadd_ps(xv, wv[r], acc[t][r]);
+    }
+  }
+  if (kk < k) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (k - kk)) - 1);
+    __m512 wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = MaskLoadW16<W>(m, rows[r], kk);
+    for (int t = 0; t < MT; ++t) {
+      __m512 xv = _mm512_maskz_loadu_ps(m, x + t * ldx + kk);
+      for (int r = 0; r < NR; ++r) acc[t][r] = _mm512_fmadd_ps(xv, wv[r], acc[t][r]);
+    }
+  }
+  for (int t = 0; t < MT; ++t) StoreTileRow<NR>(acc[t], y + t * ldy, bias);
+}
+
+template <DType W, int MT>
+inline void RowsF32(const float* x, int64_t ldx, const void* w, int64_t ldw, int64_t k,
+                    int64_t nrows, float* y, int64_t ldy, const float* bias) {
+  int64_t j = 0;
+  for (; j + 4 <= nrows; j += 4) {
+    TileF32<W, MT, 4>(x, ldx, RowPtr<W>(w, j, ldw), ldw, k, y + j, ldy,
+                      bias ? bias + j : nullptr);
+  }
+  for (; j < nrows; ++j) {
+    TileF32<W, MT, 1>(x, ldx, RowPtr<W>(w, j, ldw), ldw, k, y + j, ldy,
+                      bias ? bias + j : nullptr);
+  }
+}
+
+template <DType W>
+void DotRowsF32Typed(const float* x, int64_t ldx, int64_t T, const void* w, int64_t ldw,
+                     int64_t k, int64_t nrows, float* y, int64_t ldy, const float* bias) {
+  // Weight rows in blocks that stay in L2 (~256 KiB) while every token tile passes over them.
+  const int64_t row_bytes = k * (W == DType::kF32 ? 4 : 2);
+  const int64_t block = std::max<int64_t>(4, (256 * 1024 / std::max<int64_t>(1, row_bytes)) & ~3);
+  for (int64_t nb = 0; nb < nrows; nb += block) {
+    const int64_t nn = std::min(block, nrows - nb);
+    const void* wb = RowPtr<W>(w, nb, ldw);
+    const float* bb = bias ? bias + nb : nullptr;
+    int64_t t = 0;
+    for (; t + 4 <= T; t += 4) RowsF32<W, 4>(x + t * ldx, ldx, wb, ldw, k, nn, y + t * ldy + nb, ldy, bb);
+    switch (T - t) {
+      case 3: RowsF32<W, 3>(x + t * ldx, ldx, wb, ldw, k, nn, y + t * ldy + nb, ldy, bb); break;
+      case 2: RowsF32<W, 2>(x + t * ldx, ldx, wb, ldw, k, nn, y + t * ldy + nb, ldy, bb); break;
+      case 1: RowsF32<W, 1>(x + t * ldx, ldx, wb, ldw, k, nn, y + t * ldy + nb, ldy, bb); break;
+      default: break;
+    }
+  }
+}
+
+// e^x for f32 lanes: range reduction x = n ln2 + r, |r| <= ln2/2, degree-6 Taylor polynomial,
+// scaled by 2^n (vscalefps). Relative error ~2e-7 over [-87, 88]; underflows to 0.
+inline __m512 Exp(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-104.f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 Silu(__m512 g) {
+  return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), Exp(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+}
+
+}  // namespace
+
+void ConvertRowsToBf16Avx512(const float* src, int64_t rows, int64_t k, int64_t ld_src,
+                             uint16_t* dst, int64_t ld_dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = src + r * ld_src;
+    uint16_t* d = dst + r * ld_dst;
+    int64_t i = 0;
+    for (; i + 32 <= k; i += 32) {
+      __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + i + 16), _mm512_loadu_ps(s + i));
+      _mm512_storeu_si512(d + i, (__m512i)v);
+    }
+    for (; i < ld_dst; i += 16) {
+      const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, k - i));
+      const __mmask16 m = static_cast<__mmask16>((1u << left) - 1);
+      __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, s + i));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), (__m256i)v);
+    }
+  }
+}
+
+void DotRowsBf16Avx512(const uint16_t* x, int64_t ldx, int64_t T, const uint16_t* w,
+                       int64_t ldw, int64_t k, int64_t nrows, float* y, int64_t ldy,
+                       const float* bias) {
+  const int64_t block = std::max<int64_t>(4, (256 * 1024 / std::max<int64_t>(1, 2 * k)) & ~3);
+  for (int64_t nb = 0; nb < nrows; nb += block) {
+    const int64_t nn = std::min(block, nrows - nb);
+    const uint16_t* wb = w + nb * ldw;
+    const float* bb = bias ? bias + nb : nullptr;
+    int64_t t = 0;
+    for (; t + 4 <= T; t += 4) RowsBf16<4>(x + t * ldx, ldx, wb, ldw, k, nn, y + t * ldy + nb, ldy, bb);
+    switch (T - t) {
+      case 3: RowsBf16<3>(x + t * ldx, ldx, wb, ldw, k, nn, y + t * ldy + nb, ldy, bb); break;
+      case 2: RowsBf16<2>(x + t * ldx, ldx, wb, ldw, k, nn, y + t * ldy + nb, ldy, bb); break;
+      case 1: RowsBf16<1>(x + t * ldx, ldx, wb, ldw, k, nn, y + t * ldy + nb, ldy, bb); break;
+      default: break;
+    }
+  }
+}
+
+void DotRowsF32Avx512(const float* x, int64_t ldx, int64_t T, const void* w, DType wdt,
+                      int64_t ldw, int64_t k, int64_t nrows, float* y, int64_t ldy,
+                      const float* bias) {
+  switch (wdt) {
+    case DType::kF32:
+      return DotRowsF32Typed<DType::kF32>(x, ldx, T, w, ldw, k, nrows, y, ldy, bias);
+    case DType::kBF16:
+      return DotRowsF32Typed<DType::kBF16>(x, ldx, T, w, ldw, k, nrows, y, ldy, bias);
+    case DType::kF16:
+      return DotRowsF32Typed<DType::kF16>(x, ldx, T, w, ldw, k, nrows, y, ldy, bias);
+  }
+}
+
+void SiluMulAvx512(const float* g, const float* u, int64_t n, float* out_f32,
+                   uint16_t* out_bf16) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = static_cast<__mmask16>(n - i >= 16 ? 0xffff : (1u << (n - i)) - 1);
+    __m512 h = _mm512_mul_ps(Silu(_mm512_maskz_loadu_ps(m, g + i)), _mm512_maskz_loadu_ps(m, u + i));
+    if (out_bf16) {
+      _mm256_mask_storeu_epi16(out_bf16 + i, m, (__m256i)_mm512_cvtneps_pbh(h));
+    } else {
+      _mm512_mask_storeu_ps(out_f32 + i, m, h);
+    }
+  }
+}
+
+void RmsNormAvx512(const float* x, int64_t rows, int64_t dim, const float* w, float eps,
+                   float* y) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * dim;
+    float* yr = y + r * dim;
+    __m512 ss = _mm512_setzero_ps();
+    for (int64_t i = 0; i < dim; i += 16) {
+      const __mmask16 m = static_cast<__mmask16>(dim - i >= 16 ? 0xffff : (1u << (dim - i)) - 1);
+      __m512 v = _mm512_maskz_loadu_ps(m, xr + i);
+      ss = _mm512_fmadd_ps(v, v, ss);
+    }
+    const float inv = 1.f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(dim) + eps);
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (int64_t i = 0; i < dim; i += 16) {
+      const __mmask16 m = static_cast<__mmask16>(dim - i >= 16 ? 0xffff : (1u << (dim - i)) - 1);
+      __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + i), vinv),
+                               _mm512_maskz_loadu_ps(m, w + i));
+      _mm512_mask_storeu_ps(yr + i, m, v);
+    }
+  }
+}
+
+void AttendOneAvx512(const float* q, const float* const* k_rows, const float* const* v_rows,
+                     int64_t len, int64_t head_dim, float scale, float* scores, float* out) {
+  // Scores: one masked 16-lane FMA chain per key.
+  float mx = -INFINITY;
+  for (int64_t p = 0; p < len; ++p) {
+    const float* kp = k_rows[p];
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < head_dim; d += 16) {
+      const __mmask16 m =
+          static_cast<__mmask16>(head_dim - d >= 16 ? 0xffff : (1u << (head_dim - d)) - 1);
+      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + d), _mm512_maskz_loadu_ps(m, kp + d), acc);
+    }
+    scores[p] = _mm512_reduce_add_ps(acc) * scale;
+    mx = std::max(mx, scores[p]);
+  }
+  // Softmax numerators, vectorised exp.
+  __m512 vsum = _mm512_setzero_ps();
+  const __m512 vmx = _mm512_set1_ps(mx);
+  for (int64_t p = 0; p < len; p += 16) {
+    const __mmask16 m = static_cast<__mmask16>(len - p >= 16 ? 0xffff : (1u << (len - p)) - 1);
+    __m512 e = Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + p), vmx));
+    e = _mm512_maskz_mov_ps(m, e);
+    _mm512_mask_storeu_ps(scores + p, m, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  const float inv = 1.f / _mm512_reduce_add_ps(vsum);
+  // Weighted sum of values, head_dim up to 256 in registers (4 x 16 lanes per step of 64).
+  for (int64_t d0 = 0; d0 < head_dim; d0 += 64) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                     _mm512_setzero_ps()};
+    __mmask16 masks[4];
+    for (int c = 0; c < 4; ++c) {
+      const int64_t d = d0 + 16 * c;
+      const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, head_dim - d));
+      masks[c] = static_cast<__mmask16>((1u << left) - 1);
+    }
+    for (int64_t p = 0; p < len; ++p) {
+      const __m512 wp = _mm512_set1_ps(scores[p]);
+      const float* vp = v_rows[p] + d0;
+      for (int c = 0; c < 4; ++c) {
+        if (masks[c]) acc[c] = _mm512_fmadd_ps(wp, _mm512_maskz_loadu_ps(masks[c], vp + 16 * c), acc[c]);
+      }
+    }
+    for (int c = 0; c < 4; ++c) {
+      if (masks[c]) {
+        _mm512_mask_storeu_ps(out + d0 + 16 * c, masks[c], _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
+      }
+    }
+  }
+}
+
+}  // namespace sy::kernels::cpu
+
+#pragma GCC diagnostic pop
+#pragma GCC pop_options

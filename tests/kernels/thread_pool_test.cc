@@ -1,0 +1,88 @@
+// ThreadPool: ranges cover [0, n) exactly once, grain keeps small loops inline, nested calls
+// run inline on the worker, concurrent callers are serialised.
+#include "kernels/core/thread_pool.h"
+
+#include <atomic>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace sy {
+namespace {
+
+TEST(ThreadPoolTest, ParallelForCoversEveryIndexExactlyOnce) {
+  ThreadPool pool(3);
+  for (int64_t n : {1, 2, 3, 7, 100, 1001}) {
+    std::vector<std::atomic<int>> hits(n);
+    pool.ParallelFor(n, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) hits[i]++;
+    });
+    for (int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[i].load(), 1) << "n=" << n << " i=" << i;
+  }
+}
+
+TEST(ThreadPoolTest, LoopsSmallerThanTheGrainRunOnTheCallingThread) {
+  ThreadPool pool(2);
+  std::set<std::thread::id> ids;
+  std::mutex mu;
+  pool.ParallelFor(10, 16, [&](int64_t, int64_t) {
+    std::lock_guard<std::mutex> l(mu);
+    ids.insert(std::this_thread::get_id());
+  });
+  ASSERT_EQ(ids.size(), 1u);
+  EXPECT_EQ(*ids.begin(), std::this_thread::get_id());
+}
+
+TEST(ThreadPoolTest, LargeLoopsUseEveryThread) {
+  ThreadPool pool(2);
+  std::set<std::thread::id> ids;
+  std::mutex mu;
+  pool.ParallelFor(2, 1, [&](int64_t, int64_t) {
+    std::lock_guard<std::mutex> l(mu);
+    ids.insert(std::this_thread::get_id());
+  });
+  EXPECT_EQ(ids.size(), 2u);
+}
+
+TEST(ThreadPoolTest, NestedParallelForRunsInlineWithoutDeadlock) {
+  ThreadPool pool(2);
+  std::atomic<int64_t> sum{0};
+  pool.ParallelFor(4, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      pool.ParallelFor(10, 1, [&](int64_t b2, int64_t e2) { sum += (e2 - b2) * (i + 1); });
+    }
+  });
+  EXPECT_EQ(sum.load(), 10 * (1 + 2 + 3 + 4));
+}
+
+TEST(ThreadPoolTest, ConcurrentCallersAreSerialisedAndAllComplete) {
+  ThreadPool pool(2);
+  std::atomic<int64_t> total{0};
+  std::vector<std::thread> callers;
+  for (int c = 0; c < 4; ++c) {
+    callers.emplace_back([&] {
+      for (int rep = 0; rep < 200; ++rep) {
+        pool.ParallelFor(100, 1, [&](int64_t b, int64_t e) { total += e - b; });
+      }
+    });
+  }
+  for (auto& t : callers) t.join();
+  EXPECT_EQ(total.load(), 4 * 200 * 100);
+}
+
+TEST(ThreadPoolTest, SingleThreadPoolRunsInline) {
+  ThreadPool pool(1);
+  EXPECT_EQ(pool.num_threads(), 1);
+  int calls = 0;
+  pool.ParallelFor(1000, 1, [&](int64_t b, int64_t e) {
+    ++calls;
+    EXPECT_EQ(b, 0);
+    EXPECT_EQ(e, 1000);
+  });
+  EXPECT_EQ(calls, 1);
+}
+
+}  // namespace
+}  // namespace sy
