@@ -6,7 +6,7 @@
 
 namespace sy {
 
-std::string_view DTypeName(DType t) {
+const char* DTypeName(DType t) {
   switch (t) {
     case DType::kF32: return "F32";
     case DType::kBF16: return "BF16";

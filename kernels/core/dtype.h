@@ -17,7 +17,7 @@ namespace sy {
 enum class DType : uint8_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 inline int64_t DTypeSize(DType t) { return t == DType::kF32 ? 4 : 2; }
-std::string_view DTypeName(DType t);  // "F32", "BF16", "F16" (safetensors spelling)
+const char* DTypeName(DType t);  // "F32", "BF16", "F16" (safetensors spelling)
 // Parses the safetensors spelling ("F32", "BF16", "F16") or the short form ("f32", "bf16",
 // "f16", "float32", "bfloat16", "float16"). InvalidArgument for anything else.
 absl::StatusOr<DType> ParseDType(absl::string_view name);

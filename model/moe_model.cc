@@ -1,0 +1,395 @@
+// The MoE transformer forward pass (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), following the
+// Hugging Face modeling files: pre-norm decoder layers, RoPE in the rotate-half (GPT-NeoX)
+// layout HF checkpoints use, grouped-query attention over a paged KV cache, and the MoE block
+// routed through the MoeDispatcher seam.
+#include "model/moe_model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/core/logging.h"
+#include "kernels/core/status.h"
+#include "model/router.h"
+#include "model/safetensors.h"
+
+namespace sy::model {
+namespace {
+
+using kernels::ExpertWeights;
+using kernels::WeightView;
+
+WeightView ViewOf(const TensorView& t) {
+  WeightView w;
+  w.dtype = t.dtype;
+  w.data = t.data;
+  w.rows = t.shape.size() == 2 ? t.shape[0] : 1;
+  w.cols = t.shape.empty() ? 1 : t.shape.back();
+  w.row_stride = w.cols;
+  return w;
+}
+
+std::vector<float> ToF32(const TensorView& t) {
+  std::vector<float> out(t.numel());
+  ConvertToF32(t.dtype, t.data, t.numel(), out.data());
+  return out;
+}
+
+struct LayerWeights {
+  WeightView input_norm, post_norm;
+  WeightView q, k, v, o;
+  std::vector<float> q_bias, k_bias, v_bias;  // f32, empty when absent
+  WeightView q_norm, k_norm;                  // QkNorm::kPerHead / kFull
+  bool is_moe = true;
+  WeightView router;                          // [E, H]
+  std::vector<ExpertWeights> experts;         // [E], w1.data == nullptr when not loaded
+  ExpertWeights shared;                       // Qwen2-MoE shared expert / dense MLP
+  bool has_shared = false;
+  WeightView shared_gate;                     // [1, H] (Qwen2-MoE)
+};
+
+class MoeModelImpl final : public MoeModel {
+ public:
+  absl::Status Init(const std::string& dir, const LoadOptions& options) {
+    dir_ = dir;
+    SY_ASSIGN_OR_RETURN(config_, ModelConfig::FromFile(dir + "/config.json"));
+    SY_ASSIGN_OR_RETURN(backend_, kernels::MakeBackend(options.backend));
+    SY_ASSIGN_OR_RETURN(reader_, CheckpointReader::Open(dir));
+    const ModelConfig& c = config_;
+    const int64_t H = c.hidden_size, hd = c.head_dim;
+    auto get = [&](const std::string& name, std::vector<int64_t> shape) -> absl::StatusOr<TensorView> {
+      auto t = reader_->Get(name, shape);
+      if (t.ok()) params_ += t->numel();
+      return t;
+    };
+    SY_ASSIGN_OR_RETURN(auto embed, get("model.embed_tokens.weight", {c.vocab_size, H}));
+    embed_ = ViewOf(embed);
+    SY_ASSIGN_OR_RETURN(auto norm, get("model.norm.weight", {H}));
+    final_norm_ = ViewOf(norm);
+    if (c.tie_word_embeddings && !reader_->Has("lm_head.weight")) {
+      lm_head_ = embed_;
+    } else {
+      SY_ASSIGN_OR_RETURN(auto head, get("lm_head.weight", {c.vocab_size, H}));
+      lm_head_ = ViewOf(head);
+    }
+    layers_.resize(c.num_layers);
+    for (int64_t l = 0; l < c.num_layers; ++l) {
+      LayerWeights& L = layers_[l];
+      const std::string p = absl::StrCat("model.layers.", l, ".");
+      SY_ASSIGN_OR_RETURN(auto in_norm, get(p + "input_layernorm.weight", {H}));
+      L.input_norm = ViewOf(in_norm);
+      SY_ASSIGN_OR_RETURN(auto post_norm, get(p + "post_attention_layernorm.weight", {H}));
+      L.post_norm = ViewOf(post_norm);
+      SY_ASSIGN_OR_RETURN(auto q, get(p + "self_attn.q_proj.weight", {c.num_heads * hd, H}));
+      SY_ASSIGN_OR_RETURN(auto k, get(p + "self_attn.k_proj.weight", {c.num_kv_heads * hd, H}));
+      SY_ASSIGN_OR_RETURN(auto v, get(p + "self_attn.v_proj.weight", {c.num_kv_heads * hd, H}));
+      SY_ASSIGN_OR_RETURN(auto o, get(p + "self_attn.o_proj.weight", {H, c.num_heads * hd}));
+      L.q = ViewOf(q);
+      L.k = ViewOf(k);
+      L.v = ViewOf(v);
+      L.o = ViewOf(o);
+      if (c.attention_bias) {
+        SY_ASSIGN_OR_RETURN(auto qb, get(p + "self_attn.q_proj.bias", {c.num_heads * hd}));
+        SY_ASSIGN_OR_RETURN(auto kb, get(p + "self_attn.k_proj.bias", {c.num_kv_heads * hd}));
+        SY_ASSIGN_OR_RETURN(auto vb, get(p + "self_attn.v_proj.bias", {c.num_kv_heads * hd}));
+        L.q_bias = ToF32(qb);
+        L.k_bias = ToF32(kb);
+        L.v_bias = ToF32(vb);
+      }
+      if (c.qk_norm != QkNorm::kNone) {
+        const bool full = c.qk_norm == QkNorm::kFull;
+        SY_ASSIGN_OR_RETURN(auto qn, get(p + "self_attn.q_norm.weight", {full ? c.num_heads * hd : hd}));
+        SY_ASSIGN_OR_RETURN(auto kn, get(p + "self_attn.k_norm.weight", {full ? c.num_kv_heads * hd : hd}));
+        L.q_norm = ViewOf(qn);
+        L.k_norm = ViewOf(kn);
+      }
+      L.is_moe = c.IsMoeLayer(l);
+      const bool mixtral = c.arch == Arch::kMixtral;
+      const std::string moe = p + (mixtral ? "block_sparse_moe." : "mlp.");
+      if (!L.is_moe) {
+        SY_RETURN_IF_ERROR(LoadFfn(moe, "gate_proj", "up_proj", "down_proj", c.intermediate_size, &L.shared, get));
+        L.has_shared = true;
+        continue;
+      }
+      SY_ASSIGN_OR_RETURN(auto gate, get(moe + "gate.weight", {c.num_experts, H}));
+      L.router = ViewOf(gate);
+      L.experts.resize(c.num_experts);
+      std::vector<bool> wanted(c.num_experts, options.experts_per_layer.empty());
+      if (!options.experts_per_layer.empty()) {
+        if (static_cast<int64_t>(options.experts_per_layer.size()) != c.num_layers)
+          return absl::InvalidArgumentError("experts_per_layer must name every layer");
+        for (int32_t e : options.experts_per_layer[l]) {
+          if (e < 0 || e >= c.num_experts)
+            return absl::InvalidArgumentError(absl::StrCat("layer ", l, ": expert ", e, " out of range"));
+          wanted[e] = true;
+        }
+      }
+      for (int64_t e = 0; e < c.num_experts; ++e) {
+        if (!wanted[e]) continue;
+        const std::string ep = absl::StrCat(moe, "experts.", e, ".");
+        if (mixtral) {
+          SY_RETURN_IF_ERROR(LoadFfn(ep, "w1", "w3", "w2", c.moe_intermediate_size, &L.experts[e], get));
+        } else {
+          SY_RETURN_IF_ERROR(LoadFfn(ep, "gate_proj", "up_proj", "down_proj", c.moe_intermediate_size,
+                                     &L.experts[e], get));
+        }
+      }
+      if (c.arch == Arch::kQwen2Moe && c.shared_expert_intermediate_size > 0) {
+        SY_RETURN_IF_ERROR(LoadFfn(moe + "shared_expert.", "gate_proj", "up_proj", "down_proj",
+                                   c.shared_expert_intermediate_size, &L.shared, get));
+        L.has_shared = true;
+        SY_ASSIGN_OR_RETURN(auto sg, get(moe + "shared_expert_gate.weight", {1, H}));
+        L.shared_gate = ViewOf(sg);
+      }
+    }
+    single_rank_ = parallel::MakeSingleRankDispatcher(c.num_experts);
+    dispatcher_ = single_rank_.get();
+    // RoPE inverse frequencies, in double (HF: theta^(-2i/d)).
+    inv_freq_.resize(hd / 2);
+    for (int64_t i = 0; i < hd / 2; ++i)
+      inv_freq_[i] = std::pow(c.rope_theta, -2.0 * static_cast<double>(i) / static_cast<double>(hd));
+    return absl::OkStatus();
+  }
+
+  template <typename Get>
+  absl::Status LoadFfn(const std::string& prefix, const char* gate, const char* up, const char* down,
+                       int64_t inter, ExpertWeights* out, Get& get) {
+    const int64_t H = config_.hidden_size;
+    SY_ASSIGN_OR_RETURN(auto g, get(absl::StrCat(prefix, gate, ".weight"), {inter, H}));
+    SY_ASSIGN_OR_RETURN(auto u, get(absl::StrCat(prefix, up, ".weight"), {inter, H}));
+    SY_ASSIGN_OR_RETURN(auto d, get(absl::StrCat(prefix, down, ".weight"), {H, inter}));
+    out->w1 = ViewOf(g);
+    out->w3 = ViewOf(u);
+    out->w2 = ViewOf(d);
+    return absl::OkStatus();
+  }
+
+  const ModelConfig& config() const override { return config_; }
+  const std::string& dir() const override { return dir_; }
+  int64_t NumParameters() const override { return params_; }
+
+  int64_t DecodeBytesPerToken() const override {
+    const ModelConfig& c = config_;
+    auto bytes = [](const WeightView& w) { return w.rows * w.cols * DTypeSize(w.dtype); };
+    auto ffn = [&](const ExpertWeights& e) { return bytes(e.w1) + bytes(e.w2) + bytes(e.w3); };
+    int64_t total = bytes(lm_head_) + c.hidden_size * DTypeSize(embed_.dtype);
+    for (const auto& L : layers_) {
+      total += bytes(L.q) + bytes(L.k) + bytes(L.v) + bytes(L.o);
+      if (L.has_shared) total += ffn(L.shared);
+      if (L.is_moe) {
+        total += bytes(L.router);
+        for (const auto& e : L.experts)
+          if (e.w1.data) {
+            total += ffn(e) * c.num_experts_per_tok;  // k experts of this size per token
+            break;
+          }
+      }
+    }
+    return total;
+  }
+
+  void SetDispatcher(parallel::MoeDispatcher* d) override {
+    dispatcher_ = d ? d : single_rank_.get();
+  }
+
+  absl::Status Forward(std::span<const SequenceInput> batch, KvCache& cache,
+                       std::vector<float>* logits) override;
+
+ private:
+  void ApplyRope(float* x, int64_t num_heads, int64_t pos) const {
+    const int64_t hd = config_.head_dim, half = hd / 2;
+    for (int64_t i = 0; i < half; ++i) {
+      const double a = static_cast<double>(pos) * inv_freq_[i];
+      const float c = static_cast<float>(std::cos(a)), s = static_cast<float>(std::sin(a));
+      for (int64_t h = 0; h < num_heads; ++h) {
+        float* v = x + h * hd;
+        const float x1 = v[i], x2 = v[i + half];
+        v[i] = x1 * c - x2 * s;
+        v[i + half] = x2 * c + x1 * s;
+      }
+    }
+  }
+
+  void Ffn(const ExpertWeights& w, const float* x, int64_t rows, float* y) {
+    const int64_t offsets[2] = {0, rows};
+    const ExpertWeights* e = &w;
+    backend_->GroupedExpertFfn(x, offsets, 1, &e, config_.hidden_size, y);
+  }
+
+  ModelConfig config_;
+  std::string dir_;
+  std::unique_ptr<kernels::Backend> backend_;
+  std::unique_ptr<CheckpointReader> reader_;
+  WeightView embed_, final_norm_, lm_head_;
+  std::vector<LayerWeights> layers_;
+  std::vector<double> inv_freq_;
+  std::unique_ptr<parallel::MoeDispatcher> single_rank_;
+  parallel::MoeDispatcher* dispatcher_ = nullptr;
+  int64_t params_ = 0;
+  // Scratch, reused across steps.
+  std::vector<float> x_, h_, q_, k_, v_, attn_, o_, router_logits_, moe_out_, shared_out_, gate_;
+  std::vector<int32_t> topk_ids_;
+  std::vector<float> topk_w_;
+  std::vector<const ExpertWeights*> slot_experts_;
+};
+
+absl::Status MoeModelImpl::Forward(std::span<const SequenceInput> batch, KvCache& cache,
+                                   std::vector<float>* logits) {
+  const ModelConfig& c = config_;
+  const int64_t H = c.hidden_size, hd = c.head_dim, nh = c.num_heads, nkv = c.num_kv_heads;
+  const int64_t qdim = nh * hd, kvdim = nkv * hd;
+  // Validate and lay out the flattened tokens.
+  int64_t T = 0, num_logits = 0;
+  for (size_t s = 0; s < batch.size(); ++s) {
+    const SequenceInput& in = batch[s];
+    const int64_t end = in.start_pos + static_cast<int64_t>(in.tokens.size());
+    if (end > c.max_position_embeddings)
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", s, ": position ", end - 1,
+                                                     " is past max_position_embeddings ",
+                                                     c.max_position_embeddings));
+    const int64_t blocks_needed = (end + cache.block_size() - 1) / cache.block_size();
+    if (static_cast<int64_t>(in.block_table.size()) < blocks_needed)
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", s, ": block table holds ",
+                                                     in.block_table.size(), " blocks, ", end,
+                                                     " positions need ", blocks_needed));
+    for (int64_t b = 0; b < blocks_needed; ++b)
+      if (in.block_table[b] < 0 || in.block_table[b] >= cache.num_blocks())
+        return absl::InvalidArgumentError(absl::StrCat("sequence ", s, ": block id ", in.block_table[b],
+                                                       " out of range"));
+    for (int32_t t : in.tokens)
+      if (t < 0 || t >= c.vocab_size)
+        return absl::InvalidArgumentError(absl::StrCat("token id ", t, " is outside the vocabulary [0, ",
+                                                       c.vocab_size, ")"));
+    T += static_cast<int64_t>(in.tokens.size());
+    if (in.compute_logits && !in.tokens.empty()) ++num_logits;
+  }
+  logits->assign(num_logits * c.vocab_size, 0.f);
+
+  x_.resize(T * H);
+  h_.resize(T * H);
+  q_.resize(T * qdim);
+  k_.resize(T * kvdim);
+  v_.resize(T * kvdim);
+  attn_.resize(T * qdim);
+  o_.resize(T * H);
+  moe_out_.resize(T * H);
+  {
+    int64_t t = 0;
+    for (const auto& in : batch)
+      for (int32_t id : in.tokens) {
+        ConvertToF32(embed_.dtype, embed_.row(id), H, &x_[t * H]);
+        ++t;
+      }
+  }
+
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    LayerWeights& L = layers_[l];
+    kernels::PagedKv kv = cache.layer(l);
+    // --- attention ---
+    backend_->RmsNorm(x_.data(), T, H, L.input_norm, static_cast<float>(c.rms_norm_eps), h_.data());
+    backend_->MatMul(h_.data(), T, L.q, q_.data(), L.q_bias.empty() ? nullptr : L.q_bias.data());
+    backend_->MatMul(h_.data(), T, L.k, k_.data(), L.k_bias.empty() ? nullptr : L.k_bias.data());
+    backend_->MatMul(h_.data(), T, L.v, v_.data(), L.v_bias.empty() ? nullptr : L.v_bias.data());
+    if (c.qk_norm == QkNorm::kFull) {
+      backend_->RmsNorm(q_.data(), T, qdim, L.q_norm, static_cast<float>(c.rms_norm_eps), q_.data());
+      backend_->RmsNorm(k_.data(), T, kvdim, L.k_norm, static_cast<float>(c.rms_norm_eps), k_.data());
+    } else if (c.qk_norm == QkNorm::kPerHead) {
+      backend_->RmsNorm(q_.data(), T * nh, hd, L.q_norm, static_cast<float>(c.rms_norm_eps), q_.data());
+      backend_->RmsNorm(k_.data(), T * nkv, hd, L.k_norm, static_cast<float>(c.rms_norm_eps), k_.data());
+    }
+    if (c.clip_qkv > 0) {
+      const float lim = static_cast<float>(c.clip_qkv);
+      for (auto* buf : {&q_, &k_, &v_})
+        for (float& f : *buf) f = std::clamp(f, -lim, lim);
+    }
+    int64_t t0 = 0;
+    for (const auto& in : batch) {
+      const int64_t n = static_cast<int64_t>(in.tokens.size());
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t pos = in.start_pos + i, t = t0 + i;
+        ApplyRope(&q_[t * qdim], nh, pos);
+        ApplyRope(&k_[t * kvdim], nkv, pos);
+        const int64_t block = in.block_table[pos / kv.block_size], row = pos % kv.block_size;
+        const int64_t off = (block * kv.block_size + row) * kvdim;
+        std::memcpy(kv.k + off, &k_[t * kvdim], kvdim * sizeof(float));
+        std::memcpy(kv.v + off, &v_[t * kvdim], kvdim * sizeof(float));
+      }
+      if (n > 0)
+        backend_->Attention(&q_[t0 * qdim], n, in.start_pos, nh, kv, in.block_table.data(),
+                            static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd))),
+                            &attn_[t0 * qdim]);
+      t0 += n;
+    }
+    backend_->MatMul(attn_.data(), T, L.o, o_.data());
+    for (int64_t i = 0; i < T * H; ++i) x_[i] += o_[i];
+
+    // --- MoE / MLP ---
+    backend_->RmsNorm(x_.data(), T, H, L.post_norm, static_cast<float>(c.rms_norm_eps), h_.data());
+    if (!L.is_moe) {
+      Ffn(L.shared, h_.data(), T, moe_out_.data());
+      for (int64_t i = 0; i < T * H; ++i) x_[i] += moe_out_[i];
+      continue;
+    }
+    const int64_t E = c.num_experts, K = c.num_experts_per_tok;
+    router_logits_.resize(T * E);
+    topk_ids_.resize(T * K);
+    topk_w_.resize(T * K);
+    backend_->MatMul(h_.data(), T, L.router, router_logits_.data());
+    RouteTopK(router_logits_.data(), T, E, K, c.norm_topk_prob, topk_ids_.data(), topk_w_.data());
+    auto compute = [this](int layer, const float* rows, const int64_t* slot_offsets, float* out) {
+      LayerWeights& LL = layers_[layer];
+      const int64_t slots = dispatcher_->num_local_slots(layer);
+      slot_experts_.assign(slots, nullptr);
+      for (int64_t s = 0; s < slots; ++s) {
+        const int32_t e = dispatcher_->local_slot_expert(layer, s);
+        if (e >= 0 && LL.experts[e].w1.data != nullptr) slot_experts_[s] = &LL.experts[e];
+        SY_CHECK(slot_experts_[s] != nullptr || slot_offsets[s + 1] == slot_offsets[s])
+            << "layer " << layer << " slot " << s << " (expert " << e << ") has rows but is not loaded";
+      }
+      backend_->GroupedExpertFfn(rows, slot_offsets, slots, slot_experts_.data(), config_.hidden_size, out);
+    };
+    SY_RETURN_IF_ERROR(dispatcher_->DispatchCombine(static_cast<int>(l), h_.data(), T, H, topk_ids_.data(),
+                                                    topk_w_.data(), K, compute, moe_out_.data()));
+    if (L.has_shared) {
+      shared_out_.resize(T * H);
+      gate_.resize(T);
+      Ffn(L.shared, h_.data(), T, shared_out_.data());
+      backend_->MatMul(h_.data(), T, L.shared_gate, gate_.data());
+      for (int64_t t = 0; t < T; ++t) {
+        const float g = 1.f / (1.f + std::exp(-gate_[t]));
+        for (int64_t d = 0; d < H; ++d) moe_out_[t * H + d] += g * shared_out_[t * H + d];
+      }
+    }
+    for (int64_t i = 0; i < T * H; ++i) x_[i] += moe_out_[i];
+  }
+
+  // Final norm and LM head on the last token of each sequence that wants logits.
+  if (num_logits > 0) {
+    std::vector<float> last(num_logits * H);
+    int64_t t = 0, j = 0;
+    for (const auto& in : batch) {
+      const int64_t n = static_cast<int64_t>(in.tokens.size());
+      if (in.compute_logits && n > 0) {
+        std::memcpy(&last[j * H], &x_[(t + n - 1) * H], H * sizeof(float));
+        ++j;
+      }
+      t += n;
+    }
+    backend_->RmsNorm(last.data(), num_logits, H, final_norm_, static_cast<float>(c.rms_norm_eps), last.data());
+    backend_->MatMul(last.data(), num_logits, lm_head_, logits->data());
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<MoeModel>> MoeModel::Load(const std::string& dir,
+                                                         const LoadOptions& options) {
+  auto m = std::make_unique<MoeModelImpl>();
+  absl::Status s = m->Init(dir, options);
+  if (!s.ok()) return Annotate(s, absl::StrCat("loading checkpoint ", dir));
+  return std::unique_ptr<MoeModel>(std::move(m));
+}
+
+}  // namespace sy::model

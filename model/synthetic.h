@@ -1,0 +1,43 @@
+// Synthetic checkpoints in the real Hugging Face format (config.json, generation_config.json,
+// model.safetensors or shards + model.safetensors.index.json, tokenizer.json), for tests,
+// benchmarks and the built-in demo model. They load through the same code a user's
+// checkpoint takes. Weights are random from a fixed seed (same seed, same bytes).
+//
+// Presets (all architectures; the MoE shape is the same, each arch adds its own parts):
+//   tiny:  vocab 512,   hidden 64,   inter 128,  2 layers, 4 heads, 2 KV heads, 4 experts top-2
+//   demo:  vocab 4096,  hidden 256,  inter 512,  4 layers, 8 heads, 2 KV heads, 8 experts top-2
+//   bench: vocab 32000, hidden 1024, inter 2816, 8 layers, 16 heads, 4 KV heads, 8 experts
+//          top-2 (Mixtral-shaped, about 0.64 B parameters)
+// Thread safety: pure function of its options.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+#include "kernels/core/dtype.h"
+#include "model/config.h"
+
+namespace sy::model {
+
+struct SyntheticOptions {
+  Arch arch = Arch::kMixtral;
+  std::string preset = "tiny";  // tiny | demo | bench
+  uint64_t seed = 0;
+  DType dtype = DType::kF32;
+  std::string out_dir;
+  int64_t shard_bytes = 0;  // > 0: split into model-0000x-of-0000y.safetensors shards
+  bool write_tokenizer = true;
+};
+
+absl::Status WriteSyntheticCheckpoint(const SyntheticOptions& options);
+
+absl::StatusOr<Arch> ParseArch(const std::string& name);  // mixtral|qwen2_moe|qwen3_moe|olmoe
+
+// Where the daemon keeps its built-in demo model: $SWITCHYARD_CACHE, else
+// $XDG_CACHE_HOME/switchyard, else ~/.cache/switchyard; plus "/demo-mixtral-bf16-v1".
+std::string DefaultDemoDir();
+// Writes the demo checkpoint to `dir` unless a complete one is already there.
+absl::Status EnsureDemoModel(const std::string& dir);
+
+}  // namespace sy::model
