@@ -1,0 +1,319 @@
+#include "scheduler/engine.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/core/logging.h"
+#include "kernels/core/status.h"
+
+namespace sy::scheduler {
+namespace {
+
+double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+// Bytes at the end of `text` (after `from`) that could be the start of a stop string and so
+// must not be streamed yet. Never splits a UTF-8 character.
+size_t HoldBack(const std::string& text, size_t from, const std::vector<std::string>& stops) {
+  size_t hold = 0;
+  for (const std::string& s : stops) {
+    const size_t max_len = std::min(s.size() - 1, text.size() - from);
+    for (size_t len = max_len; len > hold; --len) {
+      if (text.compare(text.size() - len, len, s, 0, len) == 0) {
+        hold = len;
+        break;
+      }
+    }
+  }
+  size_t cut = text.size() - hold;
+  while (cut > from && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80) --cut;
+  return text.size() - cut;
+}
+
+}  // namespace
+
+int64_t NumBlocksForBytes(const model::ModelConfig& config, int64_t bytes, int64_t block_size) {
+  const int64_t per_block = model::KvCache::BytesPerBlock(config, block_size);
+  return per_block > 0 ? std::max<int64_t>(0, bytes / per_block) : 0;
+}
+
+Engine::Engine(std::unique_ptr<StepExecutor> executor, const model::Tokenizer* tokenizer,
+               const EngineOptions& options, EngineObserver* observer)
+    : executor_(std::move(executor)),
+      tokenizer_(tokenizer),
+      options_(options),
+      observer_(observer),
+      blocks_(options.num_blocks, options.block_size),
+      scheduler_(options.scheduler, &blocks_) {
+  const model::ModelConfig& c = executor_->config();
+  limits_.vocab_size = c.vocab_size;
+  limits_.context_length =
+      std::min(c.max_position_embeddings, options.num_blocks * options.block_size);
+  eos_ids_ = c.eos_token_ids;
+  if (eos_ids_.empty() && tokenizer_ != nullptr && tokenizer_->eos_id())
+    eos_ids_.push_back(*tokenizer_->eos_id());
+  kv_free_ = blocks_.num_free_blocks();
+}
+
+Engine::~Engine() { Stop(); }
+
+void Engine::Start() {
+  SY_CHECK(!thread_.joinable());
+  thread_ = std::thread([this] { Loop(); });
+}
+
+absl::Status Engine::Submit(Request request) {
+  SY_RETURN_IF_ERROR(ValidateRequest(request, limits_));
+  SY_CHECK(request.sink != nullptr);
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!accepting_ || stopping_)
+    return absl::UnavailableError("the server is shutting down and takes no new requests");
+  if (static_cast<int64_t>(intake_.size()) + num_waiting_.load() >= options_.max_queue)
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the request queue is full (", options_.max_queue, " requests waiting); retry later"));
+  intake_.push_back(std::move(request));
+  ++requests_total_;
+  cv_.notify_one();
+  return absl::OkStatus();
+}
+
+void Engine::StopAccepting() {
+  std::lock_guard<std::mutex> lock(mu_);
+  accepting_ = false;
+}
+
+bool Engine::WaitIdle(std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(mu_);
+  return idle_cv_.wait_for(lock, timeout, [&] { return intake_.empty() && !busy_; });
+}
+
+void Engine::Stop() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    accepting_ = false;
+    stopping_ = true;
+    cv_.notify_all();
+  }
+  if (thread_.joinable()) thread_.join();
+  // Anything the thread did not get to (or a never-started engine's intake).
+  std::deque<Request> left;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    left.swap(intake_);
+  }
+  for (Request& r : left) {
+    Completion c;
+    c.request_id = r.id;
+    c.finish_reason = FinishReason::kAbort;
+    c.prompt_tokens = static_cast<int64_t>(r.prompt.size());
+    c.status = absl::UnavailableError("the server shut down before the request ran");
+    r.sink->OnFinish(c);
+  }
+}
+
+EngineStats Engine::stats() const {
+  EngineStats s;
+  s.running = num_running_.load();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    s.waiting = static_cast<int64_t>(intake_.size()) + num_waiting_.load();
+  }
+  s.kv_blocks_total = options_.num_blocks;
+  s.kv_blocks_free = kv_free_.load();
+  s.requests_total = requests_total_.load();
+  s.steps = steps_.load();
+  s.preemptions = preemptions_.load();
+  return s;
+}
+
+void Engine::Loop() {
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      busy_ = !scheduler_.empty();
+      if (!busy_) idle_cv_.notify_all();
+      cv_.wait(lock, [&] { return stopping_ || !intake_.empty() || !scheduler_.empty(); });
+      if (stopping_) break;
+    }
+    DrainIntake();
+    AbortCancelled();
+    if (!scheduler_.empty()) Step();
+    PublishStats();
+  }
+  for (Sequence* seq : scheduler_.AllSequences())
+    Finish(seq, FinishReason::kAbort, absl::UnavailableError("the server shut down"));
+  PublishStats();
+  std::lock_guard<std::mutex> lock(mu_);
+  busy_ = false;
+  idle_cv_.notify_all();
+}
+
+void Engine::DrainIntake() {
+  std::deque<Request> batch;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    batch.swap(intake_);
+    busy_ = true;
+    // Counted as waiting from here until admitted, so the queue bound holds meanwhile.
+    num_waiting_ += static_cast<int64_t>(batch.size());
+  }
+  for (Request& r : batch) {
+    for (const std::string& s : r.params.stop_strings) max_stop_len_ = std::max(max_stop_len_, s.size());
+    scheduler_.Add(std::make_unique<Sequence>(next_seq_id_++, std::move(r), tokenizer_));
+  }
+}
+
+void Engine::AbortCancelled() {
+  const Clock::time_point now = Clock::now();
+  for (Sequence* seq : scheduler_.AllSequences()) {
+    if (seq->request.sink->IsCancelled()) {
+      Finish(seq, FinishReason::kAbort, absl::CancelledError("the client cancelled the request"));
+    } else if (now >= seq->request.deadline) {
+      Finish(seq, FinishReason::kAbort,
+             absl::DeadlineExceededError("the request's deadline passed"));
+    }
+  }
+}
+
+void Engine::Step() {
+  const Clock::time_point start = Clock::now();
+  ScheduledBatch batch = scheduler_.Schedule();
+  StepStats st;
+  st.num_preempted = static_cast<int64_t>(batch.preempted.size());
+  if (batch.empty()) return;  // cannot happen with a cache that fits one full context
+
+  inputs_.clear();
+  for (const ScheduledSequence& e : batch.entries) {
+    Sequence* s = e.seq;
+    model::SequenceInput in;
+    in.tokens = std::span<const int32_t>(s->tokens.data() + s->num_computed, e.num_tokens);
+    in.start_pos = s->num_computed;
+    in.block_table = s->block_table;
+    in.compute_logits = e.compute_logits;
+    inputs_.push_back(in);
+    if (e.compute_logits && e.num_tokens == 1 && s->num_computed >= s->num_prompt_tokens)
+      ++st.num_decode_tokens;
+    else
+      st.num_prefill_tokens += e.num_tokens;
+  }
+  st.num_seqs = static_cast<int64_t>(batch.entries.size());
+
+  absl::Status status = executor_->Execute(inputs_, &logits_);
+  if (!status.ok()) {
+    SY_LOG(ERROR) << "step failed: " << status;
+    for (const ScheduledSequence& e : batch.entries)
+      Finish(e.seq, FinishReason::kAbort, sy::Annotate(status, "model step"));
+    return;
+  }
+  scheduler_.CommitStep(batch);
+
+  const int64_t vocab = limits_.vocab_size;
+  const Clock::time_point now = Clock::now();
+  int64_t row = 0;
+  std::vector<Sequence*> finished;
+  for (const ScheduledSequence& e : batch.entries) {
+    if (!e.compute_logits) continue;
+    SY_CHECK_LE((row + 1) * vocab, static_cast<int64_t>(logits_.size()));
+    if (Postprocess(e.seq, logits_.data() + row * vocab, now)) finished.push_back(e.seq);
+    ++row;
+    ++st.num_generated;
+  }
+  for (Sequence* seq : finished) Finish(seq, seq->finish_reason, absl::OkStatus());
+
+  ++steps_;
+  preemptions_ += st.num_preempted;
+  st.seconds = Seconds(Clock::now() - start);
+  st.running = scheduler_.num_running();
+  st.waiting = scheduler_.num_waiting();
+  st.kv_usage = options_.num_blocks > 0
+                    ? 1.0 - static_cast<double>(blocks_.num_free_blocks()) / options_.num_blocks
+                    : 0.0;
+  if (observer_ != nullptr) observer_->OnStep(st);
+}
+
+bool Engine::Postprocess(Sequence* seq, const float* logits, Clock::time_point now) {
+  const int32_t tok = seq->sampler.Sample(logits, limits_.vocab_size);
+  seq->tokens.push_back(tok);
+  if (observer_ != nullptr) {
+    if (seq->first_token == Clock::time_point{})
+      observer_->OnFirstToken(Seconds(now - seq->request.arrival));
+    else
+      observer_->OnTokenGap(Seconds(now - seq->last_token));
+  }
+  if (seq->first_token == Clock::time_point{}) seq->first_token = now;
+  seq->last_token = now;
+
+  const GenerationParams& p = seq->request.params;
+  if (seq->decoder) seq->text += seq->decoder->Add(tok);
+
+  FinishReason reason = FinishReason::kNone;
+  bool cut_by_stop_string = false;
+  if (std::find(p.stop_token_ids.begin(), p.stop_token_ids.end(), tok) != p.stop_token_ids.end() ||
+      (!p.ignore_eos && std::find(eos_ids_.begin(), eos_ids_.end(), tok) != eos_ids_.end())) {
+    reason = FinishReason::kStop;
+  } else if (!p.stop_strings.empty()) {
+    // Only the new text (plus a stop string's length before it) can hold a new match.
+    size_t longest = 0;
+    for (const std::string& s : p.stop_strings) longest = std::max(longest, s.size());
+    const size_t from = seq->text_sent > longest ? seq->text_sent - longest : 0;
+    size_t best = std::string::npos;
+    for (const std::string& s : p.stop_strings) best = std::min(best, seq->text.find(s, from));
+    if (best != std::string::npos) {
+      seq->text.resize(best);
+      reason = FinishReason::kStop;
+      cut_by_stop_string = true;
+    }
+  }
+  if (reason == FinishReason::kNone &&
+      (seq->num_output_tokens() >= p.max_new_tokens ||
+       seq->num_tokens() >= limits_.context_length))
+    reason = FinishReason::kLength;
+  if (reason != FinishReason::kNone && seq->decoder && !cut_by_stop_string)
+    seq->text += seq->decoder->Flush();
+
+  size_t end = seq->text.size();
+  if (reason == FinishReason::kNone && !p.stop_strings.empty())
+    end -= HoldBack(seq->text, seq->text_sent, p.stop_strings);
+  std::string delta;
+  if (end > seq->text_sent) {
+    delta = seq->text.substr(seq->text_sent, end - seq->text_sent);
+    seq->text_sent = end;
+  }
+  seq->request.sink->OnTokens(std::span<const int32_t>(&seq->tokens.back(), 1), delta);
+  seq->finish_reason = reason;
+  return reason != FinishReason::kNone;
+}
+
+void Engine::Finish(Sequence* seq, FinishReason reason, absl::Status status) {
+  std::unique_ptr<Sequence> owned = scheduler_.Remove(seq);
+  Completion c;
+  c.request_id = owned->request.id;
+  c.output_ids.assign(owned->tokens.begin() + owned->num_prompt_tokens, owned->tokens.end());
+  c.text = std::move(owned->text);
+  c.finish_reason = reason;
+  c.prompt_tokens = owned->num_prompt_tokens;
+  c.status = status;
+  if (observer_ != nullptr) {
+    RequestStats rs;
+    rs.finish_reason = reason;
+    rs.code = status.code();
+    const Clock::time_point now = Clock::now();
+    if (owned->first_scheduled != Clock::time_point{})
+      rs.queue_seconds = Seconds(owned->first_scheduled - owned->request.arrival);
+    rs.e2e_seconds = Seconds(now - owned->request.arrival);
+    rs.prompt_tokens = owned->num_prompt_tokens;
+    rs.generation_tokens = owned->num_output_tokens();
+    observer_->OnRequestDone(rs);
+  }
+  owned->request.sink->OnFinish(c);
+}
+
+void Engine::PublishStats() {
+  num_running_ = scheduler_.num_running();
+  kv_free_ = blocks_.num_free_blocks();
+  std::lock_guard<std::mutex> lock(mu_);
+  num_waiting_ = scheduler_.num_waiting();
+  busy_ = !scheduler_.empty();
+  if (!busy_ && intake_.empty()) idle_cv_.notify_all();
+}
+
+}  // namespace sy::scheduler

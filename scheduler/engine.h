@@ -1,0 +1,151 @@
+// Engine: the step loop of one rank (DESIGN.md §2 steps 2-7). gRPC threads Submit requests
+// into a bounded intake queue; one engine thread owns the scheduler, the KV blocks and the
+// model, and loops:
+//
+//   drain intake → drop cancelled / past-deadline sequences → Schedule → Execute (model) →
+//   sample → postprocess (stop tokens, EOS, stop strings, length; stream to sinks).
+//
+// A cancelled request or one past its deadline is removed, and its KV blocks freed, at the
+// next step boundary. Drain (graceful shutdown): StopAccepting, then WaitIdle, then Stop.
+//
+// Thread safety: Submit, StopAccepting, WaitIdle, Stop, stats and limits are safe from any
+// thread. Sinks and the observer are called on the engine thread only.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "model/tokenizer.h"
+#include "scheduler/batch_scheduler.h"
+#include "scheduler/block_manager.h"
+#include "scheduler/request.h"
+#include "scheduler/step_executor.h"
+
+namespace sy::scheduler {
+
+struct EngineOptions {
+  SchedulerOptions scheduler;
+  int64_t num_blocks = 0;     // KV cache blocks (see NumBlocksForBytes)
+  int64_t block_size = 16;    // positions per block
+  int64_t max_queue = 256;    // requests waiting (not yet running) before RESOURCE_EXHAUSTED
+};
+
+// KV blocks that fit in `bytes` for this model (at least 0).
+int64_t NumBlocksForBytes(const model::ModelConfig& config, int64_t bytes, int64_t block_size);
+
+// Step and request figures for metrics (server/metrics.h). Called on the engine thread.
+struct StepStats {
+  double seconds = 0;          // schedule + forward + sample + postprocess
+  int64_t num_seqs = 0;
+  int64_t num_prefill_tokens = 0;
+  int64_t num_decode_tokens = 0;
+  int64_t num_generated = 0;   // tokens sampled this step
+  int64_t num_preempted = 0;
+  int64_t running = 0, waiting = 0;
+  double kv_usage = 0;         // used blocks / all blocks after the step
+};
+
+struct RequestStats {
+  FinishReason finish_reason = FinishReason::kNone;
+  absl::StatusCode code = absl::StatusCode::kOk;
+  double queue_seconds = 0;    // arrival → first scheduled (0 if never scheduled)
+  double e2e_seconds = 0;      // arrival → finish
+  int64_t prompt_tokens = 0;
+  int64_t generation_tokens = 0;
+};
+
+class EngineObserver {
+ public:
+  virtual ~EngineObserver() = default;
+  virtual void OnStep(const StepStats& step) = 0;
+  virtual void OnFirstToken(double ttft_seconds) = 0;
+  virtual void OnTokenGap(double seconds) = 0;  // between two tokens of one request
+  virtual void OnRequestDone(const RequestStats& request) = 0;
+};
+
+struct EngineStats {
+  int64_t running = 0;
+  int64_t waiting = 0;         // intake + scheduler waiting queue
+  int64_t kv_blocks_total = 0;
+  int64_t kv_blocks_free = 0;
+  int64_t requests_total = 0;  // accepted by Submit
+  int64_t steps = 0;
+  int64_t preemptions = 0;
+};
+
+class Engine {
+ public:
+  // tokenizer may be null (no text output); observer may be null. Both must outlive the
+  // engine. Call Start() to run the engine thread.
+  Engine(std::unique_ptr<StepExecutor> executor, const model::Tokenizer* tokenizer,
+         const EngineOptions& options, EngineObserver* observer = nullptr);
+  ~Engine();  // Stop()
+
+  void Start();
+  // Validates (InvalidArgument naming the field) and queues. ResourceExhausted when
+  // max_queue requests already wait; Unavailable once StopAccepting or Stop was called.
+  absl::Status Submit(Request request);
+  void StopAccepting();
+  // True once nothing is queued or running; false after `timeout`.
+  bool WaitIdle(std::chrono::milliseconds timeout);
+  // Aborts what is left (finish reason abort, status Unavailable) and joins the thread.
+  void Stop();
+
+  const ModelLimits& limits() const { return limits_; }
+  const model::ModelConfig& config() const { return executor_->config(); }
+  EngineStats stats() const;
+  const EngineOptions& options() const { return options_; }
+
+ private:
+  void Loop();
+  void DrainIntake();
+  void AbortCancelled();
+  void Step();
+  // Samples, appends and streams the new token of `seq`; true when it finished.
+  bool Postprocess(Sequence* seq, const float* logits, Clock::time_point now);
+  void Finish(Sequence* seq, FinishReason reason, absl::Status status);
+  void PublishStats();
+
+  std::unique_ptr<StepExecutor> executor_;
+  const model::Tokenizer* tokenizer_;
+  EngineOptions options_;
+  EngineObserver* observer_;
+  ModelLimits limits_;
+  std::vector<int32_t> eos_ids_;
+  size_t max_stop_len_ = 0;
+
+  // Engine thread only.
+  BlockManager blocks_;
+  BatchScheduler scheduler_;
+  int64_t next_seq_id_ = 0;
+  std::vector<model::SequenceInput> inputs_;
+  std::vector<float> logits_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::condition_variable idle_cv_;
+  std::deque<Request> intake_ ABSL_GUARDED_BY(mu_);
+  bool accepting_ ABSL_GUARDED_BY(mu_) = true;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  bool busy_ ABSL_GUARDED_BY(mu_) = false;  // the scheduler holds sequences
+
+  std::atomic<int64_t> num_waiting_{0};  // intake + scheduler waiting
+  std::atomic<int64_t> num_running_{0};
+  std::atomic<int64_t> kv_free_{0};
+  std::atomic<int64_t> requests_total_{0};
+  std::atomic<int64_t> steps_{0};
+  std::atomic<int64_t> preemptions_{0};
+  std::thread thread_;
+};
+
+}  // namespace sy::scheduler
