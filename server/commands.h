@@ -6,5 +6,9 @@ namespace sy::server {
 
 int MakeModelCommand(int argc, char** argv);  // model/ synthetic checkpoint writer
 int RunCommand(int argc, char** argv);        // offline generation
+int ServeCommand(int argc, char** argv);      // the gRPC daemon (server/daemon.h)
+int GenerateCommand(int argc, char** argv);   // gRPC client: stream one answer
+int LoadgenCommand(int argc, char** argv);    // gRPC load generator (server/loadgen.h)
+
 
 }  // namespace sy::server

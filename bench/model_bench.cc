@@ -1,0 +1,227 @@
+// Engine benchmark (issue 2 / issue 6): the `bench` preset (Mixtral-shaped, ~0.64 B parameters)
+// on this machine: prefill tokens/s at 128 and 512 tokens, and decode tokens/s at batch 1, 4,
+// 16 and 32 after 128-token prompts, beside llama.cpp's figures on the same shapes and the
+// batch-1 memory roofline from the bandwidth measured in the same run.
+//
+//   model_bench [--model DIR] [--dtype bf16|f32] [--threads 2] [--backend auto]
+//               [--reps 3] [--decode-steps 16] [--only prefill|decode]
+//
+// Without --model it writes the bench checkpoint once to $SWITCHYARD_CACHE/bench-mixtral-<dtype>
+// (default ~/.cache/switchyard). Checks: logits are finite, and at every batch size the logits
+// of sequence 0 (teacher-forced with the same tokens) match the batch-1 run.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+
+#include "bench/bench_util.h"
+#include "kernels/core/thread_pool.h"
+#include "model/moe_model.h"
+#include "model/synthetic.h"
+#include "server/flags.h"
+
+namespace sy::bench {
+namespace {
+
+std::vector<int32_t> Tokens(int64_t n, int64_t vocab, int64_t salt) {
+  std::vector<int32_t> t(n);
+  uint64_t x = 0x9E3779B97F4A7C15ull * (salt + 1);
+  for (int64_t i = 0; i < n; ++i) {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    t[i] = static_cast<int32_t>(3 + x % (vocab - 3));
+  }
+  t[0] = 1;
+  return t;
+}
+
+bool AllFinite(const std::vector<float>& v) {
+  for (float f : v)
+    if (!std::isfinite(f)) return false;
+  return true;
+}
+
+struct Failure {
+  std::string what;
+};
+
+// Prefill of `len` tokens in one step; returns seconds.
+double TimePrefill(model::MoeModel& m, int64_t len, std::vector<Failure>* fails) {
+  const int64_t bs = 16, nb = (len + bs - 1) / bs;
+  model::KvCache cache(m.config(), nb, bs);
+  std::vector<int32_t> blocks(nb);
+  for (int64_t i = 0; i < nb; ++i) blocks[i] = static_cast<int32_t>(i);
+  auto toks = Tokens(len, m.config().vocab_size, len);
+  model::SequenceInput in;
+  in.tokens = toks;
+  in.block_table = blocks;
+  std::vector<float> logits;
+  const double t0 = Seconds();
+  auto s = m.Forward(std::span<const model::SequenceInput>(&in, 1), cache, &logits);
+  const double dt = Seconds() - t0;
+  if (!s.ok() || !AllFinite(logits)) fails->push_back({"prefill " + std::to_string(len) + ": " + s.ToString()});
+  return dt;
+}
+
+// `batch` sequences with 128-token prompts, then `steps` decode steps with fixed
+// (teacher-forced) tokens. Returns decode seconds; fills `seq0_logits` with sequence 0's
+// logits of the last step.
+double TimeDecode(model::MoeModel& m, int64_t batch, int64_t steps, std::vector<float>* seq0_logits,
+                  std::vector<Failure>* fails) {
+  const auto& c = m.config();
+  const int64_t prompt = 128, bs = 16, per_seq = (prompt + steps + 1 + bs - 1) / bs;
+  model::KvCache cache(c, per_seq * batch, bs);
+  std::vector<std::vector<int32_t>> tables(batch), prompts(batch), feeds(batch);
+  for (int64_t s = 0; s < batch; ++s) {
+    for (int64_t b = 0; b < per_seq; ++b) tables[s].push_back(static_cast<int32_t>(s * per_seq + b));
+    prompts[s] = Tokens(prompt, c.vocab_size, 1000 + s);
+    feeds[s] = Tokens(steps + 1, c.vocab_size, 5000 + s);
+  }
+  std::vector<float> logits;
+  // Prefill, a few sequences at a time (untimed).
+  for (int64_t s0 = 0; s0 < batch; s0 += 8) {
+    std::vector<model::SequenceInput> in;
+    for (int64_t s = s0; s < std::min(batch, s0 + 8); ++s) {
+      model::SequenceInput x;
+      x.tokens = prompts[s];
+      x.block_table = tables[s];
+      in.push_back(x);
+    }
+    auto st = m.Forward(in, cache, &logits);
+    if (!st.ok()) fails->push_back({"decode prefill: " + st.ToString()});
+  }
+  auto step = [&](int64_t i) {
+    std::vector<model::SequenceInput> in(batch);
+    for (int64_t s = 0; s < batch; ++s) {
+      in[s].tokens = std::span<const int32_t>(&feeds[s][i], 1);
+      in[s].start_pos = prompt + i;
+      in[s].block_table = tables[s];
+    }
+    auto st = m.Forward(in, cache, &logits);
+    if (!st.ok()) fails->push_back({"decode step: " + st.ToString()});
+  };
+  step(0);  // warm-up
+  const double t0 = Seconds();
+  for (int64_t i = 1; i <= steps; ++i) step(i);
+  const double dt = Seconds() - t0;
+  if (!AllFinite(logits)) fails->push_back({"decode batch " + std::to_string(batch) + ": non-finite logits"});
+  seq0_logits->assign(logits.begin(), logits.begin() + c.vocab_size);
+  return dt;
+}
+
+int Main(int argc, char** argv) {
+  std::string model_dir, dtype = "bf16", backend = "auto", only;
+  int64_t threads = 2, reps = 3, steps = 16;
+  server::FlagSet flags("model_bench", "Engine benchmark on the bench preset.");
+  flags.Add("model", &model_dir, "checkpoint folder (default: write the bench preset to the cache)");
+  flags.Add("dtype", &dtype, "dtype of the generated checkpoint: bf16 | f32");
+  flags.Add("backend", &backend, "kernel backend");
+  flags.Add("threads", &threads, "threads");
+  flags.Add("reps", &reps, "repetitions per figure (median reported)");
+  flags.Add("decode-steps", &steps, "timed decode steps per repetition");
+  flags.Add("only", &only, "prefill | decode (default: both)");
+  auto st = flags.Parse(argc, argv);
+  if (!st.ok()) {
+    std::cerr << st.message() << "\n";
+    return absl::IsCancelled(st) ? 0 : 2;
+  }
+  ThreadPool::SetDefaultThreads(static_cast<int>(threads));
+  if (model_dir.empty()) {
+    const char* cache = std::getenv("SWITCHYARD_CACHE");
+    const char* home = std::getenv("HOME");
+    std::string base = cache && *cache ? cache : std::string(home ? home : "/tmp") + "/.cache/switchyard";
+    model_dir = base + "/bench-mixtral-" + dtype;
+    if (!std::ifstream(model_dir + "/.complete").good()) {
+      std::fprintf(stderr, "writing the bench checkpoint to %s ...\n", model_dir.c_str());
+      model::SyntheticOptions o;
+      o.preset = "bench";
+      o.out_dir = model_dir;
+      auto d = ParseDType(dtype);
+      if (!d.ok()) {
+        std::cerr << d.status() << "\n";
+        return 2;
+      }
+      o.dtype = *d;
+      auto w = model::WriteSyntheticCheckpoint(o);
+      if (!w.ok()) {
+        std::cerr << w << "\n";
+        return 1;
+      }
+      std::ofstream(model_dir + "/.complete") << "ok\n";
+    }
+  }
+  model::LoadOptions lo;
+  lo.backend = backend;
+  auto loaded = model::MoeModel::Load(model_dir, lo);
+  if (!loaded.ok()) {
+    std::cerr << loaded.status() << "\n";
+    return 1;
+  }
+  model::MoeModel& m = **loaded;
+  const double bw = MeasureReadBandwidth();
+  const double bytes_per_token = static_cast<double>(m.DecodeBytesPerToken());
+  const double roofline = bw * 1e9 / bytes_per_token;
+  auto llama = LlamaCppFigures(std::string(SY_SHARED_DIR) + "/reference/llamacpp-bench.md", dtype);
+
+  std::printf("model: %s (%.3f B parameters, %s), backend %s, %lld threads\n", model_dir.c_str(),
+              m.NumParameters() / 1e9, dtype.c_str(), backend.c_str(), static_cast<long long>(threads));
+  std::printf("memory read bandwidth (same run, %lld threads): %.1f GB/s; batch-1 decode reads %.0f MB "
+              "of weights per token -> roofline %.1f tokens/s\n\n",
+              static_cast<long long>(threads), bw, bytes_per_token / 1e6, roofline);
+  std::printf("| test | ours (tokens/s) | llama.cpp (tokens/s) | ours / llama.cpp | note |\n");
+  std::printf("|---|---|---|---|---|\n");
+  std::vector<Failure> fails;
+  auto row = [&](const std::string& name, double ours, const std::string& key, const std::string& note) {
+    double ref = llama.count(key) ? llama[key] : 0;
+    std::printf("| %s | %.1f | %s | %s | %s |\n", name.c_str(), ours, ref > 0 ? std::to_string(static_cast<int>(ref)).c_str() : "-",
+                ref > 0 ? (std::to_string(ours / ref).substr(0, 4) + "x").c_str() : "-", note.c_str());
+    std::fflush(stdout);
+  };
+  if (only.empty() || only == "prefill") {
+    for (int64_t len : {128, 512}) {
+      std::vector<double> t;
+      TimePrefill(m, len, &fails);  // warm-up
+      for (int64_t r = 0; r < reps; ++r) t.push_back(TimePrefill(m, len, &fails));
+      row("prefill " + std::to_string(len), len / Median(t), "pp" + std::to_string(len), "");
+    }
+  }
+  if (only.empty() || only == "decode") {
+    std::vector<float> base_logits;
+    for (int64_t b : {1, 4, 16, 32}) {
+      std::vector<double> t;
+      std::vector<float> seq0;
+      for (int64_t r = 0; r < reps; ++r) t.push_back(TimeDecode(m, b, steps, &seq0, &fails));
+      std::string note;
+      if (b == 1) {
+        base_logits = seq0;
+        char buf[64];
+        std::snprintf(buf, sizeof(buf), "%.0f %% of roofline", 100.0 * steps / Median(t) / roofline);
+        note = buf;
+      } else {
+        double mx = 0, lo = 1e30, hi = -1e30;
+        for (size_t i = 0; i < seq0.size(); ++i) {
+          mx = std::max(mx, std::fabs(static_cast<double>(seq0[i]) - base_logits[i]));
+          lo = std::min<double>(lo, base_logits[i]);
+          hi = std::max<double>(hi, base_logits[i]);
+        }
+        if (mx > 1e-2 * (hi - lo))
+          fails.push_back({"batch " + std::to_string(b) + ": sequence 0 logits differ from batch 1 by " + std::to_string(mx)});
+      }
+      row("decode batch " + std::to_string(b), b * steps / Median(t), b == 1 ? "tg1" : "b" + std::to_string(b), note);
+    }
+    if (llama.count("b1")) std::printf("(llama.cpp batched-bench at 1 sequence: %.0f tokens/s)\n", llama["b1"]);
+  }
+  if (!fails.empty()) {
+    for (const auto& f : fails) std::fprintf(stderr, "CHECK FAILED: %s\n", f.what.c_str());
+    return 1;
+  }
+  std::printf("\nchecks passed: finite logits; batched decode matches batch 1 on sequence 0\n");
+  return 0;
+}
+
+}  // namespace
+}  // namespace sy::bench
+
+int main(int argc, char** argv) { return sy::bench::Main(argc, argv); }
