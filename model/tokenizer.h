@@ -29,12 +29,20 @@ class Tokenizer {
   virtual ~Tokenizer() = default;
 
   virtual std::vector<int32_t> Encode(const std::string& text, bool add_bos) const = 0;
+  // Text of `ids`; invalid UTF-8 (e.g. a lone byte token) comes out as U+FFFD.
   virtual std::string Decode(std::span<const int32_t> ids, bool skip_special = true) const = 0;
+  // The raw bytes behind Decode, which may end inside (or contain) invalid UTF-8.
+  // `at_start`: the ids begin the text, so a decoder that strips the leading space
+  // SentencePiece adds does so; StreamDecoder passes false for a window past the start.
+  virtual std::string DecodeBytes(std::span<const int32_t> ids, bool skip_special,
+                                  bool at_start) const = 0;
   virtual int64_t vocab_size() const = 0;
   virtual std::optional<int32_t> bos_id() const = 0;
   virtual std::optional<int32_t> eos_id() const = 0;
 
-  // Incremental detokenization for streaming.
+  // Incremental detokenization for streaming. The concatenation of everything Add and Flush
+  // return equals Decode(all ids) (skip_special = true). Each Add decodes only a window of
+  // recent ids (vLLM / TGI "prefix offset / read offset"): O(new tokens) amortised.
   class StreamDecoder {
    public:
     explicit StreamDecoder(const Tokenizer* tok) : tok_(tok) {}
@@ -46,7 +54,10 @@ class Tokenizer {
    private:
     const Tokenizer* tok_;
     std::vector<int32_t> ids_;
-    size_t emitted_bytes_ = 0;
+    size_t emitted_bytes_ = 0;   // bytes of DecodeBytes(ids_[0:read_offset_]) sent so far
+    size_t prefix_offset_ = 0;   // window start: ids_[prefix_offset_:read_offset_] is context
+    size_t read_offset_ = 0;     // ids_[read_offset_:] are not yet emitted
+    size_t bytes_before_prefix_ = 0;  // bytes of DecodeBytes(ids_[0:prefix_offset_])
   };
 };
 

@@ -16,6 +16,9 @@ struct Command {
 const Command kCommands[] = {
     {"make-model", sy::server::MakeModelCommand, "write a synthetic Hugging Face MoE checkpoint"},
     {"run", sy::server::RunCommand, "generate offline from a checkpoint (no server)"},
+    {"serve", sy::server::ServeCommand, "serve a model over gRPC with metrics (the daemon)"},
+    {"generate", sy::server::GenerateCommand, "stream one answer from a running server"},
+    {"loadgen", sy::server::LoadgenCommand, "load a running server; report throughput and latency"},
 };
 
 void PrintUsage() {
