@@ -1,0 +1,174 @@
+// `switchyard serve`: the daemon. Listens at once (health NOT_SERVING), loads the model with a
+// progress line, serves until SIGTERM or SIGINT, then drains (DESIGN.md §2, server/README.md).
+#include <errno.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <mutex>
+#include <thread>
+
+#include "kernels/core/logging.h"
+#include "server/commands.h"
+#include "server/daemon.h"
+#include "server/flags.h"
+
+namespace sy::server {
+namespace {
+
+int g_signal_pipe[2] = {-1, -1};
+
+extern "C" void OnSignal(int sig) {
+  const unsigned char b = static_cast<unsigned char>(sig);
+  if (write(g_signal_pipe[1], &b, 1) < 0) {
+  }
+}
+
+// Prints "loading model ... 3.5 s" on one refreshed line (a plain line when stderr is not a
+// terminal) until stopped.
+class ProgressLine {
+ public:
+  void Start(const std::string& what) {
+    Stop();
+    what_ = what;
+    start_ = std::chrono::steady_clock::now();
+    tty_ = isatty(fileno(stderr));
+    if (!tty_) {
+      std::fprintf(stderr, "%s ...\n", what.c_str());
+      return;
+    }
+    running_ = true;
+    thread_ = std::thread([this] {
+      std::unique_lock<std::mutex> lock(mu_);
+      while (running_) {
+        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+        std::fprintf(stderr, "\r%s ... %.1f s ", what_.c_str(), s);
+        std::fflush(stderr);
+        cv_.wait_for(lock, std::chrono::milliseconds(250), [&] { return !running_; });
+      }
+      std::fprintf(stderr, "\n");
+    });
+  }
+  void Stop() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      running_ = false;
+      cv_.notify_all();
+    }
+    if (thread_.joinable()) thread_.join();
+  }
+  ~ProgressLine() { Stop(); }
+
+ private:
+  std::string what_;
+  std::chrono::steady_clock::time_point start_;
+  bool tty_ = false;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool running_ = false;
+  std::thread thread_;
+};
+
+}  // namespace
+
+int ServeCommand(int argc, char** argv) {
+  ServeOptions o;
+  FlagSet flags("serve",
+                "Serve a MoE model over gRPC (switchyard.v1.Inference, grpc.health.v1.Health,\n"
+                "reflection) with Prometheus metrics at http://HOST:METRICS_PORT/metrics.\n"
+                "SIGTERM or SIGINT drains: running requests finish, new ones get UNAVAILABLE.");
+  flags.Add("model", &o.model,
+            "checkpoint folder (Hugging Face layout); empty or 'demo': the built-in demo model, "
+            "written once to the cache folder");
+  flags.Add("host", &o.host, "address to listen on (gRPC and metrics)");
+  flags.Add("port", &o.port, "gRPC port; 0 lets the OS pick (printed on stdout)");
+  flags.Add("metrics-port", &o.metrics_port, "Prometheus /metrics port; 0: OS picks; -1: off");
+  flags.Add("backend", &o.backend, "compute backend (auto, reference, cpu, cuda)");
+  flags.Add("threads", &o.threads, "compute threads; 0: SWITCHYARD_THREADS or every core");
+  flags.Add("kv-cache-bytes", &o.kv_cache_bytes, "bytes of paged KV cache (sets the block count)");
+  flags.Add("block-size", &o.block_size, "token positions per KV cache block");
+  flags.Add("max-num-seqs", &o.max_num_seqs, "most sequences in one engine step");
+  flags.Add("max-num-batched-tokens", &o.max_num_batched_tokens,
+            "most tokens in one engine step (decode tokens plus prefill chunks)");
+  flags.Add("max-queue", &o.max_queue,
+            "most requests waiting to run; more get RESOURCE_EXHAUSTED");
+  flags.Add("default-max-new-tokens", &o.default_max_new_tokens,
+            "max_new_tokens of a request that does not set it (capped by the context)");
+  flags.Add("max-message-bytes", &o.max_message_bytes,
+            "largest request message; larger gets RESOURCE_EXHAUSTED");
+  flags.Add("drain-timeout", &o.drain_timeout_s,
+            "seconds a drain waits for running requests before aborting them");
+  absl::Status s = flags.Parse(argc, argv);
+  if (s.code() == absl::StatusCode::kCancelled) {  // --help
+    std::printf("%s", std::string(s.message()).c_str());
+    return 0;
+  }
+  if (!s.ok()) {
+    std::fprintf(stderr, "serve: %s\n", std::string(s.message()).c_str());
+    return 2;
+  }
+
+  // SIGTERM / SIGINT write to a pipe; one waiting thread reads it and drains. (A handler, not
+  // sigwait: libraries may start threads before main that would take the default action.)
+  if (pipe(g_signal_pipe) != 0) {
+    std::perror("serve: pipe");
+    return 1;
+  }
+  struct sigaction sa {};
+  sa.sa_handler = OnSignal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
+
+  auto daemon = Daemon::Start(o);
+  if (!daemon.ok()) {
+    std::fprintf(stderr, "serve: %s\n", daemon.status().ToString().c_str());
+    return 1;
+  }
+  Daemon* d = daemon->get();
+  std::printf("listening on %s:%d\n", o.host.c_str(), d->port());
+  if (d->metrics_port() >= 0)
+    std::printf("metrics on http://%s:%d/metrics\n", o.host.c_str(), d->metrics_port());
+  std::fflush(stdout);
+
+  std::atomic<int> signal_seen{0};
+  std::thread waiter([&] {
+    unsigned char sig = 0;
+    while (read(g_signal_pipe[0], &sig, 1) < 0 && errno == EINTR) {
+    }
+    signal_seen = sig == 0 ? -1 : sig;
+    if (sig != 0)
+      std::fprintf(stderr, "serve: signal %d: draining (health NOT_SERVING, running requests finish)\n", sig);
+    d->Drain();
+  });
+
+  ProgressLine line;
+  absl::Status loaded = d->Load([&](const std::string& msg) {
+    if (msg.rfind("loaded ", 0) == 0) {
+      line.Stop();
+      std::fprintf(stderr, "%s\n", msg.c_str());
+    } else {
+      line.Start(msg);
+    }
+  });
+  line.Stop();
+  if (!loaded.ok() && signal_seen.load() == 0) {
+    std::fprintf(stderr, "serve: %s\n", loaded.ToString().c_str());
+    const unsigned char stop = 0;
+    if (write(g_signal_pipe[1], &stop, 1) != 1) std::perror("serve: write");
+    waiter.join();
+    return 1;
+  }
+  if (loaded.ok()) {
+    std::printf("serving on %s:%d\n", o.host.c_str(), d->port());
+    std::fflush(stdout);
+  }
+  waiter.join();
+  std::fprintf(stderr, "serve: drained, bye\n");
+  return 0;
+}
+
+}  // namespace sy::server

@@ -1,0 +1,272 @@
+#include "server/inference_service.h"
+
+#include <deque>
+#include <memory>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/core/logging.h"
+#include "server/grpc_status.h"
+
+namespace sy::server {
+namespace v1 = ::switchyard::v1;
+namespace {
+
+v1::FinishReason ToProto(scheduler::FinishReason r) {
+  switch (r) {
+    case scheduler::FinishReason::kStop: return v1::FINISH_REASON_STOP;
+    case scheduler::FinishReason::kLength: return v1::FINISH_REASON_LENGTH;
+    case scheduler::FinishReason::kAbort: return v1::FINISH_REASON_ABORT;
+    case scheduler::FinishReason::kNone: break;
+  }
+  return v1::FINISH_REASON_UNSPECIFIED;
+}
+
+// One Generate call: the engine's sink and the gRPC write reactor. Owned by shared_ptrs held
+// by itself (until OnDone) and by the engine (until OnFinish returns), so neither side can
+// see it destroyed. Writes: a queue and one write in flight; after Finish nothing is written.
+class GenerateStream final : public grpc::ServerWriteReactor<v1::GenerateResponse>,
+                             public scheduler::RequestSink {
+ public:
+  GenerateStream(bool stream, ServerMetrics* metrics) : stream_(stream), metrics_(metrics) {}
+
+  void Bind(std::shared_ptr<GenerateStream> self) { self_ = std::move(self); }
+
+  // Ends the call before it reached the engine (bad input, queue full, not serving).
+  void FailNow(const absl::Status& status) {
+    if (metrics_ != nullptr) metrics_->RequestFailed(status.code());
+    Enqueue(nullptr, ToGrpcStatus(status));
+  }
+
+  // RequestSink (engine thread).
+  void OnTokens(std::span<const int32_t> ids, const std::string& text) override {
+    if (!stream_) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    if (finish_called_ || finish_pending_) return;
+    // A client that reads slower than we generate gets its chunks merged.
+    if (!queue_.empty() && queue_.back().has_chunk()) {
+      v1::GenerateChunk* c = queue_.back().mutable_chunk();
+      c->mutable_token_ids()->Add(ids.begin(), ids.end());
+      c->mutable_text()->append(text);
+    } else {
+      v1::GenerateResponse r;
+      r.mutable_chunk()->mutable_token_ids()->Add(ids.begin(), ids.end());
+      r.mutable_chunk()->set_text(text);
+      queue_.push_back(std::move(r));
+    }
+    PumpLocked();
+  }
+
+  void OnFinish(const scheduler::Completion& c) override {
+    if (!c.status.ok() && metrics_ != nullptr) metrics_->RequestFailed(c.status.code());
+    auto r = std::make_unique<v1::GenerateResponse>();
+    v1::GenerateCompletion* out = r->mutable_completion();
+    out->set_request_id(c.request_id);
+    out->mutable_token_ids()->Add(c.output_ids.begin(), c.output_ids.end());
+    out->set_text(c.text);
+    out->set_finish_reason(ToProto(c.finish_reason));
+    out->set_prompt_tokens(static_cast<int32_t>(c.prompt_tokens));
+    out->set_completion_tokens(static_cast<int32_t>(c.output_ids.size()));
+    // An aborted request still gets its completion (finish reason abort) before the error
+    // status, so a client sees what was generated.
+    Enqueue(std::move(r), ToGrpcStatus(c.status));
+  }
+
+  bool IsCancelled() const override { return cancelled_.load(); }
+
+  // Reactor (gRPC threads).
+  void OnWriteDone(bool ok) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    write_in_flight_ = false;
+    if (!ok) {  // the stream broke: the client is gone
+      cancelled_ = true;
+      queue_.clear();
+      if (!finish_pending_) {
+        finish_pending_ = true;
+        final_ = grpc::Status(grpc::StatusCode::CANCELLED, "write failed");
+      }
+    }
+    PumpLocked();
+  }
+  void OnCancel() override {
+    cancelled_ = true;
+    std::lock_guard<std::mutex> lock(mu_);
+    queue_.clear();
+    if (!finish_pending_) {
+      finish_pending_ = true;
+      final_ = grpc::Status(grpc::StatusCode::CANCELLED, "cancelled");
+    }
+    PumpLocked();
+  }
+  void OnDone() override {
+    cancelled_ = true;
+    std::shared_ptr<GenerateStream> keep = std::move(self_);  // may free us on return
+  }
+
+ private:
+  void Enqueue(std::unique_ptr<v1::GenerateResponse> last, grpc::Status status) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (finish_pending_) return;
+    if (last) queue_.push_back(std::move(*last));
+    finish_pending_ = true;
+    final_ = std::move(status);
+    PumpLocked();
+  }
+
+  // Starts the next write, or Finish once the queue is empty and the end is known.
+  // gRPC runs reactions on its own threads, never inside StartWrite/Finish, so holding mu_
+  // here cannot deadlock.
+  void PumpLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (write_in_flight_ || finish_called_) return;
+    if (!queue_.empty()) {
+      current_ = std::move(queue_.front());
+      queue_.pop_front();
+      write_in_flight_ = true;
+      StartWrite(&current_);
+    } else if (finish_pending_) {
+      finish_called_ = true;
+      Finish(final_);
+    }
+  }
+
+  const bool stream_;
+  ServerMetrics* metrics_;
+  std::atomic<bool> cancelled_{false};
+  std::shared_ptr<GenerateStream> self_;
+  std::mutex mu_;
+  std::deque<v1::GenerateResponse> queue_ ABSL_GUARDED_BY(mu_);
+  v1::GenerateResponse current_ ABSL_GUARDED_BY(mu_);
+  bool write_in_flight_ ABSL_GUARDED_BY(mu_) = false;
+  bool finish_pending_ ABSL_GUARDED_BY(mu_) = false;
+  bool finish_called_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status final_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace
+
+InferenceService::InferenceService(const InferenceServiceOptions& options,
+                                   ServerMetrics* metrics)
+    : options_(options), metrics_(metrics) {}
+
+void InferenceService::SetReady(scheduler::Engine* engine, const model::Tokenizer* tokenizer,
+                                const v1::ModelInfo& info) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    model_info_ = info;
+  }
+  tokenizer_.store(tokenizer);
+  engine_.store(engine);
+}
+
+void InferenceService::SetDraining() { draining_ = true; }
+
+absl::Status InferenceService::ToRequest(const v1::GenerateRequest& in,
+                                         scheduler::Engine* engine,
+                                         scheduler::Request* out) const {
+  switch (in.input_case()) {
+    case v1::GenerateRequest::kText: {
+      if (in.text().empty()) return absl::InvalidArgumentError("text: empty prompt");
+      const model::Tokenizer* tok = tokenizer_.load();
+      if (tok == nullptr)
+        return absl::InvalidArgumentError(
+            "text: this model has no tokenizer.json; send token_ids instead");
+      out->prompt = tok->Encode(in.text(), tok->bos_id().has_value());
+      if (out->prompt.empty()) return absl::InvalidArgumentError("text: no tokens");
+      break;
+    }
+    case v1::GenerateRequest::kTokenIds:
+      if (in.token_ids().ids_size() == 0)
+        return absl::InvalidArgumentError("token_ids: empty prompt");
+      out->prompt.assign(in.token_ids().ids().begin(), in.token_ids().ids().end());
+      break;
+    default:
+      return absl::InvalidArgumentError("input: set either text or token_ids");
+  }
+  const v1::SamplingParams& s = in.sampling();
+  scheduler::GenerationParams& p = out->params;
+  p.sampling.temperature = s.temperature();
+  p.sampling.top_p = s.has_top_p() ? s.top_p() : 1.f;
+  p.sampling.top_k = s.top_k();
+  p.sampling.seed = s.seed();
+  const int64_t room = engine->limits().context_length - static_cast<int64_t>(out->prompt.size());
+  p.max_new_tokens = s.has_max_new_tokens()
+                         ? s.max_new_tokens()
+                         : std::max<int64_t>(1, std::min(options_.default_max_new_tokens, room));
+  p.stop_token_ids.assign(s.stop_token_ids().begin(), s.stop_token_ids().end());
+  p.stop_strings.assign(s.stop().begin(), s.stop().end());
+  p.ignore_eos = s.ignore_eos();
+  out->id = in.request_id().empty() ? absl::StrCat("req-", next_request_id_.fetch_add(1) + 0)
+                                    : in.request_id();
+  return absl::OkStatus();
+}
+
+grpc::ServerWriteReactor<v1::GenerateResponse>* InferenceService::Generate(
+    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+  auto stream = std::make_shared<GenerateStream>(!request->has_stream() || request->stream(),
+                                                 metrics_);
+  stream->Bind(stream);
+  scheduler::Engine* engine = engine_.load();
+  if (engine == nullptr || draining_.load()) {
+    stream->FailNow(absl::UnavailableError(engine == nullptr
+                                               ? "the model is still loading; retry shortly"
+                                               : "the server is draining; retry elsewhere"));
+    return stream.get();
+  }
+  scheduler::Request r;
+  absl::Status s = ToRequest(*request, engine, &r);
+  if (s.ok()) {
+    const auto deadline = context->deadline();
+    if (deadline != std::chrono::system_clock::time_point::max()) {
+      const auto left = deadline - std::chrono::system_clock::now();
+      r.deadline = scheduler::Clock::now() +
+                   std::chrono::duration_cast<scheduler::Clock::duration>(left);
+    }
+    r.sink = stream;
+    s = engine->Submit(std::move(r));
+  }
+  if (!s.ok()) stream->FailNow(s);
+  return stream.get();
+}
+
+grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerContext* context,
+                                                         const v1::GetModelInfoRequest*,
+                                                         v1::ModelInfo* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (engine_.load() == nullptr) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is still loading"));
+    return reactor;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    *response = model_info_;
+  }
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* InferenceService::GetServerInfo(grpc::CallbackServerContext* context,
+                                                          const v1::GetServerInfoRequest*,
+                                                          v1::ServerInfo* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  response->set_version("switchyard 0.1");
+  response->set_uptime_seconds(
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count());
+  response->set_num_ranks(options_.num_ranks);
+  response->set_placement_epoch(0);
+  response->set_serving(serving());
+  if (const scheduler::Engine* e = engine_.load()) {
+    const scheduler::EngineStats st = e->stats();
+    response->set_requests_running(st.running);
+    response->set_requests_waiting(st.waiting);
+    response->set_max_queue(e->options().max_queue);
+    response->set_kv_block_size(e->options().block_size);
+    response->set_kv_blocks_total(st.kv_blocks_total);
+    response->set_kv_blocks_free(st.kv_blocks_free);
+    response->set_max_num_seqs(e->options().scheduler.max_num_seqs);
+    response->set_max_num_batched_tokens(e->options().scheduler.max_num_batched_tokens);
+    response->set_requests_total(st.requests_total);
+  }
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+}  // namespace sy::server
