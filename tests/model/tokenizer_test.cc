@@ -83,12 +83,21 @@ std::unique_ptr<Tokenizer> MustLoad(const std::string& json) {
   return tok.ok() ? std::move(*tok) : nullptr;
 }
 
-std::string TempDir(const std::string& name) {
-  std::string dir = ::testing::TempDir() + "/sy_tokenizer_test_" + name + "_" +
-                    std::to_string(::getpid());
-  std::filesystem::create_directories(dir);
-  return dir;
-}
+// A fresh directory under the test temp dir, removed when the test ends.
+class ScopedDir {
+ public:
+  explicit ScopedDir(const std::string& name)
+      : path_(::testing::TempDir() + "/sy_tokenizer_test_" + name + "_" +
+              std::to_string(::getpid())) {
+    std::filesystem::remove_all(path_);
+    std::filesystem::create_directories(path_);
+  }
+  ~ScopedDir() { std::filesystem::remove_all(path_); }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
 
 void WriteText(const std::string& path, const std::string& text) {
   std::ofstream(path, std::ios::binary) << text;
@@ -241,7 +250,8 @@ TEST(TokenizerSentencePiece, MetaspacePreTokenizerAndDecoder) {
 }
 
 TEST(TokenizerSentencePiece, ReadsBosAndEosFromTokenizerConfig) {
-  const std::string dir = TempDir("config");
+  ScopedDir scoped("config");
+  const std::string& dir = scoped.path();
   WriteText(dir + "/tokenizer.json", kSentencePieceJson);
   WriteText(dir + "/tokenizer_config.json",
             R"({"bos_token": null, "eos_token": {"content": "<unk>", "special": true}})");
@@ -289,7 +299,8 @@ TEST(TokenizerStream, LeadingSpaceIsStrippedOnlyOnceEvenAfterSkippedSpecials) {
 // ---- errors ------------------------------------------------------------------------------------
 
 TEST(TokenizerErrors, UnsupportedModelTypeNamesFileAndType) {
-  const std::string dir = TempDir("errors");
+  ScopedDir scoped("errors");
+  const std::string& dir = scoped.path();
   const std::string path = dir + "/tokenizer.json";
   WriteText(path, R"({"model": {"type": "WordPiece", "vocab": {"a": 0}}})");
   auto tok = Tokenizer::FromFile(path);
@@ -305,7 +316,8 @@ TEST(TokenizerErrors, UnsupportedModelTypeNamesFileAndType) {
 }
 
 TEST(TokenizerErrors, MalformedJsonNamesTheFile) {
-  const std::string dir = TempDir("malformed");
+  ScopedDir scoped("malformed");
+  const std::string& dir = scoped.path();
   const std::string path = dir + "/tokenizer.json";
   WriteText(path, R"({"model": {"type": "BPE", "vocab": {)");
   auto tok = Tokenizer::FromFile(path);
@@ -349,8 +361,9 @@ class TokenizerSyntheticRoundTrip
 
 TEST_P(TokenizerSyntheticRoundTrip, HasExactSizeAndRoundTripsMixedText) {
   const auto [vocab, style] = GetParam();
-  const std::string dir = TempDir(
+  ScopedDir scoped(
       "synth_" + std::to_string(vocab) + (style == TokenizerStyle::kByteLevelBpe ? "_bl" : "_sp"));
+  const std::string& dir = scoped.path();
   const auto t0 = std::chrono::steady_clock::now();
   ASSERT_TRUE(WriteSyntheticTokenizer(dir, vocab, style).ok());
   const double write_s =
@@ -379,6 +392,20 @@ TEST_P(TokenizerSyntheticRoundTrip, HasExactSizeAndRoundTripsMixedText) {
     EXPECT_EQ(tok.Decode(ids), s);
     EXPECT_EQ(StreamAll(tok, ids), s);
   }
+  // A long text (one SentencePiece segment of ~0.5 MB: the heap-based merge must scale).
+  std::string long_text;
+  while (long_text.size() < (512 << 10)) {
+    for (const std::string& s : MixedTexts()) long_text += s;
+  }
+  const auto t1 = std::chrono::steady_clock::now();
+  const std::vector<int32_t> long_ids = tok.Encode(long_text, false);
+  const double encode_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
+  std::cout << "Encode: " << long_text.size() / encode_s / 1e6 << " MB/s, "
+            << static_cast<double>(long_text.size()) / long_ids.size() << " bytes/token\n";
+  EXPECT_EQ(tok.Decode(long_ids), long_text);
+  EXPECT_EQ(StreamAll(tok, long_ids), long_text);
+
   // Merges learnt from English text make English text shorter than its bytes.
   const std::string english = MixedTexts()[0];
   EXPECT_LT(tok.Encode(english, false).size(), english.size() * 6 / 10);
@@ -391,7 +418,8 @@ INSTANTIATE_TEST_SUITE_P(
                                          TokenizerStyle::kSentencePieceBpe)));
 
 TEST(TokenizerSynthetic, RejectsAVocabTooSmallForTheByteTokens) {
-  const std::string dir = TempDir("small");
+  ScopedDir scoped("small");
+  const std::string& dir = scoped.path();
   EXPECT_EQ(WriteSyntheticTokenizer(dir, 100, TokenizerStyle::kByteLevelBpe).code(),
             absl::StatusCode::kInvalidArgument);
 }
@@ -417,7 +445,8 @@ std::vector<int32_t> NaiveBpe(std::vector<int32_t> syms,
 }
 
 TEST(TokenizerSynthetic, SentencePieceEncodeMatchesANaiveBpeReference) {
-  const std::string dir = TempDir("naive");
+  ScopedDir scoped("naive");
+  const std::string& dir = scoped.path();
   ASSERT_TRUE(WriteSyntheticTokenizer(dir, 2000, TokenizerStyle::kSentencePieceBpe).ok());
   auto loaded = Tokenizer::FromFile(dir + "/tokenizer.json");
   ASSERT_TRUE(loaded.ok()) << loaded.status();
