@@ -11,4 +11,6 @@ int GenerateCommand(int argc, char** argv);   // gRPC client: stream one answer
 int LoadgenCommand(int argc, char** argv);    // gRPC load generator (server/loadgen.h)
 
 
+int PlanCommand(int argc, char** argv);       // expert placement planners (parallel/planner)
+
 }  // namespace sy::server

@@ -19,6 +19,7 @@ const Command kCommands[] = {
     {"serve", sy::server::ServeCommand, "serve a model over gRPC with metrics (the daemon)"},
     {"generate", sy::server::GenerateCommand, "stream one answer from a running server"},
     {"loadgen", sy::server::LoadgenCommand, "load a running server; report throughput and latency"},
+    {"plan", sy::server::PlanCommand, "plan expert placement from a routing trace and score it"},
 };
 
 void PrintUsage() {

@@ -1,0 +1,335 @@
+// The `ilp` planner: one mixed-integer program per layer (DESIGN.md §4), solved by CBC over
+// CLP, warm-started from greedy (DeepSeek EPLB), bounded by a wall-clock limit.
+//
+// Variables, per layer (R ranks, S slots per rank, E experts, P credited pairs):
+//   x[e,r] in {0,1}   rank r holds a replica of expert e
+//   a[e,r] >= 0       expert e's tokens served on r (assignments per token)
+//   M                 the straggler rank's load
+//   y[p,r] in [0,1]   pair p = (e,f) is co-located on r (credited)
+// Constraints:
+//   sum_e x[e,r] <= S                 slots
+//   sum_r x[e,r] >= 1                 every expert placed
+//   a[e,r] <= load[e] x[e,r]          tokens only where a replica is
+//   sum_r a[e,r] = load[e]            all tokens served
+//   sum_e a[e,r] <= M                 M is the straggler load
+//   y[p,r] <= x[e,r], y[p,r] <= x[f,r], sum_r y[p,r] <= 1
+//   sum_{p owns e} y[p,r] <= (S-1) x[e,r]   e has at most S-1 neighbours on r; this keeps
+//                                     the LP bound honest (with y <= x alone the relaxation
+//                                     credits every pair)
+//   M >= max_e load[e] / c[e]         c = the replica counts that minimise the largest load
+//                                     per replica (highest-load-per-replica greedy is exact for
+//                                     that, each expert at most R replicas): a valid cut that
+//                                     lifts the LP bound when one hot expert sets the pace
+//   M <= (1 + balance_slack) * M_greedy   (optional) never balance worse than greedy
+// Objective: M + lambda * (1-1/R) * (k - (2/k) sum_p w[p] sum_r y[p,r])
+//              + mu * sum_{(e,r) not held now} bytes[e]/mean_bytes * x[e,r]
+// (migration m[e,r] >= x[e,r] - x_old[e,r] needs no variable: where x_old = 1 it is 0,
+// elsewhere m = x.)
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+#include "CbcHeuristic.hpp"
+#include "CbcHeuristicLocal.hpp"
+#include "CbcHeuristicRINS.hpp"
+#include "CbcModel.hpp"
+#include "CglClique.hpp"
+#include "CglFlowCover.hpp"
+#include "CglGomory.hpp"
+#include "CglKnapsackCover.hpp"
+#include "CglMixedIntegerRounding2.hpp"
+#include "CglProbing.hpp"
+#include "CoinPackedMatrix.hpp"
+#include "OsiClpSolverInterface.hpp"
+#include "absl/strings/str_cat.h"
+#include "parallel/planner/eplb.h"
+#include "parallel/planner/planner.h"
+
+namespace sy::parallel::planner {
+namespace {
+
+double Seconds(std::chrono::steady_clock::time_point since) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
+}
+
+// Lower bound on M from replica counts alone (see the header comment).
+double ReplicaLowerBound(const PlacementProblem& p) {
+  const int E = p.num_experts, R = p.num_ranks;
+  std::vector<int> c(E, 1);
+  int spare = p.num_slots() - E;
+  double total = 0;
+  for (double l : p.loads) total += l;
+  auto worst = [&]() {
+    int best = 0;
+    for (int e = 1; e < E; ++e) {
+      if (p.loads[e] / c[e] > p.loads[best] / c[best]) best = e;
+    }
+    return best;
+  };
+  while (spare > 0) {
+    const int e = worst();
+    if (c[e] >= R) break;  // the worst expert is on every rank already
+    ++c[e];
+    --spare;
+  }
+  const int e = worst();
+  return std::max(p.loads[e] / c[e], total / R);
+}
+
+class IlpPlanner : public Planner {
+ public:
+  explicit IlpPlanner(const PlannerOptions& o) : options_(o) {}
+  std::string name() const override { return "ilp"; }
+  absl::StatusOr<LayerPlan> PlanLayer(const PlacementProblem& p) const override;
+
+ private:
+  PlannerOptions options_;
+};
+
+absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const {
+  const auto start = std::chrono::steady_clock::now();
+  auto st = p.Validate();
+  if (!st.ok()) return st;
+  const int E = p.num_experts, R = p.num_ranks, S = p.slots_per_rank;
+  const double k = p.top_k;
+
+  // Warm start: greedy.
+  PlannerOptions greedy_options = options_;
+  greedy_options.distinct_ranks = true;
+  auto greedy = MakeGreedyPlanner(greedy_options)->PlanLayer(p);
+  if (!greedy.ok()) return greedy.status();
+  const ObjectiveTerms greedy_terms =
+      EvaluateObjective(p, greedy->physical_to_logical, {}, options_);
+
+  const int P = CreditedPairs(p, options_);
+  // Column layout.
+  const int x0 = 0, a0 = E * R, m_col = 2 * E * R, y0 = 2 * E * R + 1;
+  const int num_cols = y0 + P * R;
+  auto X = [&](int e, int r) { return x0 + e * R + r; };
+  auto A = [&](int e, int r) { return a0 + e * R + r; };
+  auto Y = [&](int q, int r) { return y0 + q * R + r; };
+
+  double mean_bytes = 0;
+  for (double b : p.expert_bytes) mean_bytes += b;
+  mean_bytes /= E;
+  const double lb_m = ReplicaLowerBound(p);
+  const double cap_m = options_.balance_slack >= 0
+                           ? std::max(lb_m, greedy_terms.max_load * (1.0 + options_.balance_slack))
+                           : COIN_DBL_MAX;
+
+  std::vector<double> col_lb(num_cols, 0.0), col_ub(num_cols, 1.0), obj(num_cols, 0.0);
+  for (int e = 0; e < E; ++e) {
+    for (int r = 0; r < R; ++r) {
+      col_ub[A(e, r)] = p.loads[e];
+      if (p.has_current() && !p.CurrentlyOn(e, r)) {
+        obj[X(e, r)] = options_.mu * (mean_bytes > 0 ? p.expert_bytes[e] / mean_bytes : 1.0);
+      }
+    }
+  }
+  col_lb[m_col] = lb_m;
+  col_ub[m_col] = cap_m;
+  obj[m_col] = 1.0;
+  const double pair_coef = options_.lambda * (1.0 - 1.0 / R) * (2.0 / k);
+  for (int q = 0; q < P; ++q) {
+    for (int r = 0; r < R; ++r) obj[Y(q, r)] = -pair_coef * p.pairs[q].weight;
+  }
+  const double constant = options_.lambda * (1.0 - 1.0 / R) * k;
+
+  CoinPackedMatrix matrix(false, 0, 0);
+  matrix.setDimensions(0, num_cols);
+  std::vector<double> row_lb, row_ub;
+  auto add_row = [&](const std::vector<int>& idx, const std::vector<double>& val, double lo,
+                     double hi) {
+    matrix.appendRow(static_cast<int>(idx.size()), idx.data(), val.data());
+    row_lb.push_back(lo);
+    row_ub.push_back(hi);
+  };
+  for (int r = 0; r < R; ++r) {  // slots
+    std::vector<int> idx;
+    for (int e = 0; e < E; ++e) idx.push_back(X(e, r));
+    add_row(idx, std::vector<double>(E, 1.0), -COIN_DBL_MAX, S);
+  }
+  for (int e = 0; e < E; ++e) {  // placed; all tokens served
+    std::vector<int> xi, ai;
+    for (int r = 0; r < R; ++r) {
+      xi.push_back(X(e, r));
+      ai.push_back(A(e, r));
+    }
+    add_row(xi, std::vector<double>(R, 1.0), 1.0, COIN_DBL_MAX);
+    add_row(ai, std::vector<double>(R, 1.0), p.loads[e], p.loads[e]);
+    for (int r = 0; r < R; ++r) add_row({A(e, r), X(e, r)}, {1.0, -p.loads[e]}, -COIN_DBL_MAX, 0);
+  }
+  for (int r = 0; r < R; ++r) {  // straggler
+    std::vector<int> idx;
+    std::vector<double> val;
+    for (int e = 0; e < E; ++e) {
+      idx.push_back(A(e, r));
+      val.push_back(1.0);
+    }
+    idx.push_back(m_col);
+    val.push_back(-1.0);
+    add_row(idx, val, -COIN_DBL_MAX, 0.0);
+  }
+  std::vector<std::vector<int>> pairs_of(E);
+  for (int q = 0; q < P; ++q) {
+    const auto& pr = p.pairs[q];
+    pairs_of[pr.e].push_back(q);
+    pairs_of[pr.f].push_back(q);
+    std::vector<int> once;
+    for (int r = 0; r < R; ++r) {
+      add_row({Y(q, r), X(pr.e, r)}, {1.0, -1.0}, -COIN_DBL_MAX, 0.0);
+      add_row({Y(q, r), X(pr.f, r)}, {1.0, -1.0}, -COIN_DBL_MAX, 0.0);
+      once.push_back(Y(q, r));
+    }
+    add_row(once, std::vector<double>(R, 1.0), -COIN_DBL_MAX, 1.0);
+  }
+  for (int e = 0; e < E; ++e) {  // neighbours on a rank
+    if (pairs_of[e].empty()) continue;
+    for (int r = 0; r < R; ++r) {
+      std::vector<int> idx;
+      std::vector<double> val;
+      for (int q : pairs_of[e]) {
+        idx.push_back(Y(q, r));
+        val.push_back(1.0);
+      }
+      idx.push_back(X(e, r));
+      val.push_back(-(S - 1.0));
+      add_row(idx, val, -COIN_DBL_MAX, 0.0);
+    }
+  }
+
+  // Warm-start vector from greedy (even shares).
+  std::vector<double> warm(num_cols, 0.0);
+  std::vector<int> replicas(E, 0);
+  for (int32_t e : greedy->physical_to_logical) {
+    if (e >= 0) ++replicas[e];
+  }
+  for (int s = 0; s < R * S; ++s) {
+    const int32_t e = greedy->physical_to_logical[s];
+    if (e < 0) continue;
+    warm[X(e, s / S)] = 1.0;
+    warm[A(e, s / S)] += p.loads[e] / replicas[e];
+  }
+  warm[m_col] = std::max(greedy_terms.max_load, lb_m);
+  for (int q = 0; q < P; ++q) {
+    for (int r = 0; r < R; ++r) {
+      if (warm[X(p.pairs[q].e, r)] > 0.5 && warm[X(p.pairs[q].f, r)] > 0.5) {
+        warm[Y(q, r)] = 1.0;
+        break;
+      }
+    }
+  }
+  double warm_obj = 0;
+  for (int c = 0; c < num_cols; ++c) warm_obj += obj[c] * warm[c];
+
+  OsiClpSolverInterface solver;
+  solver.messageHandler()->setLogLevel(0);
+  solver.loadProblem(matrix, col_lb.data(), col_ub.data(), obj.data(), row_lb.data(),
+                     row_ub.data());
+  for (int e = 0; e < E; ++e) {
+    for (int r = 0; r < R; ++r) solver.setInteger(X(e, r));
+  }
+  CbcModel model(solver);
+  model.setLogLevel(0);
+  model.messageHandler()->setLogLevel(0);
+  model.solver()->messageHandler()->setLogLevel(0);
+  model.setUseElapsedTime(true);
+  const double budget = std::max(0.05, options_.time_limit_seconds - Seconds(start));
+  model.setMaximumSeconds(budget);
+  model.setAllowableGap(options_.target_gap * std::fabs(warm_obj + constant));
+  CglProbing probing;
+  probing.setUsingObjective(1);
+  probing.setMaxPass(1);
+  probing.setMaxProbe(10);
+  probing.setMaxLook(10);
+  CglGomory gomory;
+  gomory.setLimit(100);
+  CglKnapsackCover knapsack;
+  CglClique clique;
+  CglMixedIntegerRounding2 mir;
+  CglFlowCover flow;
+  model.addCutGenerator(&probing, -1, "Probing");
+  model.addCutGenerator(&gomory, -1, "Gomory");
+  model.addCutGenerator(&knapsack, -1, "Knapsack");
+  model.addCutGenerator(&clique, -1, "Clique");
+  model.addCutGenerator(&mir, -1, "MIR2");
+  model.addCutGenerator(&flow, -1, "FlowCover");
+  CbcRounding rounding(model);
+  model.addHeuristic(&rounding);
+  CbcHeuristicLocal local(model);
+  model.addHeuristic(&local);
+  CbcHeuristicRINS rins(model);
+  model.addHeuristic(&rins);
+  model.setBestSolution(warm.data(), num_cols, warm_obj, /*check=*/true);
+  model.branchAndBound();
+
+  LayerPlan plan;
+  plan.physical_to_logical = greedy->physical_to_logical;
+  plan.objective = greedy_terms.total;
+  plan.note = "kept greedy";
+  const double* best = model.bestSolution();
+  if (best != nullptr) {
+    std::vector<int32_t> p2l(R * S, -1);
+    std::vector<float> share(R * S, 0.0f);
+    bool ok = true;
+    std::vector<int> count(E, 0);
+    for (int r = 0; r < R && ok; ++r) {
+      int slot = r * S;
+      for (int e = 0; e < E; ++e) {
+        if (best[X(e, r)] < 0.5) continue;
+        if (slot >= (r + 1) * S) {
+          ok = false;
+          break;
+        }
+        p2l[slot++] = e;
+        ++count[e];
+      }
+    }
+    for (int e = 0; e < E && ok; ++e) ok = count[e] > 0;
+    if (ok) {
+      // Shares from a[e,r]; an expert without tokens splits evenly.
+      for (int s = 0; s < R * S; ++s) {
+        const int32_t e = p2l[s];
+        if (e < 0) continue;
+        share[s] = p.loads[e] > 0 ? static_cast<float>(std::max(0.0, best[A(e, s / S)]) / p.loads[e])
+                                  : 1.0f / count[e];
+      }
+      for (int e = 0; e < E; ++e) {  // renormalise away solver round-off
+        double sum = 0;
+        for (int s = 0; s < R * S; ++s) {
+          if (p2l[s] == e) sum += share[s];
+        }
+        for (int s = 0; s < R * S; ++s) {
+          if (p2l[s] == e) share[s] = sum > 0 ? static_cast<float>(share[s] / sum) : 1.0f / count[e];
+        }
+      }
+      const ObjectiveTerms t = EvaluateObjective(p, p2l, share, options_);
+      if (t.total < plan.objective - 1e-12) {
+        plan.physical_to_logical = std::move(p2l);
+        plan.slot_share = std::move(share);
+        plan.objective = t.total;
+        plan.note = "cbc";
+      }
+    }
+  }
+  plan.proven_optimal = model.isProvenOptimal();
+  double bound = model.getBestPossibleObjValue() + constant;
+  if (!std::isfinite(bound) || bound > plan.objective) bound = std::min(bound, plan.objective);
+  if (!std::isfinite(bound)) {  // no LP finished: M's cut, every credited pair co-located
+    double all_pairs = 0;
+    for (int q = 0; q < P; ++q) all_pairs += p.pairs[q].weight;
+    bound = std::min(plan.objective, lb_m + constant - pair_coef * all_pairs);
+  }
+  plan.best_bound = bound;
+  plan.gap = (plan.objective - plan.best_bound) / std::max(std::fabs(plan.objective), 1e-9);
+  plan.solve_seconds = Seconds(start);
+  return plan;
+}
+
+}  // namespace
+
+std::unique_ptr<Planner> MakeIlpPlanner(const PlannerOptions& o) {
+  return std::make_unique<IlpPlanner>(o);
+}
+
+}  // namespace sy::parallel::planner

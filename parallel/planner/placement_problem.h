@@ -1,0 +1,49 @@
+// PlacementProblem: one MoE layer's placement question, the input every Planner takes
+// (DESIGN.md §4): the experts' loads and co-activation, the rank group's shape, the current
+// placement (to price migration) and each expert's bytes.
+//
+// Units: loads are assignments per token (they sum to top_k), co-activation weights are the
+// fraction of tokens that chose both experts, bytes are bytes of one expert's weights.
+//
+// Thread safety: plain values; const access from many threads is safe.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "parallel/expert_placement.h"
+#include "parallel/planner/trace.h"
+
+namespace sy::parallel::planner {
+
+struct PlacementProblem {
+  int layer = 0;
+  int num_ranks = 0;
+  int slots_per_rank = 0;
+  int num_experts = 0;
+  int top_k = 1;
+  std::vector<double> loads;          // [E] assignments per token
+  std::vector<CoActivation> pairs;    // co-activated pairs, by weight descending (may be empty)
+  // Current placement of this layer: physical_to_logical over current_num_ranks *
+  // current_slots_per_rank slots (the rank count may differ: scale-up/down). Empty: none.
+  std::vector<int32_t> current;
+  int current_slots_per_rank = 0;
+  std::vector<double> expert_bytes;   // [E]
+
+  int num_slots() const { return num_ranks * slots_per_rank; }
+  bool has_current() const { return !current.empty(); }
+  // True if the current placement holds expert e on rank r.
+  bool CurrentlyOn(int e, int r) const;
+  // InvalidArgument when shapes disagree or the slots cannot hold every expert.
+  absl::Status Validate() const;
+};
+
+// One problem per layer of `trace`. `current` may be null; when given it must have the
+// trace's expert count and layer count. expert_bytes: bytes of each expert's weights.
+absl::StatusOr<std::vector<PlacementProblem>> BuildProblems(const RoutingTrace& trace,
+                                                            int num_ranks, int slots_per_rank,
+                                                            const ExpertPlacement* current,
+                                                            double expert_bytes);
+
+}  // namespace sy::parallel::planner

@@ -1,0 +1,118 @@
+// Planner: problem (loads, co-activation, ranks, slots per rank, current placement, expert
+// bytes) -> placement of one MoE layer + report (objective, bound, gap, time) (DESIGN.md §4).
+// Policies, by name (CreatePlanner):
+//   contiguous   expert e on rank e / ceil(E/R); extra slots stay empty (what a naive system does)
+//   round-robin  expert e on rank e % R; extra slots stay empty
+//   greedy       DeepSeek EPLB (parallel/planner/eplb.h): replicas by highest load per
+//                replica, then largest-first packing into ranks with free slots
+//   ilp          mixed-integer program solved by CBC, warm-started from greedy (ilp_planner.cc)
+//
+// The ILP objective (EvaluateObjective scores any plan on it, so policies can be compared):
+//   M + lambda * traffic + mu * migration
+//   M          the straggler rank's load, assignments per token (the ideal is top_k / R)
+//   traffic    (1 - 1/R) * (top_k - (2/top_k) * sum over co-located pairs of their weight):
+//              copies of a token sent to other ranks, counting one copy per destination rank;
+//              the pair term with weight 2/k never credits more than the copies actually saved
+//              (a full k-clique on one rank saves exactly k - 1), so this is an upper bound on
+//              the copies per token when a token's home rank is uniformly random and each
+//              expert has one replica. Only the `max_pairs` strongest pairs are credited.
+//   migration  experts a rank gains relative to the current placement, each weighted by its
+//              bytes / mean expert bytes (0 without a current placement)
+//
+// Thread safety: a Planner is immutable after creation; PlanLayer and Plan may be called from
+// several threads at once.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "parallel/expert_placement.h"
+#include "parallel/planner/placement_problem.h"
+
+namespace sy::parallel::planner {
+
+struct PlannerOptions {
+  // ILP: wall-clock limit per layer, seconds.
+  double time_limit_seconds = 2.0;
+  // ILP objective weights (units above): lambda per copy per token, mu per expert moved.
+  double lambda = 0.02;
+  double mu = 0.001;
+  // ILP: credit only this many strongest co-activated pairs (0: 2 * num_experts).
+  int max_pairs = 0;
+  // ILP: the straggler load may not exceed greedy's by more than this fraction (a negative
+  // value lifts the cap). With 0 the ILP never balances worse than greedy on the data it is
+  // fitted on and spends its freedom on traffic and migration.
+  double balance_slack = 0.0;
+  // Stop when the relative gap falls under this.
+  double target_gap = 1e-3;
+  // greedy: hierarchical EPLB (groups -> nodes, replicas within nodes, then GPUs) when
+  // num_groups % num_nodes == 0 and num_nodes > 1; otherwise the global policy.
+  int num_nodes = 1;
+  int num_groups = 1;
+  // greedy: keep replicas of one expert on distinct ranks where a rank with free slots allows.
+  bool distinct_ranks = true;
+  // Plan(): layers solved at once (0: hardware threads).
+  int max_threads = 0;
+};
+
+struct LayerPlan {
+  std::vector<int32_t> physical_to_logical;  // [R * S], -1 for an empty slot
+  std::vector<float> slot_share;             // [R * S] or empty (even split over replicas)
+  double objective = 0;    // on the ILP objective (EvaluateObjective)
+  double best_bound = 0;   // lower bound on the optimum (== objective when not known)
+  double gap = 0;          // (objective - best_bound) / max(|objective|, 1e-9)
+  double solve_seconds = 0;
+  bool proven_optimal = false;
+  std::string note;        // e.g. "cbc returned nothing, kept greedy"
+};
+
+struct ObjectiveTerms {
+  double max_load = 0;     // M, assignments per token
+  double traffic = 0;      // copies per token (proxy above)
+  double migration = 0;    // experts moved, weighted by bytes / mean bytes
+  double total = 0;        // M + lambda * traffic + mu * migration
+};
+
+// Scores one layer's plan on the ILP objective. Shares: slot_share when given, else even.
+ObjectiveTerms EvaluateObjective(const PlacementProblem& problem,
+                                 const std::vector<int32_t>& physical_to_logical,
+                                 const std::vector<float>& slot_share,
+                                 const PlannerOptions& options);
+
+// The pairs the ILP credits: the `max_pairs` strongest (see PlannerOptions).
+int CreditedPairs(const PlacementProblem& problem, const PlannerOptions& options);
+
+struct PlanResult {
+  ExpertPlacement placement;
+  std::vector<LayerPlan> layers;
+  double wall_seconds = 0;
+  // Over layers: sum of objectives, sum of bounds, the largest gap, the summed solve time.
+  double objective = 0, best_bound = 0, max_gap = 0, solve_seconds = 0;
+};
+
+class Planner {
+ public:
+  virtual ~Planner() = default;
+  virtual std::string name() const = 0;
+  // InvalidArgument for a malformed problem.
+  virtual absl::StatusOr<LayerPlan> PlanLayer(const PlacementProblem& problem) const = 0;
+  // Every layer, solved in parallel on up to max_threads threads (one layer per thread).
+  absl::StatusOr<PlanResult> Plan(const std::vector<PlacementProblem>& problems,
+                                  int max_threads = 0) const;
+};
+
+// contiguous, round-robin, greedy, ilp. InvalidArgument for another name.
+absl::StatusOr<std::unique_ptr<Planner>> CreatePlanner(const std::string& name,
+                                                       const PlannerOptions& options);
+std::vector<std::string> PlannerNames();
+
+// Implementations (simple_planners.cc, ilp_planner.cc).
+std::unique_ptr<Planner> MakeContiguousPlanner(const PlannerOptions& options);
+std::unique_ptr<Planner> MakeRoundRobinPlanner(const PlannerOptions& options);
+std::unique_ptr<Planner> MakeGreedyPlanner(const PlannerOptions& options);
+std::unique_ptr<Planner> MakeIlpPlanner(const PlannerOptions& options);
+
+}  // namespace sy::parallel::planner

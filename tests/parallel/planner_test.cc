@@ -1,0 +1,208 @@
+// Planners (contiguous, round-robin, greedy, ilp) on small problems: invariants of every plan,
+// the ILP against greedy and against brute force, migration, and layers in parallel.
+#include "parallel/planner/planner.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <random>
+#include <set>
+
+#include "parallel/planner/scoring.h"
+
+namespace sy::parallel::planner {
+namespace {
+
+// A random layer: skewed loads (sum top_k), co-activation pairs with random weights.
+PlacementProblem RandomProblem(std::mt19937& rng, int E, int R, int S, int k) {
+  PlacementProblem p;
+  p.num_experts = E;
+  p.num_ranks = R;
+  p.slots_per_rank = S;
+  p.top_k = k;
+  std::exponential_distribution<double> ex(1.0);
+  double sum = 0;
+  for (int e = 0; e < E; ++e) {
+    p.loads.push_back(ex(rng) + 0.05);
+    sum += p.loads.back();
+  }
+  for (double& l : p.loads) l *= k / sum;
+  std::uniform_real_distribution<double> u(0, 0.3);
+  for (int e = 0; e < E; ++e) {
+    for (int f = e + 1; f < E; ++f) {
+      if (u(rng) < 0.1) p.pairs.push_back({e, f, u(rng)});
+    }
+  }
+  std::sort(p.pairs.begin(), p.pairs.end(),
+            [](const CoActivation& a, const CoActivation& b) { return a.weight > b.weight; });
+  p.expert_bytes.assign(E, 1e6);
+  return p;
+}
+
+PlannerOptions QuickIlp() {
+  PlannerOptions o;
+  o.time_limit_seconds = 0.5;
+  o.lambda = 0.05;
+  return o;
+}
+
+class EveryPolicyTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(EveryPolicyTest, PlacesEveryExpertWithinCapacityAndReplicasOnDistinctRanks) {
+  std::mt19937 rng(3);
+  for (auto [E, R, S] : std::vector<std::tuple<int, int, int>>{{8, 4, 2}, {8, 4, 3}, {6, 4, 2},
+                                                               {4, 8, 1}, {12, 3, 5}}) {
+    PlacementProblem p = RandomProblem(rng, E, R, S, 2);
+    auto planner = CreatePlanner(GetParam(), QuickIlp());
+    ASSERT_TRUE(planner.ok());
+    auto plan = (*planner)->PlanLayer(p);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    ASSERT_EQ(static_cast<int>(plan->physical_to_logical.size()), R * S);
+    // Valid as an ExpertPlacement: every expert has a replica, ids in range, shares sum to 1.
+    auto placement = ExpertPlacement::Create(R, S, E, {plan->physical_to_logical},
+                                             plan->slot_share.empty()
+                                                 ? std::vector<std::vector<float>>{}
+                                                 : std::vector<std::vector<float>>{plan->slot_share});
+    ASSERT_TRUE(placement.ok()) << GetParam() << ": " << placement.status();
+    // Replicas of one expert on distinct ranks where there are no more replicas than ranks.
+    for (int e = 0; e < E; ++e) {
+      std::set<int> ranks;
+      for (int32_t s : placement->replicas_of(0, e)) ranks.insert(s / S);
+      const size_t replicas = placement->replicas_of(0, e).size();
+      EXPECT_EQ(ranks.size(), std::min<size_t>(replicas, R))
+          << GetParam() << " E=" << E << " R=" << R << " S=" << S << " expert " << e;
+    }
+    EXPECT_LE(plan->best_bound, plan->objective + 1e-9);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Policies, EveryPolicyTest,
+                         ::testing::Values("contiguous", "round-robin", "greedy", "ilp"));
+
+TEST(PlannerTest, FactoryRejectsAnUnknownPolicy) {
+  EXPECT_EQ(CreatePlanner("best", {}).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(PlannerTest, GreedyUsesExtraSlotsForReplicasOfTheHottestExpert) {
+  PlacementProblem p;
+  p.num_experts = 4;
+  p.num_ranks = 2;
+  p.slots_per_rank = 3;
+  p.top_k = 1;
+  p.loads = {0.7, 0.1, 0.1, 0.1};
+  p.expert_bytes.assign(4, 1);
+  auto plan = MakeGreedyPlanner({})->PlanLayer(p);
+  ASSERT_TRUE(plan.ok());
+  // Replicas by highest load per replica: 0.7 -> 0.35 -> 0.233, both extra slots to expert 0.
+  EXPECT_EQ(std::count(plan->physical_to_logical.begin(), plan->physical_to_logical.end(), 0),
+            3);
+  // Largest-first packing: rank A gets 0.233 + 0.233 + 0.1, rank B 0.233 + 0.1 + 0.1.
+  EXPECT_NEAR(EvaluateObjective(p, plan->physical_to_logical, {}, {}).max_load,
+              2 * 0.7 / 3 + 0.1, 1e-9);
+}
+
+TEST(PlannerTest, IlpIsNeverWorseThanGreedyAndItsBoundIsBelowItsObjective) {
+  std::mt19937 rng(4);
+  const PlannerOptions o = QuickIlp();
+  for (int trial = 0; trial < 6; ++trial) {
+    PlacementProblem p = RandomProblem(rng, 8, 4, 2 + trial % 2, 2);
+    auto greedy = MakeGreedyPlanner(o)->PlanLayer(p);
+    auto ilp = MakeIlpPlanner(o)->PlanLayer(p);
+    ASSERT_TRUE(greedy.ok() && ilp.ok());
+    const double ilp_obj =
+        EvaluateObjective(p, ilp->physical_to_logical, ilp->slot_share, o).total;
+    EXPECT_NEAR(ilp_obj, ilp->objective, 1e-9);
+    EXPECT_LE(ilp->objective, greedy->objective + 1e-9) << "trial " << trial;
+    EXPECT_LE(ilp->best_bound, ilp->objective + 1e-9);
+    EXPECT_GE(ilp->gap, 0.0);
+  }
+}
+
+TEST(PlannerTest, IlpFindsTheBruteForceOptimumOfATinyInstance) {
+  // 6 experts, 3 ranks x 2 slots: every placement is a split into 3 pairs (15 of them); with
+  // no spare slot there are no replicas, so shares are fixed and brute force is exact.
+  std::mt19937 rng(5);
+  PlannerOptions o = QuickIlp();
+  o.time_limit_seconds = 5;
+  o.balance_slack = -1;  // the plain objective, no cap from greedy
+  o.target_gap = 0;
+  for (int trial = 0; trial < 3; ++trial) {
+    PlacementProblem p = RandomProblem(rng, 6, 3, 2, 2);
+    double best = 1e300;
+    std::vector<int32_t> perm = {0, 1, 2, 3, 4, 5};
+    do {
+      best = std::min(best, EvaluateObjective(p, perm, {}, o).total);
+    } while (std::next_permutation(perm.begin(), perm.end()));
+    auto ilp = MakeIlpPlanner(o)->PlanLayer(p);
+    ASSERT_TRUE(ilp.ok());
+    EXPECT_NEAR(ilp->objective, best, 1e-6) << "trial " << trial;
+    EXPECT_TRUE(ilp->proven_optimal);
+    EXPECT_NEAR(ilp->best_bound, best, 1e-6);
+  }
+}
+
+TEST(PlannerTest, IlpMovesNothingWhenTheCurrentPlacementIsAlreadyBest) {
+  std::mt19937 rng(6);
+  PlacementProblem p = RandomProblem(rng, 8, 4, 2, 2);
+  PlannerOptions o = QuickIlp();
+  o.mu = 1.0;  // moving is expensive
+  auto greedy = MakeGreedyPlanner(o)->PlanLayer(p);
+  ASSERT_TRUE(greedy.ok());
+  p.current = greedy->physical_to_logical;
+  p.current_slots_per_rank = p.slots_per_rank;
+  auto ilp = MakeIlpPlanner(o)->PlanLayer(p);
+  ASSERT_TRUE(ilp.ok());
+  auto from = ExpertPlacement::Create(4, 2, 8, {p.current});
+  auto to = ExpertPlacement::Create(4, 2, 8, {ilp->physical_to_logical});
+  ASSERT_TRUE(from.ok() && to.ok());
+  EXPECT_EQ(CountMoves(*from, *to, 1e6).experts, 0);
+  EXPECT_EQ(EvaluateObjective(p, ilp->physical_to_logical, ilp->slot_share, o).migration, 0);
+}
+
+TEST(PlannerTest, MigrationTermCountsExpertsARankGains) {
+  PlacementProblem p;
+  p.num_experts = 4;
+  p.num_ranks = 2;
+  p.slots_per_rank = 2;
+  p.loads = {0.25, 0.25, 0.25, 0.25};
+  p.expert_bytes = {1, 1, 1, 3};  // mean 1.5
+  p.current = {0, 1, 2, 3};
+  p.current_slots_per_rank = 2;
+  EXPECT_EQ(EvaluateObjective(p, {0, 1, 2, 3}, {}, {}).migration, 0);
+  // Swap experts 1 and 3: rank 0 gains 3 (2 units), rank 1 gains 1 (2/3 unit).
+  EXPECT_NEAR(EvaluateObjective(p, {0, 3, 2, 1}, {}, {}).migration, 3 / 1.5 + 1 / 1.5, 1e-12);
+}
+
+TEST(PlannerTest, PlanSolvesLayersInParallelIntoOnePlacement) {
+  std::mt19937 rng(7);
+  std::vector<PlacementProblem> layers;
+  for (int l = 0; l < 5; ++l) {
+    layers.push_back(RandomProblem(rng, 8, 4, 3, 2));
+    layers.back().layer = l;
+  }
+  auto ilp = MakeIlpPlanner(QuickIlp());
+  auto plan = ilp->Plan(layers, 2);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->placement.num_layers(), 5);
+  double sum = 0;
+  for (int l = 0; l < 5; ++l) {
+    EXPECT_EQ(plan->placement.physical_to_logical(l), plan->layers[l].physical_to_logical);
+    EXPECT_NEAR(EvaluateObjective(layers[l], plan->layers[l].physical_to_logical,
+                                  plan->layers[l].slot_share, QuickIlp()).total,
+                plan->layers[l].objective, 1e-9);
+    sum += plan->layers[l].objective;
+  }
+  EXPECT_NEAR(plan->objective, sum, 1e-9);
+}
+
+TEST(PlannerTest, RejectsAProblemWhoseSlotsCannotHoldEveryExpert) {
+  std::mt19937 rng(8);
+  PlacementProblem p = RandomProblem(rng, 8, 2, 3, 2);
+  for (const auto& name : PlannerNames()) {
+    auto plan = (*CreatePlanner(name, {}))->PlanLayer(p);
+    EXPECT_EQ(plan.status().code(), absl::StatusCode::kInvalidArgument) << name;
+  }
+}
+
+}  // namespace
+}  // namespace sy::parallel::planner
