@@ -32,6 +32,8 @@ using json = nlohmann::json;
 constexpr std::string_view kMetaspace = "\xE2\x96\x81";  // "▁" U+2581
 // Ids past this are rejected: a corrupt file must not make us allocate gigabytes.
 constexpr int64_t kMaxTokenId = 1 << 24;
+// Deepest Sequence-in-Sequence accepted (the parsers recurse).
+constexpr int kMaxNesting = 32;
 
 absl::string_view AsAbsl(std::string_view s) { return absl::string_view(s.data(), s.size()); }
 
@@ -61,10 +63,14 @@ int ParseByteToken(std::string_view s) {
   int v = 0;
   for (char c : s.substr(3, 2)) {
     v <<= 4;
-    if (c >= '0' && c <= '9') v |= c - '0';
-    else if (c >= 'A' && c <= 'F') v |= c - 'A' + 10;
-    else if (c >= 'a' && c <= 'f') v |= c - 'a' + 10;
-    else return -1;
+    if (c >= '0' && c <= '9')
+      v |= c - '0';
+    else if (c >= 'A' && c <= 'F')
+      v |= c - 'A' + 10;
+    else if (c >= 'a' && c <= 'f')
+      v |= c - 'a' + 10;
+    else
+      return -1;
   }
   return v;
 }
@@ -75,8 +81,7 @@ absl::StatusOr<std::string> StringPattern(const json& pattern, const std::string
     return pattern["String"].get<std::string>();
   }
   return absl::InvalidArgumentError(
-      absl::StrCat(where, ": only {\"String\": ...} patterns are supported, got ",
-                   pattern.dump()));
+      absl::StrCat(where, ": only {\"String\": ...} patterns are supported, got ", pattern.dump()));
 }
 
 struct AddedToken {
@@ -123,9 +128,9 @@ class BpeTokenizer final : public Tokenizer {
 
   absl::Status ParseModel(const json& model);
   absl::Status ParseAddedTokens(const json& added);
-  absl::Status ParseNormalizer(const json& n);
-  absl::Status ParsePreTokenizer(const json& p);
-  absl::Status ParseDecoder(const json& d);
+  absl::Status ParseNormalizer(const json& n, int depth = 0);
+  absl::Status ParsePreTokenizer(const json& p, int depth = 0);
+  absl::Status ParseDecoder(const json& d, int depth = 0);
   void ResolveSpecialIds(const json& j, const json& config);
   std::optional<int32_t> IdOf(const std::string& token) const;
   void BuildPieces();
@@ -172,8 +177,7 @@ class BpeTokenizer final : public Tokenizer {
   std::optional<int32_t> bos_, eos_;
 };
 
-absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::Build(const json& j,
-                                                                  const json& config,
+absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::Build(const json& j, const json& config,
                                                                   const std::string& name) {
   if (!j.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(name, ": top level is not a JSON object"));
@@ -201,8 +205,8 @@ absl::Status BpeTokenizer::ParseModel(const json& model) {
   std::string type = model.value("type", "");
   if (type.empty() && model.contains("merges")) type = "BPE";
   if (type != "BPE") {
-    return absl::InvalidArgumentError(absl::StrCat(
-        name_, ": unsupported tokenizer model type \"", type, "\" (only BPE is supported)"));
+    return absl::InvalidArgumentError(absl::StrCat(name_, ": unsupported tokenizer model type \"",
+                                                   type, "\" (only BPE is supported)"));
   }
   if (!model.contains("vocab") || !model["vocab"].is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(name_, ": model.vocab is not an object"));
@@ -226,14 +230,14 @@ absl::Status BpeTokenizer::ParseModel(const json& model) {
   fuse_unk_ = model.value("fuse_unk", false);
   byte_fallback_ = model.value("byte_fallback", false);
   ignore_merges_ = model.value("ignore_merges", false);
-  const std::string prefix = model.contains("continuing_subword_prefix") &&
-                                     model["continuing_subword_prefix"].is_string()
-                                 ? model["continuing_subword_prefix"].get<std::string>()
-                                 : "";
-  const std::string suffix = model.contains("end_of_word_suffix") &&
-                                     model["end_of_word_suffix"].is_string()
-                                 ? model["end_of_word_suffix"].get<std::string>()
-                                 : "";
+  const std::string prefix =
+      model.contains("continuing_subword_prefix") && model["continuing_subword_prefix"].is_string()
+          ? model["continuing_subword_prefix"].get<std::string>()
+          : "";
+  const std::string suffix =
+      model.contains("end_of_word_suffix") && model["end_of_word_suffix"].is_string()
+          ? model["end_of_word_suffix"].get<std::string>()
+          : "";
   if (!prefix.empty() || !suffix.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(
         name_, ": BPE continuing_subword_prefix / end_of_word_suffix are not supported"));
@@ -272,8 +276,8 @@ absl::Status BpeTokenizer::ParseModel(const json& model) {
     }
     auto ia = IdOf(a), ib = IdOf(b), iab = IdOf(a + b);
     if (!ia || !ib || !iab) {
-      return absl::InvalidArgumentError(absl::StrCat(name_, ": merge ", rank, " (\"", a,
-                                                     "\", \"", b, "\") uses a token not in the vocab"));
+      return absl::InvalidArgumentError(absl::StrCat(name_, ": merge ", rank, " (\"", a, "\", \"",
+                                                     b, "\") uses a token not in the vocab"));
     }
     const uint64_t key = (static_cast<uint64_t>(*ia) << 32) | static_cast<uint32_t>(*ib);
     merges_.try_emplace(key, rank, *iab);  // the first (best-ranked) occurrence wins
@@ -291,7 +295,8 @@ absl::Status BpeTokenizer::ParseAddedTokens(const json& added) {
     AddedToken t;
     const int64_t id = a.at("id").get<int64_t>();
     if (id < 0 || id >= kMaxTokenId) {
-      return absl::InvalidArgumentError(absl::StrCat(name_, ": added token id ", id, " out of range"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(name_, ": added token id ", id, " out of range"));
     }
     t.id = static_cast<int32_t>(id);
     t.content = a.at("content").get<std::string>();
@@ -315,16 +320,20 @@ absl::Status BpeTokenizer::ParseAddedTokens(const json& added) {
   return absl::OkStatus();
 }
 
-absl::Status BpeTokenizer::ParseNormalizer(const json& n) {
+absl::Status BpeTokenizer::ParseNormalizer(const json& n, int depth) {
   if (n.is_null()) return absl::OkStatus();
+  if (depth > kMaxNesting) {
+    return absl::InvalidArgumentError(absl::StrCat(name_, ": Sequence nested too deeply"));
+  }
   const std::string type = n.value("type", "");
   if (type == "Sequence") {
-    for (const json& sub : n.at("normalizers")) SY_RETURN_IF_ERROR(ParseNormalizer(sub));
+    for (const json& sub : n.at("normalizers")) SY_RETURN_IF_ERROR(ParseNormalizer(sub, depth + 1));
   } else if (type == "Prepend") {
     norm_.push_back({NormOp::kPrepend, n.at("prepend").get<std::string>(), ""});
   } else if (type == "Replace") {
-    SY_ASSIGN_OR_RETURN(std::string from,
-                        StringPattern(n.at("pattern"), absl::StrCat(name_, ": normalizer Replace")));
+    SY_ASSIGN_OR_RETURN(
+        std::string from,
+        StringPattern(n.at("pattern"), absl::StrCat(name_, ": normalizer Replace")));
     norm_.push_back({NormOp::kReplace, from, n.at("content").get<std::string>()});
   } else if (type == "Lowercase") {
     norm_.push_back({NormOp::kLowercase, "", ""});
@@ -337,11 +346,15 @@ absl::Status BpeTokenizer::ParseNormalizer(const json& n) {
   return absl::OkStatus();
 }
 
-absl::Status BpeTokenizer::ParsePreTokenizer(const json& p) {
+absl::Status BpeTokenizer::ParsePreTokenizer(const json& p, int depth) {
   if (p.is_null()) return absl::OkStatus();
+  if (depth > kMaxNesting) {
+    return absl::InvalidArgumentError(absl::StrCat(name_, ": Sequence nested too deeply"));
+  }
   const std::string type = p.value("type", "");
   if (type == "Sequence") {
-    for (const json& sub : p.at("pretokenizers")) SY_RETURN_IF_ERROR(ParsePreTokenizer(sub));
+    for (const json& sub : p.at("pretokenizers"))
+      SY_RETURN_IF_ERROR(ParsePreTokenizer(sub, depth + 1));
   } else if (type == "ByteLevel") {
     byte_level_ = true;
     byte_level_prefix_space_ = p.value("add_prefix_space", false);
@@ -349,17 +362,22 @@ absl::Status BpeTokenizer::ParsePreTokenizer(const json& p) {
   } else if (type == "Split") {
     const json& pat = p.at("pattern");
     std::string regex;
-    if (pat.contains("Regex")) regex = pat["Regex"].get<std::string>();
-    else if (pat.contains("String")) regex = pat["String"].get<std::string>();
+    if (pat.contains("Regex"))
+      regex = pat["Regex"].get<std::string>();
+    else if (pat.contains("String"))
+      regex = pat["String"].get<std::string>();
     ti::SplitOptions opts;
     if (regex.find("[^\\r\\n\\p{L}\\p{N}]?") != std::string::npos) {
       opts.style = ti::SplitStyle::kCl100k;
     } else if (regex.find(" ?\\p{L}+") == std::string::npos) {
       SY_LOG(WARNING) << name_ << ": unrecognised Split pattern, using the GPT-2 split: " << regex;
     }
-    if (regex.find("\\p{N}{1,3}") != std::string::npos) opts.max_digits = 3;
-    else if (regex.find("\\p{N}+") != std::string::npos) opts.max_digits = 0;
-    else if (regex.find("\\p{N}") != std::string::npos) opts.max_digits = 1;
+    if (regex.find("\\p{N}{1,3}") != std::string::npos)
+      opts.max_digits = 3;
+    else if (regex.find("\\p{N}+") != std::string::npos)
+      opts.max_digits = 0;
+    else if (regex.find("\\p{N}") != std::string::npos)
+      opts.max_digits = 1;
     split_ = opts;
   } else if (type == "Metaspace") {
     metaspace_ = true;
@@ -373,11 +391,14 @@ absl::Status BpeTokenizer::ParsePreTokenizer(const json& p) {
   return absl::OkStatus();
 }
 
-absl::Status BpeTokenizer::ParseDecoder(const json& d) {
+absl::Status BpeTokenizer::ParseDecoder(const json& d, int depth) {
   if (d.is_null()) return absl::OkStatus();
+  if (depth > kMaxNesting) {
+    return absl::InvalidArgumentError(absl::StrCat(name_, ": Sequence nested too deeply"));
+  }
   const std::string type = d.value("type", "");
   if (type == "Sequence") {
-    for (const json& sub : d.at("decoders")) SY_RETURN_IF_ERROR(ParseDecoder(sub));
+    for (const json& sub : d.at("decoders")) SY_RETURN_IF_ERROR(ParseDecoder(sub, depth + 1));
   } else if (type == "ByteLevel") {
     decode_byte_level_ = true;
   } else if (type == "ByteFallback") {
@@ -427,8 +448,10 @@ void BpeTokenizer::BuildPieces() {
       for (size_t pos = 0; pos < tok.size();) {
         auto [cp, len] = ti::DecodeUtf8(tok, pos);
         const int b = ti::UnicodeToByte(cp);
-        if (b >= 0) out.push_back(static_cast<char>(b));
-        else out.append(tok, pos, len);
+        if (b >= 0)
+          out.push_back(static_cast<char>(b));
+        else
+          out.append(tok, pos, len);
         pos += len;
       }
       continue;
@@ -529,8 +552,8 @@ std::vector<int32_t> BpeTokenizer::Encode(const std::string& text, bool add_bos)
       while (tok_end < text.size() && IsAsciiSpace(text[tok_end])) ++tok_end;
     }
     if (seg_end > seg_start) {
-      EncodeSegment(std::string_view(text).substr(seg_start, seg_end - seg_start),
-                    seg_start == 0, &out);
+      EncodeSegment(std::string_view(text).substr(seg_start, seg_end - seg_start), seg_start == 0,
+                    &out);
     }
     out.push_back(hit->id);
     pos = seg_start = tok_end;
@@ -606,8 +629,10 @@ void BpeTokenizer::EncodeByteLevelWord(std::string_view word, std::vector<int32_
   syms.reserve(word.size());
   for (char c : word) {
     const int32_t id = byte_id_[static_cast<uint8_t>(c)];
-    if (id >= 0) syms.push_back(id);
-    else if (unk_) syms.push_back(*unk_);
+    if (id >= 0)
+      syms.push_back(id);
+    else if (unk_)
+      syms.push_back(*unk_);
   }
   Merge(&syms, out);
 }
@@ -660,9 +685,7 @@ void BpeTokenizer::Merge(std::vector<int32_t>* syms, std::vector<int32_t>* out) 
   };
   struct Cand {
     int32_t rank, left, right, left_id, right_id, merged;
-    bool operator>(const Cand& o) const {
-      return rank != o.rank ? rank > o.rank : left > o.left;
-    }
+    bool operator>(const Cand& o) const { return rank != o.rank ? rank > o.rank : left > o.left; }
   };
   std::vector<Node> nodes(n);
   for (int32_t i = 0; i < n; ++i) nodes[i] = {(*syms)[i], i - 1, i + 1 < n ? i + 1 : -1};
@@ -724,8 +747,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Load(const std::string& text,
     try {
       config = json::parse(config_text);
     } catch (const json::exception& e) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(config_name, ": malformed JSON: ", e.what()));
+      return absl::InvalidArgumentError(absl::StrCat(config_name, ": malformed JSON: ", e.what()));
     }
   }
   try {

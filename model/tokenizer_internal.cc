@@ -36,11 +36,16 @@ int LeadLength(uint8_t b) {
 // and code points past U+10FFFF).
 bool ValidSecond(uint8_t lead, uint8_t b) {
   switch (lead) {
-    case 0xE0: return b >= 0xA0 && b <= 0xBF;
-    case 0xED: return b >= 0x80 && b <= 0x9F;
-    case 0xF0: return b >= 0x90 && b <= 0xBF;
-    case 0xF4: return b >= 0x80 && b <= 0x8F;
-    default: return b >= 0x80 && b <= 0xBF;
+    case 0xE0:
+      return b >= 0xA0 && b <= 0xBF;
+    case 0xED:
+      return b >= 0x80 && b <= 0x9F;
+    case 0xF0:
+      return b >= 0x90 && b <= 0xBF;
+    case 0xF4:
+      return b >= 0x80 && b <= 0x8F;
+    default:
+      return b >= 0x80 && b <= 0xBF;
   }
 }
 
@@ -109,8 +114,8 @@ const ByteMaps& Maps() {
     m.to_byte.fill(-1);
     int extra = 0;
     for (int b = 0; b < 256; ++b) {
-      const bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) ||
-                             (b >= 0xAE && b <= 0xFF);
+      const bool printable =
+          (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
       const uint32_t cp = printable ? static_cast<uint32_t>(b) : 256u + extra++;
       AppendUtf8(cp, &m.to_unicode[b]);
       m.to_byte[cp] = b;
@@ -133,9 +138,9 @@ namespace {
 enum class Cls : uint8_t { kLetter, kDigit, kSpace, kOther };
 
 bool IsUnicodeSpace(uint32_t cp) {
-  return (cp >= 0x09 && cp <= 0x0D) || cp == 0x20 || cp == 0x85 || cp == 0xA0 ||
-         cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 || cp == 0x2029 ||
-         cp == 0x202F || cp == 0x205F || cp == 0x3000;
+  return (cp >= 0x09 && cp <= 0x0D) || cp == 0x20 || cp == 0x85 || cp == 0xA0 || cp == 0x1680 ||
+         (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 || cp == 0x2029 || cp == 0x202F ||
+         cp == 0x205F || cp == 0x3000;
 }
 
 Cls Classify(uint32_t cp) {
@@ -212,10 +217,18 @@ std::vector<std::pair<size_t, size_t>> SplitByteLevel(std::string_view text,
       // ' ?\p{L}+ | ?\p{N}+ | ?[^\s\p{L}\p{N}]+' then whitespace.
       const size_t j = (cp[i] == ' ' && i + 1 < n) ? i + 1 : i;
       switch (cls[j]) {
-        case Cls::kLetter: end = run_end(j, Cls::kLetter, 0); break;
-        case Cls::kDigit: end = run_end(j, Cls::kDigit, opts.max_digits); break;
-        case Cls::kOther: end = run_end(j, Cls::kOther, 0); break;
-        default: end = whitespace(i); break;
+        case Cls::kLetter:
+          end = run_end(j, Cls::kLetter, 0);
+          break;
+        case Cls::kDigit:
+          end = run_end(j, Cls::kDigit, opts.max_digits);
+          break;
+        case Cls::kOther:
+          end = run_end(j, Cls::kOther, 0);
+          break;
+        default:
+          end = whitespace(i);
+          break;
       }
     } else {
       const Cls c0 = cls[i];

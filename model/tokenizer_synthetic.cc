@@ -33,7 +33,8 @@ constexpr int64_t kMaxSyntheticVocab = 1 << 20;
 
 // The training text: plain English prose (ASCII only, no '<' so no merge can spell a byte
 // token), about 4 KB.
-constexpr char kTrainingText[] = R"(A switchyard is the part of a railway where trains are taken apart and put together again.
+constexpr char kTrainingText[] =
+    R"(A switchyard is the part of a railway where trains are taken apart and put together again.
 Cars arrive from many places, each one bound for a different town, and the yard sorts them
 so that every outgoing train carries only the cars that travel the same way. The work is
 old, but the problem it solves is the same one that a serving system for large language
@@ -75,9 +76,9 @@ follow them. The trains will keep coming; the yard should be ready for them.
 )";
 
 struct Vocab {
-  std::vector<std::string> tokens;                    // by id
-  absl::flat_hash_map<std::string, int32_t> index;    // string -> id
-  std::vector<std::pair<int32_t, int32_t>> merges;    // in rank order
+  std::vector<std::string> tokens;                  // by id
+  absl::flat_hash_map<std::string, int32_t> index;  // string -> id
+  std::vector<std::pair<int32_t, int32_t>> merges;  // in rank order
 
   int32_t Add(const std::string& s) {
     auto [it, inserted] = index.try_emplace(s, static_cast<int32_t>(tokens.size()));
@@ -179,7 +180,8 @@ std::string Quote(const std::string& s) { return nlohmann::json(s).dump(); }
 absl::Status WriteFile(const std::filesystem::path& path, const std::string& data) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   if (!out) {
-    return absl::InternalError(absl::StrCat("cannot write ", path.string(), ": ", std::strerror(errno)));
+    return absl::InternalError(
+        absl::StrCat("cannot write ", path.string(), ": ", std::strerror(errno)));
   }
   out << data;
   out.close();
@@ -217,7 +219,9 @@ absl::Status WriteSyntheticTokenizer(const std::string& dir, int64_t vocab_size,
   if (!sp) {
     const auto& map = ti::ByteToUnicode();
     for (int b = 0; b < 256; ++b) v.Add(map[b]);
-    for (auto [b, e] : ti::SplitByteLevel(text, ti::SplitOptions{})) count_word(text.substr(b, e - b));
+    for (auto [b, e] : ti::SplitByteLevel(text, ti::SplitOptions{})) {
+      count_word(text.substr(b, e - b));
+    }
     for (const std::string& w : word_order) {
       std::vector<int32_t> syms;
       for (char c : w) syms.push_back(3 + static_cast<uint8_t>(c));
@@ -353,8 +357,7 @@ absl::Status WriteSyntheticTokenizer(const std::string& dir, int64_t vocab_size,
         "  \"decoder\": {\"type\": \"ByteLevel\", \"add_prefix_space\": true, "
         "\"trim_offsets\": true, \"use_regex\": true},\n";
   }
-  absl::StrAppend(&out,
-                  "  \"model\": {\"type\": \"BPE\", \"dropout\": null, \"unk_token\": ",
+  absl::StrAppend(&out, "  \"model\": {\"type\": \"BPE\", \"dropout\": null, \"unk_token\": ",
                   sp ? "\"<unk>\"" : "null",
                   ", \"continuing_subword_prefix\": null, \"end_of_word_suffix\": null, "
                   "\"fuse_unk\": ",
@@ -366,10 +369,10 @@ absl::Status WriteSyntheticTokenizer(const std::string& dir, int64_t vocab_size,
   }
   out += "    },\n    \"merges\": [\n";
   for (size_t m = 0; m < v.merges.size(); ++m) {
-    absl::StrAppend(&out, "      ",
-                    Quote(absl::StrCat(v.tokens[v.merges[m].first], " ",
-                                       v.tokens[v.merges[m].second])),
-                    m + 1 < v.merges.size() ? ",\n" : "\n");
+    absl::StrAppend(
+        &out, "      ",
+        Quote(absl::StrCat(v.tokens[v.merges[m].first], " ", v.tokens[v.merges[m].second])),
+        m + 1 < v.merges.size() ? ",\n" : "\n");
   }
   out += "    ]\n  }\n}\n";
 

@@ -5,7 +5,6 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
-
 #include <unistd.h>
 
 #include <chrono>
@@ -64,7 +63,8 @@ constexpr char kSentencePieceJson[] = R"({
     {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
   "pre_tokenizer": null,
   "post_processor": {"type": "TemplateProcessing",
-    "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]},
+    "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+               {"Sequence": {"id": "A", "type_id": 0}}]},
   "decoder": {"type": "Sequence", "decoders": [
     {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
     {"type": "ByteFallback"}, {"type": "Fuse"},
@@ -172,7 +172,9 @@ TEST(TokenizerSplit, MatchesTheGpt2Gpt4AndQwen2Regexes) {
        {"caf\xC3\xA9", " \xE4\xB8\x96\xE7\x95\x8C", " x", "\xC2\xA0", "y"},
        {"caf\xC3\xA9", " \xE4\xB8\x96\xE7\x95\x8C", " x", "\xC2\xA0y"},
        {"caf\xC3\xA9", " \xE4\xB8\x96\xE7\x95\x8C", " x", "\xC2\xA0y"}},
-      {"a \t\nb  ", {"a", " \t", "\n", "b", "  "}, {"a", " \t\n", "b", "  "},
+      {"a \t\nb  ",
+       {"a", " \t", "\n", "b", "  "},
+       {"a", " \t\n", "b", "  "},
        {"a", " \t\n", "b", "  "}},
   };
   for (const SplitCase& c : cases) {
@@ -235,8 +237,8 @@ TEST(TokenizerSentencePiece, MetaspacePreTokenizerAndDecoder) {
   std::string json = kSentencePieceJson;
   nlohmann::json j = nlohmann::json::parse(json);
   j["normalizer"] = nullptr;
-  j["pre_tokenizer"] = {{"type", "Metaspace"}, {"replacement", "▁"},
-                        {"prepend_scheme", "first"}, {"split", false}};
+  j["pre_tokenizer"] = {
+      {"type", "Metaspace"}, {"replacement", "▁"}, {"prepend_scheme", "first"}, {"split", false}};
   j["decoder"] = {{"type", "Sequence"},
                   {"decoders",
                    {{{"type", "ByteFallback"}},
@@ -361,8 +363,8 @@ class TokenizerSyntheticRoundTrip
 
 TEST_P(TokenizerSyntheticRoundTrip, HasExactSizeAndRoundTripsMixedText) {
   const auto [vocab, style] = GetParam();
-  ScopedDir scoped(
-      "synth_" + std::to_string(vocab) + (style == TokenizerStyle::kByteLevelBpe ? "_bl" : "_sp"));
+  ScopedDir scoped("synth_" + std::to_string(vocab) +
+                   (style == TokenizerStyle::kByteLevelBpe ? "_bl" : "_sp"));
   const std::string& dir = scoped.path();
   const auto t0 = std::chrono::steady_clock::now();
   ASSERT_TRUE(WriteSyntheticTokenizer(dir, vocab, style).ok());
@@ -411,11 +413,10 @@ TEST_P(TokenizerSyntheticRoundTrip, HasExactSizeAndRoundTripsMixedText) {
   EXPECT_LT(tok.Encode(english, false).size(), english.size() * 6 / 10);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    TokenizerSizes, TokenizerSyntheticRoundTrip,
-    ::testing::Combine(::testing::Values<int64_t>(512, 32000),
-                       ::testing::Values(TokenizerStyle::kByteLevelBpe,
-                                         TokenizerStyle::kSentencePieceBpe)));
+INSTANTIATE_TEST_SUITE_P(TokenizerSizes, TokenizerSyntheticRoundTrip,
+                         ::testing::Combine(::testing::Values<int64_t>(512, 32000),
+                                            ::testing::Values(TokenizerStyle::kByteLevelBpe,
+                                                              TokenizerStyle::kSentencePieceBpe)));
 
 TEST(TokenizerSynthetic, RejectsAVocabTooSmallForTheByteTokens) {
   ScopedDir scoped("small");
@@ -425,9 +426,9 @@ TEST(TokenizerSynthetic, RejectsAVocabTooSmallForTheByteTokens) {
 }
 
 // Plain reference BPE: repeatedly merge the best-ranked adjacent pair (leftmost on ties).
-std::vector<int32_t> NaiveBpe(std::vector<int32_t> syms,
-                              const std::map<std::pair<int32_t, int32_t>, std::pair<int, int32_t>>&
-                                  merges) {
+std::vector<int32_t> NaiveBpe(
+    std::vector<int32_t> syms,
+    const std::map<std::pair<int32_t, int32_t>, std::pair<int, int32_t>>& merges) {
   while (true) {
     int best_rank = -1;
     size_t best_pos = 0;
@@ -460,12 +461,13 @@ TEST(TokenizerSynthetic, SentencePieceEncodeMatchesANaiveBpeReference) {
     const std::string s = m.get<std::string>();
     const size_t sp = s.find(' ');
     const std::string a = s.substr(0, sp), b = s.substr(sp + 1);
-    merges.emplace(std::make_pair(vocab.at(a), vocab.at(b)), std::make_pair(rank++, vocab.at(a + b)));
+    merges.emplace(std::make_pair(vocab.at(a), vocab.at(b)),
+                   std::make_pair(rank++, vocab.at(a + b)));
   }
   // Random strings over a small alphabet (ASCII letters, space, 'é') exercise long words.
   std::mt19937 rng(7);
-  const std::vector<std::string> alphabet = {"e", "t", "a", "o", "n", " ", "h", "s", "r",
-                                             "th", "\xC3\xA9", "E", "x"};
+  const std::vector<std::string> alphabet = {"e", "t", "a",  "o",        "n", " ", "h",
+                                             "s", "r", "th", "\xC3\xA9", "E", "x"};
   for (int trial = 0; trial < 200; ++trial) {
     std::string text;
     const int len = 1 + static_cast<int>(rng() % 60);
