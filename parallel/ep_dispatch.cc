@@ -90,6 +90,24 @@ absl::Status ChooseSlots(const ExpertPlacement& placement, int layer, int rank,
 
 namespace {
 
+// Branch-free f32 → bf16 (round to nearest even, NaN stays NaN) and back, so the row loops
+// vectorise.
+inline void ToBf16(const float* src, int64_t n, uint16_t* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, &src[i], 4);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const uint32_t nan = (u >> 16) | 0x40u;
+    dst[i] = static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+  }
+}
+inline void FromBf16(const uint16_t* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(src[i]) << 16;
+    std::memcpy(&dst[i], &u, 4);
+  }
+}
+
 class EpDispatcher final : public ExpertParallelDispatcher {
  public:
   EpDispatcher(Communicator* comm, std::shared_ptr<const ExpertPlacement> placement,
@@ -128,31 +146,29 @@ class EpDispatcher final : public ExpertParallelDispatcher {
                                float* out) override;
 
  private:
-  size_t ElemBytes() const { return options_.wire_dtype == WireDType::kBF16 ? 2 : 4; }
-  // Writes f32 row src (hidden) into dst in the wire dtype.
+  bool bf16() const { return options_.wire_dtype == WireDType::kBF16; }
+  size_t ElemBytes() const { return bf16() ? 2 : 4; }
   void PutRow(const float* src, int64_t hidden, char* dst) const {
-    if (options_.wire_dtype == WireDType::kF32) {
-      std::memcpy(dst, src, hidden * sizeof(float));
+    if (bf16()) {
+      ToBf16(src, hidden, reinterpret_cast<uint16_t*>(dst));
     } else {
-      auto* d = reinterpret_cast<uint16_t*>(dst);
-      for (int64_t i = 0; i < hidden; ++i) d[i] = F32ToBf16(src[i]);
+      std::memcpy(dst, src, hidden * sizeof(float));
     }
   }
   void GetRow(const char* src, int64_t hidden, float* dst) const {
-    if (options_.wire_dtype == WireDType::kF32) {
-      std::memcpy(dst, src, hidden * sizeof(float));
+    if (bf16()) {
+      FromBf16(reinterpret_cast<const uint16_t*>(src), hidden, dst);
     } else {
-      const auto* s = reinterpret_cast<const uint16_t*>(src);
-      for (int64_t i = 0; i < hidden; ++i) dst[i] = Bf16ToF32(s[i]);
+      std::memcpy(dst, src, hidden * sizeof(float));
     }
   }
-  void AddRow(const char* src, int64_t hidden, float* dst) const {
-    if (options_.wire_dtype == WireDType::kF32) {
-      const auto* s = reinterpret_cast<const float*>(src);
-      for (int64_t i = 0; i < hidden; ++i) dst[i] += s[i];
+  // fn(begin, end) over [0, n), on the pool when there is one and the work is worth it.
+  void For(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) const {
+    if (n <= 0) return;
+    if (options_.pool != nullptr && n > grain) {
+      options_.pool->ParallelFor(n, grain, fn);
     } else {
-      const auto* s = reinterpret_cast<const uint16_t*>(src);
-      for (int64_t i = 0; i < hidden; ++i) dst[i] += Bf16ToF32(s[i]);
+      fn(0, n);
     }
   }
 
@@ -163,18 +179,20 @@ class EpDispatcher final : public ExpertParallelDispatcher {
 
   // Scratch reused across calls (one engine thread).
   std::vector<int32_t> slots_;
-  std::vector<int32_t> seen_dest_, seen_row_;  // [K] destinations of the current token
-  std::vector<std::vector<int32_t>> tokens_to_;  // [n][rows] token of each row sent to rank
-  std::vector<std::vector<WirePair>> pairs_to_;  // [n][pairs]
+  std::vector<int32_t> seen_dest_;                // [K] destinations of the current token
+  std::vector<int32_t> token_dest_, token_row_;   // [T, K] (dest, row) per token, -1 padded
+  std::vector<std::vector<int32_t>> tokens_to_;   // [n][rows] token of each row sent to rank
+  std::vector<std::vector<WirePair>> pairs_to_;   // [n][pairs]
   std::vector<WireCounts> send_counts_, recv_counts_;
-  std::vector<int64_t> s_cnt_, s_off_, r_cnt_, r_off_;
+  std::vector<int64_t> s_cnt_, s_off_, r_cnt_, r_off_, dispatch_sent_;
+  std::vector<int64_t> ret_row_base_;             // [n] first row of rank d in the return
   std::vector<char> send_buf_, recv_buf_, ret_send_, ret_recv_;
-  std::vector<int64_t> dispatch_sent_;  // [n] dispatch bytes sent to each rank
-  std::vector<WirePair> in_pairs_;
-  std::vector<int32_t> in_pair_src_;  // source rank of each received pair
-  std::vector<int64_t> src_row_base_;  // [n+1] first global received row of each source
+  std::vector<WirePair> in_pairs_;                // received pairs, source-major
+  std::vector<int64_t> in_row_;                   // global received row of each pair
+  std::vector<int64_t> src_row_base_;             // [n+1] first global received row per source
   std::vector<int64_t> slot_offsets_, cursor_, pos_of_pair_;
-  std::vector<float> grouped_, results_, row_acc_;
+  std::vector<int64_t> row_pairs_begin_, pairs_by_row_;  // CSR: received row → its pairs
+  std::vector<float> grouped_, results_;
 
   mutable std::mutex stats_mu_;
   EpDispatchStats stats_;
@@ -188,39 +206,44 @@ absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t nu
   const int me = comm_->rank();
   const ExpertPlacement& placement = *placement_;
   const int spr = placement.slots_per_rank();
-  const size_t row_bytes = ElemBytes() * hidden;
+  const int64_t row_bytes = static_cast<int64_t>(ElemBytes()) * hidden;
+  const int64_t K = num_topk;
+  // Rows per parallel task: ~64 KiB of row data.
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, hidden * 4));
 
   // 1. Route. A bad id is a bug upstream, but peers are already waiting for this rank's
   // collectives: join them with nothing to send and report the error afterwards.
-  slots_.resize(num_tokens * num_topk);
-  absl::Status route = ChooseSlots(placement, layer, me, topk_ids, num_tokens, num_topk,
-                                   slots_.data());
+  slots_.resize(num_tokens * K);
+  absl::Status route =
+      ChooseSlots(placement, layer, me, topk_ids, num_tokens, K, slots_.data());
   const int64_t T = route.ok() ? num_tokens : 0;
 
-  // 2. Layout: one row per (token, destination rank).
+  // 2. Layout: one row per (token, destination rank); pairs of a row stay contiguous and in
+  // row order (the receiver relies on neither, but it keeps its accesses sequential).
   tokens_to_.resize(n);
   pairs_to_.resize(n);
   for (int d = 0; d < n; ++d) {
     tokens_to_[d].clear();
     pairs_to_[d].clear();
   }
-  seen_dest_.resize(num_topk);
-  seen_row_.resize(num_topk);
+  seen_dest_.resize(K);
+  token_dest_.assign(T * K, -1);
+  token_row_.assign(T * K, -1);
   for (int64_t t = 0; t < T; ++t) {
-    const int32_t* ts = &slots_[t * num_topk];
+    const int32_t* ts = &slots_[t * K];
     int num_seen = 0;
-    for (int64_t k = 0; k < num_topk; ++k) {
+    for (int64_t k = 0; k < K; ++k) {
       const int d = placement.rank_of_slot(ts[k]);
       int32_t row = -1;
       for (int j = 0; j < num_seen; ++j)  // k is small (≤ 8 or so): a scan beats a map
-        if (seen_dest_[j] == d) row = seen_row_[j];
+        if (token_dest_[t * K + j] == d) row = token_row_[t * K + j];
       if (row < 0) {
         row = static_cast<int32_t>(tokens_to_[d].size());
         tokens_to_[d].push_back(static_cast<int32_t>(t));
-        seen_dest_[num_seen] = d;
-        seen_row_[num_seen++] = row;
+        token_dest_[t * K + num_seen] = d;
+        token_row_[t * K + num_seen++] = row;
       }
-      pairs_to_[d].push_back({row, ts[k] % spr, topk_weights[t * num_topk + k]});
+      pairs_to_[d].push_back({row, ts[k] % spr, topk_weights[t * K + k]});
     }
   }
 
@@ -253,13 +276,15 @@ absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t nu
   send_buf_.resize(std::max<int64_t>(send_total, 1));
   recv_buf_.resize(std::max<int64_t>(recv_total, 1));
   for (int d = 0; d < n; ++d) {
-    char* p = send_buf_.data() + s_off_[d];
-    for (int32_t t : tokens_to_[d]) {
-      PutRow(x + static_cast<int64_t>(t) * hidden, hidden, p);
-      p += row_bytes;
-    }
+    char* seg = send_buf_.data() + s_off_[d];
+    const std::vector<int32_t>& toks = tokens_to_[d];
+    For(static_cast<int64_t>(toks.size()), grain, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i)
+        PutRow(x + static_cast<int64_t>(toks[i]) * hidden, hidden, seg + i * row_bytes);
+    });
     if (!pairs_to_[d].empty())
-      std::memcpy(p, pairs_to_[d].data(), pairs_to_[d].size() * sizeof(WirePair));
+      std::memcpy(seg + toks.size() * row_bytes, pairs_to_[d].data(),
+                  pairs_to_[d].size() * sizeof(WirePair));
   }
   t0 = std::chrono::steady_clock::now();
   SY_RETURN_IF_ERROR(sy::Annotate(comm_->AllToAllV(send_buf_.data(), s_cnt_, s_off_,
@@ -275,89 +300,114 @@ absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t nu
     src_row_base_[s + 1] = src_row_base_[s] + recv_counts_[s].rows;
     num_pairs += recv_counts_[s].pairs;
   }
+  const int64_t num_in_rows = src_row_base_[n];
   in_pairs_.resize(num_pairs);
-  in_pair_src_.resize(num_pairs);
+  in_row_.resize(num_pairs);
+  absl::Status bad_pair;
   {
     int64_t i = 0;
     for (int s = 0; s < n; ++s) {
       const char* p = recv_buf_.data() + r_off_[s] + recv_counts_[s].rows * row_bytes;
       if (recv_counts_[s].pairs > 0)
         std::memcpy(&in_pairs_[i], p, recv_counts_[s].pairs * sizeof(WirePair));
-      for (int64_t j = 0; j < recv_counts_[s].pairs; ++j) in_pair_src_[i + j] = s;
-      i += recv_counts_[s].pairs;
+      for (int64_t j = 0; j < recv_counts_[s].pairs; ++j, ++i) {
+        const WirePair& pr = in_pairs_[i];
+        if (pr.local_slot < 0 || pr.local_slot >= spr || pr.row < 0 ||
+            pr.row >= recv_counts_[s].rows) {
+          bad_pair = absl::InternalError(absl::StrCat(
+              "expert dispatch layer ", layer, ": rank ", s, " sent a malformed pair"));
+          in_pairs_[i] = {0, 0, 0.f};
+          in_row_[i] = -1;
+          continue;
+        }
+        in_row_[i] = src_row_base_[s] + pr.row;
+      }
     }
   }
-  absl::Status bad_pair;
+  if (!bad_pair.ok()) num_pairs = 0;  // compute nothing; still take part in the return
   slot_offsets_.assign(spr + 1, 0);
+  row_pairs_begin_.assign(num_in_rows + 1, 0);
   for (int64_t i = 0; i < num_pairs; ++i) {
-    const WirePair& pr = in_pairs_[i];
-    const int s = in_pair_src_[i];
-    if (pr.local_slot < 0 || pr.local_slot >= spr || pr.row < 0 ||
-        pr.row >= recv_counts_[s].rows) {
-      bad_pair = absl::InternalError(absl::StrCat("expert dispatch layer ", layer, ": rank ", s,
-                                                  " sent a malformed pair"));
-      num_pairs = 0;
-      slot_offsets_.assign(spr + 1, 0);
-      break;
-    }
-    ++slot_offsets_[pr.local_slot + 1];
+    ++slot_offsets_[in_pairs_[i].local_slot + 1];
+    ++row_pairs_begin_[in_row_[i] + 1];
   }
   for (int s = 0; s < spr; ++s) slot_offsets_[s + 1] += slot_offsets_[s];
+  for (int64_t r = 0; r < num_in_rows; ++r) row_pairs_begin_[r + 1] += row_pairs_begin_[r];
   cursor_.assign(slot_offsets_.begin(), slot_offsets_.end() - 1);
   pos_of_pair_.resize(num_pairs);
-  grouped_.resize(num_pairs * hidden);
-  for (int64_t i = 0; i < num_pairs; ++i) {
-    const WirePair& pr = in_pairs_[i];
-    const int s = in_pair_src_[i];
-    const int64_t pos = cursor_[pr.local_slot]++;
-    pos_of_pair_[i] = pos;
-    GetRow(recv_buf_.data() + r_off_[s] + static_cast<int64_t>(pr.row) * row_bytes, hidden,
-           &grouped_[pos * hidden]);
+  pairs_by_row_.resize(num_pairs);
+  {
+    std::vector<int64_t>& row_cursor = ret_row_base_;  // scratch, rebuilt below
+    row_cursor.assign(row_pairs_begin_.begin(), row_pairs_begin_.end() - 1);
+    for (int64_t i = 0; i < num_pairs; ++i) {
+      pos_of_pair_[i] = cursor_[in_pairs_[i].local_slot]++;
+      pairs_by_row_[row_cursor[in_row_[i]]++] = i;
+    }
   }
+  grouped_.resize(num_pairs * hidden);
+  For(num_pairs, grain, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t g = in_row_[i];
+      const int s = static_cast<int>(
+          std::upper_bound(src_row_base_.begin(), src_row_base_.end(), g) -
+          src_row_base_.begin() - 1);
+      GetRow(recv_buf_.data() + r_off_[s] + (g - src_row_base_[s]) * row_bytes, hidden,
+             &grouped_[pos_of_pair_[i] * hidden]);
+    }
+  });
   results_.resize(num_pairs * hidden);
   if (num_pairs > 0) compute(layer, grouped_.data(), slot_offsets_.data(), results_.data());
 
-  // 6. Pre-sum Σ weight · y per received row, in the sender's row order. The return segments
-  // reuse the layout of the received rows: rank s gets recv_counts_[s].rows rows back.
-  const int64_t num_in_rows = src_row_base_[n];
-  row_acc_.assign(num_in_rows * hidden, 0.f);
-  for (int64_t i = 0; i < num_pairs; ++i) {
-    const WirePair& pr = in_pairs_[i];
-    float* acc = &row_acc_[(src_row_base_[in_pair_src_[i]] + pr.row) * hidden];
-    const float* y = &results_[pos_of_pair_[i] * hidden];
-    for (int64_t d = 0; d < hidden; ++d) acc[d] += pr.weight * y[d];
-  }
-  // Return bytes: rows only. Send buffer = received rows in wire dtype; receive = our rows.
+  // 6. Pre-sum Σ weight · y per received row straight into the return buffer, whose layout
+  // is that of the received rows: rank s gets recv_counts_[s].rows rows back, in its order.
   for (int d = 0; d < n; ++d) {
     s_cnt_[d] = recv_counts_[d].rows * row_bytes;
     r_cnt_[d] = send_counts_[d].rows * row_bytes;
   }
   int64_t ret_send_total = 0, ret_recv_total = 0;
+  ret_row_base_.assign(n, 0);
   for (int d = 0; d < n; ++d) {
     s_off_[d] = ret_send_total;
     ret_send_total += s_cnt_[d];
     r_off_[d] = ret_recv_total;
+    ret_row_base_[d] = ret_recv_total / std::max<int64_t>(row_bytes, 1);
     ret_recv_total += r_cnt_[d];
   }
   ret_send_.resize(std::max<int64_t>(ret_send_total, 1));
   ret_recv_.resize(std::max<int64_t>(ret_recv_total, 1));
-  for (int64_t r = 0; r < num_in_rows; ++r)
-    PutRow(&row_acc_[r * hidden], hidden, ret_send_.data() + r * row_bytes);
+  For(num_in_rows, grain, [&](int64_t b, int64_t e) {
+    std::vector<float> acc(hidden);
+    for (int64_t r = b; r < e; ++r) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = row_pairs_begin_[r]; j < row_pairs_begin_[r + 1]; ++j) {
+        const int64_t i = pairs_by_row_[j];
+        const float wgt = in_pairs_[i].weight;
+        const float* y = &results_[pos_of_pair_[i] * hidden];
+        for (int64_t c = 0; c < hidden; ++c) acc[c] += wgt * y[c];
+      }
+      PutRow(acc.data(), hidden, ret_send_.data() + r * row_bytes);
+    }
+  });
   t0 = std::chrono::steady_clock::now();
   SY_RETURN_IF_ERROR(sy::Annotate(comm_->AllToAllV(ret_send_.data(), s_cnt_, s_off_,
                                                    ret_recv_.data(), r_cnt_, r_off_),
                                   absl::StrCat("expert combine layer ", layer)));
   const double combine_s = Seconds(t0);
 
-  // 7. Combine the partial sums.
-  std::fill(out, out + num_tokens * hidden, 0.f);
-  for (int d = 0; d < n; ++d) {
-    const char* p = ret_recv_.data() + r_off_[d];
-    for (int32_t t : tokens_to_[d]) {
-      AddRow(p, hidden, out + static_cast<int64_t>(t) * hidden);
-      p += row_bytes;
+  // 7. Combine: out[t] = Σ over t's destination ranks of their partial sums.
+  For(num_tokens, grain, [&](int64_t b, int64_t e) {
+    std::vector<float> row(hidden);
+    for (int64_t t = b; t < e; ++t) {
+      float* o = out + t * hidden;
+      std::fill(o, o + hidden, 0.f);
+      if (t >= T) continue;
+      for (int64_t j = 0; j < K && token_dest_[t * K + j] >= 0; ++j) {
+        const int64_t r = ret_row_base_[token_dest_[t * K + j]] + token_row_[t * K + j];
+        GetRow(ret_recv_.data() + r * row_bytes, hidden, row.data());
+        for (int64_t c = 0; c < hidden; ++c) o[c] += row[c];
+      }
     }
-  }
+  });
 
   // Counters.
   {

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "kernels/core/thread_pool.h"
 #include "parallel/communicator.h"
 #include "parallel/expert_placement.h"
 #include "parallel/moe_dispatch.h"
@@ -44,6 +45,10 @@ struct EpDispatchOptions {
   // Element type of token rows and returned rows on the wire. bf16 halves the bytes; the
   // expert math stays f32 (rows are widened on the receiver).
   WireDType wire_dtype = WireDType::kF32;
+  // Pool for the packing, grouping, pre-sum and combine loops; nullptr runs them on the
+  // calling thread. (Not ThreadPool::Default() implicitly: a forked rank process must not
+  // inherit a pool whose threads stayed in the parent.)
+  ThreadPool* pool = nullptr;
 };
 
 // Cumulative counters of one rank's dispatcher (exported as switchyard_ep_* metrics).
