@@ -101,6 +101,19 @@ int ServeCommand(int argc, char** argv) {
             "largest request message; larger gets RESOURCE_EXHAUSTED");
   flags.Add("drain-timeout", &o.drain_timeout_s,
             "seconds a drain waits for running requests before aborting them");
+  flags.Add("min-ranks", &o.cluster.min_ranks,
+            "ranks as processes, this leader included: wait for N-1 `switchyard worker --join` "
+            "before SERVING");
+  flags.Add("local-ranks", &o.cluster.local_ranks, "ranks as threads of this process (tests, one host)");
+  flags.Add("cluster-port", &o.cluster.cluster_port,
+            "port of the Cluster service workers join (with --min-ranks > 1); 0: OS picks");
+  flags.Add("rank-host", &o.cluster.rank_host, "address this rank announces to the other ranks");
+  flags.Add("secret", &o.cluster.secret,
+            "cluster secret workers must present (or env SWITCHYARD_CLUSTER_SECRET)");
+  flags.Add("collective-timeout-ms", &o.cluster.collective_timeout_ms,
+            "a rank that does not answer a collective within this fails the group");
+  flags.Add("rank-wait-timeout", &o.cluster.rank_wait_timeout_s,
+            "seconds to wait for --min-ranks ranks before giving up");
   absl::Status s = flags.Parse(argc, argv);
   if (s.code() == absl::StatusCode::kCancelled) {  // --help
     std::printf("%s", std::string(s.message()).c_str());
@@ -147,6 +160,10 @@ int ServeCommand(int argc, char** argv) {
 
   ProgressLine line;
   absl::Status loaded = d->Load([&](const std::string& msg) {
+    if (msg.rfind("cluster service on ", 0) == 0) {  // workers need the port: stdout too
+      std::printf("%s\n", msg.c_str());
+      std::fflush(stdout);
+    }
     if (msg.rfind("loaded ", 0) == 0) {
       line.Stop();
       std::fprintf(stderr, "%s\n", msg.c_str());

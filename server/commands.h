@@ -12,5 +12,6 @@ int LoadgenCommand(int argc, char** argv);    // gRPC load generator (server/loa
 
 
 int PlanCommand(int argc, char** argv);       // expert placement planners (parallel/planner)
+int WorkerCommand(int argc, char** argv);     // join a leader as one more rank (server/worker.h)
 
 }  // namespace sy::server

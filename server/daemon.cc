@@ -74,6 +74,12 @@ absl::Status Daemon::Load(const std::function<void(const std::string&)>& progres
   const auto t0 = std::chrono::steady_clock::now();
   model::LoadOptions lo;
   lo.backend = options_.backend;
+  if (options_.cluster.multi_rank()) {  // ranks join (or start) now; the leader loads its experts
+    SY_ASSIGN_OR_RETURN(cluster_, ClusterLeader::Start(options_.cluster, model_dir_, options_.backend,
+                                                       options_.kv_cache_bytes, options_.block_size,
+                                                       progress));
+    lo.experts_per_layer = cluster_->leader_experts();
+  }
   SY_ASSIGN_OR_RETURN(model_, model::MoeModel::Load(model_dir_, lo));
   const std::string tok_path = (std::filesystem::path(model_dir_) / "tokenizer.json").string();
   if (std::filesystem::exists(tok_path)) {
@@ -96,8 +102,15 @@ absl::Status Daemon::Load(const std::function<void(const std::string&)>& progres
     return absl::InvalidArgumentError(absl::StrCat(
         "--kv-cache-bytes: ", options_.kv_cache_bytes, " bytes hold no KV block of ",
         model::KvCache::BytesPerBlock(c, options_.block_size), " bytes"));
-  auto executor = std::make_unique<scheduler::LocalStepExecutor>(model_.get(), eo.num_blocks,
-                                                                 eo.block_size);
+  std::unique_ptr<scheduler::StepExecutor> executor;
+  if (cluster_ != nullptr) {  // waits for --min-ranks ranks; a failed group turns health off
+    cluster_->RegisterMetrics(metrics_->registry());
+    SY_ASSIGN_OR_RETURN(executor, cluster_->MakeExecutor(
+                                      model_.get(), [this](const absl::Status&) { SetHealth(false); }));
+  } else {
+    executor = std::make_unique<scheduler::LocalStepExecutor>(model_.get(), eo.num_blocks,
+                                                              eo.block_size);
+  }
   engine_ = std::make_unique<scheduler::Engine>(std::move(executor), tokenizer_.get(), eo,
                                                 metrics_.get());
   engine_->Start();

@@ -21,6 +21,7 @@
 #include "model/moe_model.h"
 #include "model/tokenizer.h"
 #include "scheduler/engine.h"
+#include "server/cluster_leader.h"
 #include "server/inference_service.h"
 #include "server/metrics.h"
 
@@ -41,6 +42,7 @@ struct ServeOptions {
   int64_t default_max_new_tokens = 256;
   int64_t max_message_bytes = 4 << 20;  // larger requests get RESOURCE_EXHAUSTED
   double drain_timeout_s = 30;
+  ClusterOptions cluster;            // more than one rank (server/cluster_leader.h)
 };
 
 class Daemon {
@@ -71,6 +73,7 @@ class Daemon {
   std::string model_dir_;
   std::unique_ptr<model::MoeModel> model_;
   std::unique_ptr<model::Tokenizer> tokenizer_;
+  std::unique_ptr<ClusterLeader> cluster_;  // multi-rank only; outlives the engine
   std::unique_ptr<scheduler::Engine> engine_;
   std::mutex drain_mu_;  // Drain waits for a Load in progress, and runs once
   bool drained_ = false;

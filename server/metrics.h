@@ -48,6 +48,9 @@ class ServerMetrics : public scheduler::EngineObserver {
   void OnTokenGap(double seconds) override;
   void OnRequestDone(const scheduler::RequestStats& request) override;
 
+  // The registry behind /metrics, for other units' metrics (server/cluster_leader.h).
+  prometheus::Registry& registry() { return *registry_; }
+
   // The text a scrape returns (tests, `switchyard serve` without an exposer).
   std::string Scrape() const;
 

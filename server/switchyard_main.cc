@@ -20,6 +20,7 @@ const Command kCommands[] = {
     {"generate", sy::server::GenerateCommand, "stream one answer from a running server"},
     {"loadgen", sy::server::LoadgenCommand, "load a running server; report throughput and latency"},
     {"plan", sy::server::PlanCommand, "plan expert placement from a routing trace and score it"},
+    {"worker", sy::server::WorkerCommand, "join a leader (serve --min-ranks) as one more rank"},
 };
 
 void PrintUsage() {

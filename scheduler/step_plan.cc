@@ -1,0 +1,86 @@
+#include "scheduler/step_plan.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace sy::scheduler {
+namespace {
+constexpr int32_t kMagic = 0x53595031;
+}  // namespace
+
+void EncodePlan(PlanKind kind, std::span<const PlannedSequence> seqs, std::vector<int32_t>* words) {
+  words->clear();
+  words->push_back(kMagic);
+  words->push_back(static_cast<int32_t>(kind));
+  words->push_back(static_cast<int32_t>(seqs.size()));
+  for (const PlannedSequence& s : seqs) {
+    words->push_back(s.home_rank);
+    words->push_back(static_cast<int32_t>(s.input.start_pos));
+    words->push_back(s.input.compute_logits ? 1 : 0);
+    words->push_back(static_cast<int32_t>(s.input.tokens.size()));
+    words->insert(words->end(), s.input.tokens.begin(), s.input.tokens.end());
+    words->push_back(static_cast<int32_t>(s.input.block_table.size()));
+    words->insert(words->end(), s.input.block_table.begin(), s.input.block_table.end());
+  }
+}
+
+absl::StatusOr<DecodedPlan> DecodePlan(std::span<const int32_t> words) {
+  size_t at = 0;
+  auto take = [&](const char* what) -> absl::StatusOr<int32_t> {
+    if (at >= words.size())
+      return absl::InvalidArgumentError(absl::StrCat("step plan: truncated at ", what));
+    return words[at++];
+  };
+  auto take_span = [&](int32_t n, const char* what) -> absl::StatusOr<std::span<const int32_t>> {
+    if (n < 0 || static_cast<size_t>(n) > words.size() - at)
+      return absl::InvalidArgumentError(absl::StrCat("step plan: bad length ", n, " of ", what));
+    std::span<const int32_t> s = words.subspan(at, n);
+    at += n;
+    return s;
+  };
+  DecodedPlan plan;
+  auto magic = take("magic");
+  if (!magic.ok()) return magic.status();
+  if (*magic != kMagic) return absl::InvalidArgumentError("step plan: bad magic");
+  auto kind = take("kind");
+  if (!kind.ok()) return kind.status();
+  if (*kind < 1 || *kind > 3)
+    return absl::InvalidArgumentError(absl::StrCat("step plan: unknown kind ", *kind));
+  plan.kind = static_cast<PlanKind>(*kind);
+  auto n = take("num_seqs");
+  if (!n.ok()) return n.status();
+  if (*n < 0) return absl::InvalidArgumentError("step plan: negative num_seqs");
+  plan.seqs.resize(*n);
+  for (PlannedSequence& s : plan.seqs) {
+    auto home = take("home_rank");
+    auto start = take("start_pos");
+    auto logits = take("compute_logits");
+    if (!home.ok() || !start.ok() || !logits.ok())
+      return absl::InvalidArgumentError("step plan: truncated sequence header");
+    s.home_rank = *home;
+    s.input.start_pos = *start;
+    s.input.compute_logits = *logits != 0;
+    auto nt = take("num_tokens");
+    if (!nt.ok()) return nt.status();
+    auto tokens = take_span(*nt, "tokens");
+    if (!tokens.ok()) return tokens.status();
+    s.input.tokens = *tokens;
+    auto nb = take("num_blocks");
+    if (!nb.ok()) return nb.status();
+    auto blocks = take_span(*nb, "block table");
+    if (!blocks.ok()) return blocks.status();
+    s.input.block_table = *blocks;
+  }
+  if (at != words.size()) return absl::InvalidArgumentError("step plan: trailing words");
+  return plan;
+}
+
+std::vector<int64_t> LogitRowsPerRank(std::span<const PlannedSequence> seqs, int world_size) {
+  std::vector<int64_t> rows(world_size, 0);
+  for (const PlannedSequence& s : seqs)
+    if (s.input.compute_logits && !s.input.tokens.empty() && s.home_rank >= 0 &&
+        s.home_rank < world_size)
+      ++rows[s.home_rank];
+  return rows;
+}
+
+}  // namespace sy::scheduler
