@@ -357,6 +357,24 @@ TEST(EpDispatchTest, Bf16OnTheWireStaysWithinBf16Tolerance) {
   }
 }
 
+TEST(EpDispatchTest, PooledRowLoopsGiveTheSameResultsAsInline) {
+  const int n = 3, E = 6;
+  const int64_t H = 64, K = 3;  // 64-float rows: the grain is 256 rows, so use many tokens
+  auto placement = Contiguous(1, E, n);
+  std::vector<std::vector<RankInput>> inputs(1);
+  for (int r = 0; r < n; ++r) inputs[0].push_back(MakeInput(r, 700 + 50 * r, H, K, Iota(E), 21));
+  ThreadPool pool(3);
+  RunResult inline_res = RunDispatch(n, placement, inputs, H, K);
+  RunResult pooled = RunDispatch(n, placement, inputs, H, K, {.pool = &pool});
+  for (int r = 0; r < n; ++r) {
+    ASSERT_TRUE(pooled.status[r].ok()) << pooled.status[r];
+    EXPECT_EQ(pooled.out[r], inline_res.out[r]) << "rank " << r;  // same order of sums
+    const RankInput& in = inputs[0][r];
+    ExpectNear(pooled.out[r], ReferenceMoe(0, in.x, H, in.topk_ids, in.topk_weights, K), 1e-5f,
+               "rank " + std::to_string(r));
+  }
+}
+
 TEST(EpDispatchTest, AFailingRankMakesEveryRankUnavailableWithinTheTimeout) {
   const int n = 3, E = 6;
   const int64_t H = 8, K = 2;
