@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <chrono>
 #include <memory>
 
 namespace sy {
@@ -10,6 +11,28 @@ namespace {
 
 thread_local bool tls_in_worker = false;
 std::atomic<int> g_default_threads{0};
+
+// How long a worker (or the caller) spins before it blocks.
+constexpr int64_t kSpinMicros = 50;
+
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// Spins until pred() or kSpinMicros passed; returns pred().
+template <typename Pred>
+bool SpinFor(Pred pred) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
+  while (true) {
+    for (int i = 0; i < 64; ++i) {
+      if (pred()) return true;
+      CpuRelax();
+    }
+    if (std::chrono::steady_clock::now() >= deadline) return pred();
+  }
+}
 
 }  // namespace
 
@@ -20,7 +43,7 @@ ThreadPool::ThreadPool(int num_threads) : num_threads_(std::max(1, num_threads))
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
+    stop_.store(true);
   }
   cv_work_.notify_all();
   for (auto& t : workers_) t.join();
@@ -32,18 +55,24 @@ void ThreadPool::WorkerLoop(int index) {
   while (true) {
     const std::function<void(int64_t, int64_t)>* fn;
     std::pair<int64_t, int64_t> range;
-    {
+    auto ready = [&] {
+      return stop_.load(std::memory_order_acquire) ||
+             generation_.load(std::memory_order_acquire) != seen;
+    };
+    if (!SpinFor(ready)) {
       std::unique_lock<std::mutex> lock(mu_);
-      cv_work_.wait(lock, [&] { return stop_ || generation_ != seen; });
-      if (stop_) return;
-      seen = generation_;
-      fn = fn_;
-      range = index < static_cast<int>(ranges_.size()) ? ranges_[index] : std::make_pair(0L, 0L);
+      cv_work_.wait(lock, ready);
     }
+    if (stop_.load(std::memory_order_acquire)) return;
+    // fn_ and ranges_ were written before generation_ (release, under mu_) and stay put
+    // until every worker has counted itself done below.
+    seen = generation_.load(std::memory_order_acquire);
+    fn = fn_;
+    range = index < static_cast<int>(ranges_.size()) ? ranges_[index] : std::make_pair(0L, 0L);
     if (range.second > range.first) (*fn)(range.first, range.second);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (--pending_ == 0) cv_done_.notify_one();
+    if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      std::lock_guard<std::mutex> lock(mu_);  // pairs with the caller's predicate check
+      cv_done_.notify_one();
     }
   }
 }
@@ -67,15 +96,19 @@ void ThreadPool::ParallelFor(int64_t n, int64_t min_grain,
     std::lock_guard<std::mutex> lock(mu_);
     fn_ = &fn;
     ranges_ = ranges;
-    pending_ = num_threads_ - 1;
-    ++generation_;
+    pending_.store(num_threads_ - 1, std::memory_order_relaxed);
+    generation_.fetch_add(1, std::memory_order_release);
   }
   cv_work_.notify_all();
   tls_in_worker = true;
   if (ranges[0].second > ranges[0].first) fn(ranges[0].first, ranges[0].second);
   tls_in_worker = false;
-  std::unique_lock<std::mutex> lock(mu_);
-  cv_done_.wait(lock, [&] { return pending_ == 0; });
+  auto done = [&] { return pending_.load(std::memory_order_acquire) == 0; };
+  if (!SpinFor(done)) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_done_.wait(lock, done);
+  }
+  std::lock_guard<std::mutex> lock(mu_);
   fn_ = nullptr;
 }
 

@@ -5,8 +5,14 @@
 // pool's workers plus the calling thread, returning when all are done. A ParallelFor issued
 // from inside a worker (nested) runs inline on that worker. Thread-safe: concurrent
 // ParallelFor calls from different threads are serialised.
+//
+// Hand-off: a model step issues hundreds of short parallel regions a few microseconds
+// apart, so after a task a worker spins (with pause) for up to kSpinMicros watching for the
+// next one before it sleeps on a condition variable, and the caller spins as long for the
+// workers to finish; a futex wake-up costs tens of microseconds, more on a loaded machine.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -47,9 +53,10 @@ class ThreadPool {
   std::condition_variable cv_done_;
   const std::function<void(int64_t, int64_t)>* fn_ = nullptr;  // guarded by mu_
   std::vector<std::pair<int64_t, int64_t>> ranges_;            // guarded by mu_
-  uint64_t generation_ = 0;                                    // guarded by mu_
-  int pending_ = 0;                                            // guarded by mu_
-  bool stop_ = false;                                          // guarded by mu_
+  // Written under mu_; read by spinning workers with acquire loads.
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<bool> stop_{false};
 };
 
 }  // namespace sy

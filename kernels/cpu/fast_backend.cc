@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <new>
 #include <vector>
 
 #include "kernels/core/logging.h"
@@ -21,9 +22,26 @@ using cpu::CpuLevel;
 // worker costs a few microseconds.
 constexpr double kMinParallelMacs = 1 << 16;
 
-// Grow-only scratch owned by one thread.
+// Scratch vectors start on a 64-byte line so row loads of activations do not split lines.
 template <typename T>
-T* Grow(std::vector<T>& v, int64_t n) {
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64)));
+  }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const Aligned64<U>&) const { return true; }
+};
+template <typename T>
+using ScratchVec = std::vector<T, Aligned64<T>>;
+
+// Grow-only scratch owned by one thread.
+template <typename V>
+typename V::value_type* Grow(V& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
   return v.data();
 }
@@ -163,7 +181,7 @@ class FastCpuBackend final : public Backend {
 
     plan(false);
     BalancedFor(prefix, static_cast<int64_t>(units.size()), [&](int64_t u0, int64_t u1) {
-      thread_local std::vector<float> gate, up;
+      thread_local ScratchVec<float> gate, up;
       for (int64_t u = u0; u < u1; ++u) {
         const FfnUnit& un = units[u];
         const ExpertWeights& e = *experts[un.g];
@@ -287,8 +305,8 @@ class FastCpuBackend final : public Backend {
 
   const CpuLevel level_;
   // Scratch of the calling thread (grow-only; no allocation once warm).
-  std::vector<uint16_t> xb_, hb_;
-  std::vector<float> hf_, norm_w_;
+  ScratchVec<uint16_t> xb_, hb_;
+  ScratchVec<float> hf_, norm_w_;
   std::vector<const float*> k_rows_, v_rows_;
   std::vector<double> prefix_;
   std::vector<FfnUnit> units_;
