@@ -189,6 +189,14 @@ class MoeModelImpl final : public MoeModel {
     return total;
   }
 
+  void SetLoadRecorder(parallel::ExpertLoadRecorder* r) override { recorder_ = r; }
+  std::vector<int> MoeLayerIds() const override {
+    std::vector<int> ids;
+    for (size_t l = 0; l < layers_.size(); ++l)
+      if (layers_[l].is_moe) ids.push_back(static_cast<int>(l));
+    return ids;
+  }
+
   void SetDispatcher(parallel::MoeDispatcher* d) override {
     dispatcher_ = d ? d : single_rank_.get();
   }
@@ -226,6 +234,7 @@ class MoeModelImpl final : public MoeModel {
   std::vector<double> inv_freq_;
   std::unique_ptr<parallel::MoeDispatcher> single_rank_;
   parallel::MoeDispatcher* dispatcher_ = nullptr;
+  parallel::ExpertLoadRecorder* recorder_ = nullptr;
   int64_t params_ = 0;
   // Scratch, reused across steps.
   std::vector<float> x_, h_, q_, k_, v_, attn_, o_, router_logits_, moe_out_, shared_out_, gate_;
@@ -283,6 +292,7 @@ absl::Status MoeModelImpl::Forward(std::span<const SequenceInput> batch, KvCache
       }
   }
 
+  int moe_index = 0;  // index of this MoE layer among the MoE layers (load statistics)
   for (int64_t l = 0; l < c.num_layers; ++l) {
     LayerWeights& L = layers_[l];
     kernels::PagedKv kv = cache.layer(l);
@@ -337,6 +347,8 @@ absl::Status MoeModelImpl::Forward(std::span<const SequenceInput> batch, KvCache
     topk_w_.resize(T * K);
     backend_->MatMul(h_.data(), T, L.router, router_logits_.data());
     RouteTopK(router_logits_.data(), T, E, K, c.norm_topk_prob, topk_ids_.data(), topk_w_.data());
+    if (recorder_ != nullptr) recorder_->Record(moe_index, topk_ids_.data(), T);
+    ++moe_index;
     auto compute = [this](int layer, const float* rows, const int64_t* slot_offsets, float* out) {
       LayerWeights& LL = layers_[layer];
       const int64_t slots = dispatcher_->num_local_slots(layer);
@@ -364,6 +376,7 @@ absl::Status MoeModelImpl::Forward(std::span<const SequenceInput> batch, KvCache
     for (int64_t i = 0; i < T * H; ++i) x_[i] += moe_out_[i];
   }
 
+  if (recorder_ != nullptr) recorder_->EndStep();
   // Final norm and LM head on the last token of each sequence that wants logits.
   if (num_logits > 0) {
     std::vector<float> last(num_logits * H);

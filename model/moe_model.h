@@ -21,6 +21,7 @@
 #include "kernels/backend.h"
 #include "model/config.h"
 #include "model/kv_cache.h"
+#include "parallel/expert_load.h"
 #include "parallel/moe_dispatch.h"
 
 namespace sy::model {
@@ -54,6 +55,10 @@ class MoeModel {
 
   // Replaces the single-rank dispatcher (expert parallelism). Not owned.
   virtual void SetDispatcher(parallel::MoeDispatcher* dispatcher) = 0;
+  // Records every step's routing (null: off). Not owned. Recorded layer i is the i-th MoE
+  // layer; MoeLayerIds() gives their model layer numbers.
+  virtual void SetLoadRecorder(parallel::ExpertLoadRecorder* recorder) = 0;
+  virtual std::vector<int> MoeLayerIds() const = 0;
 
   // One step. logits: resized to [number of inputs with compute_logits, vocab_size], in
   // input order. Writes the new tokens' K/V into `cache`. InvalidArgument for token ids
