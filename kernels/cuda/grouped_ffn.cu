@@ -8,7 +8,9 @@
 #include <dlfcn.h>
 #include <mma.h>
 
-#include <mutex>
+#include <cstdlib>
+#include <string>
+#include <vector>
 
 #include "kernels/cuda/cuda_util.cuh"
 
@@ -32,14 +34,22 @@ struct CublasApi {
 const CublasApi& Cublas() {
   static CublasApi* api = [] {
     auto* a = new CublasApi;
+    // The loader's search path first (LD_LIBRARY_PATH, ldconfig), then the toolkit's usual
+    // homes, since CUDA installs often leave lib64 out of the loader's configuration.
+    std::vector<std::string> names = {"libcublas.so.13"};
+    if (const char* home = std::getenv("CUDA_HOME")) names.push_back(absl::StrCat(home, "/lib64/libcublas.so.13"));
+    names.push_back("/usr/local/cuda/lib64/libcublas.so.13");
+    names.push_back("/usr/local/cuda-13/lib64/libcublas.so.13");
     void* lib = nullptr;
-    for (const char* name : {"libcublas.so.13", "libcublas.so"}) {
-      lib = dlopen(name, RTLD_NOW | RTLD_LOCAL);
+    std::string first_error;
+    for (const std::string& name : names) {
+      lib = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
       if (lib) break;
+      const char* e = dlerror();
+      if (first_error.empty()) first_error = e ? e : "unknown error";
     }
     if (!lib) {
-      const char* e = dlerror();
-      a->error = absl::StrCat("dlopen libcublas.so.13: ", e ? e : "unknown error");
+      a->error = absl::StrCat("cannot load cuBLAS (", first_error, ")");
       return a;
     }
     auto sym = [&](auto& fn, const char* name) {
