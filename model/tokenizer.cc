@@ -792,7 +792,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(const std::string
 std::string Tokenizer::StreamDecoder::Add(int32_t id) {
   ids_.push_back(id);
   const std::span<const int32_t> all(ids_);
-  const bool at_start = bytes_before_prefix_ == 0;
+  const bool at_start = !continues_text_ && bytes_before_prefix_ == 0;
   const std::string prefix =
       tok_->DecodeBytes(all.subspan(prefix_offset_, read_offset_ - prefix_offset_), true, at_start);
   const std::string text = tok_->DecodeBytes(all.subspan(prefix_offset_), true, at_start);
@@ -809,7 +809,7 @@ std::string Tokenizer::StreamDecoder::Add(int32_t id) {
 
 std::string Tokenizer::StreamDecoder::Flush() {
   const std::span<const int32_t> all(ids_);
-  const bool at_start = bytes_before_prefix_ == 0;
+  const bool at_start = !continues_text_ && bytes_before_prefix_ == 0;
   const std::string prefix =
       tok_->DecodeBytes(all.subspan(prefix_offset_, read_offset_ - prefix_offset_), true, at_start);
   const std::string text = tok_->DecodeBytes(all.subspan(prefix_offset_), true, at_start);

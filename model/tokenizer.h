@@ -46,6 +46,11 @@ class Tokenizer {
   class StreamDecoder {
    public:
     explicit StreamDecoder(const Tokenizer* tok) : tok_(tok) {}
+    // `continues_text`: the ids continue text already shown (the prompt), so the leading
+    // space that a SentencePiece decoder strips at the start of a text is kept: "▁Paris"
+    // streams as " Paris" (as vLLM / OpenAI-style APIs show it), not "Paris".
+    StreamDecoder(const Tokenizer* tok, bool continues_text)
+        : tok_(tok), continues_text_(continues_text) {}
     // Text newly complete after appending `id` ("" when it ends inside a UTF-8 char).
     std::string Add(int32_t id);
     // Whatever remains (invalid trailing bytes become U+FFFD).
@@ -53,6 +58,7 @@ class Tokenizer {
 
    private:
     const Tokenizer* tok_;
+    bool continues_text_ = false;
     std::vector<int32_t> ids_;
     size_t emitted_bytes_ = 0;   // bytes of DecodeBytes(ids_[0:read_offset_]) sent so far
     size_t prefix_offset_ = 0;   // window start: ids_[prefix_offset_:read_offset_] is context

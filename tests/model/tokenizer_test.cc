@@ -298,6 +298,20 @@ TEST(TokenizerStream, LeadingSpaceIsStrippedOnlyOnceEvenAfterSkippedSpecials) {
   EXPECT_EQ(StreamAll(*tok, ids), " hi caf");
 }
 
+TEST(TokenizerStream, ContinuingAPromptKeepsTheLeadingSpace) {
+  auto tok = MustLoad(kSentencePieceJson);
+  ASSERT_NE(tok, nullptr);
+  // Output ids after a prompt: ▁hi ▁ caf -> " hi caf", where Decode alone gives "hi caf".
+  const std::vector<int32_t> ids = {12, 5, 14};
+  EXPECT_EQ(tok->Decode(ids), "hi caf");
+  Tokenizer::StreamDecoder dec(tok.get(), /*continues_text=*/true);
+  std::string out;
+  for (int32_t id : ids) out += dec.Add(id);
+  out += dec.Flush();
+  EXPECT_EQ(out, " hi caf");
+  EXPECT_EQ(tok->DecodeBytes(ids, true, /*at_start=*/false), out);
+}
+
 // ---- errors ------------------------------------------------------------------------------------
 
 TEST(TokenizerErrors, UnsupportedModelTypeNamesFileAndType) {
