@@ -41,6 +41,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const ServeOptions& option
     SY_RETURN_IF_ERROR(d->metrics_->StartExposer(options.host, options.metrics_port));
   InferenceServiceOptions so;
   so.default_max_new_tokens = options.default_max_new_tokens;
+  so.num_ranks = options.cluster.world_size();
   d->service_ = std::make_unique<InferenceService>(so, d->metrics_.get());
 
   grpc::EnableDefaultHealthCheckService(true);
@@ -74,6 +75,12 @@ absl::Status Daemon::Load(const std::function<void(const std::string&)>& progres
   const auto t0 = std::chrono::steady_clock::now();
   model::LoadOptions lo;
   lo.backend = options_.backend;
+  if (options_.cluster.multi_rank()) {  // ranks join (or start) now; the leader loads its experts
+    SY_ASSIGN_OR_RETURN(cluster_, ClusterLeader::Start(options_.cluster, model_dir_, options_.backend,
+                                                       options_.kv_cache_bytes, options_.block_size,
+                                                       progress));
+    lo.experts_per_layer = cluster_->leader_experts();
+  }
   if (options_.cluster.multi_rank()) {  // ranks join (or start) now; the leader loads its experts
     SY_ASSIGN_OR_RETURN(cluster_, ClusterLeader::Start(options_.cluster, model_dir_, options_.backend,
                                                        options_.kv_cache_bytes, options_.block_size,
