@@ -81,12 +81,6 @@ absl::Status Daemon::Load(const std::function<void(const std::string&)>& progres
                                                        progress));
     lo.experts_per_layer = cluster_->leader_experts();
   }
-  if (options_.cluster.multi_rank()) {  // ranks join (or start) now; the leader loads its experts
-    SY_ASSIGN_OR_RETURN(cluster_, ClusterLeader::Start(options_.cluster, model_dir_, options_.backend,
-                                                       options_.kv_cache_bytes, options_.block_size,
-                                                       progress));
-    lo.experts_per_layer = cluster_->leader_experts();
-  }
   SY_ASSIGN_OR_RETURN(model_, model::MoeModel::Load(model_dir_, lo));
   const std::string tok_path = (std::filesystem::path(model_dir_) / "tokenizer.json").string();
   if (std::filesystem::exists(tok_path)) {
