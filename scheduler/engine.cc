@@ -177,6 +177,10 @@ void Engine::AbortCancelled() {
 void Engine::Step() {
   const Clock::time_point start = Clock::now();
   ScheduledBatch batch = scheduler_.Schedule();
+  // Publish admissions now: a client can see its first token before this step ends, and a
+  // stale waiting count would refuse the next request with a full queue that is not full.
+  num_waiting_ = scheduler_.num_waiting();
+  num_running_ = scheduler_.num_running();
   StepStats st;
   st.num_preempted = static_cast<int64_t>(batch.preempted.size());
   if (batch.empty()) return;  // cannot happen with a cache that fits one full context

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
@@ -159,7 +160,12 @@ void Daemon::Drain() {
                       << " s; aborting them";
     engine_->Stop();  // aborts whatever is left; every call gets its Finish
   }
-  server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  // Every call the engine finished has its last messages queued; let them reach the clients
+  // (bounded), then stop at once (long-lived calls such as health Watch are cancelled).
+  const auto flush_until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (service_->active_streams() > 0 && std::chrono::steady_clock::now() < flush_until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  server_->Shutdown(std::chrono::system_clock::now());
   server_->Wait();
   metrics_->SetEngine(nullptr);
 }

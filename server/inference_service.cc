@@ -27,7 +27,10 @@ v1::FinishReason ToProto(scheduler::FinishReason r) {
 class GenerateStream final : public grpc::ServerWriteReactor<v1::GenerateResponse>,
                              public scheduler::RequestSink {
  public:
-  GenerateStream(bool stream, ServerMetrics* metrics) : stream_(stream), metrics_(metrics) {}
+  GenerateStream(bool stream, ServerMetrics* metrics, std::shared_ptr<std::atomic<int64_t>> active)
+      : stream_(stream), metrics_(metrics), active_(std::move(active)) {
+    ++*active_;
+  }
 
   void Bind(std::shared_ptr<GenerateStream> self) { self_ = std::move(self); }
 
@@ -99,6 +102,7 @@ class GenerateStream final : public grpc::ServerWriteReactor<v1::GenerateRespons
   }
   void OnDone() override {
     cancelled_ = true;
+    --*active_;
     std::shared_ptr<GenerateStream> keep = std::move(self_);  // may free us on return
   }
 
@@ -130,6 +134,7 @@ class GenerateStream final : public grpc::ServerWriteReactor<v1::GenerateRespons
 
   const bool stream_;
   ServerMetrics* metrics_;
+  std::shared_ptr<std::atomic<int64_t>> active_;
   std::atomic<bool> cancelled_{false};
   std::shared_ptr<GenerateStream> self_;
   std::mutex mu_;
@@ -202,7 +207,7 @@ absl::Status InferenceService::ToRequest(const v1::GenerateRequest& in,
 grpc::ServerWriteReactor<v1::GenerateResponse>* InferenceService::Generate(
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
   auto stream = std::make_shared<GenerateStream>(!request->has_stream() || request->stream(),
-                                                 metrics_);
+                                                 metrics_, active_streams_);
   stream->Bind(stream);
   scheduler::Engine* engine = engine_.load();
   if (engine == nullptr || draining_.load()) {

@@ -13,6 +13,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <string>
 
@@ -37,6 +38,9 @@ class InferenceService final : public switchyard::v1::Inference::CallbackService
   void SetReady(scheduler::Engine* engine, const model::Tokenizer* tokenizer,
                 const switchyard::v1::ModelInfo& info);
   void SetDraining();
+  // Generate calls not yet done (OnDone not run); Drain waits for 0 before stopping the server
+  // so the last completions reach their clients.
+  int64_t active_streams() const { return active_streams_->load(); }
   bool serving() const { return engine_.load() != nullptr && !draining_.load(); }
 
   grpc::ServerWriteReactor<switchyard::v1::GenerateResponse>* Generate(
@@ -59,6 +63,8 @@ class InferenceService final : public switchyard::v1::Inference::CallbackService
   std::atomic<scheduler::Engine*> engine_{nullptr};
   std::atomic<const model::Tokenizer*> tokenizer_{nullptr};
   std::atomic<bool> draining_{false};
+  // Shared with the streams, which may outlive the service by a moment.
+  std::shared_ptr<std::atomic<int64_t>> active_streams_ = std::make_shared<std::atomic<int64_t>>(0);
   mutable std::atomic<int64_t> next_request_id_{0};
   std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
   mutable std::mutex mu_;
