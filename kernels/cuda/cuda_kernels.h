@@ -121,7 +121,8 @@ absl::Status MoeCombine(const void* grouped_y, DType y_dtype, const int32_t* fla
 enum class GemmBackend {
   kAuto,     // cuBLAS when libcublas.so.13 can be loaded, else kBuiltin
   kCublas,   // cublasGemmEx, bf16 inputs, CUBLAS_COMPUTE_32F; NotFound if cuBLAS cannot load
-  kBuiltin,  // this library's tensor-core (WMMA bf16, f32 accumulate) tiled GEMM
+  kBuiltin,  // this library's kernels, f32 accumulate: a warp-per-column skinny GEMM for
+             // M <= 32 (K % 8 == 0), else a tensor-core (WMMA bf16) tiled GEMM
 };
 
 // A GEMM engine: y[M, N] = x[M, K] · W[N, K]^T with x, W bf16 row-major and y f32 or bf16.

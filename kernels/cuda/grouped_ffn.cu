@@ -156,6 +156,49 @@ __global__ void __launch_bounds__(kGemmThreads)
   }
 }
 
+// Skinny GEMM for decode-sized M (<= kSkinnyMaxM): one warp per output column streams its
+// weight row once with 16-byte loads and dots it with up to kSkinnyRows rows of x (L1/L2
+// resident); a block holds kSkinnyWarps columns. The 64×64 tile kernel would launch only
+// N/64 blocks here (16 for the down projection) and leave most SMs idle while the whole
+// cost is reading W. Needs K % 8 == 0 and 16-byte aligned x and w.
+constexpr int kSkinnyRows = 8, kSkinnyWarps = 8, kSkinnyMaxM = 32;
+
+template <typename TY>
+__global__ void __launch_bounds__(kSkinnyWarps * 32)
+    GemmSkinnyKernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
+                     int64_t m, int64_t n, int64_t k, TY* __restrict__ y) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kSkinnyWarps + warp;
+  if (col >= n) return;  // whole warp; no block-wide synchronisation follows
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kSkinnyRows;
+  const int rows = static_cast<int>(m - m0 < kSkinnyRows ? m - m0 : kSkinnyRows);
+  const __nv_bfloat16* wr = w + col * k;
+  float acc[kSkinnyRows];
+#pragma unroll
+  for (int r = 0; r < kSkinnyRows; ++r) acc[r] = 0.f;
+  for (int64_t k0 = static_cast<int64_t>(lane) * 8; k0 < k; k0 += 32 * 8) {
+    const uint4 wv = *reinterpret_cast<const uint4*>(wr + k0);
+    const __nv_bfloat16* we = reinterpret_cast<const __nv_bfloat16*>(&wv);
+    float wf[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) wf[e] = __bfloat162float(we[e]);
+#pragma unroll
+    for (int r = 0; r < kSkinnyRows; ++r) {
+      if (r < rows) {
+        const uint4 xv = *reinterpret_cast<const uint4*>(x + (m0 + r) * k + k0);
+        const __nv_bfloat16* xe = reinterpret_cast<const __nv_bfloat16*>(&xv);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[r] += wf[e] * __bfloat162float(xe[e]);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kSkinnyRows; ++r) {
+    const float v = internal::WarpSum(acc[r]);
+    if (lane == 0 && r < rows) internal::Store(y, (m0 + r) * n + col, v);
+  }
+}
+
 __global__ void SiluMulKernel(const float* __restrict__ gate, const float* __restrict__ up,
                               int64_t count, __nv_bfloat16* __restrict__ act) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
@@ -222,15 +265,20 @@ absl::Status GemmContext::Gemm(const void* x, const void* w, int64_t m, int64_t 
                    (reinterpret_cast<uintptr_t>(w) & 15) == 0;
   const auto* xb = static_cast<const __nv_bfloat16*>(x);
   const auto* wb = static_cast<const __nv_bfloat16*>(w);
+  const bool skinny = vec && m <= kSkinnyMaxM && (n + kSkinnyWarps - 1) / kSkinnyWarps <= INT32_MAX;
+  const dim3 skinny_grid(static_cast<unsigned>((n + kSkinnyWarps - 1) / kSkinnyWarps),
+                         static_cast<unsigned>((m + kSkinnyRows - 1) / kSkinnyRows));
   internal::Dispatch(y_dtype, [&](auto* tag) {
     using TY = std::remove_pointer_t<decltype(tag)>;
-    if (vec) {
+    if (skinny) {
+      GemmSkinnyKernel<TY><<<skinny_grid, kSkinnyWarps * 32, 0, stream>>>(xb, wb, m, n, k, static_cast<TY*>(y));
+    } else if (vec) {
       GemmBf16Kernel<TY, true><<<grid, kGemmThreads, 0, stream>>>(xb, wb, m, n, k, static_cast<TY*>(y));
     } else {
       GemmBf16Kernel<TY, false><<<grid, kGemmThreads, 0, stream>>>(xb, wb, m, n, k, static_cast<TY*>(y));
     }
   });
-  return internal::LaunchStatus("GemmBf16Kernel");
+  return internal::LaunchStatus(skinny ? "GemmSkinnyKernel" : "GemmBf16Kernel");
 }
 
 // ---- SiLU·mul and the grouped FFN ---------------------------------------------------------------
