@@ -136,6 +136,7 @@ bool BenchFfn(kc::GemmContext& gemm, cudaStream_t stream) {
     const int64_t ws = kc::GroupedExpertFfnWorkspaceBytes(rows, kInter);
     void* dws = DevAlloc(ws);
     CHECK_CUDA(cudaMemcpy(dx, x.data(), x.size() * 2, cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemset(dy, 0xff, rows * kHidden * 2));  // NaN: an unwritten output fails the check
     const double ms = TimeMs(stream, [&] {
       CHECK_OK(kc::GroupedExpertFfn(gemm, views.data(), kExperts, offsets.data(), kHidden, kInter, dx, dy, dws, ws,
                                     stream));
@@ -199,7 +200,7 @@ bool BenchAttention(cudaStream_t stream) {
   bool ok = true;
   std::printf("\npaged decode attention: %ld heads / %ld KV heads, head_dim %ld, block %ld\n", long(kHeads),
               long(kKvHeads), long(kHeadDim), long(kBlock));
-  std::printf("%6s %8s %8s %12s %10s %8s\n", "kv", "seqs", "context", "time_us", "GB/s", "check");
+  std::printf("%6s %8s %8s %6s %12s %10s %8s\n", "kv", "seqs", "context", "split", "time_us", "GB/s", "check");
   for (DType kv : {DType::kBF16, DType::kF32}) {
     for (auto [seqs, ctx] : {std::pair<int64_t, int64_t>{1, 4096}, {32, 1024}, {32, 4096}, {128, 2048}}) {
       const int64_t blocks_per_seq = (ctx + kBlock - 1) / kBlock, num_blocks = seqs * blocks_per_seq;
@@ -237,47 +238,54 @@ bool BenchAttention(cudaStream_t stream) {
       CHECK_CUDA(cudaMemcpy(dv, vb.data(), vb.size(), cudaMemcpyHostToDevice));
       CHECK_CUDA(cudaMemcpy(dt, table.data(), table.size() * 4, cudaMemcpyHostToDevice));
       CHECK_CUDA(cudaMemcpy(dl, lens.data(), lens.size() * 4, cudaMemcpyHostToDevice));
-      const double ms = TimeMs(stream, [&] {
-        CHECK_OK(kc::PagedDecodeAttention(dq, DType::kF32, dk, dv, kv, static_cast<int32_t*>(dt),
-                                          static_cast<int32_t*>(dl), seqs, kHeads, kKvHeads, kHeadDim, kBlock,
-                                          blocks_per_seq, 0.f, dout, DType::kF32, stream));
-      });
-      std::vector<float> out(qf.size());
-      CHECK_CUDA(cudaMemcpy(out.data(), dout, out.size() * 4, cudaMemcpyDeviceToHost));
-      // Check: every head of the first and last sequence, 2e-5 absolute (f32 output).
-      bool good = true;
-      for (int64_t s : {int64_t(0), seqs - 1}) {
-        for (int64_t h = 0; h < kHeads && good; ++h) {
-          std::vector<double> sc(ctx), o(kHeadDim, 0.0);
-          double mx = -INFINITY, sum = 0;
-          auto at = [&](int64_t p) {
-            return (int64_t(table[s * blocks_per_seq + p / kBlock]) * kBlock + p % kBlock) * row +
-                   (h / (kHeads / kKvHeads)) * kHeadDim;
-          };
-          for (int64_t p = 0; p < ctx; ++p) {
-            double dot = 0;
-            for (int64_t i = 0; i < kHeadDim; ++i) dot += double(qf[(s * kHeads + h) * kHeadDim + i]) * kf[at(p) + i];
-            sc[p] = dot / std::sqrt(double(kHeadDim));
-            mx = std::max(mx, sc[p]);
-          }
-          for (int64_t p = 0; p < ctx; ++p) {
-            const double e = std::exp(sc[p] - mx);
-            sum += e;
-            for (int64_t i = 0; i < kHeadDim; ++i) o[i] += e * vf[at(p) + i];
-          }
-          for (int64_t i = 0; i < kHeadDim; ++i)
-            if (!(std::abs(out[(s * kHeads + h) * kHeadDim + i] - o[i] / sum) <= 2e-5)) {
-              std::printf("FAIL: seq %ld head %ld dim %ld: got %g want %g\n", long(s), long(h), long(i),
-                          out[(s * kHeads + h) * kHeadDim + i], o[i] / sum);
-              good = false;
-              break;
+      for (bool split : {false, true}) {
+        const int64_t ws_bytes = split ? kc::PagedDecodeAttentionWorkspaceBytes(seqs, kHeads, kHeadDim) : 0;
+        void* dws = DevAlloc(ws_bytes);
+        CHECK_CUDA(cudaMemset(dout, 0xff, qf.size() * 4));  // NaN: an unwritten output fails the check
+        const double ms = TimeMs(stream, [&] {
+          CHECK_OK(kc::PagedDecodeAttention(dq, DType::kF32, dk, dv, kv, static_cast<int32_t*>(dt),
+                                            static_cast<int32_t*>(dl), seqs, kHeads, kKvHeads, kHeadDim, kBlock,
+                                            blocks_per_seq, 0.f, dout, DType::kF32, split ? dws : nullptr, ws_bytes,
+                                            stream));
+        });
+        std::vector<float> out(qf.size());
+        CHECK_CUDA(cudaMemcpy(out.data(), dout, out.size() * 4, cudaMemcpyDeviceToHost));
+        // Check: every head of the first and last sequence, 2e-5 absolute (f32 output).
+        bool good = true;
+        for (int64_t s : {int64_t(0), seqs - 1}) {
+          for (int64_t h = 0; h < kHeads && good; ++h) {
+            std::vector<double> sc(ctx), o(kHeadDim, 0.0);
+            double mx = -INFINITY, sum = 0;
+            auto at = [&](int64_t p) {
+              return (int64_t(table[s * blocks_per_seq + p / kBlock]) * kBlock + p % kBlock) * row +
+                     (h / (kHeads / kKvHeads)) * kHeadDim;
+            };
+            for (int64_t p = 0; p < ctx; ++p) {
+              double dot = 0;
+              for (int64_t i = 0; i < kHeadDim; ++i) dot += double(qf[(s * kHeads + h) * kHeadDim + i]) * kf[at(p) + i];
+              sc[p] = dot / std::sqrt(double(kHeadDim));
+              mx = std::max(mx, sc[p]);
             }
+            for (int64_t p = 0; p < ctx; ++p) {
+              const double e = std::exp(sc[p] - mx);
+              sum += e;
+              for (int64_t i = 0; i < kHeadDim; ++i) o[i] += e * vf[at(p) + i];
+            }
+            for (int64_t i = 0; i < kHeadDim; ++i)
+              if (!(std::abs(out[(s * kHeads + h) * kHeadDim + i] - o[i] / sum) <= 2e-5)) {
+                std::printf("FAIL: seq %ld head %ld dim %ld: got %g want %g\n", long(s), long(h), long(i),
+                            out[(s * kHeads + h) * kHeadDim + i], o[i] / sum);
+                good = false;
+                break;
+              }
+          }
         }
+        ok = ok && good;
+        const double bytes = 2.0 * seqs * ctx * row * esz + qf.size() * 4.0 * 2;
+        std::printf("%6s %8ld %8ld %6s %12.1f %10.0f %8s\n", sy::DTypeName(kv), long(seqs), long(ctx),
+                    split ? "yes" : "no", ms * 1e3, bytes / (ms * 1e-3) / 1e9, good ? "ok" : "FAIL");
+        CHECK_CUDA(cudaFree(dws));
       }
-      ok = ok && good;
-      const double bytes = 2.0 * seqs * ctx * row * esz + qf.size() * 4.0 * 2;
-      std::printf("%6s %8ld %8ld %12.1f %10.0f %8s\n", sy::DTypeName(kv), long(seqs), long(ctx), ms * 1e3,
-                  bytes / (ms * 1e-3) / 1e9, good ? "ok" : "FAIL");
       for (void* p : {dq, dk, dv, dt, dl, dout}) CHECK_CUDA(cudaFree(p));
     }
   }

@@ -191,15 +191,26 @@ absl::Status SiluMul(const float* gate, const float* up, int64_t num_rows, int64
 //                 block_tables[s, p / block_size], row p % block_size
 //   context_lens: [num_seqs] int32, keys 0 .. context_lens[s]-1 (0 gives a zero output)
 //   out:          [num_seqs, num_heads, head_dim], out_dtype
+//   workspace:    optional device scratch (may be null) of workspace_bytes; with at least
+//                 PagedDecodeAttentionWorkspaceBytes(...) the context is split over several
+//                 blocks when (seqs × heads) alone would not fill the GPU (flash-decoding)
 // GQA: head h reads KV head h / (num_heads / num_kv_heads). scale <= 0 means 1/sqrt(head_dim).
-// head_dim <= 256; num_heads a multiple of num_kv_heads. One block per (seq, head), its warps
-// split the keys and each keeps an online softmax (running max, sum, accumulator) in f32.
+// head_dim <= 256; num_heads a multiple of num_kv_heads. One block per (seq, head, split), its
+// warps split the keys and each keeps an online softmax (running max, sum, accumulator) in
+// f32; splits are merged by a second kernel in split order. The split count depends only on
+// the shapes and the device's SM count, so results are bitwise repeatable on one device.
 absl::Status PagedDecodeAttention(const void* q, DType q_dtype, const void* k_cache,
                                   const void* v_cache, DType kv_dtype,
                                   const int32_t* block_tables, const int32_t* context_lens,
                                   int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
                                   int64_t head_dim, int64_t block_size,
                                   int64_t max_blocks_per_seq, float scale, void* out,
-                                  DType out_dtype, cudaStream_t stream);
+                                  DType out_dtype, void* workspace, int64_t workspace_bytes,
+                                  cudaStream_t stream);
+
+// Scratch that lets PagedDecodeAttention use its largest split count (kMaxAttentionSplits)
+// for these shapes: f32 (max, sum, head_dim accumulators) per (seq, head, split).
+inline constexpr int64_t kMaxAttentionSplits = 32;
+int64_t PagedDecodeAttentionWorkspaceBytes(int64_t num_seqs, int64_t num_heads, int64_t head_dim);
 
 }  // namespace sy::kernels::cuda

@@ -63,12 +63,18 @@ std::string NoGpuReason() {
     ASSERT_TRUE(st_.ok()) << #expr << ": " << st_; \
   } while (0)
 
-// A device allocation of `bytes`, freed on scope exit.
+// A device allocation of `bytes`, freed on scope exit. Filled with 0xff bytes (NaN as f32 and
+// bf16, -1 as int32) so that an output a kernel forgets to write cannot pass on stale data
+// that an earlier case left in recycled memory.
 class DeviceBuffer {
  public:
   explicit DeviceBuffer(size_t bytes) : bytes_(std::max<size_t>(bytes, 1)) {
     err_ = cudaMalloc(&ptr_, bytes_);
-    if (err_ != cudaSuccess) ptr_ = nullptr;
+    if (err_ != cudaSuccess) {
+      ptr_ = nullptr;
+      return;
+    }
+    err_ = cudaMemset(ptr_, 0xff, bytes_);
   }
   ~DeviceBuffer() {
     if (ptr_) cudaFree(ptr_);
@@ -77,6 +83,7 @@ class DeviceBuffer {
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
   cudaError_t status() const { return err_; }
   void* get() const { return ptr_; }
+  size_t size() const { return bytes_; }
   template <typename T>
   T* as() const { return static_cast<T*>(ptr_); }
 
@@ -88,10 +95,12 @@ class DeviceBuffer {
 
 template <typename T>
 cudaError_t Upload(const std::vector<T>& host, const DeviceBuffer& dev) {
+  if (dev.status() != cudaSuccess) return dev.status();
   return cudaMemcpy(dev.get(), host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice);
 }
 template <typename T>
 cudaError_t Download(const DeviceBuffer& dev, std::vector<T>* host) {
+  if (dev.status() != cudaSuccess) return dev.status();
   return cudaMemcpy(host->data(), dev.get(), host->size() * sizeof(T), cudaMemcpyDeviceToHost);
 }
 
@@ -612,7 +621,8 @@ struct AttnCase {
   std::vector<int32_t> lens;
 };
 
-void RunAttentionCase(const AttnCase& c, uint32_t seed) {
+// With `split`, a workspace lets the kernel split contexts over blocks (and merge them).
+void RunAttentionCase(const AttnCase& c, uint32_t seed, bool split) {
   const int64_t S = static_cast<int64_t>(c.lens.size());
   int64_t max_blocks = 1;
   for (int32_t l : c.lens) max_blocks = std::max<int64_t>(max_blocks, (l + c.block_size - 1) / c.block_size);
@@ -634,9 +644,11 @@ void RunAttentionCase(const AttnCase& c, uint32_t seed) {
   ASSERT_CUDA(Upload(v.bytes, dv));
   ASSERT_CUDA(Upload(tables, dt));
   ASSERT_CUDA(Upload(c.lens, dl));
+  const int64_t ws_bytes = split ? PagedDecodeAttentionWorkspaceBytes(S, c.heads, c.hd) : 0;
+  DeviceBuffer ws(ws_bytes);
   ASSERT_OK(PagedDecodeAttention(dq.get(), c.q, dk.get(), dv.get(), c.kv, dt.as<int32_t>(), dl.as<int32_t>(), S,
                                  c.heads, c.kv_heads, c.hd, c.block_size, max_blocks, 0.f, dout.get(), c.q,
-                                 nullptr));
+                                 split ? ws.get() : nullptr, ws_bytes, nullptr));
   std::vector<uint8_t> ob(q.bytes.size());
   ASSERT_CUDA(cudaDeviceSynchronize());
   ASSERT_CUDA(Download(dout, &ob));
@@ -672,7 +684,7 @@ void RunAttentionCase(const AttnCase& c, uint32_t seed) {
     }
 }
 
-TEST(CudaPagedDecodeAttentionTest, MatchesDoubleReferenceWithGqaAndScatteredBlocks) {
+TEST(CudaPagedDecodeAttentionTest, MatchesDoubleReferenceWithGqaScatteredBlocksAndSplitContexts) {
   SKIP_WITHOUT_GPU();
   const AttnCase cases[] = {
       {DType::kF32, DType::kF32, 16, 4, 64, 16, {1, 16, 17, 100, 0, 513}},
@@ -681,24 +693,28 @@ TEST(CudaPagedDecodeAttentionTest, MatchesDoubleReferenceWithGqaAndScatteredBloc
       {DType::kF32, DType::kBF16, 4, 4, 256, 5, {64, 1}},
       {DType::kF32, DType::kF32, 3, 1, 18, 16, {40}},
       {DType::kF32, DType::kF32, 8, 8, 128, 16, {2048}},
+      {DType::kBF16, DType::kBF16, 2, 1, 64, 16, {4000, 3, 0, 1500}},  // few blocks: many splits
   };
   uint32_t seed = 700;
   for (const AttnCase& c : cases) {
-    SCOPED_TRACE(::testing::Message() << DTypeName(c.q) << " q, " << DTypeName(c.kv) << " kv, heads " << c.heads
-                                      << "/" << c.kv_heads << " hd " << c.hd << " block " << c.block_size);
-    RunAttentionCase(c, seed);
+    for (bool split : {false, true}) {
+      SCOPED_TRACE(::testing::Message() << DTypeName(c.q) << " q, " << DTypeName(c.kv) << " kv, heads " << c.heads
+                                        << "/" << c.kv_heads << " hd " << c.hd << " block " << c.block_size
+                                        << (split ? ", split contexts" : ", one block per head"));
+      RunAttentionCase(c, seed, split);
+      if (HasFatalFailure()) return;
+    }
     seed += 10;
-    if (HasFatalFailure()) return;
   }
 }
 
 TEST(CudaPagedDecodeAttentionTest, RejectsHeadDimAbove256AndUnevenGroups) {
   EXPECT_EQ(PagedDecodeAttention(nullptr, DType::kF32, nullptr, nullptr, DType::kF32, nullptr, nullptr, 1, 4, 4,
-                                 320, 16, 1, 0.f, nullptr, DType::kF32, nullptr)
+                                 320, 16, 1, 0.f, nullptr, DType::kF32, nullptr, 0, nullptr)
                 .code(),
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(PagedDecodeAttention(nullptr, DType::kF32, nullptr, nullptr, DType::kF32, nullptr, nullptr, 1, 6, 4,
-                                 64, 16, 1, 0.f, nullptr, DType::kF32, nullptr)
+                                 64, 16, 1, 0.f, nullptr, DType::kF32, nullptr, 0, nullptr)
                 .code(),
             absl::StatusCode::kInvalidArgument);
 }
@@ -736,6 +752,9 @@ TEST(CudaMoeBlockTest, ChainedKernelsMatchTheHostChainAndRepeatBitwise) {
   }
   std::vector<float> out_first;
   for (int run = 0; run < 2; ++run) {
+    // Poison every intermediate so that the second run cannot pass on the first run's data.
+    for (const DeviceBuffer* b : {&dn, &dids, &dtw, &dcnt, &doff, &dg2f, &df2g, &dgx, &dgy, &dout})
+      ASSERT_CUDA(cudaMemsetAsync(b->get(), 0xff, b->size(), stream));
     ASSERT_OK(RmsNorm(dx.get(), DType::kBF16, T, H, dnw.get(), DType::kBF16, 1e-6f, dn.get(), DType::kBF16, stream));
     std::vector<uint16_t> nb(T * H);
     ASSERT_CUDA(cudaStreamSynchronize(stream));
