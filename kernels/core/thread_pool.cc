@@ -1,9 +1,8 @@
 #include "kernels/core/thread_pool.h"
 
 #include <algorithm>
-#include <atomic>
-#include <cstdlib>
 #include <chrono>
+#include <cstdlib>
 #include <memory>
 
 namespace sy {
@@ -37,7 +36,7 @@ bool SpinFor(Pred pred) {
 }  // namespace
 
 ThreadPool::ThreadPool(int num_threads) : num_threads_(std::max(1, num_threads)) {
-  for (int i = 1; i < num_threads_; ++i) workers_.emplace_back([this, i] { WorkerLoop(i); });
+  for (int i = 1; i < num_threads_; ++i) workers_.emplace_back([this] { WorkerLoop(); });
 }
 
 ThreadPool::~ThreadPool() {
@@ -49,12 +48,30 @@ ThreadPool::~ThreadPool() {
   for (auto& t : workers_) t.join();
 }
 
-void ThreadPool::WorkerLoop(int index) {
-  tls_in_worker = true;
-  uint64_t seen = 0;
+void ThreadPool::RunRanges(uint32_t generation) {
   while (true) {
-    const std::function<void(int64_t, int64_t)>* fn;
-    std::pair<int64_t, int64_t> range;
+    uint64_t c = claim_.load(std::memory_order_acquire);
+    if (static_cast<uint32_t>(c >> 32) != generation) return;
+    const int64_t index = static_cast<int64_t>(c & 0xffffffffu);
+    // Read before claiming: if the region changed meanwhile the claim below fails.
+    const auto* fn = fn_.load(std::memory_order_relaxed);
+    const int64_t n = n_.load(std::memory_order_relaxed);
+    const int64_t chunk = chunk_.load(std::memory_order_relaxed);
+    const int64_t ranges = num_ranges_.load(std::memory_order_relaxed);
+    if (index >= ranges) return;
+    if (!claim_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel)) continue;
+    (*fn)(index * chunk, std::min(n, (index + 1) * chunk));
+    if (done_ranges_.fetch_add(1, std::memory_order_acq_rel) + 1 == ranges) {
+      std::lock_guard<std::mutex> lock(mu_);  // pairs with the caller's predicate check
+      cv_done_.notify_one();
+    }
+  }
+}
+
+void ThreadPool::WorkerLoop() {
+  tls_in_worker = true;
+  uint32_t seen = 0;
+  while (true) {
     auto ready = [&] {
       return stop_.load(std::memory_order_acquire) ||
              generation_.load(std::memory_order_acquire) != seen;
@@ -64,16 +81,8 @@ void ThreadPool::WorkerLoop(int index) {
       cv_work_.wait(lock, ready);
     }
     if (stop_.load(std::memory_order_acquire)) return;
-    // fn_ and ranges_ were written before generation_ (release, under mu_) and stay put
-    // until every worker has counted itself done below.
     seen = generation_.load(std::memory_order_acquire);
-    fn = fn_;
-    range = index < static_cast<int>(ranges_.size()) ? ranges_[index] : std::make_pair(0L, 0L);
-    if (range.second > range.first) (*fn)(range.first, range.second);
-    if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-      std::lock_guard<std::mutex> lock(mu_);  // pairs with the caller's predicate check
-      cv_done_.notify_one();
-    }
+    RunRanges(seen);
   }
 }
 
@@ -81,35 +90,36 @@ void ThreadPool::ParallelFor(int64_t n, int64_t min_grain,
                              const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
   min_grain = std::max<int64_t>(1, min_grain);
-  int64_t parts = std::min<int64_t>(num_threads_, (n + min_grain - 1) / min_grain);
-  if (parts <= 1 || tls_in_worker) {
+  const int64_t max_ranges = std::min<int64_t>(n, num_threads_ * kRangesPerThread);
+  int64_t ranges = std::min<int64_t>(max_ranges, (n + min_grain - 1) / min_grain);
+  if (ranges <= 1 || num_threads_ <= 1 || tls_in_worker) {
     fn(0, n);
     return;
   }
   std::lock_guard<std::mutex> run_lock(run_mu_);
-  std::vector<std::pair<int64_t, int64_t>> ranges(num_threads_, {0, 0});
-  int64_t chunk = (n + parts - 1) / parts;
-  for (int64_t p = 0; p < parts; ++p) {
-    ranges[p] = {std::min(n, p * chunk), std::min(n, (p + 1) * chunk)};
-  }
+  const int64_t chunk = (n + ranges - 1) / ranges;
+  ranges = (n + chunk - 1) / chunk;
+  uint32_t generation;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    fn_ = &fn;
-    ranges_ = ranges;
-    pending_.store(num_threads_ - 1, std::memory_order_relaxed);
-    generation_.fetch_add(1, std::memory_order_release);
+    fn_.store(&fn, std::memory_order_relaxed);
+    n_.store(n, std::memory_order_relaxed);
+    chunk_.store(chunk, std::memory_order_relaxed);
+    num_ranges_.store(ranges, std::memory_order_relaxed);
+    done_ranges_.store(0, std::memory_order_relaxed);
+    generation = generation_.load(std::memory_order_relaxed) + 1;
+    claim_.store(static_cast<uint64_t>(generation) << 32, std::memory_order_release);
+    generation_.store(generation, std::memory_order_release);
   }
   cv_work_.notify_all();
   tls_in_worker = true;
-  if (ranges[0].second > ranges[0].first) fn(ranges[0].first, ranges[0].second);
+  RunRanges(generation);
   tls_in_worker = false;
-  auto done = [&] { return pending_.load(std::memory_order_acquire) == 0; };
+  auto done = [&] { return done_ranges_.load(std::memory_order_acquire) == ranges; };
   if (!SpinFor(done)) {
     std::unique_lock<std::mutex> lock(mu_);
     cv_done_.wait(lock, done);
   }
-  std::lock_guard<std::mutex> lock(mu_);
-  fn_ = nullptr;
 }
 
 void ThreadPool::SetDefaultThreads(int num_threads) { g_default_threads = num_threads; }

@@ -1,15 +1,20 @@
 // ThreadPool: the one pool every CPU kernel parallelises on (no nested parallel regions, no
 // oversubscription: issue 6).
 //
-// ParallelFor splits [0, n) into at most num_threads() contiguous ranges and runs them on the
-// pool's workers plus the calling thread, returning when all are done. A ParallelFor issued
-// from inside a worker (nested) runs inline on that worker. Thread-safe: concurrent
-// ParallelFor calls from different threads are serialised.
+// ParallelFor splits [0, n) into contiguous ranges of at least `min_grain` items (at most
+// kRangesPerThread per thread) which the calling thread and the workers claim one at a time
+// until none is left, returning when all are done. A ParallelFor issued from inside a worker
+// (nested) runs inline on that worker. Thread-safe: concurrent ParallelFor calls from
+// different threads are serialised.
 //
-// Hand-off: a model step issues hundreds of short parallel regions a few microseconds
-// apart, so after a task a worker spins (with pause) for up to kSpinMicros watching for the
-// next one before it sleeps on a condition variable, and the caller spins as long for the
-// workers to finish; a futex wake-up costs tens of microseconds, more on a loaded machine.
+// Why claimed ranges rather than one fixed range per thread: on a shared machine a worker
+// may not be scheduled for milliseconds; with fixed ranges every parallel region would wait
+// for it, while here the caller takes the sleeping worker's share and only waits for ranges
+// a worker has actually started. And why spinning: a model step issues hundreds of short
+// parallel regions a few microseconds apart, so after a region a worker spins (with pause)
+// for up to kSpinMicros watching for the next one before it sleeps on a condition variable,
+// and the caller spins as long for the workers to finish; a futex wake-up costs tens of
+// microseconds, more on a loaded machine.
 #pragma once
 
 #include <atomic>
@@ -24,6 +29,8 @@ namespace sy {
 
 class ThreadPool {
  public:
+  static constexpr int64_t kRangesPerThread = 4;
+
   // num_threads counts the caller: 1 means everything runs inline.
   explicit ThreadPool(int num_threads);
   ~ThreadPool();
@@ -33,7 +40,8 @@ class ThreadPool {
   int num_threads() const { return num_threads_; }
 
   // fn(begin, end) over disjoint ranges covering [0, n). Ranges hold at least `min_grain`
-  // items (except the last), so tiny loops stay on one thread.
+  // items (except the last), so tiny loops stay on one thread. With n == num_threads() and
+  // min_grain 1, each range is a single index (per-thread work split by the caller).
   void ParallelFor(int64_t n, int64_t min_grain,
                    const std::function<void(int64_t, int64_t)>& fn);
 
@@ -43,19 +51,24 @@ class ThreadPool {
   static void SetDefaultThreads(int num_threads);
 
  private:
-  void WorkerLoop(int index);
+  void WorkerLoop();
+  // Claims and runs ranges of the region tagged `generation` until none is left.
+  void RunRanges(uint32_t generation);
 
   int num_threads_;
   std::vector<std::thread> workers_;
   std::mutex run_mu_;  // serialises ParallelFor callers
-  std::mutex mu_;
+  std::mutex mu_;      // for the condition variables only
   std::condition_variable cv_work_;
   std::condition_variable cv_done_;
-  const std::function<void(int64_t, int64_t)>* fn_ = nullptr;  // guarded by mu_
-  std::vector<std::pair<int64_t, int64_t>> ranges_;            // guarded by mu_
-  // Written under mu_; read by spinning workers with acquire loads.
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
+  // The current region. Written by the caller before it publishes `claim_`; atomics because
+  // a late worker may read them while the next region is being set up (it then fails to
+  // claim and drops what it read).
+  std::atomic<const std::function<void(int64_t, int64_t)>*> fn_{nullptr};
+  std::atomic<int64_t> n_{0}, chunk_{0}, num_ranges_{0};
+  std::atomic<uint64_t> claim_{0};  // (generation << 32) | next range index
+  std::atomic<int64_t> done_ranges_{0};
+  std::atomic<uint32_t> generation_{0};
   std::atomic<bool> stop_{false};
 };
 

@@ -5,7 +5,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <functional>
+#include <map>
+#include <string>
 #include <new>
 #include <vector>
 
@@ -18,9 +23,10 @@ namespace {
 
 using cpu::CpuLevel;
 
-// Multiply-adds below which a kernel call stays on the calling thread: waking the other
-// worker costs a few microseconds.
-constexpr double kMinParallelMacs = 1 << 16;
+// Multiply-adds below which a kernel call stays on the calling thread (about 10-50 us of
+// work): handing work to the other worker costs microseconds when it is spinning and far
+// more when it sleeps or the machine is loaded (KERNEL_NOTES.md).
+constexpr double kMinParallelMacs = 1 << 20;
 
 // Scratch vectors start on a 64-byte line so row loads of activations do not split lines.
 template <typename T>
@@ -76,6 +82,59 @@ struct FfnUnit {
   int64_t g, r0, r1;
 };
 
+// SWITCHYARD_KERNEL_PROFILE=1: wall time per (kernel, token-count bucket), printed to stderr
+// when the backend is destroyed. Off by default (one branch per call).
+class KernelProfile {
+ public:
+  KernelProfile() : enabled_(std::getenv("SWITCHYARD_KERNEL_PROFILE") != nullptr) {}
+  ~KernelProfile() {
+    if (!enabled_ || entries_.empty()) return;
+    double total = 0;
+    for (const auto& [key, e] : entries_) total += e.seconds;
+    std::fprintf(stderr, "kernel profile (fast cpu backend): %.3f s in kernels\n", total);
+    for (const auto& [key, e] : entries_) {
+      std::fprintf(stderr, "  %-22s tokens<=%-5lld calls %8lld  %9.3f ms  %5.1f %%\n",
+                   key.first.c_str(), static_cast<long long>(key.second),
+                   static_cast<long long>(e.calls), e.seconds * 1e3, 100 * e.seconds / total);
+    }
+  }
+  bool enabled() const { return enabled_; }
+  void Add(const char* op, int64_t tokens, double seconds) {
+    int64_t bucket = 1;
+    while (bucket < tokens) bucket *= 2;
+    Entry& e = entries_[{op, bucket}];
+    ++e.calls;
+    e.seconds += seconds;
+  }
+  static double Now() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  }
+
+ private:
+  struct Entry {
+    int64_t calls = 0;
+    double seconds = 0;
+  };
+  const bool enabled_;
+  std::map<std::pair<std::string, int64_t>, Entry> entries_;
+};
+
+// Times one kernel call when profiling is on.
+class ProfileScope {
+ public:
+  ProfileScope(KernelProfile& p, const char* op, int64_t tokens)
+      : p_(p), op_(op), tokens_(tokens), start_(p.enabled() ? KernelProfile::Now() : 0) {}
+  ~ProfileScope() {
+    if (p_.enabled()) p_.Add(op_, tokens_, KernelProfile::Now() - start_);
+  }
+
+ private:
+  KernelProfile& p_;
+  const char* op_;
+  int64_t tokens_;
+  double start_;
+};
+
 class FastCpuBackend final : public Backend {
  public:
   explicit FastCpuBackend(CpuLevel level) : level_(level) {
@@ -92,6 +151,7 @@ class FastCpuBackend final : public Backend {
               const float* bias) override {
     const int64_t n = w.rows, k = w.cols, T = num_tokens;
     if (T <= 0 || n <= 0) return;
+    ProfileScope prof(profile_, n >= 16384 ? "matmul(lm_head)" : "matmul", T);
     const uint16_t* xb = nullptr;
     int64_t ldxb = 0;
     if (UsesBf16Activations(w.dtype)) {
@@ -113,6 +173,7 @@ class FastCpuBackend final : public Backend {
   void RmsNorm(const float* x, int64_t num_rows, int64_t dim, const WeightView& weight,
                float eps, float* y) override {
     if (num_rows <= 0) return;
+    ProfileScope prof(profile_, "rmsnorm", num_rows);
     float* wf = Grow(norm_w_, dim);
     ConvertToF32(weight.dtype, weight.data, dim, wf);
     const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(kMinParallelMacs / dim));
@@ -131,6 +192,7 @@ class FastCpuBackend final : public Backend {
     const int64_t R = offsets[num_groups] - offsets[0];
     if (R <= 0) return;
     const int64_t base = offsets[0];
+    ProfileScope prof(profile_, "grouped_experts", R);
     // Shapes and activation format per group.
     int64_t max_inter = 0;
     bool any_bf16 = false, any_f32 = false;
@@ -230,6 +292,7 @@ class FastCpuBackend final : public Backend {
                  const PagedKv& kv, const int32_t* block_table, float scale,
                  float* out) override {
     if (num_new <= 0) return;
+    ProfileScope prof(profile_, "attention", num_new);
     const int64_t hd = kv.head_dim, nkv = kv.num_kv_heads;
     const int64_t group = num_heads / nkv;
     const int64_t total = start_pos + num_new;
@@ -304,6 +367,7 @@ class FastCpuBackend final : public Backend {
   }
 
   const CpuLevel level_;
+  KernelProfile profile_;
   // Scratch of the calling thread (grow-only; no allocation once warm).
   ScratchVec<uint16_t> xb_, hb_;
   ScratchVec<float> hf_, norm_w_;

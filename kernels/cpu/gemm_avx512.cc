@@ -100,6 +100,21 @@ inline void RowsBf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t 
   }
 }
 
+#ifndef SY_TILE_TOKENS
+#define SY_TILE_TOKENS 8
+#endif
+constexpr int kTileTokens = SY_TILE_TOKENS;
+
+// The last `mt` (< kTileTokens) tokens.
+template <int MT>
+inline void TailBf16(int64_t mt, const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw,
+                     int64_t k, int64_t nrows, float* y, int64_t ldy, const float* bias) {
+  if constexpr (MT >= 1) {
+    if (mt == MT) return RowsBf16<MT>(x, ldx, w, ldw, k, nrows, y, ldy, bias);
+    return TailBf16<MT - 1>(mt, x, ldx, w, ldw, k, nrows, y, ldy, bias);
+  }
+}
+
 // ---- f32 x {f32, bf16, f16} -> f32 (FMA) ----------------------------------------------------
 template <DType W>
 inline __m512 LoadW16(const void* w, int64_t i) {
@@ -257,13 +272,10 @@ void DotRowsBf16Avx512(const uint16_t* x, int64_t ldx, int64_t T, const uint16_t
     const uint16_t* wb = w + nb * ldw;
     const float* bb = bias ? bias + nb : nullptr;
     int64_t t = 0;
-    for (; t + 4 <= T; t += 4) RowsBf16<4>(x + t * ldx, ldx, wb, ldw, k, nn, y + t * ldy + nb, ldy, bb);
-    switch (T - t) {
-      case 3: RowsBf16<3>(x + t * ldx, ldx, wb, ldw, k, nn, y + t * ldy + nb, ldy, bb); break;
-      case 2: RowsBf16<2>(x + t * ldx, ldx, wb, ldw, k, nn, y + t * ldy + nb, ldy, bb); break;
-      case 1: RowsBf16<1>(x + t * ldx, ldx, wb, ldw, k, nn, y + t * ldy + nb, ldy, bb); break;
-      default: break;
+    for (; t + kTileTokens <= T; t += kTileTokens) {
+      RowsBf16<kTileTokens>(x + t * ldx, ldx, wb, ldw, k, nn, y + t * ldy + nb, ldy, bb);
     }
+    if (t < T) TailBf16<kTileTokens - 1>(T - t, x + t * ldx, ldx, wb, ldw, k, nn, y + t * ldy + nb, ldy, bb);
   }
 }
 

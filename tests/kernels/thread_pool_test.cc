@@ -2,7 +2,10 @@
 // run inline on the worker, concurrent callers are serialised.
 #include "kernels/core/thread_pool.h"
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <mutex>
 #include <set>
 #include <thread>
 #include <vector>
@@ -35,15 +38,43 @@ TEST(ThreadPoolTest, LoopsSmallerThanTheGrainRunOnTheCallingThread) {
   EXPECT_EQ(*ids.begin(), std::this_thread::get_id());
 }
 
-TEST(ThreadPoolTest, LargeLoopsUseEveryThread) {
+TEST(ThreadPoolTest, AnAwakeWorkerTakesPartInLongRegions) {
+  // Ranges are claimed, so a caller may run a whole region alone when the worker is slow to
+  // wake; over many regions of 2 ms ranges the worker must take some.
   ThreadPool pool(2);
   std::set<std::thread::id> ids;
   std::mutex mu;
-  pool.ParallelFor(2, 1, [&](int64_t, int64_t) {
-    std::lock_guard<std::mutex> l(mu);
-    ids.insert(std::this_thread::get_id());
-  });
+  for (int rep = 0; rep < 50 && ids.size() < 2; ++rep) {
+    pool.ParallelFor(2, 1, [&](int64_t, int64_t) {
+      {
+        std::lock_guard<std::mutex> l(mu);
+        ids.insert(std::this_thread::get_id());
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    });
+  }
   EXPECT_EQ(ids.size(), 2u);
+}
+
+TEST(ThreadPoolTest, RangesAreContiguousAndHoldAtLeastTheGrain) {
+  ThreadPool pool(2);
+  std::mutex mu;
+  std::vector<std::pair<int64_t, int64_t>> seen;
+  pool.ParallelFor(1000, 100, [&](int64_t b, int64_t e) {
+    std::lock_guard<std::mutex> l(mu);
+    seen.push_back({b, e});
+  });
+  std::sort(seen.begin(), seen.end());
+  ASSERT_FALSE(seen.empty());
+  EXPECT_LE(seen.size(), static_cast<size_t>(2 * ThreadPool::kRangesPerThread));
+  EXPECT_EQ(seen.front().first, 0);
+  EXPECT_EQ(seen.back().second, 1000);
+  for (size_t i = 0; i < seen.size(); ++i) {
+    if (i + 1 < seen.size()) {
+      EXPECT_EQ(seen[i].second, seen[i + 1].first);
+      EXPECT_GE(seen[i].second - seen[i].first, 100);
+    }
+  }
 }
 
 TEST(ThreadPoolTest, NestedParallelForRunsInlineWithoutDeadlock) {
