@@ -649,9 +649,17 @@ void RunAttentionCase(const AttnCase& c, uint32_t seed, bool split) {
   ASSERT_OK(PagedDecodeAttention(dq.get(), c.q, dk.get(), dv.get(), c.kv, dt.as<int32_t>(), dl.as<int32_t>(), S,
                                  c.heads, c.kv_heads, c.hd, c.block_size, max_blocks, 0.f, dout.get(), c.q,
                                  split ? ws.get() : nullptr, ws_bytes, nullptr));
-  std::vector<uint8_t> ob(q.bytes.size());
+  std::vector<uint8_t> ob(q.bytes.size()), again(q.bytes.size());
   ASSERT_CUDA(cudaDeviceSynchronize());
   ASSERT_CUDA(Download(dout, &ob));
+  // A second launch into a poisoned output must give the same bytes (fixed merge orders).
+  ASSERT_CUDA(cudaMemset(dout.get(), 0xff, dout.size()));
+  ASSERT_OK(PagedDecodeAttention(dq.get(), c.q, dk.get(), dv.get(), c.kv, dt.as<int32_t>(), dl.as<int32_t>(), S,
+                                 c.heads, c.kv_heads, c.hd, c.block_size, max_blocks, 0.f, dout.get(), c.q,
+                                 split ? ws.get() : nullptr, ws_bytes, nullptr));
+  ASSERT_CUDA(cudaDeviceSynchronize());
+  ASSERT_CUDA(Download(dout, &again));
+  EXPECT_EQ(again, ob) << "second launch differs";
   const std::vector<float> got = ToFloats(c.q, ob);
   const double scale = 1.0 / std::sqrt(double(c.hd));
   const int64_t group = c.heads / c.kv_heads;
