@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <ctime>
 
 #include "CbcHeuristic.hpp"
 #include "CbcHeuristicLocal.hpp"
@@ -47,6 +48,12 @@
 
 namespace sy::parallel::planner {
 namespace {
+
+double ThreadCpuSeconds() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
 
 double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
@@ -76,6 +83,156 @@ double ReplicaLowerBound(const PlacementProblem& p) {
   return std::max(p.loads[e] / c[e], total / R);
 }
 
+// Swap local search on the ILP objective with even shares: exchange the contents of two slots
+// on different ranks (an empty slot included) when that lowers
+// M + lambda * traffic + mu * migration and keeps M <= cap. Replica counts stay those of the
+// start (greedy's), so this only re-packs; it finds the co-location the LP relaxation is too
+// weak to reach in a few seconds. First improvement, sweeps until none or the deadline.
+std::vector<int32_t> SwapLocalSearch(const PlacementProblem& p, std::vector<int32_t> p2l,
+                                     const PlannerOptions& o, double cap, int num_pairs,
+                                     std::chrono::steady_clock::time_point deadline) {
+  const int E = p.num_experts, R = p.num_ranks, S = p.slots_per_rank;
+  std::vector<int> count(E, 0);
+  for (int32_t e : p2l) {
+    if (e >= 0) ++count[e];
+  }
+  std::vector<int> held(static_cast<size_t>(E) * R, 0);  // replicas of e on r
+  std::vector<double> rank_load(R, 0.0);
+  for (int s = 0; s < R * S; ++s) {
+    if (p2l[s] < 0) continue;
+    held[p2l[s] * R + s / S] += 1;
+    rank_load[s / S] += p.loads[p2l[s]] / count[p2l[s]];
+  }
+  double mean_bytes = 0;
+  for (double b : p.expert_bytes) mean_bytes += b;
+  mean_bytes /= E;
+  auto mig = [&](int e, int r) {
+    if (!p.has_current() || p.CurrentlyOn(e, r)) return 0.0;
+    return mean_bytes > 0 ? p.expert_bytes[e] / mean_bytes : 1.0;
+  };
+  // Credited pairs by expert, and per pair the ranks holding both (kept up to date).
+  std::vector<std::vector<int>> pairs_of(E);
+  std::vector<int> both(num_pairs, 0);
+  double credit = 0;
+  for (int q = 0; q < num_pairs; ++q) {
+    const auto& pr = p.pairs[q];
+    pairs_of[pr.e].push_back(q);
+    pairs_of[pr.f].push_back(q);
+    for (int r = 0; r < R; ++r) both[q] += held[pr.e * R + r] > 0 && held[pr.f * R + r] > 0;
+    if (both[q] > 0) credit += pr.weight;
+  }
+  auto partner = [&](int q, int e) { return p.pairs[q].e == e ? p.pairs[q].f : p.pairs[q].e; };
+  // One replica of e moves from rank `from` to rank `to`.
+  auto move = [&](int e, int from, int to) {
+    if (e < 0) return;
+    rank_load[from] -= p.loads[e] / count[e];
+    rank_load[to] += p.loads[e] / count[e];
+    if (--held[e * R + from] == 0) {
+      for (int q : pairs_of[e]) {
+        if (held[partner(q, e) * R + from] > 0 && --both[q] == 0) credit -= p.pairs[q].weight;
+      }
+    }
+    if (++held[e * R + to] == 1) {
+      for (int q : pairs_of[e]) {
+        if (held[partner(q, e) * R + to] > 0 && both[q]++ == 0) credit += p.pairs[q].weight;
+      }
+    }
+  };
+  auto max_load = [&]() { return *std::max_element(rank_load.begin(), rank_load.end()); };
+  const double pair_coef = o.lambda * (1.0 - 1.0 / R) * (2.0 / p.top_k);
+  bool improved = true;
+  while (improved && std::chrono::steady_clock::now() < deadline) {
+    improved = false;
+    for (int s1 = 0; s1 < R * S; ++s1) {
+      if (std::chrono::steady_clock::now() >= deadline) break;
+      for (int s2 = (s1 / S + 1) * S; s2 < R * S; ++s2) {
+        const int r1 = s1 / S, r2 = s2 / S;
+        const int e1 = p2l[s1], e2 = p2l[s2];
+        if (e1 == e2 || (e1 >= 0 && held[e1 * R + r2] > 0) ||
+            (e2 >= 0 && held[e2 * R + r1] > 0)) {
+          continue;
+        }
+        const double m_before = max_load(), c_before = credit;
+        double mig_delta = 0;
+        if (e1 >= 0) mig_delta += mig(e1, r2) - mig(e1, r1);
+        if (e2 >= 0) mig_delta += mig(e2, r1) - mig(e2, r2);
+        move(e1, r1, r2);
+        move(e2, r2, r1);
+        const double m_after = max_load();
+        const double delta =
+            (m_after - m_before) - pair_coef * (credit - c_before) + o.mu * mig_delta;
+        if (m_after <= cap + 1e-12 && delta < -1e-12) {
+          std::swap(p2l[s1], p2l[s2]);
+          improved = true;
+        } else {
+          move(e2, r1, r2);  // undo, in reverse order
+          move(e1, r2, r1);
+        }
+      }
+    }
+  }
+  return p2l;
+}
+
+// The shares that minimise the straggler load for a fixed placement: a small LP over the
+// occupied slots (min M; an expert's slot tokens sum to its load; a rank's tokens <= M).
+// Empty when no expert has two replicas (nothing to choose) or the LP fails.
+std::vector<float> OptimalShares(const PlacementProblem& p, const std::vector<int32_t>& p2l) {
+  const int E = p.num_experts, R = p.num_ranks, S = p.slots_per_rank, n = R * S;
+  std::vector<std::vector<int>> slots_of(E);
+  for (int s = 0; s < n; ++s) {
+    if (p2l[s] >= 0) slots_of[p2l[s]].push_back(s);
+  }
+  bool any = false;
+  for (const auto& v : slots_of) any = any || v.size() > 1;
+  if (!any) return {};
+  const int m_col = n;
+  CoinPackedMatrix matrix(false, 0, 0);
+  matrix.setDimensions(0, n + 1);
+  std::vector<double> row_lb, row_ub;
+  for (int e = 0; e < E; ++e) {
+    std::vector<double> ones(slots_of[e].size(), 1.0);
+    matrix.appendRow(static_cast<int>(slots_of[e].size()), slots_of[e].data(), ones.data());
+    row_lb.push_back(p.loads[e]);
+    row_ub.push_back(p.loads[e]);
+  }
+  for (int r = 0; r < R; ++r) {
+    std::vector<int> idx;
+    std::vector<double> val;
+    for (int s = r * S; s < (r + 1) * S; ++s) {
+      if (p2l[s] < 0) continue;
+      idx.push_back(s);
+      val.push_back(1.0);
+    }
+    idx.push_back(m_col);
+    val.push_back(-1.0);
+    matrix.appendRow(static_cast<int>(idx.size()), idx.data(), val.data());
+    row_lb.push_back(-COIN_DBL_MAX);
+    row_ub.push_back(0.0);
+  }
+  std::vector<double> col_lb(n + 1, 0.0), col_ub(n + 1, COIN_DBL_MAX), obj(n + 1, 0.0);
+  for (int s = 0; s < n; ++s) {
+    if (p2l[s] < 0) col_ub[s] = 0.0;
+  }
+  obj[m_col] = 1.0;
+  OsiClpSolverInterface lp;
+  lp.messageHandler()->setLogLevel(0);
+  lp.loadProblem(matrix, col_lb.data(), col_ub.data(), obj.data(), row_lb.data(), row_ub.data());
+  lp.initialSolve();
+  if (!lp.isProvenOptimal()) return {};
+  const double* a = lp.getColSolution();
+  std::vector<float> share(n, 0.0f);
+  for (int e = 0; e < E; ++e) {
+    double sum = 0;
+    for (int s : slots_of[e]) sum += std::max(0.0, a[s]);
+    for (int s : slots_of[e]) {
+      share[s] = sum > 0 ? static_cast<float>(std::max(0.0, a[s]) / sum)
+                         : 1.0f / static_cast<float>(slots_of[e].size());
+    }
+  }
+  return share;
+}
+
 class IlpPlanner : public Planner {
  public:
   explicit IlpPlanner(const PlannerOptions& o) : options_(o) {}
@@ -88,6 +245,7 @@ class IlpPlanner : public Planner {
 
 absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const {
   const auto start = std::chrono::steady_clock::now();
+  const double cpu_start = ThreadCpuSeconds();
   auto st = p.Validate();
   if (!st.ok()) return st;
   const int E = p.num_experts, R = p.num_ranks, S = p.slots_per_rank;
@@ -198,19 +356,25 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
     }
   }
 
-  // Warm-start vector from greedy (even shares).
+  // Warm start: greedy re-packed by the swap local search (even shares).
+  const auto ls_deadline =
+      start + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                  std::chrono::duration<double>(0.5 * options_.time_limit_seconds));
+  const std::vector<int32_t> start_p2l =
+      SwapLocalSearch(p, greedy->physical_to_logical, options_, cap_m, P, ls_deadline);
+  const ObjectiveTerms start_terms = EvaluateObjective(p, start_p2l, {}, options_);
   std::vector<double> warm(num_cols, 0.0);
   std::vector<int> replicas(E, 0);
-  for (int32_t e : greedy->physical_to_logical) {
+  for (int32_t e : start_p2l) {
     if (e >= 0) ++replicas[e];
   }
   for (int s = 0; s < R * S; ++s) {
-    const int32_t e = greedy->physical_to_logical[s];
+    const int32_t e = start_p2l[s];
     if (e < 0) continue;
     warm[X(e, s / S)] = 1.0;
     warm[A(e, s / S)] += p.loads[e] / replicas[e];
   }
-  warm[m_col] = std::max(greedy_terms.max_load, lb_m);
+  warm[m_col] = std::max(start_terms.max_load, lb_m);
   for (int q = 0; q < P; ++q) {
     for (int r = 0; r < R; ++r) {
       if (warm[X(p.pairs[q].e, r)] > 0.5 && warm[X(p.pairs[q].f, r)] > 0.5) {
@@ -229,6 +393,15 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
   for (int e = 0; e < E; ++e) {
     for (int r = 0; r < R; ++r) solver.setInteger(X(e, r));
   }
+  // The root LP is degenerate (every rank ties at M); primal simplex solves it several times
+  // faster than dual here. Clp's own limit keeps one LP from overrunning the layer's budget.
+  solver.setHintParam(OsiDoDualInInitial, false, OsiHintDo);
+  solver.getModelPtr()->setMaximumSeconds(
+      std::max(0.05, options_.time_limit_seconds - Seconds(start)));
+  solver.initialSolve();
+  // The root LP's optimum is a valid bound only when the LP finished.
+  const bool root_solved = solver.isProvenOptimal();
+  const double root_bound = solver.getObjValue() + constant;
   CbcModel model(solver);
   model.setLogLevel(0);
   model.messageHandler()->setLogLevel(0);
@@ -248,12 +421,14 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
   CglClique clique;
   CglMixedIntegerRounding2 mir;
   CglFlowCover flow;
-  model.addCutGenerator(&probing, -1, "Probing");
-  model.addCutGenerator(&gomory, -1, "Gomory");
-  model.addCutGenerator(&knapsack, -1, "Knapsack");
-  model.addCutGenerator(&clique, -1, "Clique");
-  model.addCutGenerator(&mir, -1, "MIR2");
-  model.addCutGenerator(&flow, -1, "FlowCover");
+  // Cuts at the root only: resolving this LP is the expensive part.
+  model.addCutGenerator(&probing, -99, "Probing");
+  model.addCutGenerator(&gomory, -99, "Gomory");
+  model.addCutGenerator(&knapsack, -99, "Knapsack");
+  model.addCutGenerator(&clique, -99, "Clique");
+  model.addCutGenerator(&mir, -99, "MIR2");
+  model.addCutGenerator(&flow, -99, "FlowCover");
+  model.setMaximumCutPassesAtRoot(5);
   CbcRounding rounding(model);
   model.addHeuristic(&rounding);
   CbcHeuristicLocal local(model);
@@ -263,10 +438,28 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
   model.setBestSolution(warm.data(), num_cols, warm_obj, /*check=*/true);
   model.branchAndBound();
 
+  // The plan: the best on the objective of greedy, the swap search, CBC's incumbent, and the
+  // last two with LP-optimal shares. Never worse than greedy: greedy is a candidate.
   LayerPlan plan;
   plan.physical_to_logical = greedy->physical_to_logical;
   plan.objective = greedy_terms.total;
-  plan.note = "kept greedy";
+  plan.note = "greedy";
+  auto consider = [&](const std::vector<int32_t>& p2l, const std::vector<float>& share,
+                      const char* note) {
+    const double t = EvaluateObjective(p, p2l, share, options_).total;
+    if (t < plan.objective - 1e-12) {
+      plan.physical_to_logical = p2l;
+      plan.slot_share = share;
+      plan.objective = t;
+      plan.note = note;
+    }
+  };
+  auto consider_with_shares = [&](const std::vector<int32_t>& p2l, const char* note) {
+    std::vector<float> share = OptimalShares(p, p2l);
+    if (!share.empty()) consider(p2l, share, note);
+  };
+  consider(start_p2l, {}, "swap search");
+  consider_with_shares(start_p2l, "swap search + LP shares");
   const double* best = model.bestSolution();
   if (best != nullptr) {
     std::vector<int32_t> p2l(R * S, -1);
@@ -303,26 +496,27 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
           if (p2l[s] == e) share[s] = sum > 0 ? static_cast<float>(share[s] / sum) : 1.0f / count[e];
         }
       }
-      const ObjectiveTerms t = EvaluateObjective(p, p2l, share, options_);
-      if (t.total < plan.objective - 1e-12) {
-        plan.physical_to_logical = std::move(p2l);
-        plan.slot_share = std::move(share);
-        plan.objective = t.total;
-        plan.note = "cbc";
-      }
+      consider(p2l, share, "cbc");
+      consider_with_shares(p2l, "cbc + LP shares");
     }
   }
-  plan.proven_optimal = model.isProvenOptimal();
-  double bound = model.getBestPossibleObjValue() + constant;
-  if (!std::isfinite(bound) || bound > plan.objective) bound = std::min(bound, plan.objective);
-  if (!std::isfinite(bound)) {  // no LP finished: M's cut, every credited pair co-located
-    double all_pairs = 0;
-    for (int q = 0; q < P; ++q) all_pairs += p.pairs[q].weight;
-    bound = std::min(plan.objective, lb_m + constant - pair_coef * all_pairs);
+  // The bound: what CBC proved, else the root LP, else the analytic one (M's cut with every
+  // credited pair co-located). A CBC bound above the objective means CBC stopped before it
+  // had one (it reports its cutoff then), so it is not used.
+  double all_pairs = 0;
+  for (int q = 0; q < P; ++q) all_pairs += p.pairs[q].weight;
+  double bound = lb_m + constant - pair_coef * all_pairs;
+  if (root_solved) bound = std::max(bound, root_bound);
+  const double cbc_bound = model.getBestPossibleObjValue() + constant;
+  if (root_solved && std::isfinite(cbc_bound) && cbc_bound <= plan.objective + 1e-9) {
+    bound = std::max(bound, cbc_bound);
   }
-  plan.best_bound = bound;
+  plan.proven_optimal = model.isProvenOptimal() && best != nullptr &&
+                        plan.objective <= model.getObjValue() + constant + 1e-9;
+  plan.best_bound = std::min(bound, plan.objective);
   plan.gap = (plan.objective - plan.best_bound) / std::max(std::fabs(plan.objective), 1e-9);
   plan.solve_seconds = Seconds(start);
+  plan.cpu_seconds = ThreadCpuSeconds() - cpu_start;
   return plan;
 }
 

@@ -64,7 +64,8 @@ struct LayerPlan {
   double objective = 0;    // on the ILP objective (EvaluateObjective)
   double best_bound = 0;   // lower bound on the optimum (== objective when not known)
   double gap = 0;          // (objective - best_bound) / max(|objective|, 1e-9)
-  double solve_seconds = 0;
+  double solve_seconds = 0;  // wall clock
+  double cpu_seconds = 0;    // CPU time of the solving thread (ilp; 0 for the heuristics)
   bool proven_optimal = false;
   std::string note;        // e.g. "cbc returned nothing, kept greedy"
 };
