@@ -7,6 +7,10 @@
 #include <cuda_runtime.h>
 
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <future>
+#include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -100,11 +104,21 @@ TEST(NcclCommunicatorGpuTest, OneRankExpertDispatchMatchesTheReference) {
 TEST(NcclCommunicatorGpuTest, InitWhosePeerNeverComesTimesOutAsUnavailable) {
   SKIP_WITHOUT_GPU();
   MemoryRendezvousStore store;
+  // Watchdog: an init or abort that hangs fails the test instead of the whole run.
+  std::promise<void> finished;
+  std::thread watchdog([done = finished.get_future()]() mutable {
+    if (done.wait_for(std::chrono::seconds(60)) != std::future_status::ready) {
+      std::fprintf(stderr, "watchdog: NCCL init/abort still running after 60 s\n");
+      std::abort();
+    }
+  });
   auto t0 = std::chrono::steady_clock::now();
   auto c = CreateNcclCommunicator(
       {.rank = 0, .world_size = 2, .store = &store, .timeout = milliseconds(3000)});
   const double secs =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  finished.set_value();
+  watchdog.join();
   EXPECT_EQ(c.status().code(), absl::StatusCode::kUnavailable) << c.status();
   EXPECT_LT(secs, 30.0);
 }
