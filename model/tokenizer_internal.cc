@@ -1,6 +1,8 @@
 // UTF-8 helpers, the GPT-2 byte map and the byte-level pre-tokenizer (see tokenizer_internal.h).
 #include "model/tokenizer_internal.h"
 
+#include <algorithm>
+
 namespace sy::model::tokenizer_internal {
 
 void AppendUtf8(uint32_t cp, std::string* out) {
@@ -150,8 +152,16 @@ Cls Classify(uint32_t cp) {
     if (IsUnicodeSpace(cp)) return Cls::kSpace;
     return Cls::kOther;
   }
-  // Approximation: every non-ASCII code point that is not whitespace is a letter.
-  return IsUnicodeSpace(cp) ? Cls::kSpace : Cls::kLetter;
+  if (IsUnicodeSpace(cp)) return Cls::kSpace;
+  // Binary search for the last range starting at or before cp.
+  const UnicodeRange* lo = kUnicodeLetterNumberRanges;
+  const UnicodeRange* hi = kUnicodeLetterNumberRanges + kNumUnicodeLetterNumberRanges;
+  const UnicodeRange* it = std::upper_bound(
+      lo, hi, cp, [](uint32_t c, const UnicodeRange& r) { return c < r.first; });
+  if (it == lo) return Cls::kOther;
+  --it;
+  if (cp > it->last) return Cls::kOther;
+  return it->cls == 0 ? Cls::kLetter : Cls::kDigit;
 }
 
 uint32_t AsciiLower(uint32_t cp) { return (cp >= 'A' && cp <= 'Z') ? cp + 32 : cp; }
@@ -169,7 +179,7 @@ std::vector<std::pair<size_t, size_t>> SplitByteLevel(std::string_view text,
   for (size_t pos = 0; pos < text.size();) {
     auto [c, len] = DecodeUtf8(text, pos);
     cp.push_back(c);
-    // An invalid byte decodes to U+FFFD: a letter, like any non-ASCII code point.
+    // An invalid byte decodes to U+FFFD, a symbol (neither \p{L} nor \p{N}).
     cls.push_back(Classify(c));
     off.push_back(pos);
     pos += len;

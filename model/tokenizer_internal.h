@@ -58,10 +58,18 @@ struct SplitOptions {
   int max_digits = 0;  // longest digit run in one piece; 0 = unbounded
 };
 
+// Unicode general categories L* and N* as sorted, disjoint ranges (tokenizer_unicode.cc,
+// generated from Unicode 14 data).
+struct UnicodeRange {
+  uint32_t first, last;
+  uint8_t cls;  // 0 = letter \p{L}, 1 = number \p{N}
+};
+extern const UnicodeRange kUnicodeLetterNumberRanges[];
+extern const size_t kNumUnicodeLetterNumberRanges;
+
 // Splits `text` into pieces as the regex of `opts` would, returned as [begin, end) byte
-// ranges covering `text` exactly, in order. Approximation (documented in model/README.md):
-// \p{L} = ASCII letters plus every non-ASCII code point that is not Unicode whitespace, \p{N}
-// = ASCII digits; invalid UTF-8 bytes count as letters.
+// ranges covering `text` exactly, in order. \p{L}, \p{N} and \s follow Unicode 14 (the
+// table above and the White_Space list); an invalid UTF-8 byte counts as U+FFFD, a symbol.
 std::vector<std::pair<size_t, size_t>> SplitByteLevel(std::string_view text,
                                                       const SplitOptions& opts);
 
