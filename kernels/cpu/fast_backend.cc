@@ -27,6 +27,8 @@ using cpu::CpuLevel;
 // work): handing work to the other worker costs microseconds when it is spinning and far
 // more when it sleeps or the machine is loaded (KERNEL_NOTES.md).
 constexpr double kMinParallelMacs = 1 << 20;
+// Attention reads a cache-resident KV and has no weight streaming: a smaller call pays.
+constexpr double kMinParallelAttentionMacs = 1 << 18;
 
 // Scratch vectors start on a 64-byte line so row loads of activations do not split lines.
 template <typename T>
@@ -52,35 +54,32 @@ typename V::value_type* Grow(V& v, int64_t n) {
   return v.data();
 }
 
-// Runs fn(begin, end) over [0, n) split into per-thread contiguous ranges of about equal total
-// cost; prefix[u] is the summed cost of units before u (size n + 1).
-void BalancedFor(const std::vector<double>& prefix, int64_t n,
+// Runs fn(begin, end) over [0, n) split into contiguous parts of about equal total cost
+// (prefix[u] = summed cost of units before u; size n + 1), kRangesPerThread parts per thread,
+// which the pool's threads claim as they come free. Below `min_cost` it runs inline.
+void BalancedFor(const std::vector<double>& prefix, int64_t n, double min_cost,
                  const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
   ThreadPool& pool = ThreadPool::Default();
-  const int nt = pool.num_threads();
   const double total = prefix[n];
-  if (nt <= 1 || total < kMinParallelMacs || n == 1) {
+  const int64_t parts =
+      std::min<int64_t>(n, pool.num_threads() * ThreadPool::kRangesPerThread);
+  if (pool.num_threads() <= 1 || total < min_cost || parts <= 1) {
     fn(0, n);
     return;
   }
-  auto cut = [&](int p) -> int64_t {
-    if (p >= nt) return n;
-    const double target = total * p / nt;
+  auto cut = [&](int64_t p) -> int64_t {
+    if (p >= parts) return n;
+    const double target = total * static_cast<double>(p) / static_cast<double>(parts);
     return std::lower_bound(prefix.begin(), prefix.begin() + n + 1, target) - prefix.begin();
   };
-  pool.ParallelFor(nt, 1, [&](int64_t p0, int64_t p1) {
+  pool.ParallelFor(parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t b = cut(static_cast<int>(p)), e = cut(static_cast<int>(p) + 1);
+      const int64_t b = cut(p), e = cut(p + 1);
       if (e > b) fn(b, e);
     }
   });
 }
-
-// A slice [r0, r1) of the output rows of expert group g's projection.
-struct FfnUnit {
-  int64_t g, r0, r1;
-};
 
 // SWITCHYARD_KERNEL_PROFILE=1: wall time per (kernel, token-count bucket), printed to stderr
 // when the backend is destroyed. Off by default (one branch per call).
@@ -242,7 +241,7 @@ class FastCpuBackend final : public Backend {
     };
 
     plan(false);
-    BalancedFor(prefix, static_cast<int64_t>(units.size()), [&](int64_t u0, int64_t u1) {
+    BalancedFor(prefix, static_cast<int64_t>(units.size()), kMinParallelMacs, [&](int64_t u0, int64_t u1) {
       thread_local ScratchVec<float> gate, up;
       for (int64_t u = u0; u < u1; ++u) {
         const FfnUnit& un = units[u];
@@ -274,7 +273,7 @@ class FastCpuBackend final : public Backend {
 
     // Phase 2: down projection, by (expert, slice of output columns).
     plan(true);
-    BalancedFor(prefix, static_cast<int64_t>(units.size()), [&](int64_t u0, int64_t u1) {
+    BalancedFor(prefix, static_cast<int64_t>(units.size()), kMinParallelMacs, [&](int64_t u0, int64_t u1) {
       for (int64_t u = u0; u < u1; ++u) {
         const FfnUnit& un = units[u];
         const ExpertWeights& e = *experts[un.g];
@@ -314,7 +313,7 @@ class FastCpuBackend final : public Backend {
     for (int64_t u = 0; u < n; ++u) {
       prefix[u + 1] = prefix[u] + static_cast<double>(start_pos + u / num_heads + 1) * hd * 2;
     }
-    BalancedFor(prefix, n, [&](int64_t u0, int64_t u1) {
+    BalancedFor(prefix, n, kMinParallelAttentionMacs, [&](int64_t u0, int64_t u1) {
       thread_local std::vector<float> scores;
       float* sc = Grow(scores, total);
       for (int64_t u = u0; u < u1; ++u) {
