@@ -249,7 +249,7 @@ absl::Status BpeTokenizer::ParseModel(const json& model) {
     byte_fallback_id_[b] = IdOf(buf).value_or(-1);
   }
 
-  if (!model.contains("merges")) return absl::OkStatus();
+  if (!model.contains("merges") || model["merges"].is_null()) return absl::OkStatus();
   const json& merges = model["merges"];
   if (!merges.is_array()) {
     return absl::InvalidArgumentError(absl::StrCat(name_, ": model.merges is not an array"));
