@@ -28,6 +28,7 @@ struct WireCounts {
   int64_t rows;
   int64_t pairs;
   int64_t sender_last_load;  // pairs the sender computed in its previous call (-1: none yet)
+  int64_t placement_epoch;   // the sender's placement epoch; all must agree
 };
 
 double Seconds(std::chrono::steady_clock::time_point t0) {
@@ -48,6 +49,10 @@ absl::Status ChooseSlots(const ExpertPlacement& placement, int layer, int rank,
     int start = 0;
   };
   const int num_experts = placement.num_experts();
+  if (layer < 0 || layer >= placement.num_layers())
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", layer, " not in the placement (", placement.num_layers(),
+                     " layers)"));
   std::vector<Route> routes(num_experts);
   for (int64_t i = 0; i < num_tokens * num_topk; ++i) {
     const int32_t e = topk_ids[i];
@@ -252,12 +257,23 @@ absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t nu
   recv_counts_.resize(n);
   for (int d = 0; d < n; ++d)
     send_counts_[d] = {static_cast<int64_t>(tokens_to_[d].size()),
-                       static_cast<int64_t>(pairs_to_[d].size()), last_load_};
+                       static_cast<int64_t>(pairs_to_[d].size()), last_load_,
+                       placement.epoch()};
   auto t0 = std::chrono::steady_clock::now();
   SY_RETURN_IF_ERROR(sy::Annotate(
       comm_->AllToAll(send_counts_.data(), recv_counts_.data(), sizeof(WireCounts)),
       absl::StrCat("expert dispatch layer ", layer, ": counts")));
   const double counts_s = Seconds(t0);
+  // Every rank sees every rank's epoch here, so all take the same decision: on a mismatch
+  // (a placement switch applied on some ranks only) nobody ships rows to slots that mean
+  // different experts on the two sides; the group stays usable.
+  for (int s = 0; s < n; ++s)
+    if (recv_counts_[s].placement_epoch != placement.epoch()) {
+      std::fill(out, out + num_tokens * hidden, 0.f);
+      return absl::FailedPreconditionError(absl::StrCat(
+          "expert dispatch layer ", layer, ": placement epoch ", placement.epoch(),
+          " on rank ", me, " but ", recv_counts_[s].placement_epoch, " on rank ", s));
+    }
 
   // 4. Rows and pairs.
   s_cnt_.assign(n, 0);

@@ -7,7 +7,9 @@
 //   2. layout: per destination rank, the tokens it needs, ONE row per token even when several
 //      of its experts live there, plus per (row, expert) a pair {row, local slot, weight};
 //   3. counts all-to-all (rows, pairs per destination; plus each rank's previous load, which
-//      gives every rank the load of all ranks for balancedness at no extra collective);
+//      gives every rank the load of all ranks for balancedness at no extra collective, and
+//      its placement epoch: on a mismatch every rank returns FAILED_PRECONDITION before any
+//      row moves, and the communicator stays usable);
 //   4. all-to-all-v of the rows and pairs (rows in f32 or bf16 on the wire);
 //   5. the receiver groups the pairs by local slot (a row needed by two local experts is
 //      copied into both groups) and calls GroupedExpertFn once;
@@ -74,7 +76,8 @@ struct EpDispatchStats {
 class ExpertParallelDispatcher : public MoeDispatcher {
  public:
   virtual EpDispatchStats stats() const = 0;
-  // Switches to a new placement (same num_ranks) at a step boundary, on every rank.
+  // Switches to a new placement (same num_ranks) at a step boundary, on every rank; until
+  // all ranks have switched, DispatchCombine fails with FAILED_PRECONDITION (epoch check).
   virtual absl::Status SetPlacement(std::shared_ptr<const ExpertPlacement> placement) = 0;
 };
 

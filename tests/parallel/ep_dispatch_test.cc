@@ -417,6 +417,43 @@ TEST(EpDispatchTest, BadExpertIdFailsOnlyItsRankAndPeersStillGetTheirResults) {
              "rank 0");
 }
 
+TEST(EpDispatchTest, PlacementEpochMismatchFailsEveryRankAndTheGroupRecoversOnceAllSwitch) {
+  const int n = 2, E = 4;
+  const int64_t H = 8, K = 2;
+  auto old_placement = Contiguous(1, E, n);
+  auto new_placement = std::make_shared<const ExpertPlacement>(old_placement->WithEpoch(1));
+  LocalCommunicatorGroup group(n, milliseconds(5000));
+  std::vector<absl::Status> first(n), second(n);
+  std::vector<RankInput> inputs;
+  for (int r = 0; r < n; ++r) inputs.push_back(MakeInput(r, 6, H, K, Iota(E), 30));
+  std::vector<std::vector<float>> out(n, std::vector<float>(6 * H));
+  RunRankThreads(n, kWatchdog, [&](int r) {
+    auto d = MakeExpertParallelDispatcher(group.comm(r), old_placement);
+    ASSERT_TRUE(d.ok());
+    ExpertParallelDispatcher* disp = d->get();
+    auto compute = [&](int l, const float* rows, const int64_t* off, float* y) {
+      for (int64_t s = 0; s < disp->num_local_slots(l); ++s)
+        for (int64_t i = off[s]; i < off[s + 1]; ++i)
+          ExpertFn(l, disp->local_slot_expert(l, s), rows + i * H, H, y + i * H);
+    };
+    const RankInput& in = inputs[r];
+    if (r == 1) ASSERT_TRUE(disp->SetPlacement(new_placement).ok());  // only rank 1 switched
+    first[r] = disp->DispatchCombine(0, in.x.data(), 6, H, in.topk_ids.data(),
+                                     in.topk_weights.data(), K, compute, out[r].data());
+    if (r == 0) ASSERT_TRUE(disp->SetPlacement(new_placement).ok());
+    second[r] = disp->DispatchCombine(0, in.x.data(), 6, H, in.topk_ids.data(),
+                                      in.topk_weights.data(), K, compute, out[r].data());
+  });
+  for (int r = 0; r < n; ++r) {
+    EXPECT_EQ(first[r].code(), absl::StatusCode::kFailedPrecondition) << first[r];
+    ASSERT_TRUE(second[r].ok()) << second[r];
+    const RankInput& in = inputs[r];
+    ExpectNear(out[r], ReferenceMoe(0, in.x, H, in.topk_ids, in.topk_weights, K), 1e-5f,
+               "rank " + std::to_string(r));
+  }
+  EXPECT_FALSE(group.broken());
+}
+
 TEST(EpDispatchTest, RejectsPlacementForADifferentNumberOfRanks) {
   LocalCommunicatorGroup group(2, milliseconds(1000));
   EXPECT_EQ(MakeExpertParallelDispatcher(group.comm(0), Contiguous(1, 4, 3)).status().code(),
