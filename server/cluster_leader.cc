@@ -119,12 +119,13 @@ std::vector<std::vector<int32_t>> ClusterLeader::leader_experts() const {
 }
 
 absl::StatusOr<std::unique_ptr<scheduler::StepExecutor>> ClusterLeader::MakeExecutor(
-    model::MoeModel* model, std::function<void(const absl::Status&)> on_failure) {
+    model::MoeModel* model, std::function<void(const absl::Status&)> on_failure,
+    const std::atomic<bool>* cancel) {
   parallel::Communicator* comm = nullptr;
   std::unique_ptr<parallel::Communicator> owned;
   if (service_ != nullptr) {
     SY_RETURN_IF_ERROR(service_->WaitForRanks(
-        std::chrono::milliseconds(static_cast<int64_t>(options_.rank_wait_timeout_s * 1000))));
+        std::chrono::milliseconds(static_cast<int64_t>(options_.rank_wait_timeout_s * 1000)), cancel));
     parallel::GlooOptions go;
     go.rank = 0;
     go.world_size = options_.world_size();

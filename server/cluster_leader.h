@@ -69,8 +69,10 @@ class ClusterLeader {
 
   // Waits for the ranks, connects rank 0 and returns the leader's executor over `model` (not
   // owned; loaded with leader_experts()). on_failure runs once when the group fails.
+  // CANCELLED when *cancel turns true while waiting for the ranks (a drain during loading).
   absl::StatusOr<std::unique_ptr<scheduler::StepExecutor>> MakeExecutor(
-      model::MoeModel* model, std::function<void(const absl::Status&)> on_failure);
+      model::MoeModel* model, std::function<void(const absl::Status&)> on_failure,
+      const std::atomic<bool>* cancel = nullptr);
 
   void RegisterMetrics(prometheus::Registry& registry);
 

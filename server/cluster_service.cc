@@ -29,9 +29,19 @@ grpc::Status ClusterService::CheckSecret(const std::string& secret) const {
   return grpc::Status::OK;
 }
 
-absl::Status ClusterService::WaitForRanks(std::chrono::milliseconds timeout) {
+absl::Status ClusterService::WaitForRanks(std::chrono::milliseconds timeout,
+                                          const std::atomic<bool>* cancel) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
   std::unique_lock<std::mutex> lock(mu_);
-  if (!cv_.wait_for(lock, timeout, [&] { return next_rank_ >= options_.world_size; }))
+  while (next_rank_ < options_.world_size) {
+    if (cancel != nullptr && cancel->load())
+      return absl::CancelledError("stopped waiting for ranks: the server is shutting down");
+    const auto now = std::chrono::steady_clock::now();
+    if (now >= deadline) break;
+    cv_.wait_for(lock, std::min<std::chrono::steady_clock::duration>(deadline - now,
+                                                                     std::chrono::milliseconds(50)));
+  }
+  if (next_rank_ < options_.world_size)
     return absl::DeadlineExceededError(
         absl::StrCat("only ", next_rank_, " of ", options_.world_size, " ranks joined within ",
                      timeout.count() / 1000.0, " s (--min-ranks)"));
@@ -96,14 +106,26 @@ grpc::Status ClusterService::StoreSet(grpc::ServerContext*, const v1::StoreSetRe
   return ToGrpcStatus(store_.Set(req->key(), req->value()));
 }
 
-grpc::Status ClusterService::StoreGet(grpc::ServerContext*, const v1::StoreGetRequest* req,
+grpc::Status ClusterService::StoreGet(grpc::ServerContext* ctx, const v1::StoreGetRequest* req,
                                       v1::StoreGetReply* reply) {
   if (grpc::Status s = CheckSecret(req->secret()); !s.ok()) return s;
   const int64_t ms = std::clamp<int64_t>(req->timeout_ms(), 0, 600000);
-  absl::StatusOr<std::string> v = store_.Get(req->key(), std::chrono::milliseconds(ms));
-  if (!v.ok()) return ToGrpcStatus(v.status());
-  reply->set_value(*v);
-  return grpc::Status::OK;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(ms);
+  // Waits in slices so that a cancelled call (the worker gave up, or this server shuts down)
+  // frees its handler thread soon: the server's shutdown waits for every handler.
+  for (;;) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    absl::StatusOr<std::string> v =
+        store_.Get(req->key(), std::clamp(left, std::chrono::milliseconds(0),
+                                          std::chrono::milliseconds(100)));
+    if (v.ok()) {
+      reply->set_value(*v);
+      return grpc::Status::OK;
+    }
+    if (ctx->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "call cancelled");
+    if (left <= std::chrono::milliseconds(100)) return ToGrpcStatus(v.status());
+  }
 }
 
 grpc::Status ClusterService::Heartbeat(grpc::ServerContext*, const v1::HeartbeatRequest* req,

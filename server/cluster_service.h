@@ -8,6 +8,7 @@
 // Thread safety: thread-safe (gRPC sync handler threads call in concurrently).
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <functional>
@@ -45,8 +46,10 @@ class ClusterService final : public ::switchyard::v1::Cluster::Service {
   explicit ClusterService(ClusterServiceOptions options);
 
   parallel::RendezvousStore* store() { return &store_; }
-  // Waits until every rank has joined; DEADLINE_EXCEEDED after `timeout`.
-  absl::Status WaitForRanks(std::chrono::milliseconds timeout);
+  // Waits until every rank has joined; DEADLINE_EXCEEDED after `timeout`, CANCELLED once
+  // *cancel (may be null; polled every 50 ms) is true.
+  absl::Status WaitForRanks(std::chrono::milliseconds timeout,
+                            const std::atomic<bool>* cancel = nullptr);
   int joined() const;  // ranks taken, the leader included
   void SetServing(bool serving);
 

@@ -108,7 +108,8 @@ absl::Status Daemon::Load(const std::function<void(const std::string&)>& progres
   if (cluster_ != nullptr) {  // waits for --min-ranks ranks; a failed group turns health off
     cluster_->RegisterMetrics(metrics_->registry());
     SY_ASSIGN_OR_RETURN(executor, cluster_->MakeExecutor(
-                                      model_.get(), [this](const absl::Status&) { SetHealth(false); }));
+                                      model_.get(), [this](const absl::Status&) { SetHealth(false); },
+                                      &cancel_load_));
   } else {
     executor = std::make_unique<scheduler::LocalStepExecutor>(model_.get(), eo.num_blocks,
                                                               eo.block_size);
@@ -146,6 +147,7 @@ absl::Status Daemon::Load(const std::function<void(const std::string&)>& progres
 }
 
 void Daemon::Drain() {
+  cancel_load_ = true;  // a Load waiting for --min-ranks ranks gives up (it holds drain_mu_)
   std::lock_guard<std::mutex> lock(drain_mu_);
   if (drained_) return;
   drained_ = true;

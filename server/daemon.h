@@ -11,6 +11,7 @@
 // Drain may also come from a signal-waiting thread while Load runs (it then waits for Load).
 #pragma once
 
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -77,6 +78,7 @@ class Daemon {
   std::unique_ptr<scheduler::Engine> engine_;
   std::mutex drain_mu_;  // Drain waits for a Load in progress, and runs once
   bool drained_ = false;
+  std::atomic<bool> cancel_load_{false};  // Drain during Load: stop waiting for ranks
 };
 
 // Resolves --model: "" and "demo" make (once) and return the demo checkpoint's folder.

@@ -418,6 +418,17 @@ TEST(ClusterJoinTest, WrongSecretIsRefusedAndTakesNoRank) {
   EXPECT_EQ(stub->Join(&ctx, req, &reply).error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
 }
 
+TEST(ClusterJoinTest, SigtermWhileWaitingForRanksExitsPromptly) {
+  Watchdog dog(seconds(120));
+  ProcessGroup g(TinyDir(), 3);
+  ASSERT_GT(g.cluster_port(), 0) << g.Logs();
+  g.AddWorker();  // one of two: the leader keeps waiting (--rank-wait-timeout 60)
+  std::this_thread::sleep_for(milliseconds(300));
+  EXPECT_EQ(Health(g.addr()), grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+  kill(g.leader().pid(), SIGTERM);
+  EXPECT_EQ(g.leader().WaitExit(milliseconds(10000)), 0) << g.Logs();
+}
+
 TEST(ClusterJoinTest, ConstantTimeEqualsComparesWholeStrings) {
   EXPECT_TRUE(ConstantTimeEquals("abc", "abc"));
   EXPECT_TRUE(ConstantTimeEquals("", ""));
