@@ -81,6 +81,11 @@ void BalancedFor(const std::vector<double>& prefix, int64_t n, double min_cost,
   });
 }
 
+// A slice [r0, r1) of the output rows of expert group g's projection.
+struct FfnUnit {
+  int64_t g, r0, r1;
+};
+
 // SWITCHYARD_KERNEL_PROFILE=1: wall time per (kernel, token-count bucket), printed to stderr
 // when the backend is destroyed. Off by default (one branch per call).
 class KernelProfile {
