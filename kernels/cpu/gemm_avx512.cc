@@ -115,6 +115,10 @@ inline void RowsBf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t 
 #define SY_TILE_TOKENS 8
 #endif
 constexpr int kTileTokens = SY_TILE_TOKENS;
+#ifndef SY_TILE_TOKENS_F32
+#define SY_TILE_TOKENS_F32 6
+#endif
+constexpr int kTileTokensF32 = SY_TILE_TOKENS_F32;
 
 // The last `mt` (< kTileTokens) tokens.
 template <int MT>
@@ -221,6 +225,15 @@ inline void RowsF32(const float* x, int64_t ldx, const void* w, int64_t ldw, int
   }
 }
 
+template <DType W, int MT>
+inline void TailF32(int64_t mt, const float* x, int64_t ldx, const void* w, int64_t ldw,
+                    int64_t k, int64_t nrows, float* y, int64_t ldy, const float* bias) {
+  if constexpr (MT >= 1) {
+    if (mt == MT) return RowsF32<W, MT>(x, ldx, w, ldw, k, nrows, y, ldy, bias);
+    return TailF32<W, MT - 1>(mt, x, ldx, w, ldw, k, nrows, y, ldy, bias);
+  }
+}
+
 template <DType W>
 void DotRowsF32Typed(const float* x, int64_t ldx, int64_t T, const void* w, int64_t ldw,
                      int64_t k, int64_t nrows, float* y, int64_t ldy, const float* bias) {
@@ -232,12 +245,12 @@ void DotRowsF32Typed(const float* x, int64_t ldx, int64_t T, const void* w, int6
     const void* wb = RowPtr<W>(w, nb, ldw);
     const float* bb = bias ? bias + nb : nullptr;
     int64_t t = 0;
-    for (; t + 4 <= T; t += 4) RowsF32<W, 4>(x + t * ldx, ldx, wb, ldw, k, nn, y + t * ldy + nb, ldy, bb);
-    switch (T - t) {
-      case 3: RowsF32<W, 3>(x + t * ldx, ldx, wb, ldw, k, nn, y + t * ldy + nb, ldy, bb); break;
-      case 2: RowsF32<W, 2>(x + t * ldx, ldx, wb, ldw, k, nn, y + t * ldy + nb, ldy, bb); break;
-      case 1: RowsF32<W, 1>(x + t * ldx, ldx, wb, ldw, k, nn, y + t * ldy + nb, ldy, bb); break;
-      default: break;
+    for (; t + kTileTokensF32 <= T; t += kTileTokensF32) {
+      RowsF32<W, kTileTokensF32>(x + t * ldx, ldx, wb, ldw, k, nn, y + t * ldy + nb, ldy, bb);
+    }
+    if (t < T) {
+      TailF32<W, kTileTokensF32 - 1>(T - t, x + t * ldx, ldx, wb, ldw, k, nn, y + t * ldy + nb,
+                                     ldy, bb);
     }
   }
 }
