@@ -16,7 +16,7 @@
 //
 //   dispatch_bench [--engines=local,gloo,nccl] [--tokens=256,1024,4096] [--hidden=1024]
 //                  [--experts=8] [--topk=2] [--wire=bf16,f32] [--iters=10] [--local_ranks=2,4]
-//                  [--gloo_ranks=2]
+//                  [--gloo_ranks=2] [--threads_per_rank=1]
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -58,6 +58,7 @@ struct Config {
   int64_t tokens = 4096, hidden = 1024, experts = 8, topk = 2;
   WireDType wire = WireDType::kBF16;
   int iters = 10, warmup = 2;
+  int threads_per_rank = 1;  // > 1: the dispatcher's row loops run on a pool of this size
 };
 
 // Per rank, reduced over ranks by the caller.
@@ -92,7 +93,11 @@ RankResult BenchRank(Communicator* comm, const Config& cfg) {
   }
   auto placement = std::make_shared<const parallel::ExpertPlacement>(
       parallel::ExpertPlacement::Contiguous(1, static_cast<int>(E), n));
-  auto made = parallel::MakeExpertParallelDispatcher(comm, placement, {.wire_dtype = cfg.wire});
+  // Created here, after any fork, so a rank process owns its pool's threads.
+  std::unique_ptr<ThreadPool> row_pool;
+  if (cfg.threads_per_rank > 1) row_pool = std::make_unique<ThreadPool>(cfg.threads_per_rank);
+  auto made = parallel::MakeExpertParallelDispatcher(
+      comm, placement, {.wire_dtype = cfg.wire, .pool = row_pool.get()});
   RankResult res;
   if (!made.ok()) {
     std::fprintf(stderr, "rank %d: %s\n", me, made.status().ToString().c_str());
@@ -346,7 +351,7 @@ int main(int argc, char** argv) {
   std::string engines = "local,gloo,nccl", tokens = "256,1024,4096", wires = "bf16,f32",
               local_ranks = "2,4", gloo_ranks = "2";
   int64_t hidden = 1024, experts = 8, topk = 2;
-  int iters = 10;
+  int iters = 10, threads_per_rank = 1;
   sy::server::FlagSet flags("dispatch_bench", "expert dispatch+combine vs bare all-to-all-v");
   flags.Add("engines", &engines, "comma list of local, gloo, nccl");
   flags.Add("tokens", &tokens, "comma list of tokens per rank");
@@ -355,6 +360,8 @@ int main(int argc, char** argv) {
   flags.Add("topk", &topk, "experts per token");
   flags.Add("wire", &wires, "comma list of bf16, f32");
   flags.Add("iters", &iters, "timed iterations (median reported), after 2 warm-up ones");
+  flags.Add("threads_per_rank", &threads_per_rank,
+            "threads of each rank's dispatcher pool (1: inline on the rank's thread)");
   flags.Add("local_ranks", &local_ranks, "comma list of thread counts for the local engine");
   flags.Add("gloo_ranks", &gloo_ranks, "comma list of process counts for the gloo engine");
   absl::Status s = flags.Parse(argc, argv);
@@ -378,6 +385,7 @@ int main(int argc, char** argv) {
         cfg.experts = experts;
         cfg.topk = topk;
         cfg.iters = iters;
+        cfg.threads_per_rank = threads_per_rank;
         cfg.wire = wire == "f32" ? sy::parallel::WireDType::kF32 : sy::parallel::WireDType::kBF16;
         if (engine == "local") {
           for (int64_t r : ParseList(local_ranks)) {
