@@ -180,7 +180,7 @@ TEST(GlooCommunicatorTest, KilledPeerGivesUnavailableWithinTheTimeoutAndLaterCal
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::fprintf(stderr, "rank %d: %.3f s: %s\n", r, secs, s.ToString().c_str());
     CHILD_EXPECT(r, s.code() == absl::StatusCode::kUnavailable);
-    CHILD_EXPECT(r, secs < 3.0 + 1.0);
+    CHILD_EXPECT(r, secs < 3.0 + 3.0);  // within the timeout, plus slack for loaded machines
     CHILD_EXPECT(r, c->broken());
     t0 = std::chrono::steady_clock::now();
     CHILD_EXPECT(r, c->Barrier().code() == absl::StatusCode::kUnavailable);
@@ -208,7 +208,7 @@ TEST(GlooCommunicatorTest, StuckPeerGivesUnavailableAfterTheTimeout) {
     std::fprintf(stderr, "rank %d: %.3f s: %s\n", r, secs, s.ToString().c_str());
     // The stuck rank finds its peer gone (connections closed) or times out itself.
     CHILD_EXPECT(r, s.code() == absl::StatusCode::kUnavailable);
-    if (r == 0) CHILD_EXPECT(r, secs > 0.6 && secs < 2.0);
+    if (r == 0) CHILD_EXPECT(r, secs > 0.6 && secs < 5.0);  // slack for loaded CI machines
     return 0;
   });
   EXPECT_EQ(rc[0], 0);

@@ -108,7 +108,7 @@ TEST(LocalCommunicatorTest, RankThatNeverArrivesGivesUnavailableWithinTimeoutOnE
   for (int r = 0; r < 2; ++r) {
     EXPECT_EQ(status[r].code(), absl::StatusCode::kUnavailable) << status[r];
     EXPECT_GE(seconds[r], 0.25);
-    EXPECT_LT(seconds[r], 3.0);
+    EXPECT_LT(seconds[r], 5.0);  // slack for loaded machines
   }
   EXPECT_TRUE(group.broken());
   // Broken: later calls fail fast on every rank, including the one that never came.
