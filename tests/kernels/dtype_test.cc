@@ -87,7 +87,7 @@ TEST(DTypeTest, ParsesSafetensorsAndShortNamesAndRejectsOthers) {
   EXPECT_EQ(*ParseDType("float16"), DType::kF16);
   EXPECT_EQ(*ParseDType("f32"), DType::kF32);
   EXPECT_EQ(ParseDType("I8").status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(DTypeName(DType::kBF16), "BF16");
+  EXPECT_STREQ(DTypeName(DType::kBF16), "BF16");
 }
 
 }  // namespace
