@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 
 #include <cstdio>
+#include <fstream>
 #include <sstream>
 
 #include "absl/strings/numbers.h"
@@ -23,12 +24,14 @@ const std::string kBinary = SY_BINARY_DIR "/server/switchyard";
 // A child process whose stdout we read line by line.
 class ServeProcess {
  public:
-  explicit ServeProcess(std::vector<std::string> args) {
+  explicit ServeProcess(std::vector<std::string> args,
+                        std::vector<std::pair<std::string, std::string>> env = {}) {
     int out[2];
     SY_CHECK(pipe(out) == 0);
     pid_ = fork();
     SY_CHECK(pid_ >= 0);
     if (pid_ == 0) {
+      for (const auto& [k, v] : env) setenv(k.c_str(), v.c_str(), 1);
       dup2(out[1], 1);
       close(out[0]);
       close(out[1]);
@@ -138,12 +141,13 @@ class ServeProcessTest : public ::testing::Test {
     delete model_dir_;
     delete dir_;
   }
-  void Start(std::vector<std::string> extra = {}) {
-    std::vector<std::string> args = {"serve", "--model", *model_dir_, "--host", "127.0.0.1",
-                                     "--port", "0", "--metrics-port", "-1",
-                                     "--kv-cache-bytes", "4000000"};
+  void Start(std::vector<std::string> extra = {}, bool with_model = true,
+             std::vector<std::pair<std::string, std::string>> env = {}) {
+    std::vector<std::string> args = {"serve", "--host", "127.0.0.1", "--port", "0",
+                                     "--metrics-port", "-1", "--kv-cache-bytes", "4000000"};
+    if (with_model) args.insert(args.end(), {"--model", *model_dir_});
     args.insert(args.end(), extra.begin(), extra.end());
-    proc_ = std::make_unique<ServeProcess>(args);
+    proc_ = std::make_unique<ServeProcess>(args, env);
     port_ = proc_->WaitForPort("listening on ");
     ASSERT_GT(port_, 0);
     ASSERT_GT(proc_->WaitForPort("serving on "), 0);
@@ -254,6 +258,37 @@ TEST_F(ServeProcessTest, ThePythonExampleClientStreamsTheSameTokens) {
   EXPECT_NE(out.find("\"streamed_ids\": " + ids), std::string::npos) << out;
   EXPECT_NE(out.find("\"health\": \"SERVING\""), std::string::npos) << out;
   EXPECT_NE(out.find("FINISH_REASON_LENGTH"), std::string::npos) << out;
+}
+
+TEST_F(ServeProcessTest, FlagsCanComeFromAConfigFile) {
+  const std::string path = dir_->path() + "/serve.conf";
+  {
+    std::ofstream f(path);
+    f << "# serve flags\nmax-queue = 7\nmax-num-seqs: 5\n";
+  }
+  Start({"--config", path});
+  v1::ServerInfo info = GetServerInfo(*stub_);
+  EXPECT_EQ(info.max_queue(), 7);
+  EXPECT_EQ(info.max_num_seqs(), 5);
+}
+
+TEST_F(ServeProcessTest, WithoutModelItServesTheBuiltInDemoModel) {
+  TempDir cache("sy-demo-cache");
+  Start({}, /*with_model=*/false, {{"SWITCHYARD_CACHE", cache.path()}});
+  grpc::ClientContext ctx;
+  v1::ModelInfo info;
+  ASSERT_TRUE(stub_->GetModelInfo(&ctx, v1::GetModelInfoRequest(), &info).ok());
+  EXPECT_EQ(info.model_type(), "mixtral");
+  EXPECT_EQ(info.vocab_size(), 4096);  // the demo preset
+  EXPECT_TRUE(info.has_tokenizer());
+  EXPECT_EQ(info.model_dir().rfind(cache.path(), 0), 0u) << info.model_dir();
+  v1::GenerateRequest req;
+  req.set_text("Hello");
+  req.mutable_sampling()->set_max_new_tokens(5);
+  req.mutable_sampling()->set_ignore_eos(true);
+  StreamResult r = RunGenerate(*stub_, req);
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(r.completion.completion_tokens(), 5);
 }
 
 TEST_F(ServeProcessTest, HelpDocumentsEveryServeFlag) {
