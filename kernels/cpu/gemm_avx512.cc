@@ -364,9 +364,35 @@ void RmsNormAvx512(const float* x, int64_t rows, int64_t dim, const float* w, fl
 
 void AttendOneAvx512(const float* q, const float* const* k_rows, const float* const* v_rows,
                      int64_t len, int64_t head_dim, float scale, float* scores, float* out) {
-  // Scores: one masked 16-lane FMA chain per key.
+  // Scores. Fast path (head_dim a multiple of 16, at most 128): q stays in registers and
+  // four keys are reduced together.
   float mx = -INFINITY;
-  for (int64_t p = 0; p < len; ++p) {
+  int64_t p = 0;
+  if (head_dim % 16 == 0 && head_dim <= 128) {
+    const int64_t nv = head_dim / 16;
+    __m512 qv[8];
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; ++c) qv[c] = c < nv ? _mm512_loadu_ps(q + 16 * c) : _mm512_setzero_ps();
+    const __m128 vscale = _mm_set1_ps(scale);
+    __m128 vmax = _mm_set1_ps(-INFINITY);
+    for (; p + 4 <= len; p += 4) {
+      __m512 acc[4];
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const float* kp = k_rows[p + j];
+        __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp));
+        for (int64_t c = 1; c < nv; ++c) a = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kp + 16 * c), a);
+        acc[j] = a;
+      }
+      const __m128 s4 = _mm_mul_ps(Reduce4(acc[0], acc[1], acc[2], acc[3]), vscale);
+      _mm_storeu_ps(scores + p, s4);
+      vmax = _mm_max_ps(vmax, s4);
+    }
+    alignas(16) float m4[4];
+    _mm_store_ps(m4, vmax);
+    mx = std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
+  }
+  for (; p < len; ++p) {
     const float* kp = k_rows[p];
     __m512 acc = _mm512_setzero_ps();
     for (int64_t d = 0; d < head_dim; d += 16) {
