@@ -2,12 +2,14 @@
 //   * ranks as threads (`serve --local-ranks N`, an in-process Daemon) and as processes (the
 //     built `switchyard serve --min-ranks N` plus N-1 `switchyard worker --join` on
 //     127.0.0.1, OS-picked ports) give the same greedy tokens as one rank (the plain
-//     single-sequence reference), on the tiny and the demo model;
+//     single-sequence reference), on the tiny and the demo model, also when sequences are
+//     preempted and recomputed;
 //   * a worker killed with SIGKILL mid-generation ends the in-flight request with UNAVAILABLE
 //     within the collective time-out; health turns NOT_SERVING; the leader stays up and
 //     answers (UNAVAILABLE) at once;
 //   * a join with the wrong secret is refused (PERMISSION_DENIED, worker exit status 3) and
-//     takes no rank; a join past the group size gets RESOURCE_EXHAUSTED.
+//     takes no rank, as does one with another model (FAILED_PRECONDITION); a join past the
+//     group size gets RESOURCE_EXHAUSTED; SIGTERM while waiting for ranks exits promptly.
 // Child processes are killed by the fixtures; a watchdog aborts a hung test.
 #include <fcntl.h>
 #include <signal.h>
@@ -281,6 +283,32 @@ INSTANTIATE_TEST_SUITE_P(Cluster, ClusterThreadsTest,
                            return absl::StrCat(info.param.preset, "_", info.param.ranks, "ranks");
                          });
 
+TEST(ClusterThreadsPreemptionTest, PreemptedSequencesAreRecomputedOnANewHomeRank) {
+  Watchdog dog(seconds(120));
+  const std::string dir = TinyDir();
+  const int max_new = 40;
+  const auto want = Reference(dir, max_new);
+  ServeOptions o;
+  o.model = dir;
+  o.host = "127.0.0.1";
+  o.port = 0;
+  o.metrics_port = -1;
+  // 8 blocks of 16 positions for 5 sequences that need 3 each: the scheduler must preempt.
+  o.kv_cache_bytes = 8 * model::KvCache::BytesPerBlock(*model::ModelConfig::FromFile(dir + "/config.json"), 16);
+  o.cluster.local_ranks = 3;
+  o.cluster.collective_timeout_ms = 10000;
+  auto d = Daemon::Start(o);
+  ASSERT_TRUE(d.ok()) << d.status();
+  ASSERT_TRUE((*d)->Load().ok());
+  const auto got = GenerateAll(absl::StrCat("127.0.0.1:", (*d)->port()), max_new);
+  for (size_t i = 0; i < got.size(); ++i) {
+    EXPECT_TRUE(got[i].status.ok()) << got[i].status.error_message();
+    EXPECT_EQ(got[i].tokens, want[i]) << "prompt " << i;
+  }
+  EXPECT_GT((*d)->engine()->stats().preemptions, 0);
+  (*d)->Drain();
+}
+
 // ---- ranks as processes over Gloo (one rank: the threads case with 1 rank, same path) -------------------------------------------------------
 
 // A leader (`serve --min-ranks N`) and its workers, all on 127.0.0.1.
@@ -395,6 +423,17 @@ TEST(ClusterJoinTest, WrongSecretIsRefusedAndTakesNoRank) {
     req.set_key("gloo/epoch-1/rank-1");
     v1::StoreSetReply reply;
     EXPECT_EQ(stub->StoreSet(&ctx, req, &reply).error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  }
+  // Another model is refused too (the worker's config.json fingerprint), also taking no rank.
+  v1::JoinRequest other;
+  other.set_secret(kSecret);
+  other.set_host("127.0.0.1");
+  other.mutable_model()->set_model_type("mixtral");
+  other.mutable_model()->set_num_layers(99);
+  {
+    grpc::ClientContext ctx;
+    v1::JoinReply reply;
+    EXPECT_EQ(stub->Join(&ctx, other, &reply).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   }
   // The one free rank is still free: the right secret gets it and the group serves.
   g.AddWorker();
