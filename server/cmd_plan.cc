@@ -54,6 +54,8 @@ int PlanCommand(int argc, char** argv) {
   flags.Add("lambda", &lambda, "ilp: objective weight of one cross-rank copy per token (in load units)");
   flags.Add("mu", &mu, "ilp: objective weight of one expert moved (in load units)");
   flags.Add("balance-slack", &balance_slack, "ilp: straggler load may exceed greedy's by this fraction (<0: no cap)");
+  bool fit_shares = true;
+  flags.Add("fit-shares", &fit_shares, "ilp: fit slot shares to the planned loads (--no-fit-shares: even split)");
   flags.Add("max-pairs", &max_pairs, "ilp: co-activated pairs credited per layer (0: 2 * experts)");
   flags.Add("nodes", &nodes, "greedy: nodes for hierarchical EPLB (ranks split evenly)");
   flags.Add("groups", &groups, "greedy: expert groups for hierarchical EPLB");
@@ -133,6 +135,7 @@ int PlanCommand(int argc, char** argv) {
   setup.options.mu = mu;
   setup.options.balance_slack = balance_slack;
   setup.options.max_pairs = max_pairs;
+  setup.options.fit_shares = fit_shares;
   setup.options.num_nodes = nodes;
   setup.options.num_groups = groups;
   setup.options.max_threads = threads;

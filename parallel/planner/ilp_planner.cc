@@ -419,6 +419,8 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
   gomory.setLimit(100);
   CglKnapsackCover knapsack;
   CglClique clique;
+  clique.setStarCliqueReport(false);  // it prints to stdout otherwise
+  clique.setRowCliqueReport(false);
   CglMixedIntegerRounding2 mir;
   CglFlowCover flow;
   // Cuts at the root only: resolving this LP is the expensive part.
@@ -446,8 +448,9 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
   plan.note = "greedy";
   auto consider = [&](const std::vector<int32_t>& p2l, const std::vector<float>& share,
                       const char* note) {
-    const double t = EvaluateObjective(p, p2l, share, options_).total;
-    if (t < plan.objective - 1e-12) {
+    const ObjectiveTerms terms = EvaluateObjective(p, p2l, share, options_);
+    const double t = terms.total;
+    if (t < plan.objective - 1e-12 && terms.max_load <= cap_m + 1e-9) {
       plan.physical_to_logical = p2l;
       plan.slot_share = share;
       plan.objective = t;
@@ -455,6 +458,7 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
     }
   };
   auto consider_with_shares = [&](const std::vector<int32_t>& p2l, const char* note) {
+    if (!options_.fit_shares) return;
     std::vector<float> share = OptimalShares(p, p2l);
     if (!share.empty()) consider(p2l, share, note);
   };
@@ -496,7 +500,7 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
           if (p2l[s] == e) share[s] = sum > 0 ? static_cast<float>(share[s] / sum) : 1.0f / count[e];
         }
       }
-      consider(p2l, share, "cbc");
+      consider(p2l, options_.fit_shares ? share : std::vector<float>{}, "cbc");
       consider_with_shares(p2l, "cbc + LP shares");
     }
   }

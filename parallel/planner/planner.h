@@ -46,6 +46,9 @@ struct PlannerOptions {
   // value lifts the cap). With 0 the ILP never balances worse than greedy on the data it is
   // fitted on and spends its freedom on traffic and migration.
   double balance_slack = 0.0;
+  // ILP: fit slot shares to the planned loads (the a[e,r] of the program, or an LP for a fixed
+  // placement). Off: every plan splits an expert's tokens evenly over its replicas.
+  bool fit_shares = true;
   // Stop when the relative gap falls under this.
   double target_gap = 1e-3;
   // greedy: hierarchical EPLB (groups -> nodes, replicas within nodes, then GPUs) when
