@@ -200,6 +200,73 @@ class MoeModelImpl final : public MoeModel {
   void SetDispatcher(parallel::MoeDispatcher* d) override {
     dispatcher_ = d ? d : single_rank_.get();
   }
+  parallel::MoeDispatcher* dispatcher() const override { return dispatcher_; }
+
+  absl::Status CheckExpertLists(const std::vector<std::vector<int32_t>>& experts) const {
+    if (experts.size() != layers_.size())
+      return absl::InvalidArgumentError(absl::StrCat("expert lists name ", experts.size(),
+                                                     " layers, the model has ", layers_.size()));
+    for (size_t l = 0; l < experts.size(); ++l)
+      for (int32_t e : experts[l])
+        if (e < 0 || e >= config_.num_experts)
+          return absl::InvalidArgumentError(absl::StrCat("layer ", l, ": no expert ", e));
+    return absl::OkStatus();
+  }
+  static int64_t ExpertBytes(const ExpertWeights& w) {
+    auto bytes = [](const WeightView& v) { return v.rows * v.cols * DTypeSize(v.dtype); };
+    return bytes(w.w1) + bytes(w.w2) + bytes(w.w3);
+  }
+  absl::StatusOr<int64_t> AddExperts(const std::vector<std::vector<int32_t>>& experts) override {
+    SY_RETURN_IF_ERROR(CheckExpertLists(experts));
+    const bool mixtral = config_.arch == Arch::kMixtral;
+    auto get = [&](const std::string& name, std::vector<int64_t> shape) {
+      return reader_->Get(name, shape);
+    };
+    int64_t added = 0;
+    for (size_t l = 0; l < experts.size(); ++l) {
+      if (!layers_[l].is_moe) continue;  // dense layer: nothing to load
+      const std::string moe = absl::StrCat("model.layers.", l, ".", mixtral ? "block_sparse_moe." : "mlp.");
+      for (int32_t e : experts[l]) {
+        ExpertWeights& w = layers_[l].experts[e];
+        if (w.w1.data != nullptr) continue;
+        const std::string ep = absl::StrCat(moe, "experts.", e, ".");
+        ExpertWeights loaded;
+        if (mixtral) {
+          SY_RETURN_IF_ERROR(LoadFfn(ep, "w1", "w3", "w2", config_.moe_intermediate_size, &loaded, get));
+        } else {
+          SY_RETURN_IF_ERROR(LoadFfn(ep, "gate_proj", "up_proj", "down_proj",
+                                     config_.moe_intermediate_size, &loaded, get));
+        }
+        w = loaded;
+        added += ExpertBytes(w);
+      }
+    }
+    return added;
+  }
+  absl::StatusOr<int64_t> RetainExperts(const std::vector<std::vector<int32_t>>& experts) override {
+    SY_RETURN_IF_ERROR(CheckExpertLists(experts));
+    int64_t dropped = 0;
+    for (size_t l = 0; l < experts.size(); ++l) {
+      if (!layers_[l].is_moe) continue;
+      std::vector<bool> keep(config_.num_experts, false);
+      for (int32_t e : experts[l]) keep[e] = true;
+      for (int64_t e = 0; e < config_.num_experts; ++e) {
+        ExpertWeights& w = layers_[l].experts[e];
+        if (keep[e] || w.w1.data == nullptr) continue;
+        dropped += ExpertBytes(w);
+        w = ExpertWeights{};
+      }
+    }
+    return dropped;
+  }
+  std::vector<int32_t> LoadedExperts(int layer) const override {
+    std::vector<int32_t> out;
+    if (layer < 0 || layer >= static_cast<int>(layers_.size())) return out;
+    const auto& ex = layers_[layer].experts;
+    for (size_t e = 0; e < ex.size(); ++e)
+      if (ex[e].w1.data != nullptr) out.push_back(static_cast<int32_t>(e));
+    return out;
+  }
 
   absl::Status Forward(std::span<const SequenceInput> batch, KvCache& cache,
                        std::vector<float>* logits) override;

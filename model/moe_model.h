@@ -59,6 +59,20 @@ class MoeModel {
   // layer; MoeLayerIds() gives their model layer numbers.
   virtual void SetLoadRecorder(parallel::ExpertLoadRecorder* recorder) = 0;
   virtual std::vector<int> MoeLayerIds() const = 0;
+  // The dispatcher in use (the single-rank one unless SetDispatcher replaced it).
+  virtual parallel::MoeDispatcher* dispatcher() const = 0;
+
+  // Live placement changes (issue 5; engine thread, between steps). experts_per_layer:
+  // [num_layers] logical expert ids per model layer. AddExperts maps the weights of the
+  // listed experts that are not loaded yet from the checkpoint (already memory-mapped, so this
+  // is cheap; pages fault in on first use) and returns their bytes; RetainExperts drops every
+  // expert not listed (returns the bytes dropped). InvalidArgument for a bad id or shape.
+  virtual absl::StatusOr<int64_t> AddExperts(
+      const std::vector<std::vector<int32_t>>& experts_per_layer) = 0;
+  virtual absl::StatusOr<int64_t> RetainExperts(
+      const std::vector<std::vector<int32_t>>& experts_per_layer) = 0;
+  // Logical experts loaded in model layer `layer`, ascending (empty for a dense layer).
+  virtual std::vector<int32_t> LoadedExperts(int layer) const = 0;
 
   // One step. logits: resized to [number of inputs with compute_logits, vocab_size], in
   // input order. Writes the new tokens' K/V into `cache`. InvalidArgument for token ids

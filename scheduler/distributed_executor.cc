@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/core/logging.h"
 #include "kernels/core/status.h"
+#include "scheduler/rank_control.h"
 
 namespace sy::scheduler {
 namespace {
@@ -73,6 +74,7 @@ absl::StatusOr<std::unique_ptr<DistributedStepExecutor>> DistributedStepExecutor
   e->owned_comm_ = std::move(owned_comm);
   e->dispatcher_ = std::move(dispatcher);
   e->on_failure_ = std::move(on_failure);
+  e->placement_ = placement;
   model->SetDispatcher(e->dispatcher_.get());
   e->pump_ = std::thread([p = e.get()] { p->Pump(); });
   return e;
@@ -104,7 +106,15 @@ DistributedStepExecutor::~DistributedStepExecutor() {
 void DistributedStepExecutor::Pump() {
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
-    cv_.wait_for(lock, keepalive_, [&] { return stop_ || job_; });
+    cv_.wait_for(lock, keepalive_, [&] { return stop_ || job_ || !controls_.empty(); });
+    if (!controls_.empty()) {  // control plans go before the next step
+      std::function<void(bool)> control = std::move(controls_.front());
+      controls_.pop_front();
+      lock.unlock();
+      control(true);
+      lock.lock();
+      continue;
+    }
     if (job_) {
       lock.unlock();
       absl::Status s = broken_.load() ? absl::UnavailableError("the rank group is down")
@@ -117,6 +127,8 @@ void DistributedStepExecutor::Pump() {
       continue;
     }
     if (stop_) {
+      for (auto& control : controls_) control(false);  // refused: shutting down
+      controls_.clear();
       lock.unlock();
       if (!broken_.load()) {
         absl::Status s = RunPlan(PlanKind::kShutdown);
@@ -274,6 +286,12 @@ absl::Status RunRankLoop(parallel::Communicator* comm, model::MoeModel* model,
                          model::KvCache* cache, const std::atomic<bool>* stop) {
   const int rank = comm->rank(), world = comm->world_size();
   const int64_t vocab = model->config().vocab_size;
+  parallel::ExpertLoadRecorder recorder(LoadOptionsForModel(*model));
+  model->SetLoadRecorder(&recorder);
+  struct Unset {
+    model::MoeModel* m;
+    ~Unset() { m->SetLoadRecorder(nullptr); }
+  } unset{model};
   std::vector<int32_t> words;
   std::vector<model::SequenceInput> inputs;
   std::vector<float> logits;
@@ -289,6 +307,10 @@ absl::Status RunRankLoop(parallel::Communicator* comm, model::MoeModel* model,
     SY_ASSIGN_OR_RETURN(DecodedPlan plan, DecodePlan(words));
     if (plan.kind == PlanKind::kShutdown) return absl::OkStatus();
     if (plan.kind == PlanKind::kKeepAlive) continue;
+    if (plan.kind == PlanKind::kPlacement || plan.kind == PlanKind::kLoadStats) {
+      SY_RETURN_IF_ERROR(HandleControlPlan(comm, model, &recorder, plan));
+      continue;
+    }
     inputs.clear();
     for (const PlannedSequence& s : plan.seqs)
       if (s.home_rank == rank) inputs.push_back(s.input);

@@ -33,6 +33,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -61,6 +62,14 @@ struct DistributedStats {
   parallel::EpDispatchStats dispatch;    // the leader's dispatcher
 };
 
+// What SwitchPlacement did, summed over ranks.
+struct PlacementSwitchReport {
+  int64_t epoch = 0;
+  int64_t experts_gained = 0, experts_released = 0;
+  int64_t gained_bytes = 0, released_bytes = 0;
+  double seconds = 0;  // from the call to every rank switched
+};
+
 class DistributedStepExecutor : public StepExecutor {
  public:
   // model: the leader's share (its experts), not owned, outlives the executor; its dispatcher
@@ -86,14 +95,35 @@ class DistributedStepExecutor : public StepExecutor {
     stats_observer_ = std::move(observer);
   }
 
+  // Live placement and load statistics (issue 5; scheduler/rank_control.h; defined in
+  // rank_control_leader.cc). Each call queues a control plan that the pump thread runs
+  // before the next step (at once when idle) and blocks the caller until it ran; never call
+  // from the engine thread.
+  // The placement in force.
+  std::shared_ptr<const parallel::ExpertPlacement> placement() const;
+  // Switches every rank to `placement` (its epoch is replaced by the current one + 1) at one
+  // step boundary. INVALID_ARGUMENT when its shape does not fit the group or the model;
+  // UNAVAILABLE when the group is (or becomes) broken.
+  absl::StatusOr<PlacementSwitchReport> SwitchPlacement(const parallel::ExpertPlacement& placement);
+  // Every rank's expert-load window as trace JSON, in rank order; rank 0's entry is "" (the
+  // leader's recorder is read directly by whoever installed it).
+  absl::StatusOr<std::vector<std::string>> GatherLoadTraces();
+
  private:
   DistributedStepExecutor(model::MoeModel* model, parallel::Communicator* comm,
                           int64_t num_blocks, int64_t block_size);
   void Pump();
   // On the pump thread: one plan through the group (broadcast, own share, gather).
   absl::Status RunPlan(PlanKind kind);
+  // Queues `fn` for the pump thread and waits for it (UNAVAILABLE once stopping).
+  absl::Status RunControl(std::function<absl::Status()> fn);
   void AssignHomes(std::span<const model::SequenceInput> batch);
   void Fail(const absl::Status& status);
+  static absl::Status AsUnavailablePlacement(const absl::Status& s) {
+    return s.code() == absl::StatusCode::kUnavailable
+               ? s
+               : absl::UnavailableError(std::string("rank control: ") + std::string(s.message()));
+  }
 
   model::MoeModel* model_;
   parallel::Communicator* comm_;
@@ -124,6 +154,8 @@ class DistributedStepExecutor : public StepExecutor {
   std::span<const PlannedSequence> job_seqs_;  // valid while job_ is set
   std::vector<float>* job_logits_ = nullptr;
   absl::Status broken_status_;  // set once, before broken_ turns true
+  std::deque<std::function<void(bool run)>> controls_ ABSL_GUARDED_BY(mu_);  // rank_control_leader.cc
+  std::shared_ptr<const parallel::ExpertPlacement> placement_ ABSL_GUARDED_BY(stats_mu_);
 
   // Pump thread only.
   std::vector<int32_t> words_;
@@ -140,7 +172,8 @@ class DistributedStepExecutor : public StepExecutor {
 // (whose dispatcher is this rank's ExpertParallelDispatcher over `comm`) on `cache`, send
 // the logits rows to rank 0; until a shutdown plan (OK) or a failed collective
 // (UNAVAILABLE: the leader or a peer is gone). `stop` (may be null) is checked between
-// plans.
+// plans. The loop records the rank's expert load (an ExpertLoadRecorder on `model` while it
+// runs) and answers control plans (scheduler/rank_control.h).
 absl::Status RunRankLoop(parallel::Communicator* comm, model::MoeModel* model,
                          model::KvCache* cache, const std::atomic<bool>* stop = nullptr);
 

@@ -23,6 +23,11 @@ void EncodePlan(PlanKind kind, std::span<const PlannedSequence> seqs, std::vecto
   }
 }
 
+void EncodeControlPlan(PlanKind kind, std::span<const int32_t> payload, std::vector<int32_t>* words) {
+  EncodePlan(kind, {}, words);
+  words->insert(words->end(), payload.begin(), payload.end());
+}
+
 absl::StatusOr<DecodedPlan> DecodePlan(std::span<const int32_t> words) {
   size_t at = 0;
   auto take = [&](const char* what) -> absl::StatusOr<int32_t> {
@@ -43,12 +48,17 @@ absl::StatusOr<DecodedPlan> DecodePlan(std::span<const int32_t> words) {
   if (*magic != kMagic) return absl::InvalidArgumentError("step plan: bad magic");
   auto kind = take("kind");
   if (!kind.ok()) return kind.status();
-  if (*kind < 1 || *kind > 3)
+  if (*kind < 1 || *kind > 5)
     return absl::InvalidArgumentError(absl::StrCat("step plan: unknown kind ", *kind));
   plan.kind = static_cast<PlanKind>(*kind);
   auto n = take("num_seqs");
   if (!n.ok()) return n.status();
   if (*n < 0) return absl::InvalidArgumentError("step plan: negative num_seqs");
+  if (plan.kind == PlanKind::kPlacement || plan.kind == PlanKind::kLoadStats) {
+    if (*n != 0) return absl::InvalidArgumentError("step plan: a control plan with sequences");
+    plan.payload = words.subspan(at);
+    return plan;
+  }
   plan.seqs.resize(*n);
   for (PlannedSequence& s : plan.seqs) {
     auto home = take("home_rank");

@@ -114,6 +114,7 @@ int ServeCommand(int argc, char** argv) {
             "a rank that does not answer a collective within this fails the group");
   flags.Add("rank-wait-timeout", &o.cluster.rank_wait_timeout_s,
             "seconds to wait for --min-ranks ranks before giving up");
+  AddAdminFlags(flags, &o.admin);
   absl::Status s = flags.Parse(argc, argv);
   if (s.code() == absl::StatusCode::kCancelled) {  // --help
     std::printf("%s", std::string(s.message()).c_str());

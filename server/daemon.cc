@@ -51,6 +51,8 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const ServeOptions& option
   builder.AddListeningPort(absl::StrCat(options.host, ":", options.port),
                            grpc::InsecureServerCredentials(), &d->port_);
   builder.RegisterService(d->service_.get());
+  d->admin_ = std::make_unique<AdminService>(options.admin.admin_token);
+  builder.RegisterService(d->admin_.get());
   builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
   d->server_ = builder.BuildAndStart();
   if (d->server_ == nullptr || d->port_ == 0)
@@ -114,9 +116,14 @@ absl::Status Daemon::Load(const std::function<void(const std::string&)>& progres
     executor = std::make_unique<scheduler::LocalStepExecutor>(model_.get(), eo.num_blocks,
                                                               eo.block_size);
   }
+  live_ = std::make_unique<LivePlacement>(  // installs the load recorder before any step
+      model_.get(), dynamic_cast<scheduler::DistributedStepExecutor*>(executor.get()),
+      &metrics_->registry(), options_.admin);
   engine_ = std::make_unique<scheduler::Engine>(std::move(executor), tokenizer_.get(), eo,
                                                 metrics_.get());
   engine_->Start();
+  live_->Start();
+  admin_->SetReady(live_.get());
 
   v1::ModelInfo info;
   info.set_model_dir(model_dir_);
@@ -154,6 +161,8 @@ void Daemon::Drain() {
   if (server_ == nullptr) return;
   SetHealth(false);
   service_->SetDraining();
+  admin_->SetReady(nullptr);
+  if (live_ != nullptr) live_->Stop();  // before the engine (and its executor) stop
   if (engine_ != nullptr) {
     engine_->StopAccepting();
     const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(options_.drain_timeout_s * 1000));

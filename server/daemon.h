@@ -24,6 +24,8 @@
 #include "scheduler/engine.h"
 #include "server/cluster_leader.h"
 #include "server/inference_service.h"
+#include "server/admin_service.h"
+#include "server/live_placement.h"
 #include "server/metrics.h"
 
 namespace sy::server {
@@ -44,6 +46,7 @@ struct ServeOptions {
   int64_t max_message_bytes = 4 << 20;  // larger requests get RESOURCE_EXHAUSTED
   double drain_timeout_s = 30;
   ClusterOptions cluster;            // more than one rank (server/cluster_leader.h)
+  AdminOptions admin;                // Admin service, load statistics, rebalancing (live_placement.h)
 };
 
 class Daemon {
@@ -60,6 +63,7 @@ class Daemon {
   int metrics_port() const { return metrics_ ? metrics_->port() : -1; }
   ServerMetrics& metrics() { return *metrics_; }
   scheduler::Engine* engine() { return engine_.get(); }
+  LivePlacement* live_placement() { return live_.get(); }
   const std::string& model_dir() const { return model_dir_; }
 
  private:
@@ -76,6 +80,8 @@ class Daemon {
   std::unique_ptr<model::Tokenizer> tokenizer_;
   std::unique_ptr<ClusterLeader> cluster_;  // multi-rank only; outlives the engine
   std::unique_ptr<scheduler::Engine> engine_;
+  std::unique_ptr<AdminService> admin_;
+  std::unique_ptr<LivePlacement> live_;  // after engine_: destroyed before it
   std::mutex drain_mu_;  // Drain waits for a Load in progress, and runs once
   bool drained_ = false;
   std::atomic<bool> cancel_load_{false};  // Drain during Load: stop waiting for ranks

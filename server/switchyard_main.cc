@@ -21,6 +21,7 @@ const Command kCommands[] = {
     {"loadgen", sy::server::LoadgenCommand, "load a running server; report throughput and latency"},
     {"plan", sy::server::PlanCommand, "plan expert placement from a routing trace and score it"},
     {"worker", sy::server::WorkerCommand, "join a leader (serve --min-ranks) as one more rank"},
+    {"stats", sy::server::StatsCommand, "expert-load statistics and live placement of a running serve (Admin)"},
 };
 
 void PrintUsage() {

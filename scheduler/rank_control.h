@@ -1,0 +1,79 @@
+// Rank control: the between-step operations of issue 5 (live expert placement and load
+// statistics) that travel through the step protocol (scheduler/step_plan.h control kinds),
+// so that every rank takes them at the same step boundary.
+//
+//   kPlacement: the leader broadcasts the new placement (its JSON packed into words); every
+//     rank maps the experts it gains from the checkpoint (MoeModel::AddExperts: the file is
+//     already memory-mapped), switches its ExpertParallelDispatcher to the new placement,
+//     drops the experts it no longer holds (MoeModel::RetainExperts), and all ranks
+//     all-gather their counts (gained, released, bytes, ok). Because the plan stream is one
+//     ordered broadcast, every rank switches between the same two steps; the dispatcher's
+//     epoch check in the counts all-to-all catches any rank that did not.
+//   kLoadStats: every rank sends its ExpertLoadRecorder's window (trace JSON) to rank 0,
+//     which merges them (MergeTraces): the leader alone sees only its own sequences' tokens.
+//
+// Called by RunRankLoop (ranks 1..N-1) and DistributedStepExecutor (rank 0, pump thread).
+// Thread safety: each function runs on the calling rank's engine/pump thread.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "model/moe_model.h"
+#include "parallel/communicator.h"
+#include "parallel/ep_dispatch.h"
+#include "parallel/expert_load.h"
+#include "parallel/expert_placement.h"
+#include "parallel/planner/trace.h"
+#include "scheduler/step_plan.h"
+
+namespace sy::scheduler {
+
+// Per rank, or summed over ranks.
+struct PlacementSwitchCounts {
+  int64_t experts_gained = 0;    // (layer, expert) pairs newly mapped
+  int64_t experts_released = 0;  // (layer, expert) pairs dropped after the switch
+  int64_t gained_bytes = 0;      // weight bytes of the experts gained
+  int64_t released_bytes = 0;
+};
+
+// Bytes <-> control payload words: [byte length, bytes packed 4 per word].
+std::vector<int32_t> PackBytes(const std::string& bytes);
+absl::StatusOr<std::string> UnpackBytes(std::span<const int32_t> words);
+
+// One rank's switch: AddExperts(new) -> dispatcher->SetPlacement -> RetainExperts(new).
+// dispatcher may be null (a model without expert parallelism: only the weights change).
+absl::StatusOr<PlacementSwitchCounts> SwitchPlacementOnRank(
+    model::MoeModel* model, parallel::ExpertParallelDispatcher* dispatcher,
+    std::shared_ptr<const parallel::ExpertPlacement> placement, int rank);
+
+// Collective: every rank contributes its counts and whether its switch worked; every rank
+// gets the sum and whether all worked (false: some rank failed; the group must not step on).
+absl::StatusOr<std::pair<PlacementSwitchCounts, bool>> AllGatherSwitchCounts(
+    parallel::Communicator* comm, const PlacementSwitchCounts& own, bool ok);
+
+// Collective: rank p sends `own`; rank 0 gets all of them in rank order in *all.
+absl::Status GatherStringsToLeader(parallel::Communicator* comm, const std::string& own,
+                                   std::vector<std::string>* all);
+
+// Handles a control plan on a rank other than 0 (RunRankLoop). recorder may be null (the
+// rank then sends an empty trace).
+absl::Status HandleControlPlan(parallel::Communicator* comm, model::MoeModel* model,
+                               const parallel::ExpertLoadRecorder* recorder,
+                               const DecodedPlan& plan);
+
+// The recorder options that fit `model` (its MoE layers, experts, top-k).
+parallel::ExpertLoadOptions LoadOptionsForModel(const model::MoeModel& model,
+                                                int window_steps = 1024, int max_paths = 4096);
+
+// Sums the ranks' windows: counts and tokens add up, paths are concatenated (the last
+// `max_paths`; 0 keeps all). InvalidArgument when the shapes differ. Empty input: an empty
+// trace.
+absl::StatusOr<parallel::planner::RoutingTrace> MergeTraces(
+    const std::vector<parallel::planner::RoutingTrace>& traces, int max_paths = 0);
+
+}  // namespace sy::scheduler

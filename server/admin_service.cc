@@ -1,0 +1,105 @@
+#include "server/admin_service.h"
+
+#include <algorithm>
+#include <cstdlib>
+
+#include "parallel/expert_load.h"
+#include "server/grpc_status.h"
+
+namespace sy::server {
+namespace v1 = ::switchyard::v1;
+
+AdminService::AdminService(const std::string& token) : token_(token) {
+  if (token_.empty())
+    if (const char* env = std::getenv("SWITCHYARD_ADMIN_TOKEN")) token_ = env;
+}
+
+grpc::Status AdminService::Admit(grpc::ServerContext* context, LivePlacement** live) const {
+  if (!token_.empty()) {
+    const auto& md = context->client_metadata();
+    auto it = md.find("authorization");
+    const std::string want = "Bearer " + token_;
+    bool ok = false;
+    if (it != md.end()) {
+      const std::string got(it->second.data(), it->second.size());
+      // Compare every byte whatever the first mismatch (no early exit on the secret).
+      unsigned diff = got.size() == want.size() ? 0u : 1u;
+      for (size_t i = 0; i < want.size(); ++i)
+        diff |= static_cast<unsigned>(want[i]) ^ static_cast<unsigned>(i < got.size() ? got[i] : 0);
+      ok = diff == 0;
+    }
+    if (!ok)
+      return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                          "Admin needs metadata 'authorization: Bearer <--admin-token>'");
+  }
+  *live = live_.load();
+  if (*live == nullptr)
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is loading or the daemon is draining");
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::GetExpertLoad(grpc::ServerContext* context,
+                                         const v1::GetExpertLoadRequest* request,
+                                         v1::ExpertLoad* response) {
+  LivePlacement* live = nullptr;
+  if (grpc::Status s = Admit(context, &live); !s.ok()) return s;
+  auto trace = live->Snapshot(request->include_paths());
+  if (!trace.ok()) return ToGrpcStatus(trace.status());
+  response->set_trace_json(parallel::TraceToJson(*trace));
+  response->set_num_tokens(trace->num_tokens);
+  response->set_num_layers(trace->num_layers);
+  response->set_num_experts(trace->num_experts);
+  response->set_top_k(trace->top_k);
+  for (const auto& counts : trace->expert_counts) {
+    double mx = 0, sum = 0;
+    for (double c : counts) {
+      mx = std::max(mx, c);
+      sum += c;
+    }
+    response->add_expert_balancedness(
+        mx > 0 ? sum / static_cast<double>(counts.size()) / mx : 1.0);
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::GetPlacement(grpc::ServerContext* context, const v1::GetPlacementRequest*,
+                                        v1::Placement* response) {
+  LivePlacement* live = nullptr;
+  if (grpc::Status s = Admit(context, &live); !s.ok()) return s;
+  auto p = live->placement();
+  if (p == nullptr)
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "the model has no MoE layers");
+  response->set_placement_json(p->ToJson());
+  response->set_epoch(p->epoch());
+  response->set_num_ranks(p->num_ranks());
+  response->set_slots_per_rank(p->slots_per_rank());
+  response->set_rank_balancedness(live->measured_balancedness());
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::ApplyPlacement(grpc::ServerContext* context,
+                                          const v1::ApplyPlacementRequest* request,
+                                          v1::ApplyPlacementResponse* response) {
+  LivePlacement* live = nullptr;
+  if (grpc::Status s = Admit(context, &live); !s.ok()) return s;
+  auto p = parallel::ExpertPlacement::FromJson(request->placement_json());
+  if (!p.ok())
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        "placement_json: " + std::string(p.status().message()));
+  auto r = live->Apply(*p);
+  if (!r.ok()) return ToGrpcStatus(r.status());
+  *response = *r;
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::Rebalance(grpc::ServerContext* context, const v1::RebalanceRequest* request,
+                                     v1::RebalanceReport* response) {
+  LivePlacement* live = nullptr;
+  if (grpc::Status s = Admit(context, &live); !s.ok()) return s;
+  auto r = live->Rebalance(*request);
+  if (!r.ok()) return ToGrpcStatus(r.status());
+  *response = *r;
+  return grpc::Status::OK;
+}
+
+}  // namespace sy::server

@@ -1,0 +1,51 @@
+// AdminService: switchyard.v1.Admin (proto/switchyard/v1/admin.proto) — expert-load
+// statistics, the expert placement, live placement changes and rebalancing (issue 5). A thin
+// gRPC layer over LivePlacement (server/live_placement.h); registered on the daemon's public
+// port next to Inference (synchronous handlers: an apply or a rebalance waits for a step
+// boundary and the planner, seconds at most, on a gRPC sync thread).
+//
+// Auth: with a token (--admin-token, or SWITCHYARD_ADMIN_TOKEN when the flag is empty) every
+// call must carry `authorization: Bearer <token>`, else UNAUTHENTICATED. Until SetReady (model
+// loading) and after SetReady(nullptr) (draining): UNAVAILABLE.
+//
+// Thread safety: handlers run on gRPC threads concurrently; SetReady from the daemon's thread.
+// The LivePlacement must outlive the gRPC server.
+#pragma once
+
+#include <atomic>
+#include <string>
+
+#include "grpcpp/server_context.h"
+#include "server/live_placement.h"
+#include "switchyard/v1/admin.grpc.pb.h"
+
+namespace sy::server {
+
+class AdminService final : public switchyard::v1::Admin::Service {
+ public:
+  explicit AdminService(const std::string& token);
+  void SetReady(LivePlacement* live) { live_.store(live); }
+  bool has_token() const { return !token_.empty(); }
+
+  grpc::Status GetExpertLoad(grpc::ServerContext* context,
+                             const switchyard::v1::GetExpertLoadRequest* request,
+                             switchyard::v1::ExpertLoad* response) override;
+  grpc::Status GetPlacement(grpc::ServerContext* context,
+                            const switchyard::v1::GetPlacementRequest* request,
+                            switchyard::v1::Placement* response) override;
+  grpc::Status ApplyPlacement(grpc::ServerContext* context,
+                              const switchyard::v1::ApplyPlacementRequest* request,
+                              switchyard::v1::ApplyPlacementResponse* response) override;
+  grpc::Status Rebalance(grpc::ServerContext* context,
+                         const switchyard::v1::RebalanceRequest* request,
+                         switchyard::v1::RebalanceReport* response) override;
+
+ private:
+  // OK with the LivePlacement, or UNAUTHENTICATED / UNAVAILABLE.
+  grpc::Status Admit(grpc::ServerContext* context, LivePlacement** live) const;
+
+  std::string token_;
+  std::atomic<LivePlacement*> live_{nullptr};
+};
+
+}  // namespace sy::server
