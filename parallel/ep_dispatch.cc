@@ -190,8 +190,9 @@ class EpDispatcher final : public ExpertParallelDispatcher {
   std::vector<std::vector<WirePair>> pairs_to_;   // [n][pairs]
   std::vector<WireCounts> send_counts_, recv_counts_;
   std::vector<int64_t> s_cnt_, s_off_, r_cnt_, r_off_, dispatch_sent_;
-  std::vector<int64_t> ret_row_base_;             // [n] first row of rank d in the return
+  std::vector<int64_t> row_cursor_;               // counting-sort scratch
   std::vector<char> send_buf_, recv_buf_, ret_send_, ret_recv_;
+  std::vector<float> self_ret_;  // [rows this rank sent itself, hidden] pre-summed, f32
   std::vector<WirePair> in_pairs_;                // received pairs, source-major
   std::vector<int64_t> in_row_;                   // global received row of each pair
   std::vector<int64_t> src_row_base_;             // [n+1] first global received row per source
@@ -275,7 +276,8 @@ absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t nu
           " on rank ", me, " but ", recv_counts_[s].placement_epoch, " on rank ", s));
     }
 
-  // 4. Rows and pairs.
+  // 4. Rows and pairs. The rows for this rank's own experts never touch the wire: they are
+  // read from x (f32, no bf16 rounding) in step 5 and their sums returned in f32 (self_ret_).
   s_cnt_.assign(n, 0);
   s_off_.assign(n, 0);
   r_cnt_.assign(n, 0);
@@ -283,15 +285,18 @@ absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t nu
   int64_t send_total = 0, recv_total = 0;
   for (int d = 0; d < n; ++d) {
     s_off_[d] = send_total;
-    s_cnt_[d] = send_counts_[d].rows * row_bytes + send_counts_[d].pairs * sizeof(WirePair);
+    if (d != me)
+      s_cnt_[d] = send_counts_[d].rows * row_bytes + send_counts_[d].pairs * sizeof(WirePair);
     send_total += s_cnt_[d];
     r_off_[d] = recv_total;
-    r_cnt_[d] = recv_counts_[d].rows * row_bytes + recv_counts_[d].pairs * sizeof(WirePair);
+    if (d != me)
+      r_cnt_[d] = recv_counts_[d].rows * row_bytes + recv_counts_[d].pairs * sizeof(WirePair);
     recv_total += r_cnt_[d];
   }
   send_buf_.resize(std::max<int64_t>(send_total, 1));
   recv_buf_.resize(std::max<int64_t>(recv_total, 1));
   for (int d = 0; d < n; ++d) {
+    if (d == me) continue;
     char* seg = send_buf_.data() + s_off_[d];
     const std::vector<int32_t>& toks = tokens_to_[d];
     For(static_cast<int64_t>(toks.size()), grain, [&](int64_t b, int64_t e) {
@@ -323,7 +328,8 @@ absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t nu
   {
     int64_t i = 0;
     for (int s = 0; s < n; ++s) {
-      const char* p = recv_buf_.data() + r_off_[s] + recv_counts_[s].rows * row_bytes;
+      const char* p = s == me ? reinterpret_cast<const char*>(pairs_to_[me].data())
+                              : recv_buf_.data() + r_off_[s] + recv_counts_[s].rows * row_bytes;
       if (recv_counts_[s].pairs > 0)
         std::memcpy(&in_pairs_[i], p, recv_counts_[s].pairs * sizeof(WirePair));
       for (int64_t j = 0; j < recv_counts_[s].pairs; ++j, ++i) {
@@ -353,7 +359,7 @@ absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t nu
   pos_of_pair_.resize(num_pairs);
   pairs_by_row_.resize(num_pairs);
   {
-    std::vector<int64_t>& row_cursor = ret_row_base_;  // scratch, rebuilt below
+    std::vector<int64_t>& row_cursor = row_cursor_;
     row_cursor.assign(row_pairs_begin_.begin(), row_pairs_begin_.end() - 1);
     for (int64_t i = 0; i < num_pairs; ++i) {
       pos_of_pair_[i] = cursor_[in_pairs_[i].local_slot]++;
@@ -367,8 +373,13 @@ absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t nu
       const int s = static_cast<int>(
           std::upper_bound(src_row_base_.begin(), src_row_base_.end(), g) -
           src_row_base_.begin() - 1);
-      GetRow(recv_buf_.data() + r_off_[s] + (g - src_row_base_[s]) * row_bytes, hidden,
-             &grouped_[pos_of_pair_[i] * hidden]);
+      float* dst = &grouped_[pos_of_pair_[i] * hidden];
+      if (s == me) {
+        std::memcpy(dst, x + static_cast<int64_t>(tokens_to_[me][g - src_row_base_[s]]) * hidden,
+                    hidden * sizeof(float));
+      } else {
+        GetRow(recv_buf_.data() + r_off_[s] + (g - src_row_base_[s]) * row_bytes, hidden, dst);
+      }
     }
   });
   results_.resize(num_pairs * hidden);
@@ -377,31 +388,35 @@ absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t nu
   // 6. Pre-sum Σ weight · y per received row straight into the return buffer, whose layout
   // is that of the received rows: rank s gets recv_counts_[s].rows rows back, in its order.
   for (int d = 0; d < n; ++d) {
-    s_cnt_[d] = recv_counts_[d].rows * row_bytes;
-    r_cnt_[d] = send_counts_[d].rows * row_bytes;
+    s_cnt_[d] = d == me ? 0 : recv_counts_[d].rows * row_bytes;
+    r_cnt_[d] = d == me ? 0 : send_counts_[d].rows * row_bytes;
   }
   int64_t ret_send_total = 0, ret_recv_total = 0;
-  ret_row_base_.assign(n, 0);
   for (int d = 0; d < n; ++d) {
     s_off_[d] = ret_send_total;
     ret_send_total += s_cnt_[d];
     r_off_[d] = ret_recv_total;
-    ret_row_base_[d] = ret_recv_total / std::max<int64_t>(row_bytes, 1);
     ret_recv_total += r_cnt_[d];
   }
   ret_send_.resize(std::max<int64_t>(ret_send_total, 1));
   ret_recv_.resize(std::max<int64_t>(ret_recv_total, 1));
+  self_ret_.resize(std::max<int64_t>(recv_counts_[me].rows * hidden, 1));
   For(num_in_rows, grain, [&](int64_t b, int64_t e) {
     std::vector<float> acc(hidden);
     for (int64_t r = b; r < e; ++r) {
-      std::fill(acc.begin(), acc.end(), 0.f);
+      const int s = static_cast<int>(
+          std::upper_bound(src_row_base_.begin(), src_row_base_.end(), r) -
+          src_row_base_.begin() - 1);
+      const int64_t row = r - src_row_base_[s];
+      float* sum = s == me ? &self_ret_[row * hidden] : acc.data();
+      std::fill(sum, sum + hidden, 0.f);
       for (int64_t j = row_pairs_begin_[r]; j < row_pairs_begin_[r + 1]; ++j) {
         const int64_t i = pairs_by_row_[j];
         const float wgt = in_pairs_[i].weight;
         const float* y = &results_[pos_of_pair_[i] * hidden];
-        for (int64_t c = 0; c < hidden; ++c) acc[c] += wgt * y[c];
+        for (int64_t c = 0; c < hidden; ++c) sum[c] += wgt * y[c];
       }
-      PutRow(acc.data(), hidden, ret_send_.data() + r * row_bytes);
+      if (s != me) PutRow(sum, hidden, ret_send_.data() + s_off_[s] + row * row_bytes);
     }
   });
   t0 = std::chrono::steady_clock::now();
@@ -418,9 +433,15 @@ absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t nu
       std::fill(o, o + hidden, 0.f);
       if (t >= T) continue;
       for (int64_t j = 0; j < K && token_dest_[t * K + j] >= 0; ++j) {
-        const int64_t r = ret_row_base_[token_dest_[t * K + j]] + token_row_[t * K + j];
-        GetRow(ret_recv_.data() + r * row_bytes, hidden, row.data());
-        for (int64_t c = 0; c < hidden; ++c) o[c] += row[c];
+        const int d = token_dest_[t * K + j];
+        const float* part = row.data();
+        if (d == me) {
+          part = &self_ret_[static_cast<int64_t>(token_row_[t * K + j]) * hidden];
+        } else {
+          GetRow(ret_recv_.data() + r_off_[d] + token_row_[t * K + j] * row_bytes, hidden,
+                 row.data());
+        }
+        for (int64_t c = 0; c < hidden; ++c) o[c] += part[c];
       }
     }
   });

@@ -17,6 +17,8 @@
 //      one row per (token, destination), not one per (token, expert): with top-k and k > 1 that
 //      is up to k× fewer bytes back;
 //   7. all-to-all-v back; the sender adds the per-destination partial sums.
+// Rows for this rank's own experts skip the wire both ways (read from x in f32, summed in f32):
+// no packing, no copy through the communicator, no bf16 rounding.
 //
 // Wire segment from rank a to rank b (bytes, back to back):
 //   rows  [num_rows, hidden] wire dtype, row-major
