@@ -9,8 +9,8 @@
 //
 // "ours" is the wall time of DispatchCombine minus the time inside the expert callback (a
 // per-expert scale, y = (1 + e/64) · x, timed and reported separately as "expert"); "bare" is
-// AllToAllV(dispatch bytes) + AllToAllV(return bytes) with the same per-peer counts our
-// dispatcher sends. overhead = ours / bare − 1: routing, the counts exchange, packing, bf16
+// AllToAllV(dispatch bytes) + AllToAllV(return bytes) with the per-peer counts of our layout,
+// own block included as nccl-tests does (our dispatcher keeps its own rows off the wire). overhead = ours / bare − 1: routing, the counts exchange, packing, bf16
 // conversion, grouping and the weighted pre-sum and combine. "in-comm" is the part of "ours"
 // spent inside the communicator (counts + rows + return exchanges, waits for peers included).
 //
