@@ -2,6 +2,7 @@
 // tiny Mixtral checkpoint and what llama.cpp and a float64 forward pass (exact math) computed
 // from it. See shared/reference/README.md for the tolerances these tests use.
 #include <algorithm>
+#include <cstdio>
 #include <cmath>
 #include <fstream>
 #include <sstream>
@@ -70,6 +71,8 @@ TEST_P(ReferenceTest, F32LogitsMatchLlamaCppAndExactMath) {
       auto tokens = p["tokens"].get<std::vector<int32_t>>();
       auto logits = sy::testing::PrefillLogits(*m, tokens);
       Diff d = Compare(logits, p["last_logits"].get<std::vector<float>>());
+      std::printf("[%s] %s, %zu tokens: max abs err %.3g (%.3g of the logit range)\n", GetParam().c_str(), file,
+                  tokens.size(), d.max_abs, d.max_abs / d.range);
       EXPECT_LT(d.max_abs, 1e-3 * d.range)
           << file << " prompt of " << tokens.size() << " tokens: max abs err " << d.max_abs
           << " vs logit range " << d.range;
@@ -127,6 +130,8 @@ TEST_P(ReferenceTest, Bf16StaysWithinStatedToleranceOfExactMath) {
     auto tokens = p["tokens"].get<std::vector<int32_t>>();
     auto logits = sy::testing::PrefillLogits(*m, tokens);
     Diff d = Compare(logits, p["last_logits"].get<std::vector<float>>());
+    std::printf("[%s] exact-bf16, %zu tokens: max abs err %.3g (%.3g of the logit range)\n", GetParam().c_str(),
+                tokens.size(), d.max_abs, d.max_abs / d.range);
     EXPECT_LT(d.max_abs, 2e-3 * d.range) << tokens.size() << " tokens: max abs err " << d.max_abs
                                          << " range " << d.range;
     auto ours = sy::testing::GreedyGenerate(*m, tokens, 16);
