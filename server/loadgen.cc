@@ -46,6 +46,7 @@ struct Record {
   int64_t prompt_tokens = 0, output_tokens = 0;
   Clock::time_point start, first, end;
   std::vector<double> gaps;  // between chunks
+  std::vector<std::pair<Clock::time_point, int>> chunks;  // arrival, tokens
 };
 
 }  // namespace
@@ -79,6 +80,8 @@ std::string LoadgenReport::Table() const {
   absl::StrAppendFormat(&t, "%-34s %12.2f\n", "request throughput (req/s)", request_throughput);
   absl::StrAppendFormat(&t, "%-34s %12.2f\n", "output token throughput (tok/s)", output_throughput);
   absl::StrAppendFormat(&t, "%-34s %12.2f\n", "total token throughput (tok/s)", total_throughput);
+  absl::StrAppendFormat(&t, "%-34s %12.2f\n", "steady decode throughput (tok/s)", steady_decode_throughput);
+  absl::StrAppendFormat(&t, "%-34s %12.3f\n", "steady window (s)", steady_window_s);
   absl::StrAppendFormat(&t, "%-10s %10s %10s %10s %10s\n", "(ms)", "mean", "p50", "p90", "p99");
   auto row = [&](const char* name, const LatencySummary& s) {
     absl::StrAppendFormat(&t, "%-10s %10.2f %10.2f %10.2f %10.2f\n", name, s.mean * 1e3,
@@ -160,6 +163,7 @@ absl::StatusOr<LoadgenReport> RunLoadgen(const LoadgenOptions& o) {
       while (reader->Read(&resp)) {
         const Clock::time_point now = Clock::now();
         if (resp.has_chunk() && resp.chunk().token_ids_size() > 0) {
+          rec.chunks.push_back({now, resp.chunk().token_ids_size()});
           if (rec.first == Clock::time_point{}) rec.first = now;
           else rec.gaps.push_back(Sec(now - last));
           last = now;
@@ -204,6 +208,24 @@ absl::StatusOr<LoadgenReport> RunLoadgen(const LoadgenOptions& o) {
     rep.request_throughput = rep.requests_ok / rep.duration_s;
     rep.output_throughput = rep.output_tokens / rep.duration_s;
     rep.total_throughput = (rep.prompt_tokens + rep.output_tokens) / rep.duration_s;
+  }
+  // Steady state of the first wave (all of its streams decoding).
+  const int wave = std::min(o.concurrency, o.requests);
+  Clock::time_point all_started{}, first_done = Clock::time_point::max();
+  bool wave_ok = true;
+  for (int i = 0; i < wave; ++i) {
+    const Record& r = records[i];
+    if (!r.ok || r.chunks.empty()) { wave_ok = false; break; }
+    all_started = std::max(all_started, r.chunks.front().first);
+    first_done = std::min(first_done, r.chunks.back().first);
+  }
+  if (wave_ok && first_done > all_started) {
+    int64_t tokens = 0;
+    for (int i = 0; i < wave; ++i)
+      for (const auto& [t, n] : records[i].chunks)
+        if (t > all_started && t <= first_done) tokens += n;
+    rep.steady_window_s = Sec(first_done - all_started);
+    rep.steady_decode_throughput = tokens / rep.steady_window_s;
   }
   rep.ttft = Summarize(ttft);
   rep.tpot = Summarize(tpot);

@@ -47,6 +47,12 @@ struct LoadgenReport {
   double request_throughput = 0;  // requests/s
   double output_throughput = 0;   // output tokens/s
   double total_throughput = 0;    // (prompt + output) tokens/s
+  // Decode throughput while every stream of the first wave is generating: from the moment the
+  // last of the first `concurrency` requests got its first token to the moment the first of
+  // them finished; output tokens in that window / its length. With concurrency C this is the
+  // server's batch-C decode rate, comparable with the engine benchmark's (bench/model_bench).
+  double steady_decode_throughput = 0;
+  double steady_window_s = 0;
   LatencySummary ttft, tpot, itl, e2e;
   std::string Table() const;
 };

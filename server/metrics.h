@@ -59,7 +59,7 @@ class ServerMetrics : public scheduler::EngineObserver {
   std::shared_ptr<prometheus::Registry> registry_;
   std::shared_ptr<EngineGauges> gauges_;
   std::unique_ptr<prometheus::Exposer> exposer_;
-  int port_ = 0;
+  int port_ = -1;  // -1 until StartExposer
   std::atomic<const scheduler::Engine*> engine_{nullptr};
 
   prometheus::Histogram* ttft_;
