@@ -27,6 +27,9 @@ using cpu::CpuLevel;
 // work): handing work to the other worker costs microseconds when it is spinning and far
 // more when it sleeps or the machine is loaded (KERNEL_NOTES.md).
 constexpr double kMinParallelMacs = 1 << 20;
+// MatMul ranges: 128 K multiply-adds stream 256 KiB of bf16 weights (~10 us on one core), so
+// even the k / v projections of one decode token (256 x 1024) use both cores.
+constexpr double kMinMatMulRangeMacs = 1 << 17;
 // Attention reads a cache-resident KV and has no weight streaming: a smaller call pays.
 constexpr double kMinParallelAttentionMacs = 1 << 18;
 
@@ -167,7 +170,7 @@ class FastCpuBackend final : public Backend {
     // Groups of 4 output rows (the register tile); ranges hold enough work to pay for a wake.
     const int64_t groups = (n + 3) / 4;
     const int64_t grain = std::max<int64_t>(
-        1, static_cast<int64_t>(kMinParallelMacs / (4.0 * static_cast<double>(k) * T)));
+        1, static_cast<int64_t>(kMinMatMulRangeMacs / (4.0 * static_cast<double>(k) * T)));
     ThreadPool::Default().ParallelFor(groups, grain, [&](int64_t g0, int64_t g1) {
       const int64_t r0 = g0 * 4, r1 = std::min(n, g1 * 4);
       DotRows(x, k, xb, ldxb, T, w, r0, r1, y + r0, n, bias ? bias + r0 : nullptr);
