@@ -115,6 +115,10 @@ inline void RowsBf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t 
 #define SY_TILE_TOKENS 8
 #endif
 constexpr int kTileTokens = SY_TILE_TOKENS;
+#ifndef SY_LARGE_TILE_MIN_TOKENS
+#define SY_LARGE_TILE_MIN_TOKENS 24
+#endif
+constexpr int64_t kLargeTileMinTokens = SY_LARGE_TILE_MIN_TOKENS;
 #ifndef SY_TILE_TOKENS_F32
 #define SY_TILE_TOKENS_F32 6
 #endif
@@ -298,19 +302,36 @@ void ConvertRowsToBf16Avx512(const float* src, int64_t rows, int64_t k, int64_t 
   }
 }
 
-void DotRowsBf16Avx512(const uint16_t* x, int64_t ldx, int64_t T, const uint16_t* w,
-                       int64_t ldw, int64_t k, int64_t nrows, float* y, int64_t ldy,
-                       const float* bias) {
+namespace {
+
+template <int MT>
+void DotRowsBf16Tiled(const uint16_t* x, int64_t ldx, int64_t T, const uint16_t* w,
+                      int64_t ldw, int64_t k, int64_t nrows, float* y, int64_t ldy,
+                      const float* bias) {
   const int64_t block = std::max<int64_t>(4, (256 * 1024 / std::max<int64_t>(1, 2 * k)) & ~3);
   for (int64_t nb = 0; nb < nrows; nb += block) {
     const int64_t nn = std::min(block, nrows - nb);
     const uint16_t* wb = w + nb * ldw;
     const float* bb = bias ? bias + nb : nullptr;
     int64_t t = 0;
-    for (; t + kTileTokens <= T; t += kTileTokens) {
-      RowsBf16<kTileTokens>(x + t * ldx, ldx, wb, ldw, k, nn, y + t * ldy + nb, ldy, bb);
+    for (; t + MT <= T; t += MT) {
+      RowsBf16<MT>(x + t * ldx, ldx, wb, ldw, k, nn, y + t * ldy + nb, ldy, bb);
     }
-    if (t < T) TailBf16<kTileTokens - 1>(T - t, x + t * ldx, ldx, wb, ldw, k, nn, y + t * ldy + nb, ldy, bb);
+    if (t < T) TailBf16<MT - 1>(T - t, x + t * ldx, ldx, wb, ldw, k, nn, y + t * ldy + nb, ldy, bb);
+  }
+}
+
+}  // namespace
+
+void DotRowsBf16Avx512(const uint16_t* x, int64_t ldx, int64_t T, const uint16_t* w,
+                       int64_t ldw, int64_t k, int64_t nrows, float* y, int64_t ldy,
+                       const float* bias) {
+  // 8-token tiles while the weights stream from memory at a few tokens per row (batched
+  // decode); 6-token tiles (no accumulator spills) when the call is compute-bound.
+  if (T >= kLargeTileMinTokens) {
+    DotRowsBf16Tiled<6>(x, ldx, T, w, ldw, k, nrows, y, ldy, bias);
+  } else {
+    DotRowsBf16Tiled<kTileTokens>(x, ldx, T, w, ldw, k, nrows, y, ldy, bias);
   }
 }
 
