@@ -27,9 +27,10 @@ using cpu::CpuLevel;
 // work): handing work to the other worker costs microseconds when it is spinning and far
 // more when it sleeps or the machine is loaded (KERNEL_NOTES.md).
 constexpr double kMinParallelMacs = 1 << 20;
-// MatMul ranges: 128 K multiply-adds stream 256 KiB of bf16 weights (~10 us on one core), so
-// even the k / v projections of one decode token (256 x 1024) use both cores.
-constexpr double kMinMatMulRangeMacs = 1 << 17;
+// MatMul ranges: at least 1 M multiply-adds (2 MiB of bf16 weights at one token). 128 K
+// (so decode k / v projections split too) measured no better on the loaded machine
+// (KERNEL_NOTES.md §8).
+constexpr double kMinMatMulRangeMacs = 1 << 20;
 // Attention reads a cache-resident KV and has no weight streaming: a smaller call pays.
 constexpr double kMinParallelAttentionMacs = 1 << 18;
 
