@@ -4,6 +4,9 @@
 // routed through the MoeDispatcher seam.
 #include "model/moe_model.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -239,6 +242,14 @@ class MoeModelImpl final : public MoeModel {
         }
         w = loaded;
         added += ExpertBytes(w);
+        // Ask the kernel to read the pages in now (asynchronous read-ahead), so the first
+        // step that routes tokens here does not fault them in from disk one by one.
+        for (const WeightView* v : {&w.w1, &w.w3, &w.w2}) {
+          const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+          const uintptr_t begin = reinterpret_cast<uintptr_t>(v->data) & ~(page - 1);
+          const uintptr_t end = reinterpret_cast<uintptr_t>(v->data) + v->rows * v->cols * DTypeSize(v->dtype);
+          madvise(reinterpret_cast<void*>(begin), end - begin, MADV_WILLNEED);
+        }
       }
     }
     return added;

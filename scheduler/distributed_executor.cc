@@ -107,7 +107,9 @@ void DistributedStepExecutor::Pump() {
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
     cv_.wait_for(lock, keepalive_, [&] { return stop_ || job_ || !controls_.empty(); });
-    if (!controls_.empty()) {  // control plans go before the next step
+    // A waiting step goes first, then control plans (so the phases of a placement switch
+    // interleave with the steps of a busy engine).
+    if (!job_ && !controls_.empty()) {
       std::function<void(bool)> control = std::move(controls_.front());
       controls_.pop_front();
       lock.unlock();

@@ -102,9 +102,11 @@ class DistributedStepExecutor : public StepExecutor {
   // The placement in force.
   std::shared_ptr<const parallel::ExpertPlacement> placement() const;
   // Switches every rank to `placement` (its epoch is replaced by the current one + 1) at one
-  // step boundary. INVALID_ARGUMENT when its shape does not fit the group or the model;
-  // UNAVAILABLE when the group is (or becomes) broken.
-  absl::StatusOr<PlacementSwitchReport> SwitchPlacement(const parallel::ExpertPlacement& placement);
+  // step boundary, after the ranks mapped the experts they gain `layers_per_plan` layers per
+  // control plan (steps run in between). INVALID_ARGUMENT when its shape does not fit the
+  // group or the model; UNAVAILABLE when the group is (or becomes) broken.
+  absl::StatusOr<PlacementSwitchReport> SwitchPlacement(const parallel::ExpertPlacement& placement,
+                                                        int layers_per_plan = 4);
   // Every rank's expert-load window as trace JSON, in rank order; rank 0's entry is "" (the
   // leader's recorder is read directly by whoever installed it).
   absl::StatusOr<std::vector<std::string>> GatherLoadTraces();
@@ -156,6 +158,7 @@ class DistributedStepExecutor : public StepExecutor {
   absl::Status broken_status_;  // set once, before broken_ turns true
   std::deque<std::function<void(bool run)>> controls_ ABSL_GUARDED_BY(mu_);  // rank_control_leader.cc
   std::shared_ptr<const parallel::ExpertPlacement> placement_ ABSL_GUARDED_BY(stats_mu_);
+  std::mutex switch_mu_;  // one SwitchPlacement at a time
 
   // Pump thread only.
   std::vector<int32_t> words_;

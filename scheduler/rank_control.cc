@@ -27,16 +27,45 @@ absl::StatusOr<std::string> UnpackBytes(std::span<const int32_t> words) {
   return s;
 }
 
-absl::StatusOr<PlacementSwitchCounts> SwitchPlacementOnRank(
+std::vector<int32_t> EncodePlacementPayload(PlacementPhase phase, int first_layer, int end_layer,
+                                            const std::string& json) {
+  std::vector<int32_t> words = {static_cast<int32_t>(phase), first_layer, end_layer};
+  const std::vector<int32_t> packed = PackBytes(json);
+  words.insert(words.end(), packed.begin(), packed.end());
+  return words;
+}
+
+absl::StatusOr<PlacementPayload> DecodePlacementPayload(std::span<const int32_t> words) {
+  if (words.size() < 4 || words[0] < 0 || words[0] > 1)
+    return absl::InvalidArgumentError("placement control plan: bad header");
+  PlacementPayload p;
+  p.phase = static_cast<PlacementPhase>(words[0]);
+  p.first_layer = words[1];
+  p.end_layer = words[2];
+  SY_ASSIGN_OR_RETURN(std::string json, UnpackBytes(words.subspan(3)));
+  SY_ASSIGN_OR_RETURN(parallel::ExpertPlacement placement, parallel::ExpertPlacement::FromJson(json));
+  if (p.first_layer < 0 || p.end_layer < p.first_layer || p.end_layer > placement.num_layers())
+    return absl::InvalidArgumentError("placement control plan: bad layer range");
+  p.placement = std::make_shared<const parallel::ExpertPlacement>(std::move(placement));
+  return p;
+}
+
+absl::StatusOr<PlacementSwitchCounts> PlacementPhaseOnRank(
     model::MoeModel* model, parallel::ExpertParallelDispatcher* dispatcher,
-    std::shared_ptr<const parallel::ExpertPlacement> placement, int rank) {
-  const std::vector<std::vector<int32_t>> wanted = ExpertsOfRank(*placement, rank);
+    const PlacementPayload& payload, int rank) {
+  std::vector<std::vector<int32_t>> wanted = ExpertsOfRank(*payload.placement, rank);
   PlacementSwitchCounts c;
   std::vector<std::vector<int32_t>> before(wanted.size());
   for (size_t l = 0; l < wanted.size(); ++l) before[l] = model->LoadedExperts(static_cast<int>(l));
-  SY_ASSIGN_OR_RETURN(c.gained_bytes, model->AddExperts(wanted));
-  if (dispatcher != nullptr) SY_RETURN_IF_ERROR(dispatcher->SetPlacement(placement));
-  SY_ASSIGN_OR_RETURN(c.released_bytes, model->RetainExperts(wanted));
+  if (payload.phase == PlacementPhase::kPrepare) {
+    std::vector<std::vector<int32_t>> some(wanted.size());
+    for (int l = payload.first_layer; l < payload.end_layer; ++l) some[l] = wanted[l];
+    SY_ASSIGN_OR_RETURN(c.gained_bytes, model->AddExperts(some));
+  } else {
+    SY_ASSIGN_OR_RETURN(c.gained_bytes, model->AddExperts(wanted));
+    if (dispatcher != nullptr) SY_RETURN_IF_ERROR(dispatcher->SetPlacement(payload.placement));
+    SY_ASSIGN_OR_RETURN(c.released_bytes, model->RetainExperts(wanted));
+  }
   for (size_t l = 0; l < wanted.size(); ++l) {
     const std::vector<int32_t> after = model->LoadedExperts(static_cast<int>(l));
     for (int32_t e : after)
@@ -107,19 +136,12 @@ absl::Status HandleControlPlan(parallel::Communicator* comm, model::MoeModel* mo
   if (plan.kind != PlanKind::kPlacement)
     return absl::InvalidArgumentError("not a control plan");
   absl::StatusOr<PlacementSwitchCounts> counts = absl::InternalError("no placement");
-  absl::StatusOr<std::string> json = UnpackBytes(plan.payload);
-  if (json.ok()) {
-    auto placement = parallel::ExpertPlacement::FromJson(*json);
-    if (placement.ok()) {
-      auto* ep = dynamic_cast<parallel::ExpertParallelDispatcher*>(model->dispatcher());
-      counts = SwitchPlacementOnRank(
-          model, ep, std::make_shared<const parallel::ExpertPlacement>(*std::move(placement)),
-          rank);
-    } else {
-      counts = placement.status();
-    }
+  absl::StatusOr<PlacementPayload> payload = DecodePlacementPayload(plan.payload);
+  if (payload.ok()) {
+    auto* ep = dynamic_cast<parallel::ExpertParallelDispatcher*>(model->dispatcher());
+    counts = PlacementPhaseOnRank(model, ep, *payload, rank);
   } else {
-    counts = json.status();
+    counts = payload.status();
   }
   if (!counts.ok()) SY_LOG(ERROR) << "rank " << rank << ": placement switch failed: " << counts.status();
   SY_ASSIGN_OR_RETURN(auto sum, AllGatherSwitchCounts(

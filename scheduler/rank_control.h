@@ -2,13 +2,17 @@
 // statistics) that travel through the step protocol (scheduler/step_plan.h control kinds),
 // so that every rank takes them at the same step boundary.
 //
-//   kPlacement: the leader broadcasts the new placement (its JSON packed into words); every
-//     rank maps the experts it gains from the checkpoint (MoeModel::AddExperts: the file is
-//     already memory-mapped), switches its ExpertParallelDispatcher to the new placement,
-//     drops the experts it no longer holds (MoeModel::RetainExperts), and all ranks
-//     all-gather their counts (gained, released, bytes, ok). Because the plan stream is one
-//     ordered broadcast, every rank switches between the same two steps; the dispatcher's
-//     epoch check in the counts all-to-all catches any rank that did not.
+//   kPlacement, in two phases, each a control plan carrying [phase, first layer, end layer,
+//     the placement's JSON packed into words]:
+//     * prepare (a few layers per plan, steps run in between): every rank maps the experts
+//       of those layers it gains from the checkpoint (MoeModel::AddExperts: the file is
+//       already memory-mapped; the pages are read ahead) — harmless before the switch, as
+//       the dispatcher routes nothing to them yet;
+//     * switch (one plan): every rank switches its ExpertParallelDispatcher to the new
+//       placement and drops the experts it no longer holds (MoeModel::RetainExperts).
+//     After each plan all ranks all-gather their counts (gained, released, bytes, ok). The
+//     plan stream is one ordered broadcast, so every rank switches between the same two
+//     steps; the dispatcher's epoch check in the counts all-to-all catches any that did not.
 //   kLoadStats: every rank sends its ExpertLoadRecorder's window (trace JSON) to rank 0,
 //     which merges them (MergeTraces): the leader alone sees only its own sequences' tokens.
 //
@@ -45,11 +49,25 @@ struct PlacementSwitchCounts {
 std::vector<int32_t> PackBytes(const std::string& bytes);
 absl::StatusOr<std::string> UnpackBytes(std::span<const int32_t> words);
 
-// One rank's switch: AddExperts(new) -> dispatcher->SetPlacement -> RetainExperts(new).
-// dispatcher may be null (a model without expert parallelism: only the weights change).
-absl::StatusOr<PlacementSwitchCounts> SwitchPlacementOnRank(
+enum class PlacementPhase : int32_t { kPrepare = 0, kSwitch = 1 };
+
+// kPlacement payload: [phase, first_layer, end_layer, PackBytes(json)...].
+std::vector<int32_t> EncodePlacementPayload(PlacementPhase phase, int first_layer, int end_layer,
+                                            const std::string& json);
+struct PlacementPayload {
+  PlacementPhase phase = PlacementPhase::kPrepare;
+  int first_layer = 0, end_layer = 0;
+  std::shared_ptr<const parallel::ExpertPlacement> placement;
+};
+absl::StatusOr<PlacementPayload> DecodePlacementPayload(std::span<const int32_t> words);
+
+// One rank's part of a phase. kPrepare: AddExperts for layers [first_layer, end_layer) (gained
+// counts). kSwitch: AddExperts(all layers, a no-op after the prepares) ->
+// dispatcher->SetPlacement -> RetainExperts (released counts). dispatcher may be null (a
+// model without expert parallelism: only the weights change).
+absl::StatusOr<PlacementSwitchCounts> PlacementPhaseOnRank(
     model::MoeModel* model, parallel::ExpertParallelDispatcher* dispatcher,
-    std::shared_ptr<const parallel::ExpertPlacement> placement, int rank);
+    const PlacementPayload& payload, int rank);
 
 // Collective: every rank contributes its counts and whether its switch worked; every rank
 // gets the sum and whether all worked (false: some rank failed; the group must not step on).

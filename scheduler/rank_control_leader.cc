@@ -1,5 +1,6 @@
 // The leader's side of the rank control plans (scheduler/rank_control.h): the
 // DistributedStepExecutor members that queue a control plan on the pump thread.
+#include <algorithm>
 #include <chrono>
 #include <future>
 
@@ -39,7 +40,7 @@ absl::Status DistributedStepExecutor::RunControl(std::function<absl::Status()> f
 }
 
 absl::StatusOr<PlacementSwitchReport> DistributedStepExecutor::SwitchPlacement(
-    const parallel::ExpertPlacement& requested) {
+    const parallel::ExpertPlacement& requested, int layers_per_plan) {
   const auto t0 = std::chrono::steady_clock::now();
   const model::ModelConfig& c = model_->config();
   if (requested.num_ranks() != comm_->world_size())
@@ -49,46 +50,66 @@ absl::StatusOr<PlacementSwitchReport> DistributedStepExecutor::SwitchPlacement(
     return absl::InvalidArgumentError(absl::StrCat(
         "placement: ", requested.num_layers(), " layers x ", requested.num_experts(),
         " experts; the model has ", c.num_layers, " x ", c.num_experts));
-  PlacementSwitchReport report;
-  absl::Status s = RunControl([&]() -> absl::Status {
-    // On the pump thread: no step runs now, and placement_ changes only here.
-    const int64_t epoch = placement()->epoch() + 1;
-    const std::string json = requested.WithEpoch(epoch).ToJson();
-    // Every rank, the leader included, switches to the placement parsed from the same text.
+  if (layers_per_plan < 1) return absl::InvalidArgumentError("layers_per_plan must be >= 1");
+  // Only this call changes placement_, and only one runs at a time (switch_mu_).
+  std::lock_guard<std::mutex> switching(switch_mu_);
+  const int64_t epoch = placement()->epoch() + 1;
+  const std::string json = requested.WithEpoch(epoch).ToJson();
+  // Every rank, the leader included, uses the placement parsed from the same text.
+  PlacementPayload payload;
+  {
     SY_ASSIGN_OR_RETURN(parallel::ExpertPlacement parsed, parallel::ExpertPlacement::FromJson(json));
-    auto next = std::make_shared<const parallel::ExpertPlacement>(std::move(parsed));
-    EncodeControlPlan(PlanKind::kPlacement, PackBytes(json), &words_);
-    int64_t n = static_cast<int64_t>(words_.size());
-    absl::Status sent = comm_->Broadcast(&n, sizeof(n), 0);
-    if (sent.ok()) sent = comm_->Broadcast(words_.data(), n * sizeof(int32_t), 0);
-    if (!sent.ok()) {
-      Fail(sent);
-      return sent;
-    }
-    absl::StatusOr<PlacementSwitchCounts> own = SwitchPlacementOnRank(model_, dispatcher_.get(), next, 0);
-    if (!own.ok()) SY_LOG(ERROR) << "rank 0: placement switch failed: " << own.status();
-    auto sum = AllGatherSwitchCounts(comm_, own.ok() ? *own : PlacementSwitchCounts{}, own.ok());
-    absl::Status bad = !sum.ok() ? sum.status()
-                       : !own.ok() ? own.status()
-                       : !sum->second ? absl::InternalError("a rank failed the placement switch")
-                                      : absl::OkStatus();
-    if (!bad.ok()) {  // ranks may now disagree on the placement: the group cannot go on
-      const absl::Status failed = AsUnavailablePlacement(bad);
-      Fail(failed);
-      return failed;
-    }
-    {
-      std::lock_guard<std::mutex> lock(stats_mu_);
-      placement_ = next;
-    }
-    report.epoch = epoch;
-    report.experts_gained = sum->first.experts_gained;
-    report.experts_released = sum->first.experts_released;
-    report.gained_bytes = sum->first.gained_bytes;
-    report.released_bytes = sum->first.released_bytes;
-    return absl::OkStatus();
-  });
-  SY_RETURN_IF_ERROR(s);
+    payload.placement = std::make_shared<const parallel::ExpertPlacement>(std::move(parsed));
+  }
+  // One control plan on the pump thread: broadcast it, run rank 0's part, all-gather counts.
+  // A failure after the broadcast fails the group (ranks could disagree from then on).
+  PlacementSwitchReport report;
+  auto phase = [&](PlacementPhase ph, int first, int end) -> absl::Status {
+    return RunControl([&, ph, first, end]() -> absl::Status {
+      EncodeControlPlan(PlanKind::kPlacement, EncodePlacementPayload(ph, first, end, json), &words_);
+      int64_t n = static_cast<int64_t>(words_.size());
+      absl::Status sent = comm_->Broadcast(&n, sizeof(n), 0);
+      if (sent.ok()) sent = comm_->Broadcast(words_.data(), n * sizeof(int32_t), 0);
+      if (!sent.ok()) {
+        const absl::Status failed = AsUnavailablePlacement(sent);
+        Fail(failed);
+        return failed;
+      }
+      PlacementPayload mine = payload;
+      mine.phase = ph;
+      mine.first_layer = first;
+      mine.end_layer = end;
+      absl::StatusOr<PlacementSwitchCounts> own =
+          PlacementPhaseOnRank(model_, dispatcher_.get(), mine, 0);
+      if (!own.ok()) SY_LOG(ERROR) << "rank 0: placement switch failed: " << own.status();
+      auto sum = AllGatherSwitchCounts(comm_, own.ok() ? *own : PlacementSwitchCounts{}, own.ok());
+      absl::Status bad = !sum.ok() ? sum.status()
+                         : !own.ok() ? own.status()
+                         : !sum->second ? absl::InternalError("a rank failed the placement switch")
+                                        : absl::OkStatus();
+      if (!bad.ok()) {
+        const absl::Status failed = AsUnavailablePlacement(bad);
+        Fail(failed);
+        return failed;
+      }
+      report.experts_gained += sum->first.experts_gained;
+      report.experts_released += sum->first.experts_released;
+      report.gained_bytes += sum->first.gained_bytes;
+      report.released_bytes += sum->first.released_bytes;
+      if (ph == PlacementPhase::kSwitch) {
+        std::lock_guard<std::mutex> lock(stats_mu_);
+        placement_ = payload.placement;
+      }
+      return absl::OkStatus();
+    });
+  };
+  // Prepare a few layers per plan; the pump runs waiting steps between plans.
+  for (int first = 0; first < c.num_layers; first += layers_per_plan) {
+    const int end = static_cast<int>(std::min<int64_t>(c.num_layers, first + layers_per_plan));
+    SY_RETURN_IF_ERROR(phase(PlacementPhase::kPrepare, first, end));
+  }
+  SY_RETURN_IF_ERROR(phase(PlacementPhase::kSwitch, 0, static_cast<int>(c.num_layers)));
+  report.epoch = epoch;
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   SY_LOG(INFO) << "placement epoch " << report.epoch << " in force on " << comm_->world_size()
                << " ranks: " << report.experts_gained << " experts gained ("

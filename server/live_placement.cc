@@ -95,6 +95,9 @@ void AddAdminFlags(FlagSet& flags, AdminOptions* o) {
   flags.Add("planner-time-limit", &o->planner_time_limit_s, "ilp planner: seconds per layer");
   flags.Add("load-window-steps", &o->load_window_steps,
             "steps in the expert-load statistics' sliding window");
+  flags.Add("switch-layers-per-plan", &o->switch_layers_per_plan,
+            "placement switch: layers whose gained experts are mapped per control plan (steps "
+            "run between plans)");
 }
 
 struct LivePlacement::Metrics {
@@ -243,7 +246,7 @@ absl::StatusOr<v1::ApplyPlacementResponse> LivePlacement::ApplyLocked(const Expe
     return absl::FailedPreconditionError(
         "this daemon runs one rank: every expert is on it, there is no placement to change "
         "(serve with --local-ranks or --min-ranks above 1)");
-  SY_ASSIGN_OR_RETURN(scheduler::PlacementSwitchReport r, executor_->SwitchPlacement(p));
+  SY_ASSIGN_OR_RETURN(scheduler::PlacementSwitchReport r, executor_->SwitchPlacement(p, options_.switch_layers_per_plan));
   v1::ApplyPlacementResponse out;
   out.set_epoch(r.epoch);
   out.set_experts_gained(r.experts_gained);

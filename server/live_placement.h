@@ -7,8 +7,8 @@
 //     step protocol (a kLoadStats control plan, scheduler/rank_control.h) and sums them, so
 //     the trace covers every token the group ran, in the format of shared/traces/README.md.
 //   * Apply: DistributedStepExecutor::SwitchPlacement: every rank maps the experts it gains
-//     from its checkpoint (memory-mapped already), all switch at one step boundary, freed
-//     experts are dropped after.
+//     from its checkpoint (memory-mapped already; read ahead), a few layers per control plan
+//     with steps in between, then all switch at one step boundary and drop freed experts.
 //   * Rebalance: snapshot -> planner (parallel/planner, on the calling thread: an admin call
 //     or the periodic thread, never the engine thread) -> apply, when the plan's expected
 //     balancedness beats the current one.
@@ -53,10 +53,11 @@ struct AdminOptions {
   std::string rebalance_policy = "greedy";
   double planner_time_limit_s = 2.0;  // ilp, per layer
   int load_window_steps = 1024;   // the recorder's sliding window
+  int switch_layers_per_plan = 4;  // layers whose gained experts one control plan maps
 };
 
 // --admin-token, --rebalance-every, --rebalance-threshold, --rebalance-policy,
-// --planner-time-limit, --load-window-steps.
+// --planner-time-limit, --load-window-steps, --switch-layers-per-plan.
 void AddAdminFlags(FlagSet& flags, AdminOptions* options);
 
 class LivePlacement {

@@ -39,6 +39,18 @@ TEST(RankControlTest, ControlPlansCarryTheirPayloadAndRefuseSequences) {
   EXPECT_EQ(DecodePlan(words).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+TEST(RankControlTest, PlacementPayloadsCarryPhaseLayersAndThePlacement) {
+  const parallel::ExpertPlacement p = parallel::ExpertPlacement::Contiguous(3, 8, 4).WithEpoch(5);
+  auto back = DecodePlacementPayload(EncodePlacementPayload(PlacementPhase::kPrepare, 1, 3, p.ToJson()));
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->phase, PlacementPhase::kPrepare);
+  EXPECT_EQ(back->first_layer, 1);
+  EXPECT_EQ(back->end_layer, 3);
+  EXPECT_TRUE(*back->placement == p);
+  EXPECT_FALSE(DecodePlacementPayload(EncodePlacementPayload(PlacementPhase::kSwitch, 2, 4, p.ToJson())).ok());
+  EXPECT_FALSE(DecodePlacementPayload(EncodePlacementPayload(PlacementPhase::kSwitch, 0, 3, "{")).ok());
+}
+
 TEST(RankControlTest, MergedTracesAddCountsAndTokensAndKeepTheLastPaths) {
   parallel::planner::RoutingTrace a, b;
   for (auto* t : {&a, &b}) {

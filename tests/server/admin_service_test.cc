@@ -263,6 +263,7 @@ TEST(LiveRebalanceTest, PlacementsAppliedMidStreamKeepEveryRequestsGreedyTokens)
   const auto want = Reference(dir, max_new);
   ServeOptions o = Options(dir, ranks);
   o.metrics_port = 0;
+  o.admin.switch_layers_per_plan = 1;  // one prepare plan per layer, steps in between
   auto d = StartDaemon(o);
   auto inference = v1::Inference::NewStub(Channel(*d));
   auto admin = v1::Admin::NewStub(Channel(*d));
