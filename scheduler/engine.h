@@ -111,8 +111,8 @@ class Engine {
   void DrainIntake();
   void AbortCancelled();
   void Step();
-  // Samples, appends and streams the new token of `seq`; true when it finished.
-  bool Postprocess(Sequence* seq, const float* logits, Clock::time_point now);
+  // Appends and streams the new token `tok` of `seq`; true when it finished.
+  bool Postprocess(Sequence* seq, int32_t tok, Clock::time_point now);
   void Finish(Sequence* seq, FinishReason reason, absl::Status status);
   void PublishStats();
 
@@ -130,6 +130,8 @@ class Engine {
   int64_t next_seq_id_ = 0;
   std::vector<model::SequenceInput> inputs_;
   std::vector<float> logits_;
+  std::vector<Sequence*> sampling_;  // sequences sampled this step, in logits row order
+  std::vector<int32_t> sampled_;
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
