@@ -158,7 +158,6 @@ void Engine::DrainIntake() {
     num_waiting_ += static_cast<int64_t>(batch.size());
   }
   for (Request& r : batch) {
-    for (const std::string& s : r.params.stop_strings) max_stop_len_ = std::max(max_stop_len_, s.size());
     scheduler_.Add(std::make_unique<Sequence>(next_seq_id_++, std::move(r), tokenizer_));
   }
 }

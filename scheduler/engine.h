@@ -122,7 +122,6 @@ class Engine {
   EngineObserver* observer_;
   ModelLimits limits_;
   std::vector<int32_t> eos_ids_;
-  size_t max_stop_len_ = 0;
 
   // Engine thread only.
   BlockManager blocks_;
