@@ -30,6 +30,14 @@ absl::Status ValidateAllToAllV(int world_size, absl::Span<const int64_t> send_co
 // copies of the payload for AllGather (the same as a ring) and is the simplest thing that
 // keeps one code path per engine; engines with a native collective override them.
 
+absl::Status Communicator::AllToAll(const void* send, void* recv, size_t bytes_per_rank) {
+  const int n = world_size();
+  const int64_t b = static_cast<int64_t>(bytes_per_rank);
+  std::vector<int64_t> counts(n, b), offsets(n);
+  for (int p = 0; p < n; ++p) offsets[p] = b * p;
+  return AllToAllV(send, counts, offsets, recv, counts, offsets);
+}
+
 absl::Status Communicator::AllGather(const void* send, size_t bytes, void* recv) {
   const int n = world_size();
   std::vector<int64_t> send_counts(n, static_cast<int64_t>(bytes)), send_offsets(n, 0),

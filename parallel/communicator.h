@@ -46,7 +46,8 @@ class Communicator {
 
   // Fixed-size all-to-all: send holds world_size() blocks of bytes_per_rank (block p goes to
   // rank p); recv receives block p from rank p. send and recv must not overlap.
-  virtual absl::Status AllToAll(const void* send, void* recv, size_t bytes_per_rank) = 0;
+  // Default: AllToAllV with equal blocks.
+  virtual absl::Status AllToAll(const void* send, void* recv, size_t bytes_per_rank);
 
   // Variable all-to-all: send_counts[p] bytes at send + send_offsets[p] go to rank p;
   // recv_counts[p] bytes from rank p land at recv + recv_offsets[p]. Every span has

@@ -77,14 +77,6 @@ class GlooCommunicator final : public Communicator {
   bool broken() const override { return broken_; }
   std::string name() const override { return "gloo"; }
 
-  absl::Status AllToAll(const void* send, void* recv, size_t bytes_per_rank) override {
-    const int n = world_size();
-    const int64_t b = static_cast<int64_t>(bytes_per_rank);
-    std::vector<int64_t> counts(n, b), offsets(n);
-    for (int p = 0; p < n; ++p) offsets[p] = b * p;
-    return AllToAllV(send, counts, offsets, recv, counts, offsets);
-  }
-
   absl::Status AllToAllV(const void* send, absl::Span<const int64_t> send_counts,
                          absl::Span<const int64_t> send_offsets, void* recv,
                          absl::Span<const int64_t> recv_counts,
