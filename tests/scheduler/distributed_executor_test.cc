@@ -19,38 +19,14 @@
 #include "parallel/local_communicator.h"
 #include "scheduler/step_plan.h"
 #include "tests/testing/model_fixtures.h"
+#include "tests/testing/watchdog.h"
 
 namespace sy::scheduler {
 namespace {
 
 using std::chrono::milliseconds;
 
-class Watchdog {
- public:
-  explicit Watchdog(std::chrono::seconds limit) {
-    thread_ = std::thread([this, limit] {
-      std::unique_lock<std::mutex> lock(mu_);
-      if (!cv_.wait_for(lock, limit, [&] { return done_; })) {
-        std::fprintf(stderr, "watchdog: test hung for %lld s\n", static_cast<long long>(limit.count()));
-        std::abort();
-      }
-    });
-  }
-  ~Watchdog() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      done_ = true;
-      cv_.notify_all();
-    }
-    thread_.join();
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool done_ = false;
-  std::thread thread_;
-};
+using sy::testing::Watchdog;
 
 constexpr int64_t kBlockSize = 4;
 constexpr int64_t kNumBlocks = 64;

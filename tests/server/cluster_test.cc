@@ -37,6 +37,7 @@
 #include "switchyard/v1/cluster.grpc.pb.h"
 #include "switchyard/v1/inference.grpc.pb.h"
 #include "tests/testing/model_fixtures.h"
+#include "tests/testing/watchdog.h"
 
 namespace sy::server {
 namespace {
@@ -48,32 +49,7 @@ using std::chrono::seconds;
 constexpr char kSecret[] = "test-secret-7f3a";
 constexpr int64_t kKvBytes = 2 << 20;  // small: every rank allocates the leader's block count
 
-class Watchdog {
- public:
-  explicit Watchdog(seconds limit) {
-    thread_ = std::thread([this, limit] {
-      std::unique_lock<std::mutex> lock(mu_);
-      if (!cv_.wait_for(lock, limit, [&] { return done_; })) {
-        std::fprintf(stderr, "watchdog: test hung for %lld s\n", static_cast<long long>(limit.count()));
-        std::abort();
-      }
-    });
-  }
-  ~Watchdog() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      done_ = true;
-      cv_.notify_all();
-    }
-    thread_.join();
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool done_ = false;
-  std::thread thread_;
-};
+using sy::testing::Watchdog;
 
 std::string ReadFile(const std::string& path) {
   std::ifstream in(path);
