@@ -33,15 +33,8 @@ int GenerateCommand(int argc, char** argv) {
   flags.Add("ids-only", &ids_only, "print token ids (space-separated) instead of text");
   flags.Add("no-stream", &no_stream, "ask for the completion only");
   flags.Add("timeout", &timeout_s, "deadline in seconds");
-  absl::Status s = flags.Parse(argc, argv);
-  if (s.code() == absl::StatusCode::kCancelled) {
-    std::printf("%s", std::string(s.message()).c_str());
-    return 0;
-  }
-  if (!s.ok()) {
-    std::fprintf(stderr, "generate: %s\n", std::string(s.message()).c_str());
-    return 2;
-  }
+  if (int rc = flags.ParseOrExitCode(argc, argv); rc >= 0) return rc;
+  absl::Status s;
   v1::GenerateRequest req;
   if (!prompt_ids.empty()) {
     for (absl::string_view part : absl::StrSplit(prompt_ids, ',', absl::SkipWhitespace())) {

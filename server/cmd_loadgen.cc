@@ -24,15 +24,8 @@ int LoadgenCommand(int argc, char** argv) {
   flags.Add("seed", &seed, "prompt seed");
   flags.Add("wait-ready", &o.wait_ready_s, "seconds to wait for health SERVING");
   flags.Add("timeout", &o.timeout_s, "per-request deadline in seconds");
-  absl::Status s = flags.Parse(argc, argv);
-  if (s.code() == absl::StatusCode::kCancelled) {
-    std::printf("%s", std::string(s.message()).c_str());
-    return 0;
-  }
-  if (!s.ok()) {
-    std::fprintf(stderr, "loadgen: %s\n", std::string(s.message()).c_str());
-    return 2;
-  }
+  if (int rc = flags.ParseOrExitCode(argc, argv); rc >= 0) return rc;
+  absl::Status s;
   o.seed = static_cast<uint64_t>(seed);
   auto rep = RunLoadgen(o);
   if (!rep.ok()) {

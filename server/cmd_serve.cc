@@ -115,15 +115,8 @@ int ServeCommand(int argc, char** argv) {
   flags.Add("rank-wait-timeout", &o.cluster.rank_wait_timeout_s,
             "seconds to wait for --min-ranks ranks before giving up");
   AddAdminFlags(flags, &o.admin);
-  absl::Status s = flags.Parse(argc, argv);
-  if (s.code() == absl::StatusCode::kCancelled) {  // --help
-    std::printf("%s", std::string(s.message()).c_str());
-    return 0;
-  }
-  if (!s.ok()) {
-    std::fprintf(stderr, "serve: %s\n", std::string(s.message()).c_str());
-    return 2;
-  }
+  if (int rc = flags.ParseOrExitCode(argc, argv); rc >= 0) return rc;
+  absl::Status s;
 
   // SIGTERM / SIGINT write to a pipe; one waiting thread reads it and drains. (A handler, not
   // sigwait: libraries may start threads before main that would take the default action.)

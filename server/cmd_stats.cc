@@ -35,15 +35,8 @@ int StatsCommand(int argc, char** argv) {
   flags.Add("dry-run", &dry_run, "--rebalance: plan only");
   flags.Add("time-limit", &time_limit, "--rebalance ilp: seconds per layer (0: the server's)");
   flags.Add("timeout", &timeout_s, "deadline in seconds");
-  absl::Status s = flags.Parse(argc, argv);
-  if (s.code() == absl::StatusCode::kCancelled) {
-    std::printf("%s", std::string(s.message()).c_str());
-    return 0;
-  }
-  if (!s.ok()) {
-    std::fprintf(stderr, "stats: %s\n", std::string(s.message()).c_str());
-    return 2;
-  }
+  if (int rc = flags.ParseOrExitCode(argc, argv); rc >= 0) return rc;
+  absl::Status s;
   if (token.empty())
     if (const char* env = std::getenv("SWITCHYARD_ADMIN_TOKEN")) token = env;
   auto stub = v1::Admin::NewStub(grpc::CreateChannel(addr, grpc::InsecureChannelCredentials()));

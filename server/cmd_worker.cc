@@ -22,15 +22,8 @@ int WorkerCommand(int argc, char** argv) {
   flags.Add("backend", &o.backend, "compute backend (auto, reference, cpu, cuda)");
   flags.Add("threads", &o.threads, "compute threads; 0: SWITCHYARD_THREADS or every core");
   flags.Add("join-timeout", &o.join_timeout_s, "seconds to keep retrying a leader that is not up");
-  absl::Status s = flags.Parse(argc, argv);
-  if (s.code() == absl::StatusCode::kCancelled) {  // --help
-    std::printf("%s", std::string(s.message()).c_str());
-    return 0;
-  }
-  if (!s.ok()) {
-    std::fprintf(stderr, "worker: %s\n", std::string(s.message()).c_str());
-    return 2;
-  }
+  if (int rc = flags.ParseOrExitCode(argc, argv); rc >= 0) return rc;
+  absl::Status s;
   s = RunWorker(o, [](const std::string& line) { std::fprintf(stderr, "worker: %s\n", line.c_str()); });
   if (s.ok()) {
     std::fprintf(stderr, "worker: the leader shut the group down, bye\n");

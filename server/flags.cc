@@ -1,5 +1,6 @@
 #include "server/flags.h"
 
+#include <cstdio>
 #include <fstream>
 #include <sstream>
 
@@ -175,6 +176,19 @@ absl::Status FlagSet::Parse(int argc, char** argv) {
     if (!s.ok()) return s;
   }
   return absl::OkStatus();
+}
+
+int FlagSet::ParseOrExitCode(int argc, char** argv) {
+  absl::Status s = Parse(argc, argv);
+  if (absl::IsCancelled(s)) {
+    std::fputs(std::string(s.message()).c_str(), stdout);
+    return 0;
+  }
+  if (!s.ok()) {
+    std::fprintf(stderr, "%s: %s\n", command_.c_str(), std::string(s.message()).c_str());
+    return 2;
+  }
+  return -1;
 }
 
 std::string FlagSet::Usage() const {

@@ -28,6 +28,9 @@ class FlagSet {
 
   // InvalidArgument naming the flag on an unknown flag or bad value.
   absl::Status Parse(int argc, char** argv);
+  // Parse for a subcommand: on --help prints the usage to stdout and returns 0; on a bad flag
+  // prints "<command>: <message>" to stderr and returns 2; otherwise returns -1 (carry on).
+  int ParseOrExitCode(int argc, char** argv);
   const std::vector<std::string>& positional() const { return positional_; }
   // True if the flag was given (on the command line or in a config file).
   bool WasSet(const std::string& name) const;
