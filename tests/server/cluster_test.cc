@@ -37,6 +37,7 @@
 #include "switchyard/v1/cluster.grpc.pb.h"
 #include "switchyard/v1/inference.grpc.pb.h"
 #include "tests/testing/model_fixtures.h"
+#include "tests/testing/child_process.h"
 #include "tests/testing/watchdog.h"
 
 namespace sy::server {
@@ -51,84 +52,8 @@ constexpr int64_t kKvBytes = 2 << 20;  // small: every rank allocates the leader
 
 using sy::testing::Watchdog;
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-// A child process running the built `switchyard` binary; stdout and stderr go to files.
-// Killed (SIGKILL) and reaped when destroyed.
-class Child {
- public:
-  Child(const std::string& dir, const std::string& name, std::vector<std::string> args)
-      : out_(absl::StrCat(dir, "/", name, ".out")), err_(absl::StrCat(dir, "/", name, ".err")) {
-    args.insert(args.begin(), SY_BINARY_DIR "/server/switchyard");
-    pid_ = fork();
-    if (pid_ == 0) {
-      const int o = open(out_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      const int e = open(err_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      dup2(o, 1);
-      dup2(e, 2);
-      std::vector<char*> argv;
-      for (auto& a : args) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      setenv("SWITCHYARD_THREADS", "1", 1);
-      execv(argv[0], argv.data());
-      _exit(127);
-    }
-  }
-  ~Child() {
-    if (pid_ > 0 && !reaped_) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
-    }
-  }
-  pid_t pid() const { return pid_; }
-  std::string out() const { return ReadFile(out_); }
-  std::string err() const { return ReadFile(err_); }
-
-  // The text after `prefix` up to the end of its line, once the child prints it on stdout.
-  std::string WaitForLine(const std::string& prefix, milliseconds timeout) {
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    while (std::chrono::steady_clock::now() < deadline) {
-      const std::string text = out();
-      const size_t at = text.find(prefix);
-      if (at != std::string::npos) {
-        const size_t end = text.find('\n', at);
-        if (end != std::string::npos) return text.substr(at + prefix.size(), end - at - prefix.size());
-      }
-      if (Exited()) break;
-      std::this_thread::sleep_for(milliseconds(20));
-    }
-    return "";
-  }
-  bool Exited() {
-    if (reaped_) return true;
-    int st = 0;
-    if (waitpid(pid_, &st, WNOHANG) == pid_) {
-      reaped_ = true;
-      status_ = st;
-    }
-    return reaped_;
-  }
-  // Exit status once it exits within `timeout`; -1 otherwise.
-  int WaitExit(milliseconds timeout) {
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    while (!Exited() && std::chrono::steady_clock::now() < deadline)
-      std::this_thread::sleep_for(milliseconds(20));
-    if (!reaped_) return -1;
-    return WIFEXITED(status_) ? WEXITSTATUS(status_) : 128 + WTERMSIG(status_);
-  }
-  void Kill() { kill(pid_, SIGKILL); }
-
- private:
-  std::string out_, err_;
-  pid_t pid_ = -1;
-  bool reaped_ = false;
-  int status_ = 0;
-};
+using sy::testing::ReadFile;
+using Child = sy::testing::ChildProcess;
 
 int PortAfterColon(const std::string& s) {
   const size_t colon = s.rfind(':');

@@ -23,6 +23,7 @@
 #include "parallel/planner/trace.h"
 #include "switchyard/v1/admin.grpc.pb.h"
 #include "switchyard/v1/inference.grpc.pb.h"
+#include "tests/testing/child_process.h"
 #include "tests/testing/model_fixtures.h"
 
 namespace sy::server {
@@ -31,57 +32,7 @@ namespace v1 = ::switchyard::v1;
 using std::chrono::milliseconds;
 using std::chrono::seconds;
 
-std::string ReadAll(const std::string& path) {
-  std::ifstream f(path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-// The built `switchyard` binary as a child process (stdout/stderr to files); SIGKILLed and
-// reaped on destruction.
-class Proc {
- public:
-  Proc(const std::string& dir, const std::string& name, std::vector<std::string> args)
-      : out_(dir + "/" + name + ".out"), err_(dir + "/" + name + ".err") {
-    args.insert(args.begin(), SY_BINARY_DIR "/server/switchyard");
-    pid_ = fork();
-    if (pid_ == 0) {
-      dup2(open(out_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644), 1);
-      dup2(open(err_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644), 2);
-      std::vector<char*> argv;
-      for (auto& a : args) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      setenv("SWITCHYARD_THREADS", "1", 1);
-      execv(argv[0], argv.data());
-      _exit(127);
-    }
-  }
-  ~Proc() {
-    kill(pid_, SIGKILL);
-    waitpid(pid_, nullptr, 0);
-  }
-  // The port after "<prefix>HOST:" on stdout, 0 on time-out.
-  int WaitForPort(const std::string& prefix, milliseconds timeout) const {
-    const auto until = std::chrono::steady_clock::now() + timeout;
-    while (std::chrono::steady_clock::now() < until) {
-      const std::string text = ReadAll(out_);
-      const size_t at = text.find(prefix);
-      const size_t end = at == std::string::npos ? at : text.find('\n', at);
-      if (end != std::string::npos) {
-        const std::string line = text.substr(at, end - at);
-        return std::atoi(line.c_str() + line.rfind(':') + 1);
-      }
-      std::this_thread::sleep_for(milliseconds(20));
-    }
-    return 0;
-  }
-  std::string err() const { return ReadAll(err_); }
-
- private:
-  std::string out_, err_;
-  pid_t pid_ = -1;
-};
+using Proc = sy::testing::ChildProcess;
 
 std::vector<std::vector<int32_t>> Prompts() {
   return {{1, 17, 42, 99, 5}, {300, 2}, {7, 7, 7, 7, 7, 7, 7, 11}, {450}, {23, 64, 128}, {5, 6}};
