@@ -15,6 +15,8 @@
 #include <fstream>
 #include <iostream>
 
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
 #include "bench/bench_util.h"
 #include "kernels/core/thread_pool.h"
 #include "model/moe_model.h"
@@ -121,6 +123,8 @@ int Main(int argc, char** argv) {
   flags.Add("threads", &threads, "threads");
   flags.Add("reps", &reps, "repetitions per figure (median reported)");
   flags.Add("decode-steps", &steps, "timed decode steps per repetition");
+  std::string batches = "1,4,16,32";
+  flags.Add("batches", &batches, "decode batch sizes, comma-separated (the first one is the baseline the others are checked against)");
   flags.Add("only", &only, "prefill | decode | load-stats (default: prefill and decode)");
   auto st = flags.Parse(argc, argv);
   if (!st.ok()) {
@@ -189,16 +193,27 @@ int Main(int argc, char** argv) {
   }
   if (only.empty() || only == "decode") {
     std::vector<float> base_logits;
-    for (int64_t b : {1, 4, 16, 32}) {
+    std::vector<int64_t> batch_list;
+    for (absl::string_view b : absl::StrSplit(batches, ',')) {
+      int64_t v = 0;
+      if (!absl::SimpleAtoi(b, &v) || v < 1) {
+        std::cerr << "--batches: bad batch size '" << b << "'\n";
+        return 1;
+      }
+      batch_list.push_back(v);
+    }
+    for (int64_t b : batch_list) {
       std::vector<double> t;
       std::vector<float> seq0;
       for (int64_t r = 0; r < reps; ++r) t.push_back(TimeDecode(m, b, steps, &seq0, &fails));
       std::string note;
       if (b == 1) {
-        base_logits = seq0;
         char buf[64];
         std::snprintf(buf, sizeof(buf), "%.0f %% of roofline", 100.0 * steps / Median(t) / roofline);
         note = buf;
+      }
+      if (b == batch_list.front()) {
+        base_logits = seq0;
       } else {
         double mx = 0, lo = 1e30, hi = -1e30;
         for (size_t i = 0; i < seq0.size(); ++i) {
