@@ -56,7 +56,7 @@ inline void StoreTileRow(const __m512* acc, float* y, const float* bias) {
 
 // ---- bf16 x bf16 -> f32 (vdpbf16ps) ---------------------------------------------------------
 // One register tile: MT tokens x NR weight rows, over the whole K.
-template <int MT, int NR>
+template <int MT, int NR, bool kAddressOrder>
 inline void TileBf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, int64_t k,
                      float* y, int64_t ldy, const float* bias) {
   __m512 acc[MT][NR];
@@ -64,18 +64,27 @@ inline void TileBf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t 
   for (int t = 0; t < MT; ++t)
     #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) acc[t][r] = _mm512_setzero_ps();
+  // Prefetch of the next tile, NR lines per step, so that it is all requested by the time
+  // this tile ends (1.5-1.9x over no prefetch on weights streamed from DRAM): with
+  // kAddressOrder the next NR rows front to back, else each next row at this column (see
+  // RowsBf16 for which wins where). Past the last row it touches only nearby addresses (a
+  // prefetch never faults).
+  auto prefetch = [&](int64_t kk) {
+    #pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) {
+      if constexpr (kAddressOrder) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + NR * ldw) + kk * NR * 2 + r * 64, _MM_HINT_T0);
+      } else {
+        _mm_prefetch(reinterpret_cast<const char*>(w + (r + kPrefetchRows) * ldw + kk), _MM_HINT_T0);
+      }
+    }
+  };
   int64_t kk = 0;
   for (; kk + 32 <= k; kk += 32) {
     __m512bh wv[NR];
     #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(w + r * ldw + kk);
-    // Prefetch the next tile's rows (4 rows ahead) at the same column: keeps more lines in
-    // flight from memory while this tile computes (measured 1.5-1.9x on weights streamed
-    // from DRAM, KERNEL_NOTES.md). Past the last row it touches only nearby addresses.
-    #pragma GCC unroll 16
-    for (int r = 0; r < NR; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + (r + kPrefetchRows) * ldw + kk), _MM_HINT_T0);
-    }
+    prefetch(kk);
     #pragma GCC unroll 16
     for (int t = 0; t < MT; ++t) {
       __m512bh xv = (__m512bh)_mm512_loadu_si512(x + t * ldx + kk);
@@ -132,12 +141,20 @@ inline void RowsBf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t 
     for (int64_t j = 0; j < nrows; ++j) y[j] = RowDotBf16(x, w + j * ldw, k) + (bias ? bias[j] : 0.f);
     return;
   }
+  // Prefetch order (KERNEL_NOTES.md, "prefetch order"): address order is 4-9 % faster at 2-4
+  // tokens on rows of k <= 1024 and at 2 tokens on longer rows; by column is 1-4 % faster at
+  // 3-4 tokens on 2816-long rows and at 6+ tokens, where the tile is compute-bound.
+  const bool address_order = MT <= 2 || (MT <= 5 && k <= 1024);
   int64_t j = 0;
   for (; j + 4 <= nrows; j += 4) {
-    TileBf16<MT, 4>(x, ldx, w + j * ldw, ldw, k, y + j, ldy, bias ? bias + j : nullptr);
+    if (address_order) {
+      TileBf16<MT, 4, true>(x, ldx, w + j * ldw, ldw, k, y + j, ldy, bias ? bias + j : nullptr);
+    } else {
+      TileBf16<MT, 4, false>(x, ldx, w + j * ldw, ldw, k, y + j, ldy, bias ? bias + j : nullptr);
+    }
   }
   for (; j < nrows; ++j) {
-    TileBf16<MT, 1>(x, ldx, w + j * ldw, ldw, k, y + j, ldy, bias ? bias + j : nullptr);
+    TileBf16<MT, 1, false>(x, ldx, w + j * ldw, ldw, k, y + j, ldy, bias ? bias + j : nullptr);
   }
 }
 
