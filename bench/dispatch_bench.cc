@@ -16,7 +16,11 @@
 //
 //   dispatch_bench [--engines=local,gloo,nccl] [--tokens=256,1024,4096] [--hidden=1024]
 //                  [--experts=8] [--topk=2] [--wire=bf16,f32] [--iters=10] [--local_ranks=2,4]
-//                  [--gloo_ranks=2] [--threads_per_rank=1]
+//                  [--gloo_ranks=2] [--threads_per_rank=1] [--stat=median|min]
+//
+// Each row is followed by "# phases": the dispatcher's own per-phase wall times
+// (EpDispatchStats): layout, counts (exchange), pack, rows (exchange), group, presum, return
+// (exchange), merge. The exchanges include waiting for the slowest peer.
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -59,15 +63,33 @@ struct Config {
   WireDType wire = WireDType::kBF16;
   int iters = 10, warmup = 2;
   int threads_per_rank = 1;  // > 1: the dispatcher's row loops run on a pool of this size
+  bool use_min = false;      // report the fastest iteration instead of the median
 };
 
+constexpr const char* kPhaseNames[] = {"layout", "counts", "pack", "rows", "group",
+                                       "presum", "return", "merge"};
+
+// The phase times of one call: the difference of two cumulative stats snapshots.
+std::vector<double> PhaseSeconds(const parallel::EpDispatchStats& a,
+                                 const parallel::EpDispatchStats& b) {
+  return {b.layout_seconds - a.layout_seconds,   b.counts_seconds - a.counts_seconds,
+          b.pack_seconds - a.pack_seconds,       b.dispatch_seconds - a.dispatch_seconds,
+          b.group_seconds - a.group_seconds,     b.presum_seconds - a.presum_seconds,
+          b.combine_seconds - a.combine_seconds, b.merge_seconds - a.merge_seconds};
+}
+
 // Per rank, reduced over ranks by the caller.
+constexpr int kNumPhases = 8;
+
 struct RankResult {
   double ours_s = 0, bare_s = 0, expert_s = 0;
   double comm_s = 0;   // of ours_s: time inside the communicator (counts + rows + return)
   double bytes = 0;    // bytes this rank sent (dispatch + return, own block included)
   double max_err = 0;  // max |out − reference|
   double ok = 1;
+  // Medians of the dispatcher's phases (EpDispatchStats), seconds: layout, counts, pack,
+  // rows, group, presum, return, merge.
+  double phase_s[kNumPhases] = {};
 };
 
 float ExpertScale(int32_t e) { return 1.f + static_cast<float>(e) / 64.f; }
@@ -146,6 +168,7 @@ RankResult BenchRank(Communicator* comm, const Config& cfg) {
   std::vector<char> dsend(a + 1, 1), drecv(b + 1), csend(c + 1, 2), crecv(d + 1);
 
   std::vector<double> ours, bare, expert, in_comm;
+  std::vector<std::vector<double>> phases(kNumPhases);
   for (int it = 0; it < cfg.warmup + cfg.iters; ++it) {
     if (!comm->Barrier().ok()) res.ok = 0;
     expert_s = 0;
@@ -175,12 +198,18 @@ RankResult BenchRank(Communicator* comm, const Config& cfg) {
       bare.push_back(t_bare);
       expert.push_back(expert_s);
       in_comm.push_back(t_comm);
+      const std::vector<double> ph = PhaseSeconds(before, after);
+      for (int p = 0; p < kNumPhases; ++p) phases[p].push_back(ph[p]);
     }
   }
-  res.ours_s = Median(ours);
-  res.bare_s = Median(bare);
-  res.expert_s = Median(expert);
-  res.comm_s = Median(in_comm);
+  auto stat = [&](const std::vector<double>& v) {
+    return cfg.use_min ? (v.empty() ? 0 : *std::min_element(v.begin(), v.end())) : Median(v);
+  };
+  res.ours_s = stat(ours);
+  res.bare_s = stat(bare);
+  res.expert_s = stat(expert);
+  res.comm_s = stat(in_comm);
+  for (int p = 0; p < kNumPhases; ++p) res.phase_s[p] = stat(phases[p]);
   // Check: out[t] = Σ_k w_k (1 + e_k/64) x[t]. bf16 rounds x on the way out and the
   // pre-summed rows on the way back: 2 · 2^-8 relative of values ≤ ~1.3.
   for (int64_t t = 0; t < T; ++t) {
@@ -212,6 +241,7 @@ RankResult Reduce(Communicator* comm, const RankResult& r) {
     out.max_err = std::max(out.max_err, a.max_err);
     out.bytes += a.bytes / n;
     out.ok = std::min(out.ok, a.ok);
+    for (int p = 0; p < kNumPhases; ++p) out.phase_s[p] = std::max(out.phase_s[p], a.phase_s[p]);
   }
   return out;
 }
@@ -244,6 +274,9 @@ void PrintRow(const Config& cfg, const RankResult& r) {
       alg, alg * f,
       r.bare_s * 1e6, bare_alg, bare_alg * f, (r.ours_s / r.bare_s - 1) * 100, r.expert_s * 1e6,
       r.max_err, r.ok > 0 ? "OK" : "FAIL");
+  std::printf("#   phases (us, %s per rank, max over ranks):", cfg.use_min ? "min" : "median");
+  for (int p = 0; p < kNumPhases; ++p) std::printf(" %s %.0f", kPhaseNames[p], r.phase_s[p] * 1e6);
+  std::printf("\n");
   std::fflush(stdout);
 }
 
@@ -352,6 +385,7 @@ int main(int argc, char** argv) {
               local_ranks = "2,4", gloo_ranks = "2";
   int64_t hidden = 1024, experts = 8, topk = 2;
   int iters = 10, threads_per_rank = 1;
+  std::string stat = "median";
   sy::server::FlagSet flags("dispatch_bench", "expert dispatch+combine vs bare all-to-all-v");
   flags.Add("engines", &engines, "comma list of local, gloo, nccl");
   flags.Add("tokens", &tokens, "comma list of tokens per rank");
@@ -362,6 +396,9 @@ int main(int argc, char** argv) {
   flags.Add("iters", &iters, "timed iterations (median reported), after 2 warm-up ones");
   flags.Add("threads_per_rank", &threads_per_rank,
             "threads of each rank's dispatcher pool (1: inline on the rank's thread)");
+  flags.Add("stat", &stat,
+            "median (default) or min: the fastest iteration of each quantity, the least "
+            "disturbed one on a shared machine");
   flags.Add("local_ranks", &local_ranks, "comma list of thread counts for the local engine");
   flags.Add("gloo_ranks", &gloo_ranks, "comma list of process counts for the gloo engine");
   absl::Status s = flags.Parse(argc, argv);
@@ -386,6 +423,7 @@ int main(int argc, char** argv) {
         cfg.topk = topk;
         cfg.iters = iters;
         cfg.threads_per_rank = threads_per_rank;
+        cfg.use_min = stat == "min";
         cfg.wire = wire == "f32" ? sy::parallel::WireDType::kF32 : sy::parallel::WireDType::kBF16;
         if (engine == "local") {
           for (int64_t r : ParseList(local_ranks)) {

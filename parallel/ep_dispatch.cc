@@ -10,6 +10,7 @@
 #include "kernels/core/dtype.h"
 #include "kernels/core/logging.h"
 #include "kernels/core/status.h"
+#include "parallel/dispatch_rows.h"
 
 namespace sy::parallel {
 namespace {
@@ -31,8 +32,12 @@ struct WireCounts {
   int64_t placement_epoch;   // the sender's placement epoch; all must agree
 };
 
-double Seconds(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+// Seconds since *t0; restarts *t0 (consecutive phases share one clock read).
+double Lap(std::chrono::steady_clock::time_point* t0) {
+  const auto now = std::chrono::steady_clock::now();
+  const double s = std::chrono::duration<double>(now - *t0).count();
+  *t0 = now;
+  return s;
 }
 
 }  // namespace
@@ -95,24 +100,6 @@ absl::Status ChooseSlots(const ExpertPlacement& placement, int layer, int rank,
 
 namespace {
 
-// Branch-free f32 → bf16 (round to nearest even, NaN stays NaN) and back, so the row loops
-// vectorise.
-inline void ToBf16(const float* src, int64_t n, uint16_t* dst) {
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, &src[i], 4);
-    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    const uint32_t nan = (u >> 16) | 0x40u;
-    dst[i] = static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
-  }
-}
-inline void FromBf16(const uint16_t* src, int64_t n, float* dst) {
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t u = static_cast<uint32_t>(src[i]) << 16;
-    std::memcpy(&dst[i], &u, 4);
-  }
-}
-
 class EpDispatcher final : public ExpertParallelDispatcher {
  public:
   EpDispatcher(Communicator* comm, std::shared_ptr<const ExpertPlacement> placement,
@@ -155,14 +142,14 @@ class EpDispatcher final : public ExpertParallelDispatcher {
   size_t ElemBytes() const { return bf16() ? 2 : 4; }
   void PutRow(const float* src, int64_t hidden, char* dst) const {
     if (bf16()) {
-      ToBf16(src, hidden, reinterpret_cast<uint16_t*>(dst));
+      RowToBf16(src, hidden, reinterpret_cast<uint16_t*>(dst));
     } else {
       std::memcpy(dst, src, hidden * sizeof(float));
     }
   }
   void GetRow(const char* src, int64_t hidden, float* dst) const {
     if (bf16()) {
-      FromBf16(reinterpret_cast<const uint16_t*>(src), hidden, dst);
+      RowFromBf16(reinterpret_cast<const uint16_t*>(src), hidden, dst);
     } else {
       std::memcpy(dst, src, hidden * sizeof(float));
     }
@@ -192,10 +179,10 @@ class EpDispatcher final : public ExpertParallelDispatcher {
   std::vector<int64_t> s_cnt_, s_off_, r_cnt_, r_off_, dispatch_sent_;
   std::vector<int64_t> row_cursor_;               // counting-sort scratch
   std::vector<char> send_buf_, recv_buf_, ret_send_, ret_recv_;
-  std::vector<float> self_ret_;  // [rows this rank sent itself, hidden] pre-summed, f32
   std::vector<WirePair> in_pairs_;                // received pairs, source-major
   std::vector<int64_t> in_row_;                   // global received row of each pair
   std::vector<int64_t> src_row_base_;             // [n+1] first global received row per source
+  std::vector<int32_t> row_src_;                  // [received rows] source rank of each
   std::vector<int64_t> slot_offsets_, cursor_, pos_of_pair_;
   std::vector<int64_t> row_pairs_begin_, pairs_by_row_;  // CSR: received row → its pairs
   std::vector<float> grouped_, results_;
@@ -217,6 +204,7 @@ absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t nu
   // Rows per parallel task: ~64 KiB of row data.
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, hidden * 4));
 
+  auto t0 = std::chrono::steady_clock::now();
   // 1. Route. A bad id is a bug upstream, but peers are already waiting for this rank's
   // collectives: join them with nothing to send and report the error afterwards.
   slots_.resize(num_tokens * K);
@@ -260,11 +248,11 @@ absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t nu
     send_counts_[d] = {static_cast<int64_t>(tokens_to_[d].size()),
                        static_cast<int64_t>(pairs_to_[d].size()), last_load_,
                        placement.epoch()};
-  auto t0 = std::chrono::steady_clock::now();
+  const double layout_s = Lap(&t0);
   SY_RETURN_IF_ERROR(sy::Annotate(
       comm_->AllToAll(send_counts_.data(), recv_counts_.data(), sizeof(WireCounts)),
       absl::StrCat("expert dispatch layer ", layer, ": counts")));
-  const double counts_s = Seconds(t0);
+  const double counts_s = Lap(&t0);
   // Every rank sees every rank's epoch here, so all take the same decision: on a mismatch
   // (a placement switch applied on some ranks only) nobody ships rows to slots that mean
   // different experts on the two sides; the group stays usable.
@@ -277,7 +265,7 @@ absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t nu
     }
 
   // 4. Rows and pairs. The rows for this rank's own experts never touch the wire: they are
-  // read from x (f32, no bf16 rounding) in step 5 and their sums returned in f32 (self_ret_).
+  // read from x (f32, no bf16 rounding) in step 5 and their results summed in f32 in step 7.
   s_cnt_.assign(n, 0);
   s_off_.assign(n, 0);
   r_cnt_.assign(n, 0);
@@ -307,11 +295,11 @@ absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t nu
       std::memcpy(seg + toks.size() * row_bytes, pairs_to_[d].data(),
                   pairs_to_[d].size() * sizeof(WirePair));
   }
-  t0 = std::chrono::steady_clock::now();
+  const double pack_s = Lap(&t0);
   SY_RETURN_IF_ERROR(sy::Annotate(comm_->AllToAllV(send_buf_.data(), s_cnt_, s_off_,
                                                    recv_buf_.data(), r_cnt_, r_off_),
                                   absl::StrCat("expert dispatch layer ", layer, ": rows")));
-  const double dispatch_s = Seconds(t0);
+  const double dispatch_s = Lap(&t0);
   dispatch_sent_ = s_cnt_;
 
   // 5. Group received pairs by local slot (counting sort), widen rows to f32, compute.
@@ -366,27 +354,40 @@ absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t nu
       pairs_by_row_[row_cursor[in_row_[i]]++] = i;
     }
   }
+  // Source rank of every received row, so the row loops need no search.
+  row_src_.resize(num_in_rows);
+  for (int s = 0; s < n; ++s)
+    std::fill(row_src_.begin() + src_row_base_[s], row_src_.begin() + src_row_base_[s + 1], s);
+  // Address of received row g: this rank's own rows are read from x (f32), the others from
+  // the receive buffer (wire dtype).
+  auto in_row_ptr = [&](int64_t g) -> const char* {
+    const int s = row_src_[g];
+    const int64_t row = g - src_row_base_[s];
+    if (s == me)
+      return reinterpret_cast<const char*>(x + static_cast<int64_t>(tokens_to_[me][row]) * hidden);
+    return recv_buf_.data() + r_off_[s] + row * row_bytes;
+  };
   grouped_.resize(num_pairs * hidden);
   For(num_pairs, grain, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      const int64_t g = in_row_[i];
-      const int s = static_cast<int>(
-          std::upper_bound(src_row_base_.begin(), src_row_base_.end(), g) -
-          src_row_base_.begin() - 1);
       float* dst = &grouped_[pos_of_pair_[i] * hidden];
-      if (s == me) {
-        std::memcpy(dst, x + static_cast<int64_t>(tokens_to_[me][g - src_row_base_[s]]) * hidden,
-                    hidden * sizeof(float));
+      const char* src = in_row_ptr(in_row_[i]);
+      if (row_src_[in_row_[i]] == me) {
+        std::memcpy(dst, src, hidden * sizeof(float));
       } else {
-        GetRow(recv_buf_.data() + r_off_[s] + (g - src_row_base_[s]) * row_bytes, hidden, dst);
+        GetRow(src, hidden, dst);
       }
     }
   });
+  const double group_s = Lap(&t0);
   results_.resize(num_pairs * hidden);
   if (num_pairs > 0) compute(layer, grouped_.data(), slot_offsets_.data(), results_.data());
+  const double expert_s = Lap(&t0);
 
-  // 6. Pre-sum Σ weight · y per received row straight into the return buffer, whose layout
-  // is that of the received rows: rank s gets recv_counts_[s].rows rows back, in its order.
+  // 6. Pre-sum Σ weight · y per received row straight into the return buffer in the wire
+  // dtype (one pass: read each result once, write each returned row once). Its layout is
+  // that of the received rows: rank s gets recv_counts_[s].rows rows back, in its order.
+  // This rank's own rows are not pre-summed: step 7 reads their results directly.
   for (int d = 0; d < n; ++d) {
     s_cnt_[d] = d == me ? 0 : recv_counts_[d].rows * row_bytes;
     r_cnt_[d] = d == me ? 0 : send_counts_[d].rows * row_bytes;
@@ -400,51 +401,71 @@ absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t nu
   }
   ret_send_.resize(std::max<int64_t>(ret_send_total, 1));
   ret_recv_.resize(std::max<int64_t>(ret_recv_total, 1));
-  self_ret_.resize(std::max<int64_t>(recv_counts_[me].rows * hidden, 1));
+  // Gathers the weighted results of received row g into (ys, ws).
+  auto add_row_terms = [&](int64_t g, std::vector<const float*>* ys, std::vector<float>* ws) {
+    for (int64_t j = row_pairs_begin_[g]; j < row_pairs_begin_[g + 1]; ++j) {
+      const int64_t i = pairs_by_row_[j];
+      ys->push_back(&results_[pos_of_pair_[i] * hidden]);
+      ws->push_back(in_pairs_[i].weight);
+    }
+  };
   For(num_in_rows, grain, [&](int64_t b, int64_t e) {
-    std::vector<float> acc(hidden);
-    for (int64_t r = b; r < e; ++r) {
-      const int s = static_cast<int>(
-          std::upper_bound(src_row_base_.begin(), src_row_base_.end(), r) -
-          src_row_base_.begin() - 1);
-      const int64_t row = r - src_row_base_[s];
-      float* sum = s == me ? &self_ret_[row * hidden] : acc.data();
-      std::fill(sum, sum + hidden, 0.f);
-      for (int64_t j = row_pairs_begin_[r]; j < row_pairs_begin_[r + 1]; ++j) {
-        const int64_t i = pairs_by_row_[j];
-        const float wgt = in_pairs_[i].weight;
-        const float* y = &results_[pos_of_pair_[i] * hidden];
-        for (int64_t c = 0; c < hidden; ++c) sum[c] += wgt * y[c];
+    std::vector<const float*> ys;
+    std::vector<float> ws;
+    for (int64_t g = b; g < e; ++g) {
+      const int s = row_src_[g];
+      if (s == me) continue;
+      ys.clear();
+      ws.clear();
+      add_row_terms(g, &ys, &ws);
+      RowSum sum;
+      sum.y = ys.data();
+      sum.w = ws.data();
+      sum.num_y = static_cast<int>(ys.size());
+      char* dst = ret_send_.data() + s_off_[s] + (g - src_row_base_[s]) * row_bytes;
+      if (bf16()) {
+        SumRows(sum, hidden, nullptr, reinterpret_cast<uint16_t*>(dst));
+      } else {
+        SumRows(sum, hidden, reinterpret_cast<float*>(dst), nullptr);
       }
-      if (s != me) PutRow(sum, hidden, ret_send_.data() + s_off_[s] + row * row_bytes);
     }
   });
-  t0 = std::chrono::steady_clock::now();
+  const double presum_s = Lap(&t0);
   SY_RETURN_IF_ERROR(sy::Annotate(comm_->AllToAllV(ret_send_.data(), s_cnt_, s_off_,
                                                    ret_recv_.data(), r_cnt_, r_off_),
                                   absl::StrCat("expert combine layer ", layer)));
-  const double combine_s = Seconds(t0);
+  const double combine_s = Lap(&t0);
 
-  // 7. Combine: out[t] = Σ over t's destination ranks of their partial sums.
+  // 7. Combine, one pass over out: out[t] = Σ over t's pairs on this rank of weight · y (f32,
+  // straight from the results) + Σ over t's other destination ranks of their partial sums.
   For(num_tokens, grain, [&](int64_t b, int64_t e) {
-    std::vector<float> row(hidden);
+    std::vector<const float*> ys;
+    std::vector<float> ws;
+    std::vector<const void*> parts;
     for (int64_t t = b; t < e; ++t) {
-      float* o = out + t * hidden;
-      std::fill(o, o + hidden, 0.f);
-      if (t >= T) continue;
-      for (int64_t j = 0; j < K && token_dest_[t * K + j] >= 0; ++j) {
+      ys.clear();
+      ws.clear();
+      parts.clear();
+      for (int64_t j = 0; t < T && j < K && token_dest_[t * K + j] >= 0; ++j) {
         const int d = token_dest_[t * K + j];
-        const float* part = row.data();
+        const int64_t row = token_row_[t * K + j];
         if (d == me) {
-          part = &self_ret_[static_cast<int64_t>(token_row_[t * K + j]) * hidden];
+          add_row_terms(src_row_base_[me] + row, &ys, &ws);
         } else {
-          GetRow(ret_recv_.data() + r_off_[d] + token_row_[t * K + j] * row_bytes, hidden,
-                 row.data());
+          parts.push_back(ret_recv_.data() + r_off_[d] + row * row_bytes);
         }
-        for (int64_t c = 0; c < hidden; ++c) o[c] += part[c];
       }
+      RowSum sum;
+      sum.y = ys.data();
+      sum.w = ws.data();
+      sum.num_y = static_cast<int>(ys.size());
+      sum.parts = parts.data();
+      sum.num_parts = static_cast<int>(parts.size());
+      sum.parts_bf16 = bf16();
+      SumRows(sum, hidden, out + t * hidden, nullptr);
     }
   });
+  const double merge_s = Lap(&t0);
 
   // Counters.
   {
@@ -461,6 +482,12 @@ absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t nu
     stats_.counts_seconds += counts_s;
     stats_.dispatch_seconds += dispatch_s;
     stats_.combine_seconds += combine_s;
+    stats_.layout_seconds += layout_s;
+    stats_.pack_seconds += pack_s;
+    stats_.group_seconds += group_s;
+    stats_.expert_seconds += expert_s;
+    stats_.presum_seconds += presum_s;
+    stats_.merge_seconds += merge_s;
     bool known = true;
     for (int s = 0; s < n; ++s) known = known && recv_counts_[s].sender_last_load >= 0;
     if (known) {

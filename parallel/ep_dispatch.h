@@ -67,6 +67,14 @@ struct EpDispatchStats {
   double counts_seconds = 0;    // wall time in the counts all-to-all
   double dispatch_seconds = 0;  // wall time in the rows all-to-all-v
   double combine_seconds = 0;   // wall time in the return all-to-all-v
+  // Wall time of the phases outside the communicator (the dispatcher's own overhead, and
+  // the expert callback), summed over calls.
+  double layout_seconds = 0;  // routing and per-destination layout
+  double pack_seconds = 0;    // rows into the send buffer (f32 → wire dtype)
+  double group_seconds = 0;   // received pairs sorted by slot, rows widened into groups
+  double expert_seconds = 0;  // inside GroupedExpertFn
+  double presum_seconds = 0;  // Σ weight · y per received row into the return buffer
+  double merge_seconds = 0;   // out = own weighted results + returned partial sums
   // Pairs computed per rank in the latest call whose loads are known (one call behind).
   std::vector<int64_t> last_rank_load;
   // Pairs computed per rank over all calls (one call behind).
