@@ -186,6 +186,7 @@ TEST_F(InferenceServiceTest, ACancelledStreamFreesItsKvBlocks) {
 
 TEST_F(InferenceServiceTest, ADeadlineAbortsTheRequestAndFreesItsKvBlocks) {
   ServeOptions o = TestServeOptions(*model_dir_);
+  o.metrics_port = 0;
   StartDaemon(o);
   // 3900 tokens take far longer than 150 ms even in a release build.
   grpc::ClientContext ctx;
@@ -198,6 +199,10 @@ TEST_F(InferenceServiceTest, ADeadlineAbortsTheRequestAndFreesItsKvBlocks) {
   EXPECT_GT(chunks, 0);
   v1::ServerInfo after = WaitForAllBlocksFree(*stub_);
   EXPECT_EQ(after.kv_blocks_free(), after.kv_blocks_total());
+  // gRPC cancels the call at its deadline; the server still counts it as a deadline.
+  const std::string text = HttpGet(daemon_->metrics_port(), "/metrics");
+  EXPECT_EQ(MetricValue(text, "switchyard_requests_failed_total{code=\"DEADLINE_EXCEEDED\"}"), 1);
+  EXPECT_NE(MetricValue(text, "switchyard_requests_failed_total{code=\"CANCELLED\"}"), 1);
 }
 
 TEST_F(InferenceServiceTest, AFullQueueGivesResourceExhausted) {
