@@ -93,12 +93,23 @@ absl::StatusOr<ExpertPlacement> ExpertPlacement::Create(
 }
 
 ExpertPlacement ExpertPlacement::Contiguous(int num_layers, int num_experts, int num_ranks) {
-  const int per_rank = (num_experts + num_ranks - 1) / num_ranks;
-  std::vector<int32_t> map(static_cast<size_t>(per_rank) * num_ranks, -1);
-  for (int e = 0; e < num_experts; ++e) map[e] = e;
-  auto p = Create(num_ranks, per_rank, num_experts,
-                  std::vector<std::vector<int32_t>>(num_layers, map));
+  auto p = Contiguous(num_layers, num_experts, num_ranks, (num_experts + num_ranks - 1) / num_ranks);
   return std::move(p).value();  // valid by construction
+}
+
+absl::StatusOr<ExpertPlacement> ExpertPlacement::Contiguous(int num_layers, int num_experts,
+                                                            int num_ranks, int slots_per_rank) {
+  if (num_ranks < 1) return absl::InvalidArgumentError("expert placement: num_ranks must be >= 1");
+  const int per_rank = (num_experts + num_ranks - 1) / num_ranks;
+  if (slots_per_rank < per_rank)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "expert placement: ", slots_per_rank, " slots per rank cannot hold ", num_experts,
+        " experts on ", num_ranks, " ranks (at least ", per_rank, ")"));
+  // Expert e in slot e % per_rank of rank e / per_rank, as without extra slots.
+  std::vector<int32_t> map(static_cast<size_t>(slots_per_rank) * num_ranks, -1);
+  for (int e = 0; e < num_experts; ++e) map[(e / per_rank) * slots_per_rank + e % per_rank] = e;
+  return Create(num_ranks, slots_per_rank, num_experts,
+                std::vector<std::vector<int32_t>>(num_layers, map));
 }
 
 absl::StatusOr<ExpertPlacement> ExpertPlacement::FromJson(const std::string& json_text) {

@@ -35,6 +35,10 @@ class ExpertPlacement {
 
   // Expert e of every layer on rank e / ceil(E / R) (slots_per_rank = ceil(E / R)).
   static ExpertPlacement Contiguous(int num_layers, int num_experts, int num_ranks);
+  // The same with `slots_per_rank` (>= ceil(E / R)) slots per rank; the extra slots start
+  // empty (-1), room for the replicas a later plan adds. INVALID_ARGUMENT when too few.
+  static absl::StatusOr<ExpertPlacement> Contiguous(int num_layers, int num_experts, int num_ranks,
+                                                    int slots_per_rank);
 
   static absl::StatusOr<ExpertPlacement> FromJson(const std::string& json_text);
   absl::StatusOr<ExpertPlacement> static FromFile(const std::string& path);

@@ -52,9 +52,18 @@ absl::StatusOr<std::unique_ptr<ClusterLeader>> ClusterLeader::Start(
   const int world = options.world_size();
   if (c->config_.num_experts < 1)
     return absl::InvalidArgumentError("a multi-rank group needs a model with MoE layers");
-  c->placement_ = std::make_shared<const parallel::ExpertPlacement>(
-      parallel::ExpertPlacement::Contiguous(static_cast<int>(c->config_.num_layers),
-                                            static_cast<int>(c->config_.num_experts), world));
+  const int experts = static_cast<int>(c->config_.num_experts);
+  const int min_slots = (experts + world - 1) / world;
+  if (options.expert_slots_per_rank != 0 && options.expert_slots_per_rank < min_slots)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--expert-slots-per-rank: ", options.expert_slots_per_rank, " slots on ", world,
+        " ranks cannot hold ", experts, " experts (at least ", min_slots, ")"));
+  SY_ASSIGN_OR_RETURN(
+      parallel::ExpertPlacement initial,
+      parallel::ExpertPlacement::Contiguous(
+          static_cast<int>(c->config_.num_layers), experts, world,
+          options.expert_slots_per_rank > 0 ? options.expert_slots_per_rank : min_slots));
+  c->placement_ = std::make_shared<const parallel::ExpertPlacement>(std::move(initial));
   const std::chrono::milliseconds timeout(options.collective_timeout_ms);
 
   if (options.min_ranks > 1) {

@@ -46,6 +46,9 @@ struct ClusterOptions {
   std::string secret;           // required with --min-ranks > 1
   int64_t collective_timeout_ms = 30000;
   double rank_wait_timeout_s = 600;  // how long serve waits for --min-ranks ranks
+  // Expert slots per rank and MoE layer; 0: ceil(experts / ranks). Extra slots start empty
+  // and let a rebalance add replicas of hot experts.
+  int expert_slots_per_rank = 0;
 
   int world_size() const { return min_ranks > local_ranks ? min_ranks : local_ranks; }
   bool multi_rank() const { return world_size() > 1; }

@@ -114,6 +114,9 @@ int ServeCommand(int argc, char** argv) {
             "a rank that does not answer a collective within this fails the group");
   flags.Add("rank-wait-timeout", &o.cluster.rank_wait_timeout_s,
             "seconds to wait for --min-ranks ranks before giving up");
+  flags.Add("expert-slots-per-rank", &o.cluster.expert_slots_per_rank,
+            "expert slots per rank and MoE layer (0: ceil(experts / ranks)); extra slots start "
+            "empty and let a rebalance replicate hot experts");
   AddAdminFlags(flags, &o.admin);
   if (int rc = flags.ParseOrExitCode(argc, argv); rc >= 0) return rc;
   absl::Status s;

@@ -52,6 +52,19 @@ TEST(ExpertPlacementTest, ContiguousPutsExpertByIdOnRankEOverCeilEOverR) {
   EXPECT_EQ(p.expert_of(0, 11), -1);
 }
 
+TEST(ExpertPlacementTest, ContiguousWithSpareSlotsKeepsRanksAndLeavesTheExtraSlotsEmpty) {
+  auto p = ExpertPlacement::Contiguous(1, 10, 4, 5);  // 3 needed per rank, 2 spare
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_EQ(p->slots_per_rank(), 5);
+  for (int e = 0; e < 10; ++e) {
+    ASSERT_EQ(p->replicas_of(0, e).size(), 1u);
+    EXPECT_EQ(p->rank_of_slot(p->replicas_of(0, e)[0]), e / 3);
+  }
+  EXPECT_EQ(p->physical_to_logical(0),
+            (std::vector<int32_t>{0, 1, 2, -1, -1, 3, 4, 5, -1, -1, 6, 7, 8, -1, -1, 9, -1, -1, -1, -1}));
+  EXPECT_EQ(ExpertPlacement::Contiguous(1, 10, 4, 2).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(ExpertPlacementTest, RoundTripsThroughJsonWithSharesAndEpoch) {
   auto p = ExpertPlacement::Create(2, 2, 3, {{0, 1, 0, 2}, {2, 1, 0, -1}},
                                    {{0.25f, 1.0f, 0.75f, 1.0f}, {}}, 7);

@@ -254,6 +254,120 @@ TEST(AdminApplyTest, BadPlacementsAreInvalidArgumentAndChangeNothing) {
   d->Drain();
 }
 
+// A placement with more slots per rank than the contiguous one (replicas of hot experts, as
+// `switchyard plan --slots-per-rank` writes) applies live: the greedy tokens stay the same.
+TEST(LiveRebalanceTest, APlacementWithReplicasInExtraSlotsAppliesMidStream) {
+  const int ranks = 2, max_new = 32;
+  const std::string dir = TinyDir();
+  const auto want = Reference(dir, max_new);
+  auto d = StartDaemon(Options(dir, ranks));
+  auto inference = v1::Inference::NewStub(Channel(*d));
+  auto admin = v1::Admin::NewStub(Channel(*d));
+  auto m = model::MoeModel::Load(dir);
+  ASSERT_TRUE(m.ok());
+  const model::ModelConfig& c = (*m)->config();
+  ASSERT_EQ(c.num_experts, 4);
+  // 3 slots per rank: experts 0 and 3 on both ranks, with uneven shares.
+  std::vector<std::vector<int32_t>> rows(c.num_layers, {0, 1, 3, 2, 0, 3});
+  std::vector<std::vector<float>> shares(c.num_layers, {0.75f, 1.f, 0.5f, 1.f, 0.25f, 0.5f});
+  auto replicated = parallel::ExpertPlacement::Create(ranks, 3, 4, rows, shares);
+  ASSERT_TRUE(replicated.ok()) << replicated.status();
+
+  std::atomic<int> chunks{0};
+  std::vector<Stream> got(Prompts().size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < Prompts().size(); ++i)
+    threads.emplace_back([&, i] { got[i] = Generate(*inference, Prompts()[i], max_new, &chunks); });
+  const auto until = std::chrono::steady_clock::now() + seconds(60);
+  while (chunks.load() < static_cast<int>(Prompts().size()) * max_new / 8 &&
+         std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  v1::ApplyPlacementResponse applied;
+  {
+    grpc::ClientContext ctx;
+    Deadline(&ctx);
+    v1::ApplyPlacementRequest req;
+    req.set_placement_json(replicated->ToJson());
+    grpc::Status s = admin->ApplyPlacement(&ctx, req, &applied);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+  }
+  EXPECT_EQ(applied.epoch(), 1);
+  for (auto& t : threads) t.join();
+  for (size_t i = 0; i < got.size(); ++i) {
+    EXPECT_TRUE(got[i].status.ok()) << got[i].status.error_message();
+    EXPECT_EQ(got[i].tokens, want[i]) << "prompt " << i;
+  }
+  grpc::ClientContext ctx;
+  Deadline(&ctx);
+  v1::Placement now;
+  ASSERT_TRUE(admin->GetPlacement(&ctx, v1::GetPlacementRequest(), &now).ok());
+  EXPECT_EQ(now.slots_per_rank(), 3);
+  d->Drain();
+}
+
+// serve --expert-slots-per-rank leaves room for replicas: the contiguous start has empty extra
+// slots, a rebalance fills them with replicas of the hot experts, and the tokens stay the same.
+TEST(LiveRebalanceTest, ExtraExpertSlotsLetARebalanceReplicateExperts) {
+  const int ranks = 2, max_new = 8;
+  const std::string dir = TinyDir();
+  const auto want = Reference(dir, max_new);
+  ServeOptions o = Options(dir, ranks);
+  o.cluster.expert_slots_per_rank = 3;  // 4 experts: 2 slots needed, 1 spare per rank
+  auto d = StartDaemon(o);
+  auto inference = v1::Inference::NewStub(Channel(*d));
+  auto admin = v1::Admin::NewStub(Channel(*d));
+  {
+    grpc::ClientContext ctx;
+    Deadline(&ctx);
+    v1::Placement p;
+    ASSERT_TRUE(admin->GetPlacement(&ctx, v1::GetPlacementRequest(), &p).ok());
+    EXPECT_EQ(p.slots_per_rank(), 3);
+    auto start = parallel::ExpertPlacement::FromJson(p.placement_json());
+    ASSERT_TRUE(start.ok());
+    EXPECT_EQ(start->physical_to_logical(0), (std::vector<int32_t>{0, 1, -1, 2, 3, -1}));
+  }
+  for (size_t i = 0; i < Prompts().size(); ++i) {
+    std::atomic<int> chunks{0};
+    Stream s = Generate(*inference, Prompts()[i], max_new, &chunks);
+    ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+    EXPECT_EQ(s.tokens, want[i]);
+  }
+  v1::RebalanceReport report;
+  {
+    grpc::ClientContext ctx;
+    Deadline(&ctx);
+    v1::RebalanceRequest req;
+    req.set_policy("greedy");
+    grpc::Status s = admin->Rebalance(&ctx, req, &report);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+  }
+  ASSERT_TRUE(report.applied()) << report.reason();
+  auto planned = parallel::ExpertPlacement::FromJson(report.placement_json());
+  ASSERT_TRUE(planned.ok()) << planned.status();
+  EXPECT_EQ(planned->slots_per_rank(), 3);
+  for (int l = 0; l < planned->num_layers(); ++l) {
+    int used = 0;
+    for (int32_t e : planned->physical_to_logical(l)) used += e >= 0;
+    if (used > 0) EXPECT_EQ(used, 6) << "layer " << l << ": greedy fills every slot with a replica";
+  }
+  for (size_t i = 0; i < Prompts().size(); ++i) {
+    std::atomic<int> chunks{0};
+    Stream s = Generate(*inference, Prompts()[i], max_new, &chunks);
+    ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+    EXPECT_EQ(s.tokens, want[i]) << "prompt " << i << " after the rebalance";
+  }
+  d->Drain();
+}
+
+TEST(LiveRebalanceTest, TooFewExpertSlotsPerRankIsInvalidArgument) {
+  ServeOptions o = Options(TinyDir(), 2);
+  o.cluster.expert_slots_per_rank = 1;  // 2 ranks x 1 slot cannot hold 4 experts
+  auto d = Daemon::Start(o);
+  absl::Status s = d.ok() ? (*d)->Load() : d.status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("--expert-slots-per-rank"), std::string::npos) << s;
+}
+
 // Issue 5's end-to-end proof: 4 ranks (threads) under streaming load; placements applied and a
 // rebalance planned while the requests run; every request's greedy tokens equal the plain
 // one-rank reference (= a run without any rebalance).
