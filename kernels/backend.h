@@ -52,6 +52,15 @@ struct PagedKv {
   int64_t head_dim = 0;
 };
 
+// One sequence of a batched attention call (Backend::AttentionBatch).
+struct AttentionSeq {
+  const float* q = nullptr;             // [num_new, num_heads, head_dim] f32
+  int64_t num_new = 0;                  // new positions start_pos .. start_pos + num_new - 1
+  int64_t start_pos = 0;
+  const int32_t* block_table = nullptr;  // this sequence's blocks in the shared cache
+  float* out = nullptr;                 // [num_new, num_heads, head_dim] f32
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -80,6 +89,18 @@ class Backend {
   virtual void Attention(const float* q, int64_t num_new, int64_t start_pos, int64_t num_heads,
                          const PagedKv& kv, const int32_t* block_table, float scale,
                          float* out) = 0;
+
+  // Attention for several sequences of one layer's cache at once: the same results as
+  // Attention on each. A threaded backend runs them as one parallel region (a decode step of
+  // 32 sequences is otherwise 32 small regions per layer). Default: Attention per sequence.
+  virtual void AttentionBatch(const AttentionSeq* seqs, int64_t num_seqs, int64_t num_heads,
+                              const PagedKv& kv, float scale) {
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      const AttentionSeq& a = seqs[s];
+      if (a.num_new > 0)
+        Attention(a.q, a.num_new, a.start_pos, num_heads, kv, a.block_table, scale, a.out);
+    }
+  }
 };
 
 // The plain reference kernels (kernels/cpu/reference_backend.cc).

@@ -316,6 +316,7 @@ class MoeModelImpl final : public MoeModel {
   int64_t params_ = 0;
   // Scratch, reused across steps.
   std::vector<float> x_, h_, q_, k_, v_, attn_, o_, router_logits_, moe_out_, shared_out_, gate_;
+  std::vector<kernels::AttentionSeq> attn_seqs_;  // one layer's batched attention call
   std::vector<int32_t> topk_ids_;
   std::vector<float> topk_w_;
   std::vector<const ExpertWeights*> slot_experts_;
@@ -404,11 +405,13 @@ absl::Status MoeModelImpl::Forward(std::span<const SequenceInput> batch, KvCache
         std::memcpy(kv.v + off, &v_[t * kvdim], kvdim * sizeof(float));
       }
       if (n > 0)
-        backend_->Attention(&q_[t0 * qdim], n, in.start_pos, nh, kv, in.block_table.data(),
-                            static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd))),
-                            &attn_[t0 * qdim]);
+        attn_seqs_.push_back({&q_[t0 * qdim], n, in.start_pos, in.block_table.data(), &attn_[t0 * qdim]});
       t0 += n;
     }
+    // Every sequence's K/V of this layer is written: one attention call for the batch.
+    backend_->AttentionBatch(attn_seqs_.data(), static_cast<int64_t>(attn_seqs_.size()), nh, kv,
+                             static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd))));
+    attn_seqs_.clear();
     backend_->MatMul(attn_.data(), T, L.o, o_.data());
     for (int64_t i = 0; i < T * H; ++i) x_[i] += o_[i];
 

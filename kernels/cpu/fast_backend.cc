@@ -299,41 +299,72 @@ class FastCpuBackend final : public Backend {
   void Attention(const float* q, int64_t num_new, int64_t start_pos, int64_t num_heads,
                  const PagedKv& kv, const int32_t* block_table, float scale,
                  float* out) override {
-    if (num_new <= 0) return;
-    ProfileScope prof(profile_, "attention", num_new);
+    const AttentionSeq one{q, num_new, start_pos, block_table, out};
+    AttentionBatch(&one, 1, num_heads, kv, scale);
+  }
+
+  void AttentionBatch(const AttentionSeq* seqs, int64_t num_seqs, int64_t num_heads,
+                      const PagedKv& kv, float scale) override {
+    int64_t new_tokens = 0, rows = 0;
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      new_tokens += std::max<int64_t>(0, seqs[s].num_new);
+      if (seqs[s].num_new > 0) rows += seqs[s].start_pos + seqs[s].num_new;
+    }
+    if (new_tokens == 0) return;
+    ProfileScope prof(profile_, "attention", new_tokens);
     const int64_t hd = kv.head_dim, nkv = kv.num_kv_heads;
     const int64_t group = num_heads / nkv;
-    const int64_t total = start_pos + num_new;
-    // Row pointers of every position for every KV head: [nkv][total].
-    const float** kp = Grow(k_rows_, nkv * total);
-    const float** vp = Grow(v_rows_, nkv * total);
-    for (int64_t p = 0; p < total; ++p) {
-      const int64_t row = (block_table[p / kv.block_size] * kv.block_size + p % kv.block_size) * nkv;
-      for (int64_t h = 0; h < nkv; ++h) {
-        kp[h * total + p] = kv.k + (row + h) * hd;
-        vp[h * total + p] = kv.v + (row + h) * hd;
+    // Row pointers of every position of every sequence for every KV head: sequence s owns
+    // [row_base[s] * nkv, (row_base[s] + total_s) * nkv), laid out [nkv][total_s].
+    const float** kp = Grow(k_rows_, nkv * rows);
+    const float** vp = Grow(v_rows_, nkv * rows);
+    std::vector<int64_t>& row_base = seq_row_base_;
+    std::vector<int64_t>& unit_base = seq_unit_base_;  // first unit of each sequence
+    row_base.assign(num_seqs + 1, 0);
+    unit_base.assign(num_seqs + 1, 0);
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      const AttentionSeq& a = seqs[s];
+      const int64_t total = a.num_new > 0 ? a.start_pos + a.num_new : 0;
+      row_base[s + 1] = row_base[s] + total;
+      unit_base[s + 1] = unit_base[s] + std::max<int64_t>(0, a.num_new) * num_heads;
+      const float** ks = kp + row_base[s] * nkv;
+      const float** vs = vp + row_base[s] * nkv;
+      for (int64_t p = 0; p < total; ++p) {
+        const int64_t row =
+            (a.block_table[p / kv.block_size] * kv.block_size + p % kv.block_size) * nkv;
+        for (int64_t h = 0; h < nkv; ++h) {
+          ks[h * total + p] = kv.k + (row + h) * hd;
+          vs[h * total + p] = kv.v + (row + h) * hd;
+        }
       }
     }
-    // Units (token i, head h), i-major; cost grows with the token's key count.
-    const int64_t n = num_new * num_heads;
+    // Units (sequence, token i, head h), sequence- then i-major; cost grows with the key count.
+    const int64_t n = unit_base[num_seqs];
     std::vector<double>& prefix = prefix_;
     prefix.resize(n + 1);
     prefix[0] = 0;
-    for (int64_t u = 0; u < n; ++u) {
-      prefix[u + 1] = prefix[u] + static_cast<double>(start_pos + u / num_heads + 1) * hd * 2;
-    }
+    for (int64_t s = 0, u = 0; s < num_seqs; ++s)
+      for (int64_t v = 0; v < unit_base[s + 1] - unit_base[s]; ++v, ++u)
+        prefix[u + 1] = prefix[u] + static_cast<double>(seqs[s].start_pos + v / num_heads + 1) * hd * 2;
     BalancedFor(prefix, n, kMinParallelAttentionMacs, [&](int64_t u0, int64_t u1) {
       thread_local std::vector<float> scores;
-      float* sc = Grow(scores, total);
+      int64_t s = std::upper_bound(unit_base.begin(), unit_base.end(), u0) - unit_base.begin() - 1;
       for (int64_t u = u0; u < u1; ++u) {
-        const int64_t i = u / num_heads, h = u % num_heads, kh = h / group;
-        const int64_t len = start_pos + i + 1;
-        const float* qi = q + (i * num_heads + h) * hd;
-        float* o = out + (i * num_heads + h) * hd;
+        while (u >= unit_base[s + 1]) ++s;
+        const AttentionSeq& a = seqs[s];
+        const int64_t total = a.start_pos + a.num_new;
+        const int64_t v = u - unit_base[s];
+        const int64_t i = v / num_heads, h = v % num_heads, kh = h / group;
+        const int64_t len = a.start_pos + i + 1;
+        float* sc = Grow(scores, len);
+        const float* qi = a.q + (i * num_heads + h) * hd;
+        float* o = a.out + (i * num_heads + h) * hd;
+        const float** ks = kp + row_base[s] * nkv + kh * total;
+        const float** vs = vp + row_base[s] * nkv + kh * total;
         if (level_ >= CpuLevel::kAvx512) {
-          cpu::AttendOneAvx512(qi, kp + kh * total, vp + kh * total, len, hd, scale, sc, o);
+          cpu::AttendOneAvx512(qi, ks, vs, len, hd, scale, sc, o);
         } else {
-          cpu::AttendOnePortable(qi, kp + kh * total, vp + kh * total, len, hd, scale, sc, o);
+          cpu::AttendOnePortable(qi, ks, vs, len, hd, scale, sc, o);
         }
       }
     });
@@ -381,6 +412,7 @@ class FastCpuBackend final : public Backend {
   ScratchVec<float> hf_, norm_w_;
   std::vector<const float*> k_rows_, v_rows_;
   std::vector<double> prefix_;
+  std::vector<int64_t> seq_row_base_, seq_unit_base_;
   std::vector<FfnUnit> units_;
 };
 

@@ -250,6 +250,51 @@ TEST_P(FastBackendTest, AttentionMatchesReferenceOverShuffledBlocks) {
   }
 }
 
+TEST_P(FastBackendTest, AttentionBatchMatchesReferenceAttentionPerSequence) {
+  // One layer's cache shared by five sequences in shuffled blocks: a prefill chunk after a
+  // prefix, decode steps at different lengths, a fresh prompt and one with no new tokens.
+  const int64_t heads = 16, kv_heads = 4, hd = 64, bs = 16;
+  struct Seq { int64_t start, num_new; };
+  const std::vector<Seq> seqs = {{40, 9}, {130, 1}, {0, 1}, {0, 23}, {57, 0}, {7, 1}};
+  int64_t blocks = 0;
+  std::vector<std::vector<int32_t>> tables;
+  for (const Seq& q : seqs) {
+    const int64_t nb = (q.start + q.num_new + bs - 1) / bs;
+    tables.emplace_back(nb);
+    blocks += nb;
+  }
+  std::vector<int32_t> pool(blocks + 2);
+  std::iota(pool.begin(), pool.end(), 0);
+  std::shuffle(pool.begin(), pool.end(), rng_);
+  int64_t next = 0;
+  for (auto& t : tables)
+    for (auto& b : t) b = pool[next++];
+  const int64_t cache = (blocks + 2) * bs * kv_heads * hd;
+  auto k = RandomVec(cache, rng_, 1.f);
+  auto v = RandomVec(cache, rng_, 1.f);
+  PagedKv kv{k.data(), v.data(), bs, kv_heads, hd};
+  std::vector<std::vector<float>> q, got, want;
+  std::vector<AttentionSeq> batch;
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    q.push_back(RandomVec(std::max<int64_t>(1, seqs[s].num_new * heads * hd), rng_, 2.f));
+    got.emplace_back(q.back().size(), NAN);
+    want.emplace_back(q.back().size(), NAN);
+  }
+  for (size_t s = 0; s < seqs.size(); ++s)
+    batch.push_back({q[s].data(), seqs[s].num_new, seqs[s].start, tables[s].data(), got[s].data()});
+  const float scale = 0.125f;
+  fast_->AttentionBatch(batch.data(), static_cast<int64_t>(batch.size()), heads, kv, scale);
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    if (seqs[s].num_new == 0) {
+      EXPECT_TRUE(std::isnan(got[s][0])) << "a sequence without new tokens is not written";
+      continue;
+    }
+    ref_->Attention(q[s].data(), seqs[s].num_new, seqs[s].start, heads, kv, tables[s].data(), scale,
+                    want[s].data());
+    EXPECT_LE(NormalisedError(got[s], want[s]), kF32Tol) << "sequence " << s;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(EveryCpuLevel, FastBackendTest, ::testing::ValuesIn(AvailableLevels()),
                          [](const ::testing::TestParamInfo<CpuLevel>& info) {
                            return std::string(cpu::CpuLevelName(info.param));
