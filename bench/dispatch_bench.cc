@@ -8,15 +8,22 @@
 // (one rank per GPU as threads; only in a CUDA build with a device).
 //
 // "ours" is the wall time of DispatchCombine minus the time inside the expert callback (a
-// per-expert scale, y = (1 + e/64) · x, timed and reported separately as "expert"); "bare" is
-// AllToAllV(dispatch bytes) + AllToAllV(return bytes) with the per-peer counts of our layout,
-// own block included as nccl-tests does (our dispatcher keeps its own rows off the wire). overhead = ours / bare − 1: routing, the counts exchange, packing, bf16
-// conversion, grouping and the weighted pre-sum and combine. "in-comm" is the part of "ours"
-// spent inside the communicator (counts + rows + return exchanges, waits for peers included).
+// per-expert scale, y = (1 + e/64) · x, timed and reported separately as "expert"). The
+// callback runs between the two exchanges with nothing in flight, so subtracting it removes
+// exactly the expert math and nothing else; everything else the dispatcher does — routing,
+// the counts exchange, packing and bf16 conversion, grouping, the weighted pre-sum, the
+// combine, waiting for peers — stays in "ours" (with --overlap_combine the own share of the
+// combine runs while the return exchange is in flight; it is still wall time in "ours").
+// "bare" is AllToAllV(dispatch bytes) + AllToAllV(return bytes) with the per-peer counts of
+// our layout, own block included as nccl-tests does (our dispatcher keeps its own rows off
+// the wire), on pre-filled buffers right after a barrier. overhead = ours / bare − 1.
+// "in-comm" is the part of "ours" spent inside the communicator (counts + rows + return
+// exchanges, waits for peers included).
 //
 //   dispatch_bench [--engines=local,gloo,nccl] [--tokens=256,1024,4096] [--hidden=1024]
 //                  [--experts=8] [--topk=2] [--wire=bf16,f32] [--iters=10] [--local_ranks=2,4]
 //                  [--gloo_ranks=2] [--threads_per_rank=1] [--stat=median|min]
+//                  [--overlap_combine]
 //
 // Each row is followed by "# phases": the dispatcher's own per-phase wall times
 // (EpDispatchStats): layout, counts (exchange), pack, rows (exchange), group, presum, return
@@ -64,6 +71,7 @@ struct Config {
   int iters = 10, warmup = 2;
   int threads_per_rank = 1;  // > 1: the dispatcher's row loops run on a pool of this size
   bool use_min = false;      // report the fastest iteration instead of the median
+  bool overlap_combine = false;  // EpDispatchOptions::overlap_combine
 };
 
 constexpr const char* kPhaseNames[] = {"layout", "counts", "pack", "rows", "group",
@@ -119,7 +127,8 @@ RankResult BenchRank(Communicator* comm, const Config& cfg) {
   std::unique_ptr<ThreadPool> row_pool;
   if (cfg.threads_per_rank > 1) row_pool = std::make_unique<ThreadPool>(cfg.threads_per_rank);
   auto made = parallel::MakeExpertParallelDispatcher(
-      comm, placement, {.wire_dtype = cfg.wire, .pool = row_pool.get()});
+      comm, placement,
+      {.wire_dtype = cfg.wire, .pool = row_pool.get(), .overlap_combine = cfg.overlap_combine});
   RankResult res;
   if (!made.ok()) {
     std::fprintf(stderr, "rank %d: %s\n", me, made.status().ToString().c_str());
@@ -386,6 +395,7 @@ int main(int argc, char** argv) {
   int64_t hidden = 1024, experts = 8, topk = 2;
   int iters = 10, threads_per_rank = 1;
   std::string stat = "median";
+  bool overlap_combine = false;
   sy::server::FlagSet flags("dispatch_bench", "expert dispatch+combine vs bare all-to-all-v");
   flags.Add("engines", &engines, "comma list of local, gloo, nccl");
   flags.Add("tokens", &tokens, "comma list of tokens per rank");
@@ -399,6 +409,8 @@ int main(int argc, char** argv) {
   flags.Add("stat", &stat,
             "median (default) or min: the fastest iteration of each quantity, the least "
             "disturbed one on a shared machine");
+  flags.Add("overlap_combine", &overlap_combine,
+            "combine the own share while the return exchange is in flight");
   flags.Add("local_ranks", &local_ranks, "comma list of thread counts for the local engine");
   flags.Add("gloo_ranks", &gloo_ranks, "comma list of process counts for the gloo engine");
   absl::Status s = flags.Parse(argc, argv);
@@ -424,6 +436,7 @@ int main(int argc, char** argv) {
         cfg.iters = iters;
         cfg.threads_per_rank = threads_per_rank;
         cfg.use_min = stat == "min";
+        cfg.overlap_combine = overlap_combine;
         cfg.wire = wire == "f32" ? sy::parallel::WireDType::kF32 : sy::parallel::WireDType::kBF16;
         if (engine == "local") {
           for (int64_t r : ParseList(local_ranks)) {

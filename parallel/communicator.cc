@@ -38,6 +38,28 @@ absl::Status Communicator::AllToAll(const void* send, void* recv, size_t bytes_p
   return AllToAllV(send, counts, offsets, recv, counts, offsets);
 }
 
+namespace {
+
+// The default StartAllToAllV's handle: the exchange already ran.
+class FinishedAllToAllV final : public PendingAllToAllV {
+ public:
+  explicit FinishedAllToAllV(absl::Status status) : status_(std::move(status)) {}
+  absl::Status Wait() override { return status_; }
+
+ private:
+  absl::Status status_;
+};
+
+}  // namespace
+
+std::unique_ptr<PendingAllToAllV> Communicator::StartAllToAllV(
+    const void* send, absl::Span<const int64_t> send_counts,
+    absl::Span<const int64_t> send_offsets, void* recv, absl::Span<const int64_t> recv_counts,
+    absl::Span<const int64_t> recv_offsets) {
+  return std::make_unique<FinishedAllToAllV>(
+      AllToAllV(send, send_counts, send_offsets, recv, recv_counts, recv_offsets));
+}
+
 absl::Status Communicator::AllGather(const void* send, size_t bytes, void* recv) {
   const int n = world_size();
   std::vector<int64_t> send_counts(n, static_cast<int64_t>(bytes)), send_offsets(n, 0),

@@ -25,12 +25,24 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "absl/status/status.h"
 #include "absl/types/span.h"
 
 namespace sy::parallel {
+
+// An all-to-all-v in flight (Communicator::StartAllToAllV). Wait() exactly once; destroying a
+// handle that was not waited for waits (and drops the status). Until Wait() returns, the send
+// and receive buffers and the count and offset spans given to Start must stay valid and
+// unchanged, and the rank calls no other collective on the communicator.
+class PendingAllToAllV {
+ public:
+  virtual ~PendingAllToAllV() = default;
+  // The status AllToAllV would have returned. The time-out runs from this call.
+  virtual absl::Status Wait() = 0;
+};
 
 class Communicator {
  public:
@@ -57,6 +69,16 @@ class Communicator {
                                  absl::Span<const int64_t> send_offsets, void* recv,
                                  absl::Span<const int64_t> recv_counts,
                                  absl::Span<const int64_t> recv_offsets) = 0;
+
+  // AllToAllV in two halves, so the caller can work while the bytes move (DeepEP-style
+  // overlap): Start posts the exchange and returns; the result lands by the handle's Wait().
+  // Same arguments and contract as AllToAllV; an argument error or a broken communicator
+  // comes out of Wait(). Default: runs AllToAllV at once and returns a finished handle (no
+  // overlap; engines that can overlap override it).
+  virtual std::unique_ptr<PendingAllToAllV> StartAllToAllV(
+      const void* send, absl::Span<const int64_t> send_counts,
+      absl::Span<const int64_t> send_offsets, void* recv, absl::Span<const int64_t> recv_counts,
+      absl::Span<const int64_t> recv_offsets);
 
   // recv: [world_size() * bytes], block p from rank p.
   virtual absl::Status AllGather(const void* send, size_t bytes, void* recv);

@@ -23,7 +23,8 @@ void RowFromBf16(const uint16_t* src, int64_t n, float* dst);
 //   acc[c] = Σ_i w[i] · y[i][c]  +  Σ_j parts[j][c]
 // y: num_y f32 rows (weights w: f32 [num_y]); parts: num_parts rows in bf16 (parts_bf16) or
 // f32. The result goes to exactly one of out_f32 (f32 [n]) or out_bf16 (bf16 [n], RNE).
-// num_y + num_parts == 0 writes zeros.
+// num_y + num_parts == 0 writes zeros. out_f32 may be one of the y rows (an in-place add):
+// each column block is read before it is written.
 struct RowSum {
   const float* const* y = nullptr;
   const float* w = nullptr;

@@ -431,41 +431,74 @@ absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t nu
     }
   });
   const double presum_s = Lap(&t0);
-  SY_RETURN_IF_ERROR(sy::Annotate(comm_->AllToAllV(ret_send_.data(), s_cnt_, s_off_,
-                                                   ret_recv_.data(), r_cnt_, r_off_),
-                                  absl::StrCat("expert combine layer ", layer)));
-  const double combine_s = Lap(&t0);
-
-  // 7. Combine, one pass over out: out[t] = Σ over t's pairs on this rank of weight · y (f32,
+  // 7. Return and combine: out[t] = Σ over t's pairs computed here of weight · y (f32,
   // straight from the results) + Σ over t's other destination ranks of their partial sums.
-  For(num_tokens, grain, [&](int64_t b, int64_t e) {
-    std::vector<const float*> ys;
-    std::vector<float> ws;
-    std::vector<const void*> parts;
-    for (int64_t t = b; t < e; ++t) {
-      ys.clear();
-      ws.clear();
-      parts.clear();
-      for (int64_t j = 0; t < T && j < K && token_dest_[t * K + j] >= 0; ++j) {
-        const int d = token_dest_[t * K + j];
-        const int64_t row = token_row_[t * K + j];
-        if (d == me) {
-          add_row_terms(src_row_base_[me] + row, &ys, &ws);
-        } else {
-          parts.push_back(ret_recv_.data() + r_off_[d] + row * row_bytes);
+  //   kAll:    one pass after the exchange (reads every input once, writes out once);
+  //   kOwn:    (overlap_combine) while the partial sums are in flight, or this rank waits
+  //            for a slower peer: the own share of every token served here (tokens with no
+  //            destination at all get zeros; tokens served only remotely wait for kRemote);
+  //   kRemote: after the exchange, the partial sums are added to what kOwn wrote. A token
+  //            served here and remotely is read and written twice; the exchange hides kOwn.
+  enum class Merge { kAll, kOwn, kRemote };
+  auto merge = [&](Merge what) {
+    For(num_tokens, grain, [&](int64_t b, int64_t e) {
+      std::vector<const float*> ys;
+      std::vector<float> ws;
+      std::vector<const void*> parts;
+      const float one = 1.f;
+      for (int64_t t = b; t < e; ++t) {
+        ys.clear();
+        ws.clear();
+        parts.clear();
+        bool own = false, remote = false;
+        for (int64_t j = 0; t < T && j < K && token_dest_[t * K + j] >= 0; ++j) {
+          const int d = token_dest_[t * K + j];
+          const int64_t row = token_row_[t * K + j];
+          if (d == me) {
+            own = true;
+            if (what != Merge::kRemote) add_row_terms(src_row_base_[me] + row, &ys, &ws);
+          } else {
+            remote = true;
+            if (what != Merge::kOwn) parts.push_back(ret_recv_.data() + r_off_[d] + row * row_bytes);
+          }
         }
+        float* o = out + t * hidden;
+        const float* const prev = o;
+        if (what == Merge::kOwn && !own && remote) continue;
+        if (what == Merge::kRemote) {
+          if (!remote) continue;
+          if (own) {  // add to the own share kOwn wrote (in place)
+            ys.push_back(prev);
+            ws.push_back(one);
+          }
+        }
+        RowSum sum;
+        sum.y = ys.data();
+        sum.w = ws.data();
+        sum.num_y = static_cast<int>(ys.size());
+        sum.parts = parts.data();
+        sum.num_parts = static_cast<int>(parts.size());
+        sum.parts_bf16 = bf16();
+        SumRows(sum, hidden, o, nullptr);
       }
-      RowSum sum;
-      sum.y = ys.data();
-      sum.w = ws.data();
-      sum.num_y = static_cast<int>(ys.size());
-      sum.parts = parts.data();
-      sum.num_parts = static_cast<int>(parts.size());
-      sum.parts_bf16 = bf16();
-      SumRows(sum, hidden, out + t * hidden, nullptr);
-    }
-  });
-  const double merge_s = Lap(&t0);
+    });
+  };
+  double merge_own_s = 0;
+  if (options_.overlap_combine) {
+    std::unique_ptr<PendingAllToAllV> ret = comm_->StartAllToAllV(
+        ret_send_.data(), s_cnt_, s_off_, ret_recv_.data(), r_cnt_, r_off_);
+    merge(Merge::kOwn);
+    merge_own_s = Lap(&t0);
+    SY_RETURN_IF_ERROR(
+        sy::Annotate(ret->Wait(), absl::StrCat("expert combine layer ", layer)));
+  } else {
+    SY_RETURN_IF_ERROR(sy::Annotate(comm_->AllToAllV(ret_send_.data(), s_cnt_, s_off_,
+                                                     ret_recv_.data(), r_cnt_, r_off_),
+                                    absl::StrCat("expert combine layer ", layer)));
+  }
+  const double combine_s = Lap(&t0);
+  merge(options_.overlap_combine ? Merge::kRemote : Merge::kAll);
+  const double merge_s = merge_own_s + Lap(&t0);
 
   // Counters.
   {

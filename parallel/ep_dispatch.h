@@ -13,13 +13,15 @@
 //   4. all-to-all-v of the rows and pairs (rows in f32 or bf16 on the wire);
 //   5. the receiver groups the pairs by local slot (a row needed by two local experts is
 //      copied into both groups) and calls GroupedExpertFn once;
-//   6. the receiver pre-sums Σ weight · y per received row, so the return all-to-all-v carries
-//      one row per (token, destination), not one per (token, expert): with top-k and k > 1 that
-//      is up to k× fewer bytes back;
-//   7. all-to-all-v back; the sender adds the per-destination partial sums.
+//   6. the receiver pre-sums Σ weight · y per received row straight into the return buffer
+//      (wire dtype), so the return all-to-all-v carries one row per (token, destination),
+//      not one per (token, expert): with top-k and k > 1 that is up to k× fewer bytes back;
+//   7. all-to-all-v back; one pass over out adds, per token, the weighted results of its
+//      pairs computed on this rank and the partial sums of its other destinations
+//      (overlap_combine: the own share while the return is in flight, the rest after it).
 // Rows for this rank's own experts skip the wire both ways (read from x in f32, summed in f32):
-// no packing, no copy through the communicator, no bf16 rounding.
-//
+// no packing, no copy through the communicator, no bf16 rounding. The row loops are the
+// one-pass kernels of dispatch_rows.h.
 // Wire segment from rank a to rank b (bytes, back to back):
 //   rows  [num_rows, hidden] wire dtype, row-major
 //   pairs [num_pairs] of {int32 row, int32 local_slot, f32 weight}
@@ -53,6 +55,12 @@ struct EpDispatchOptions {
   // calling thread. (Not ThreadPool::Default() implicitly: a forked rank process must not
   // inherit a pool whose threads stayed in the parent.)
   ThreadPool* pool = nullptr;
+  // Combine this rank's own share of every token while the return exchange is in flight
+  // (Communicator::StartAllToAllV), and add the returned partial sums after it. Hides the
+  // own share behind the transfer or a slower peer, at the price of a second pass over the
+  // tokens served both here and remotely. Off by default: on the 2-core test host it did not
+  // pay (parallel/README.md, dispatch overhead); it is meant for links slower than memory.
+  bool overlap_combine = false;
 };
 
 // Cumulative counters of one rank's dispatcher (exported as switchyard_ep_* metrics).

@@ -81,12 +81,28 @@ class GlooCommunicator final : public Communicator {
                          absl::Span<const int64_t> send_offsets, void* recv,
                          absl::Span<const int64_t> recv_counts,
                          absl::Span<const int64_t> recv_offsets) override {
-    if (broken_) return absl::UnavailableError("gloo communicator is broken");
+    return StartAllToAllV(send, send_counts, send_offsets, recv, recv_counts, recv_offsets)
+        ->Wait();
+  }
+
+  // Posts every receive and send on Gloo's unbound buffers and returns: Gloo's device thread
+  // moves the bytes while the caller works; Wait() waits for the completions.
+  std::unique_ptr<PendingAllToAllV> StartAllToAllV(
+      const void* send, absl::Span<const int64_t> send_counts,
+      absl::Span<const int64_t> send_offsets, void* recv, absl::Span<const int64_t> recv_counts,
+      absl::Span<const int64_t> recv_offsets) override {
+    auto pending = std::make_unique<Pending>(this);
+    if (broken_) {
+      pending->status = absl::UnavailableError("gloo communicator is broken");
+      return pending;
+    }
     const int n = world_size(), me = rank();
     absl::Status valid =
         ValidateAllToAllV(n, send_counts, send_offsets, recv_counts, recv_offsets);
-    if (!valid.ok()) return Break(valid);
-    const auto deadline = std::chrono::steady_clock::now() + timeout_;
+    if (!valid.ok()) {
+      pending->status = Break(valid);
+      return pending;
+    }
     // All ranks take the same slot: collectives are called in the same order everywhere.
     const uint64_t slot = static_cast<uint64_t>(context_->nextSlot());
     size_t send_extent = 0, recv_extent = 0;
@@ -97,46 +113,41 @@ class GlooCommunicator final : public Communicator {
       if (recv_counts[p] > 0)
         recv_extent = std::max<size_t>(recv_extent, recv_offsets[p] + recv_counts[p]);
     }
-    std::unique_ptr<gloo::transport::UnboundBuffer> sbuf, rbuf;
-    int num_sends = 0, num_recvs = 0;
     try {
       if (send_extent > 0)
-        sbuf = context_->createUnboundBuffer(const_cast<void*>(send), send_extent);
-      if (recv_extent > 0) rbuf = context_->createUnboundBuffer(recv, recv_extent);
+        pending->sbuf = context_->createUnboundBuffer(const_cast<void*>(send), send_extent);
+      if (recv_extent > 0) pending->rbuf = context_->createUnboundBuffer(recv, recv_extent);
       for (int p = 0; p < n; ++p) {
         if (p == me) continue;
         if (recv_counts[p] > 0) {
-          rbuf->recv(p, slot, recv_offsets[p], recv_counts[p]);
-          ++num_recvs;
+          pending->rbuf->recv(p, slot, recv_offsets[p], recv_counts[p]);
+          ++pending->num_recvs;
         }
       }
       for (int i = 1; i < n; ++i) {  // staggered so that not every rank hits rank 0 first
         const int p = (me + i) % n;
         if (send_counts[p] > 0) {
-          sbuf->send(p, slot, send_offsets[p], send_counts[p]);
-          ++num_sends;
+          pending->sbuf->send(p, slot, send_offsets[p], send_counts[p]);
+          ++pending->num_sends;
         }
       }
       if (send_counts[me] > 0) {
-        if (recv_counts[me] != send_counts[me])
-          return Break(absl::InvalidArgumentError(absl::StrCat(
+        if (recv_counts[me] != send_counts[me]) {
+          pending->Orphan();
+          pending->status = Break(absl::InvalidArgumentError(absl::StrCat(
               "all-to-all-v: rank ", me, " sends itself ", send_counts[me],
               " bytes but expects ", recv_counts[me])));
+          return pending;
+        }
         std::memmove(static_cast<char*>(recv) + recv_offsets[me],
                      static_cast<const char*>(send) + send_offsets[me], send_counts[me]);
       }
-      for (int i = 0; i < num_recvs; ++i)
-        if (!rbuf->waitRecv(nullptr, Left(deadline)))
-          throw gloo::IoException("receive aborted");
-      for (int i = 0; i < num_sends; ++i)
-        if (!sbuf->waitSend(nullptr, Left(deadline))) throw gloo::IoException("send aborted");
     } catch (const std::exception& e) {
-      if (sbuf) orphans_.push_back(std::move(sbuf));
-      if (rbuf) orphans_.push_back(std::move(rbuf));
-      return Break(absl::UnavailableError(
+      pending->Orphan();
+      pending->status = Break(absl::UnavailableError(
           absl::StrCat("gloo all-to-all-v on rank ", me, ": ", e.what())));
     }
-    return absl::OkStatus();
+    return pending;
   }
 
   absl::Status Barrier() override {
@@ -146,6 +157,47 @@ class GlooCommunicator final : public Communicator {
   }
 
  private:
+  class Pending final : public PendingAllToAllV {
+   public:
+    explicit Pending(GlooCommunicator* comm) : comm_(comm) {}
+    ~Pending() override {
+      if (!waited_) Wait().IgnoreError();
+    }
+
+    absl::Status Wait() override {
+      waited_ = true;
+      if (!status.ok()) return status;
+      const auto deadline = std::chrono::steady_clock::now() + comm_->timeout_;
+      try {
+        for (int i = 0; i < num_recvs; ++i)
+          if (!rbuf->waitRecv(nullptr, Left(deadline)))
+            throw gloo::IoException("receive aborted");
+        for (int i = 0; i < num_sends; ++i)
+          if (!sbuf->waitSend(nullptr, Left(deadline))) throw gloo::IoException("send aborted");
+      } catch (const std::exception& e) {
+        Orphan();
+        status = comm_->Break(absl::UnavailableError(
+            absl::StrCat("gloo all-to-all-v on rank ", comm_->rank(), ": ", e.what())));
+      }
+      return status;
+    }
+
+    // A failed exchange's buffers may still be referenced by the pairs: the communicator
+    // keeps them until it is destroyed.
+    void Orphan() {
+      if (sbuf) comm_->orphans_.push_back(std::move(sbuf));
+      if (rbuf) comm_->orphans_.push_back(std::move(rbuf));
+    }
+
+    absl::Status status;
+    std::unique_ptr<gloo::transport::UnboundBuffer> sbuf, rbuf;
+    int num_sends = 0, num_recvs = 0;
+
+   private:
+    GlooCommunicator* comm_;
+    bool waited_ = false;
+  };
+
   absl::Status Break(absl::Status status) {
     if (!broken_) {
       broken_ = true;

@@ -23,32 +23,37 @@ class LocalCommunicator final : public Communicator {
                          absl::Span<const int64_t> send_offsets, void* recv,
                          absl::Span<const int64_t> recv_counts,
                          absl::Span<const int64_t> recv_offsets) override {
-    if (broken()) return absl::UnavailableError("local communicator: group is broken");
+    return StartAllToAllV(send, send_counts, send_offsets, recv, recv_counts, recv_offsets)
+        ->Wait();
+  }
+
+  // Start posts the send buffer and arrives at the first barrier without waiting; Wait()
+  // waits for the peers' posts, copies, and meets them at the second barrier. So a rank that
+  // is ahead works while it waits for the others.
+  std::unique_ptr<PendingAllToAllV> StartAllToAllV(
+      const void* send, absl::Span<const int64_t> send_counts,
+      absl::Span<const int64_t> send_offsets, void* recv, absl::Span<const int64_t> recv_counts,
+      absl::Span<const int64_t> recv_offsets) override {
+    auto pending = std::make_unique<Pending>(this, recv, recv_counts, recv_offsets);
+    if (broken()) {
+      pending->status = absl::UnavailableError("local communicator: group is broken");
+      return pending;
+    }
     absl::Status valid = ValidateAllToAllV(world_size(), send_counts, send_offsets, recv_counts,
                                            recv_offsets);
     if (!valid.ok()) {
       group_->TEST_Break();
-      return valid;
+      pending->status = valid;
+      return pending;
     }
     group_->posted_[rank_] = {static_cast<const char*>(send), send_counts, send_offsets};
-    SY_RETURN_IF_ERROR(group_->Arrive(rank_, "all-to-all-v (post)"));
-    absl::Status mismatch;
-    for (int p = 0; p < world_size(); ++p) {
-      const auto& peer = group_->posted_[p];
-      if (peer.send_counts[rank_] != recv_counts[p]) {
-        mismatch = absl::InvalidArgumentError(
-            absl::StrCat("all-to-all-v: rank ", rank_, " expects ", recv_counts[p],
-                         " bytes from rank ", p, " which sends ", peer.send_counts[rank_]));
-        continue;
-      }
-      if (recv_counts[p] > 0)
-        std::memcpy(static_cast<char*>(recv) + recv_offsets[p],
-                    peer.send + peer.send_offsets[rank_], recv_counts[p]);
+    absl::StatusOr<int64_t> gen = group_->ArriveNoWait("all-to-all-v (post)");
+    if (!gen.ok()) {
+      pending->status = gen.status();
+    } else {
+      pending->generation = *gen;
     }
-    // Peers may still be reading our send buffer: wait for all before returning.
-    SY_RETURN_IF_ERROR(group_->Arrive(rank_, "all-to-all-v (done)"));
-    if (!mismatch.ok()) group_->TEST_Break();
-    return mismatch;
+    return pending;
   }
 
   absl::Status Barrier() override {
@@ -57,6 +62,54 @@ class LocalCommunicator final : public Communicator {
   }
 
  private:
+  class Pending final : public PendingAllToAllV {
+   public:
+    Pending(LocalCommunicator* comm, void* recv, absl::Span<const int64_t> recv_counts,
+            absl::Span<const int64_t> recv_offsets)
+        : comm_(comm), recv_(recv), recv_counts_(recv_counts), recv_offsets_(recv_offsets) {}
+    ~Pending() override {
+      if (!waited_) Wait().IgnoreError();
+    }
+
+    absl::Status Wait() override {
+      if (waited_) return status;
+      waited_ = true;
+      if (!status.ok()) return status;
+      LocalCommunicatorGroup* group = comm_->group_;
+      const int me = comm_->rank_;
+      status = group->WaitGeneration(me, generation, "all-to-all-v (post)");
+      if (!status.ok()) return status;
+      absl::Status mismatch;
+      for (int p = 0; p < group->world_size_; ++p) {
+        const auto& peer = group->posted_[p];
+        if (peer.send_counts[me] != recv_counts_[p]) {
+          mismatch = absl::InvalidArgumentError(
+              absl::StrCat("all-to-all-v: rank ", me, " expects ", recv_counts_[p],
+                           " bytes from rank ", p, " which sends ", peer.send_counts[me]));
+          continue;
+        }
+        if (recv_counts_[p] > 0)
+          std::memcpy(static_cast<char*>(recv_) + recv_offsets_[p],
+                      peer.send + peer.send_offsets[me], recv_counts_[p]);
+      }
+      // Peers may still be reading our send buffer: wait for all before returning.
+      status = group->Arrive(me, "all-to-all-v (done)");
+      if (!status.ok()) return status;
+      if (!mismatch.ok()) group->TEST_Break();
+      status = mismatch;
+      return status;
+    }
+
+    absl::Status status;
+    int64_t generation = 0;
+
+   private:
+    LocalCommunicator* comm_;
+    void* recv_;
+    absl::Span<const int64_t> recv_counts_, recv_offsets_;
+    bool waited_ = false;
+  };
+
   LocalCommunicatorGroup* group_;
   int rank_;
 };
@@ -82,7 +135,13 @@ void LocalCommunicatorGroup::TEST_Break() {
 }
 
 absl::Status LocalCommunicatorGroup::Arrive(int rank, const char* what) {
-  std::unique_lock<std::mutex> lock(mu_);
+  absl::StatusOr<int64_t> gen = ArriveNoWait(what);
+  if (!gen.ok()) return gen.status();
+  return WaitGeneration(rank, *gen, what);
+}
+
+absl::StatusOr<int64_t> LocalCommunicatorGroup::ArriveNoWait(const char* what) {
+  std::lock_guard<std::mutex> lock(mu_);
   if (broken_) return absl::UnavailableError(absl::StrCat("local communicator: ", what,
                                                           ": group is broken"));
   const int64_t gen = generation_;
@@ -90,8 +149,15 @@ absl::Status LocalCommunicatorGroup::Arrive(int rank, const char* what) {
     arrived_ = 0;
     ++generation_;
     cv_.notify_all();
-    return absl::OkStatus();
   }
+  return gen;
+}
+
+absl::Status LocalCommunicatorGroup::WaitGeneration(int rank, int64_t gen, const char* what) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (generation_ != gen) return absl::OkStatus();
+  if (broken_) return absl::UnavailableError(absl::StrCat("local communicator: ", what,
+                                                          ": group is broken"));
   const auto deadline = std::chrono::steady_clock::now() + timeout_;
   cv_.wait_until(lock, deadline, [&] { return broken_ || generation_ != gen; });
   if (generation_ != gen) return absl::OkStatus();

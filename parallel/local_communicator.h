@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
 #include "parallel/communicator.h"
 
 namespace sy::parallel {
@@ -50,6 +51,10 @@ class LocalCommunicatorGroup {
 
   // Waits until all ranks have arrived (generation barrier) or the deadline passes.
   absl::Status Arrive(int rank, const char* what);
+  // Arrive in two halves: counts this rank in and returns the barrier's generation ...
+  absl::StatusOr<int64_t> ArriveNoWait(const char* what);
+  // ... then waits (up to the timeout, from this call) until that generation has passed.
+  absl::Status WaitGeneration(int rank, int64_t gen, const char* what);
 
   const int world_size_;
   const std::chrono::milliseconds timeout_;

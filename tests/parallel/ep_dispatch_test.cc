@@ -375,6 +375,60 @@ TEST(EpDispatchTest, PooledRowLoopsGiveTheSameResultsAsInline) {
   }
 }
 
+TEST(EpDispatchTest, OverlappedCombineMatchesTheReferenceAndTheOnePassCombine) {
+  const int E = 6, L = 2;
+  const int64_t H = 40, K = 3;  // 3 of 6 experts: most tokens are served here and remotely
+  for (int n = 1; n <= 4; ++n) {
+    for (WireDType wire : {WireDType::kF32, WireDType::kBF16}) {
+      auto placement = Contiguous(L, E, n);
+      std::vector<std::vector<RankInput>> inputs(L);
+      for (int l = 0; l < L; ++l)
+        for (int r = 0; r < n; ++r) {
+          const int64_t T = (n > 1 && r == 0 && l == 1) ? 0 : 30 + 11 * r;  // an idle rank
+          inputs[l].push_back(MakeInput(r, T, H, K, Iota(E), 40 + l));
+          if (wire == WireDType::kBF16)  // token ids in the last column do not survive bf16
+            for (int64_t t = 0; t < T; ++t) inputs[l][r].x[t * H + H - 1] = 0.5f;
+        }
+      RunResult one_pass = RunDispatch(n, placement, inputs, H, K, {.wire_dtype = wire});
+      RunResult overlapped =
+          RunDispatch(n, placement, inputs, H, K, {.wire_dtype = wire, .overlap_combine = true});
+      for (int r = 0; r < n; ++r) {
+        const std::string what = "ranks " + std::to_string(n) + " rank " + std::to_string(r) +
+                                 (wire == WireDType::kBF16 ? " bf16" : " f32");
+        ASSERT_TRUE(overlapped.status[r].ok()) << overlapped.status[r] << " " << what;
+        const RankInput& in = inputs[L - 1][r];
+        ExpectNear(overlapped.out[r], ReferenceMoe(L - 1, in.x, H, in.topk_ids, in.topk_weights, K),
+                   wire == WireDType::kBF16 ? 2e-2f : 1e-5f, what);
+        // Same terms, summed in a different order: equal to rounding.
+        ExpectNear(overlapped.out[r], one_pass.out[r], wire == WireDType::kBF16 ? 1e-5f : 1e-6f,
+                   what + " vs one pass");
+      }
+    }
+  }
+}
+
+TEST(EpDispatchTest, OverlappedCombineWithARankFailingTheReturnIsUnavailableEverywhere) {
+  const int n = 3, E = 6;
+  const int64_t H = 8, K = 2;
+  auto placement = Contiguous(1, E, n);
+  std::vector<std::vector<RankInput>> inputs(1);
+  for (int r = 0; r < n; ++r) inputs[0].push_back(MakeInput(r, 9, H, K, Iota(E), 3));
+  std::vector<std::unique_ptr<FaultyCommunicator>> faulty(n);
+  // Rank 2 fails its third collective (the return all-to-all-v).
+  RunResult res = RunDispatch(
+      n, placement, inputs, H, K, {.overlap_combine = true},
+      [&](int r, Communicator* c) -> Communicator* {
+        if (r != 2) return c;
+        faulty[r] = std::make_unique<FaultyCommunicator>(
+            c, FaultyCommunicator::Options{.fault_call = 2});
+        return faulty[r].get();
+      },
+      milliseconds(300));
+  for (int r = 0; r < n; ++r)
+    EXPECT_EQ(res.status[r].code(), absl::StatusCode::kUnavailable) << "rank " << r << ": "
+                                                                   << res.status[r];
+}
+
 TEST(EpDispatchTest, AFailingRankMakesEveryRankUnavailableWithinTheTimeout) {
   const int n = 3, E = 6;
   const int64_t H = 8, K = 2;

@@ -7,6 +7,7 @@
 #include <signal.h>
 #include <stdlib.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -100,6 +101,13 @@ TEST_P(GlooProcessesTest, AllToAllVAndOtherCollectivesMatchReferences) {
         for (int64_t b = 0; b < rcnt[p]; ++b) expected[ro[p] + b] = MessageByte(p, r, b);
       absl::Status s = c->AllToAllV(send.data(), sc, so, recv.data(), rcnt, ro);
       CHILD_EXPECT(r, s.ok());
+      CHILD_EXPECT(r, recv == expected);
+      // The same exchange started, with work (a sleep, later for higher ranks) before Wait.
+      std::fill(recv.begin(), recv.end(), 0xAA);
+      std::unique_ptr<PendingAllToAllV> pending =
+          c->StartAllToAllV(send.data(), sc, so, recv.data(), rcnt, ro);
+      std::this_thread::sleep_for(milliseconds(3 * r));
+      CHILD_EXPECT(r, pending->Wait().ok());
       CHILD_EXPECT(r, recv == expected);
     }
     std::vector<int32_t> all(n, -1);
@@ -209,6 +217,33 @@ TEST(GlooCommunicatorTest, StuckPeerGivesUnavailableAfterTheTimeout) {
     // The stuck rank finds its peer gone (connections closed) or times out itself.
     CHILD_EXPECT(r, s.code() == absl::StatusCode::kUnavailable);
     if (r == 0) CHILD_EXPECT(r, secs > 0.6 && secs < 5.0);  // slack for loaded CI machines
+    return 0;
+  });
+  EXPECT_EQ(rc[0], 0);
+  EXPECT_EQ(rc[1], 0);
+}
+
+TEST(GlooCommunicatorTest, StartedExchangeWithAStuckPeerGivesUnavailableFromWait) {
+  const int n = 2;
+  const milliseconds timeout(800);
+  TempDir dir;
+  std::vector<int> rc = RunRankProcesses(n, kWatchdog, [&](int r) -> int {
+    auto c = Connect(dir.path(), r, n, timeout);
+    CHILD_EXPECT(r, c != nullptr);
+    CHILD_EXPECT(r, c->Barrier().ok());
+    if (r == 1) std::this_thread::sleep_for(milliseconds(2500));  // stuck past the timeout
+    std::vector<int64_t> counts(n, 4), offsets = {0, 4};
+    std::vector<uint8_t> send(8, 1), recv(8, 0);
+    std::unique_ptr<PendingAllToAllV> pending =
+        c->StartAllToAllV(send.data(), counts, offsets, recv.data(), counts, offsets);
+    auto t0 = std::chrono::steady_clock::now();
+    absl::Status s = pending->Wait();
+    const double secs =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::fprintf(stderr, "rank %d: %.3f s: %s\n", r, secs, s.ToString().c_str());
+    CHILD_EXPECT(r, s.code() == absl::StatusCode::kUnavailable);
+    if (r == 0) CHILD_EXPECT(r, secs > 0.6 && secs < 5.0);
+    CHILD_EXPECT(r, c->broken());
     return 0;
   });
   EXPECT_EQ(rc[0], 0);

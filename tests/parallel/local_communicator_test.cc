@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdint>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -91,7 +92,60 @@ TEST_P(AllToAllVTest, AllToAllAllGatherAllGatherVAndBroadcastMatchReferences) {
   });
 }
 
+TEST_P(AllToAllVTest, StartedExchangeDeliversByWaitWhileRanksArriveAtDifferentTimes) {
+  const int n = GetParam();
+  LocalCommunicatorGroup group(n, milliseconds(5000));
+  RunRankThreads(n, kWatchdog, [&](int r) {
+    for (int round = 0; round < 3; ++round) {
+      std::vector<int64_t> sc(n), so(n), rc(n), ro(n);
+      int64_t st = 0, rt = 0;
+      for (int p = 0; p < n; ++p) {
+        sc[p] = MessageSize(r, p, round);
+        so[p] = st;
+        st += sc[p];
+        rc[p] = MessageSize(p, r, round);
+        ro[p] = rt;
+        rt += rc[p];
+      }
+      std::vector<uint8_t> send(st + 1), recv(rt + 1, 0xAA);
+      for (int p = 0; p < n; ++p)
+        for (int64_t b = 0; b < sc[p]; ++b) send[so[p] + b] = MessageByte(r, p, b);
+      // Rank r is r·5 ms late to the start, and works 10 ms between start and wait.
+      std::this_thread::sleep_for(milliseconds(5 * r));
+      std::unique_ptr<PendingAllToAllV> pending =
+          group.comm(r)->StartAllToAllV(send.data(), sc, so, recv.data(), rc, ro);
+      std::this_thread::sleep_for(milliseconds(10));
+      ASSERT_TRUE(pending->Wait().ok());
+      for (int p = 0; p < n; ++p)
+        for (int64_t b = 0; b < rc[p]; ++b)
+          ASSERT_EQ(recv[ro[p] + b], MessageByte(p, r, b)) << "from " << p << " byte " << b;
+      EXPECT_EQ(recv[rt], 0xAA);
+    }
+  });
+}
+
 INSTANTIATE_TEST_SUITE_P(Ranks, AllToAllVTest, ::testing::Values(1, 2, 3, 4));
+
+TEST(LocalCommunicatorTest, StartedExchangeWithAMissingPeerGivesUnavailableFromWait) {
+  const int n = 2;
+  LocalCommunicatorGroup group(n, milliseconds(300));
+  std::vector<int64_t> counts(n, 4), offsets = {0, 4};
+  std::vector<uint8_t> send(8, 1), recv(8, 0);
+  std::unique_ptr<PendingAllToAllV> pending =
+      group.comm(0)->StartAllToAllV(send.data(), counts, offsets, recv.data(), counts, offsets);
+  auto t0 = std::chrono::steady_clock::now();
+  EXPECT_EQ(pending->Wait().code(), absl::StatusCode::kUnavailable);  // rank 1 never comes
+  const double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_GE(secs, 0.25);
+  EXPECT_LT(secs, 5.0);
+  EXPECT_TRUE(group.broken());
+  EXPECT_EQ(group.comm(1)
+                ->StartAllToAllV(send.data(), counts, offsets, recv.data(), counts, offsets)
+                ->Wait()
+                .code(),
+            absl::StatusCode::kUnavailable);
+}
 
 TEST(LocalCommunicatorTest, RankThatNeverArrivesGivesUnavailableWithinTimeoutOnEveryOtherRank) {
   const int n = 3;
