@@ -11,7 +11,7 @@
 //
 //   placement_eval_bench [--traces DIR] [--filter SUBSTR] [--ranks 8,16]
 //                        [--extra 0,12.5,25] [--time-limit 2] [--threads 0] [--layers 0]
-//                        [--json FILE]
+//                        [--windows 4] [--no-fit-shares] [--json FILE]
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -56,7 +56,8 @@ int main(int argc, char** argv) {
   std::string traces_dir = std::string(SY_SHARED_DIR) + "/traces", filter, ranks_list = "8,16",
               extra_list = "0,12.5,25", json_out;
   double time_limit = 2.0;
-  int threads = 0, layers = 0;
+  int threads = 0, layers = 0, windows = pl::kDefaultScenarioWindows;
+  bool fit_shares = true;
   sy::server::FlagSet flags("placement_eval_bench", "greedy vs ilp expert placement on every trace");
   flags.Add("traces", &traces_dir, "folder of routing traces (*.json)");
   flags.Add("filter", &filter, "only traces whose file name contains this");
@@ -66,6 +67,8 @@ int main(int argc, char** argv) {
   flags.Add("threads", &threads, "layers solved at once (0: hardware threads)");
   flags.Add("layers", &layers, "plan only the first N layers of each trace (0: all)");
   flags.Add("json", &json_out, "also write the rows here");
+  flags.Add("windows", &windows, "load scenarios: windows of the planning half (0: mean only)");
+  flags.Add("fit-shares", &fit_shares, "ilp: fit slot shares (--no-fit-shares: even split)");
   absl::Status s = flags.Parse(argc, argv);
   if (absl::IsCancelled(s)) {
     std::cout << s.message();
@@ -130,6 +133,8 @@ int main(int argc, char** argv) {
         setup.expert_bytes = 1.0;
         setup.options.time_limit_seconds = time_limit;
         setup.options.max_threads = threads;
+        setup.options.fit_shares = fit_shares;
+        setup.scenario_windows = windows;
         auto greedy = pl::EvaluatePolicy("greedy", plan_trace, eval_trace, setup);
         auto ilp = pl::EvaluatePolicy("ilp", plan_trace, eval_trace, setup);
         if (!greedy.ok() || !ilp.ok()) {

@@ -19,7 +19,8 @@ absl::StatusOr<PolicyReport> EvaluatePolicy(const std::string& policy,
   SY_ASSIGN_OR_RETURN(auto planner, CreatePlanner(policy, setup.options));
   SY_ASSIGN_OR_RETURN(auto problems,
                       BuildProblems(plan_trace, setup.num_ranks, setup.slots_per_rank,
-                                    setup.current, setup.expert_bytes));
+                                    setup.current, setup.expert_bytes,
+                                    setup.scenario_windows));
   PolicyReport report;
   report.policy = policy;
   SY_ASSIGN_OR_RETURN(report.plan, planner->Plan(problems, setup.options.max_threads));

@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "parallel/expert_placement.h"
+#include "parallel/planner/placement_problem.h"
 #include "parallel/planner/planner.h"
 #include "parallel/planner/scoring.h"
 #include "parallel/planner/trace.h"
@@ -21,6 +22,8 @@ struct EvalSetup {
   int slots_per_rank = 0;
   const ExpertPlacement* current = nullptr;  // priced by the ILP; moves counted against it
   double expert_bytes = 0;                   // bytes of one expert's weights
+  // Load scenarios: the plan trace's tokens cut into this many windows (BuildProblems).
+  int scenario_windows = kDefaultScenarioWindows;
   PlannerOptions options;
 };
 

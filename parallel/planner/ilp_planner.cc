@@ -1,26 +1,30 @@
 // The `ilp` planner: one mixed-integer program per layer (DESIGN.md §4), solved by CBC over
 // CLP, warm-started from greedy (DeepSeek EPLB), bounded by a wall-clock limit.
 //
-// Variables, per layer (R ranks, S slots per rank, E experts, P credited pairs):
+// Variables, per layer (R ranks, S slots per rank, E experts, P credited pairs, W load
+// scenarios: w = 0 the mean loads, 1..W-1 the windows of PlacementProblem::scenario_loads):
 //   x[e,r] in {0,1}   rank r holds a replica of expert e
-//   a[e,r] >= 0       expert e's tokens served on r (assignments per token)
-//   M                 the straggler rank's load
+//   z[e,r] in [0,1]   the share of expert e's tokens served on r
+//   M_w               the straggler rank's load in scenario w
 //   y[p,r] in [0,1]   pair p = (e,f) is co-located on r (credited)
 // Constraints:
 //   sum_e x[e,r] <= S                 slots
 //   sum_r x[e,r] >= 1                 every expert placed
-//   a[e,r] <= load[e] x[e,r]          tokens only where a replica is
-//   sum_r a[e,r] = load[e]            all tokens served
-//   sum_e a[e,r] <= M                 M is the straggler load
+//   z[e,r] <= x[e,r]                  tokens only where a replica is
+//   sum_r z[e,r] = 1                  all tokens served
+//   sum_e load_w[e] z[e,r] <= M_w     M_w is scenario w's straggler load (one set of shares
+//                                     serves every window)
 //   y[p,r] <= x[e,r], y[p,r] <= x[f,r], sum_r y[p,r] <= 1
 //   sum_{p owns e} y[p,r] <= (S-1) x[e,r]   e has at most S-1 neighbours on r; this keeps
 //                                     the LP bound honest (with y <= x alone the relaxation
 //                                     credits every pair)
-//   M >= max_e load[e] / c[e]         c = the replica counts that minimise the largest load
+//   M_w >= max_e load_w[e] / c[e]     c = the replica counts that minimise the largest load
 //                                     per replica (highest-load-per-replica greedy is exact for
 //                                     that, each expert at most R replicas): a valid cut that
 //                                     lifts the LP bound when one hot expert sets the pace
-//   M <= (1 + balance_slack) * M_greedy   (optional) never balance worse than greedy
+//   M_w <= (1 + balance_slack) * M_w(greedy)   (optional) in no scenario balance worse than
+//                                     greedy (EPLB on the mean loads, the baseline)
+// With M = (1/W) sum_w M_w (the expected straggler load; M_0 alone without scenarios):
 // Objective: M + lambda * (1-1/R) * (k - (2/k) sum_p w[p] sum_r y[p,r])
 //              + mu * sum_{(e,r) not held now} bytes[e]/mean_bytes * x[e,r]
 // (migration m[e,r] >= x[e,r] - x_old[e,r] needs no variable: where x_old = 1 it is 0,
@@ -59,17 +63,18 @@ double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
 }
 
-// Lower bound on M from replica counts alone (see the header comment).
-double ReplicaLowerBound(const PlacementProblem& p) {
+// Lower bound on M from replica counts alone (see the header comment), for one scenario's
+// loads.
+double ReplicaLowerBound(const PlacementProblem& p, const std::vector<double>& loads) {
   const int E = p.num_experts, R = p.num_ranks;
   std::vector<int> c(E, 1);
   int spare = p.num_slots() - E;
   double total = 0;
-  for (double l : p.loads) total += l;
+  for (double l : loads) total += l;
   auto worst = [&]() {
     int best = 0;
     for (int e = 1; e < E; ++e) {
-      if (p.loads[e] / c[e] > p.loads[best] / c[best]) best = e;
+      if (loads[e] / c[e] > loads[best] / c[best]) best = e;
     }
     return best;
   };
@@ -80,28 +85,30 @@ double ReplicaLowerBound(const PlacementProblem& p) {
     --spare;
   }
   const int e = worst();
-  return std::max(p.loads[e] / c[e], total / R);
+  return std::max(loads[e] / c[e], total / R);
 }
 
 // Swap local search on the ILP objective with even shares: exchange the contents of two slots
 // on different ranks (an empty slot included) when that lowers
-// M + lambda * traffic + mu * migration and keeps M <= cap. Replica counts stay those of the
-// start (greedy's), so this only re-packs; it finds the co-location the LP relaxation is too
-// weak to reach in a few seconds. First improvement, sweeps until none or the deadline.
+// M + lambda * traffic + mu * migration (M averaged over the load scenarios) and keeps every
+// scenario's straggler load under its cap (or, from a start above a cap, gets closer). Replica counts stay those of the start, so this only
+// re-packs; it finds the co-location the LP relaxation is too weak to reach in a few seconds.
+// First improvement, sweeps until none or the deadline.
 std::vector<int32_t> SwapLocalSearch(const PlacementProblem& p, std::vector<int32_t> p2l,
-                                     const PlannerOptions& o, double cap, int num_pairs,
+                                     const PlannerOptions& o, const std::vector<double>& cap,
+                                     int num_pairs,
                                      std::chrono::steady_clock::time_point deadline) {
-  const int E = p.num_experts, R = p.num_ranks, S = p.slots_per_rank;
+  const int E = p.num_experts, R = p.num_ranks, S = p.slots_per_rank, W = p.num_scenarios();
   std::vector<int> count(E, 0);
   for (int32_t e : p2l) {
     if (e >= 0) ++count[e];
   }
   std::vector<int> held(static_cast<size_t>(E) * R, 0);  // replicas of e on r
-  std::vector<double> rank_load(R, 0.0);
+  std::vector<double> rank_load(static_cast<size_t>(W) * R, 0.0);  // [W][R]
   for (int s = 0; s < R * S; ++s) {
     if (p2l[s] < 0) continue;
     held[p2l[s] * R + s / S] += 1;
-    rank_load[s / S] += p.loads[p2l[s]] / count[p2l[s]];
+    for (int w = 0; w < W; ++w) rank_load[w * R + s / S] += p.scenario(w)[p2l[s]] / count[p2l[s]];
   }
   double mean_bytes = 0;
   for (double b : p.expert_bytes) mean_bytes += b;
@@ -125,8 +132,11 @@ std::vector<int32_t> SwapLocalSearch(const PlacementProblem& p, std::vector<int3
   // One replica of e moves from rank `from` to rank `to`.
   auto move = [&](int e, int from, int to) {
     if (e < 0) return;
-    rank_load[from] -= p.loads[e] / count[e];
-    rank_load[to] += p.loads[e] / count[e];
+    for (int w = 0; w < W; ++w) {
+      const double l = p.scenario(w)[e] / count[e];
+      rank_load[w * R + from] -= l;
+      rank_load[w * R + to] += l;
+    }
     if (--held[e * R + from] == 0) {
       for (int q : pairs_of[e]) {
         if (held[partner(q, e) * R + from] > 0 && --both[q] == 0) credit -= p.pairs[q].weight;
@@ -138,7 +148,18 @@ std::vector<int32_t> SwapLocalSearch(const PlacementProblem& p, std::vector<int3
       }
     }
   };
-  auto max_load = [&]() { return *std::max_element(rank_load.begin(), rank_load.end()); };
+  // The objective's M (the straggler load averaged over scenarios) and how far the scenarios'
+  // straggler loads exceed their caps.
+  auto max_load = [&](double* violation) {
+    double m = 0;
+    *violation = 0;
+    for (int w = 0; w < W; ++w) {
+      const double mw = *std::max_element(rank_load.begin() + w * R, rank_load.begin() + (w + 1) * R);
+      m += mw / W;
+      *violation += std::max(0.0, mw - cap[w]);
+    }
+    return m;
+  };
   const double pair_coef = o.lambda * (1.0 - 1.0 / R) * (2.0 / p.top_k);
   bool improved = true;
   while (improved && std::chrono::steady_clock::now() < deadline) {
@@ -152,16 +173,17 @@ std::vector<int32_t> SwapLocalSearch(const PlacementProblem& p, std::vector<int3
             (e2 >= 0 && held[e2 * R + r1] > 0)) {
           continue;
         }
-        const double m_before = max_load(), c_before = credit;
+        double v_before = 0, v_after = 0;
+        const double m_before = max_load(&v_before), c_before = credit;
         double mig_delta = 0;
         if (e1 >= 0) mig_delta += mig(e1, r2) - mig(e1, r1);
         if (e2 >= 0) mig_delta += mig(e2, r1) - mig(e2, r2);
         move(e1, r1, r2);
         move(e2, r2, r1);
-        const double m_after = max_load();
+        const double m_after = max_load(&v_after);
         const double delta =
             (m_after - m_before) - pair_coef * (credit - c_before) + o.mu * mig_delta;
-        if (m_after <= cap + 1e-12 && delta < -1e-12) {
+        if (v_after < v_before - 1e-12 || (v_after <= 1e-12 && delta < -1e-12)) {
           std::swap(p2l[s1], p2l[s2]);
           improved = true;
         } else {
@@ -174,11 +196,15 @@ std::vector<int32_t> SwapLocalSearch(const PlacementProblem& p, std::vector<int3
   return p2l;
 }
 
-// The shares that minimise the straggler load for a fixed placement: a small LP over the
-// occupied slots (min M; an expert's slot tokens sum to its load; a rank's tokens <= M).
-// Empty when no expert has two replicas (nothing to choose) or the LP fails.
-std::vector<float> OptimalShares(const PlacementProblem& p, const std::vector<int32_t>& p2l) {
-  const int E = p.num_experts, R = p.num_ranks, S = p.slots_per_rank, n = R * S;
+// The shares that minimise the straggler load averaged over scenarios for a fixed placement: a
+// small LP over the occupied slots (min mean_w M_w; an expert's slot shares sum to 1; in
+// scenario w a rank's tokens <= M_w <= cap_w). Fitting to several windows at once keeps the
+// shares from chasing the noise of one. Empty when no expert has two replicas (nothing to
+// choose) or the LP is infeasible.
+std::vector<float> OptimalShares(const PlacementProblem& p, const std::vector<int32_t>& p2l,
+                                 const std::vector<double>& cap) {
+  const int E = p.num_experts, R = p.num_ranks, S = p.slots_per_rank, n = R * S,
+            W = p.num_scenarios();
   std::vector<std::vector<int>> slots_of(E);
   for (int s = 0; s < n; ++s) {
     if (p2l[s] >= 0) slots_of[p2l[s]].push_back(s);
@@ -186,47 +212,53 @@ std::vector<float> OptimalShares(const PlacementProblem& p, const std::vector<in
   bool any = false;
   for (const auto& v : slots_of) any = any || v.size() > 1;
   if (!any) return {};
-  const int m_col = n;
+  const int m0 = n;  // M_w, one per scenario
   CoinPackedMatrix matrix(false, 0, 0);
-  matrix.setDimensions(0, n + 1);
+  matrix.setDimensions(0, n + W);
   std::vector<double> row_lb, row_ub;
   for (int e = 0; e < E; ++e) {
     std::vector<double> ones(slots_of[e].size(), 1.0);
     matrix.appendRow(static_cast<int>(slots_of[e].size()), slots_of[e].data(), ones.data());
-    row_lb.push_back(p.loads[e]);
-    row_ub.push_back(p.loads[e]);
+    row_lb.push_back(1.0);
+    row_ub.push_back(1.0);
   }
-  for (int r = 0; r < R; ++r) {
-    std::vector<int> idx;
-    std::vector<double> val;
-    for (int s = r * S; s < (r + 1) * S; ++s) {
-      if (p2l[s] < 0) continue;
-      idx.push_back(s);
-      val.push_back(1.0);
+  for (int w = 0; w < p.num_scenarios(); ++w) {
+    const std::vector<double>& loads = p.scenario(w);
+    for (int r = 0; r < R; ++r) {
+      std::vector<int> idx;
+      std::vector<double> val;
+      for (int s = r * S; s < (r + 1) * S; ++s) {
+        if (p2l[s] < 0) continue;
+        idx.push_back(s);
+        val.push_back(loads[p2l[s]]);
+      }
+      idx.push_back(m0 + w);
+      val.push_back(-1.0);
+      matrix.appendRow(static_cast<int>(idx.size()), idx.data(), val.data());
+      row_lb.push_back(-COIN_DBL_MAX);
+      row_ub.push_back(0.0);
     }
-    idx.push_back(m_col);
-    val.push_back(-1.0);
-    matrix.appendRow(static_cast<int>(idx.size()), idx.data(), val.data());
-    row_lb.push_back(-COIN_DBL_MAX);
-    row_ub.push_back(0.0);
   }
-  std::vector<double> col_lb(n + 1, 0.0), col_ub(n + 1, COIN_DBL_MAX), obj(n + 1, 0.0);
+  std::vector<double> col_lb(n + W, 0.0), col_ub(n + W, 1.0), obj(n + W, 0.0);
   for (int s = 0; s < n; ++s) {
     if (p2l[s] < 0) col_ub[s] = 0.0;
   }
-  obj[m_col] = 1.0;
+  for (int w = 0; w < W; ++w) {
+    col_ub[m0 + w] = cap[w];
+    obj[m0 + w] = 1.0 / W;
+  }
   OsiClpSolverInterface lp;
   lp.messageHandler()->setLogLevel(0);
   lp.loadProblem(matrix, col_lb.data(), col_ub.data(), obj.data(), row_lb.data(), row_ub.data());
   lp.initialSolve();
   if (!lp.isProvenOptimal()) return {};
-  const double* a = lp.getColSolution();
+  const double* z = lp.getColSolution();
   std::vector<float> share(n, 0.0f);
   for (int e = 0; e < E; ++e) {
     double sum = 0;
-    for (int s : slots_of[e]) sum += std::max(0.0, a[s]);
+    for (int s : slots_of[e]) sum += std::max(0.0, z[s]);
     for (int s : slots_of[e]) {
-      share[s] = sum > 0 ? static_cast<float>(std::max(0.0, a[s]) / sum)
+      share[s] = sum > 0 ? static_cast<float>(std::max(0.0, z[s]) / sum)
                          : 1.0f / static_cast<float>(slots_of[e].size());
     }
   }
@@ -251,42 +283,70 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
   const int E = p.num_experts, R = p.num_ranks, S = p.slots_per_rank;
   const double k = p.top_k;
 
-  // Warm start: greedy.
+  const int W = p.num_scenarios();
+  // Warm start: greedy (DeepSeek EPLB on the mean loads: the baseline), and EPLB on each
+  // expert's worst window load (replicas go to the experts whose load peaks, not only to the
+  // hottest on average).
   PlannerOptions greedy_options = options_;
   greedy_options.distinct_ranks = true;
   auto greedy = MakeGreedyPlanner(greedy_options)->PlanLayer(p);
   if (!greedy.ok()) return greedy.status();
   const ObjectiveTerms greedy_terms =
       EvaluateObjective(p, greedy->physical_to_logical, {}, options_);
+  std::vector<int32_t> peak_greedy;
+  if (W > 1) {
+    PlacementProblem peak = p;
+    for (int w = 1; w < W; ++w) {
+      for (int e = 0; e < E; ++e) peak.loads[e] = std::max(peak.loads[e], p.scenario(w)[e]);
+    }
+    peak.scenario_loads.clear();
+    auto g = MakeGreedyPlanner(greedy_options)->PlanLayer(peak);
+    if (!g.ok()) return g.status();
+    peak_greedy = std::move(g->physical_to_logical);
+  }
 
   const int P = CreditedPairs(p, options_);
-  // Column layout.
-  const int x0 = 0, a0 = E * R, m_col = 2 * E * R, y0 = 2 * E * R + 1;
+  // Column layout. z[e,r] is the share of e's tokens served on r (the a[e,r] of DESIGN.md
+  // divided by load[e]), so one share serves every scenario.
+  const int x0 = 0, z0 = E * R, m0 = 2 * E * R, y0 = 2 * E * R + W;
   const int num_cols = y0 + P * R;
   auto X = [&](int e, int r) { return x0 + e * R + r; };
-  auto A = [&](int e, int r) { return a0 + e * R + r; };
+  auto Z = [&](int e, int r) { return z0 + e * R + r; };
   auto Y = [&](int q, int r) { return y0 + q * R + r; };
 
   double mean_bytes = 0;
   for (double b : p.expert_bytes) mean_bytes += b;
   mean_bytes /= E;
-  const double lb_m = ReplicaLowerBound(p);
-  const double cap_m = options_.balance_slack >= 0
-                           ? std::max(lb_m, greedy_terms.max_load * (1.0 + options_.balance_slack))
-                           : COIN_DBL_MAX;
+  // Per scenario: M_w's lower bound and its cap (greedy's straggler load in that scenario).
+  std::vector<double> lb(W), cap(W, COIN_DBL_MAX);
+  double lb_m = 0;
+  for (int w = 0; w < W; ++w) {
+    lb[w] = ReplicaLowerBound(p, p.scenario(w));
+    lb_m += lb[w] / W;
+    if (options_.balance_slack >= 0) {
+      cap[w] = std::max(lb[w], greedy_terms.scenario_max_load[w] * (1.0 + options_.balance_slack));
+    }
+  }
+  auto within_caps = [&](const ObjectiveTerms& t) {
+    for (int w = 0; w < W; ++w) {
+      if (t.scenario_max_load[w] > cap[w] + 1e-9) return false;
+    }
+    return true;
+  };
 
   std::vector<double> col_lb(num_cols, 0.0), col_ub(num_cols, 1.0), obj(num_cols, 0.0);
   for (int e = 0; e < E; ++e) {
     for (int r = 0; r < R; ++r) {
-      col_ub[A(e, r)] = p.loads[e];
       if (p.has_current() && !p.CurrentlyOn(e, r)) {
         obj[X(e, r)] = options_.mu * (mean_bytes > 0 ? p.expert_bytes[e] / mean_bytes : 1.0);
       }
     }
   }
-  col_lb[m_col] = lb_m;
-  col_ub[m_col] = cap_m;
-  obj[m_col] = 1.0;
+  for (int w = 0; w < W; ++w) {
+    col_lb[m0 + w] = lb[w];
+    col_ub[m0 + w] = cap[w];
+    obj[m0 + w] = 1.0 / W;
+  }
   const double pair_coef = options_.lambda * (1.0 - 1.0 / R) * (2.0 / k);
   for (int q = 0; q < P; ++q) {
     for (int r = 0; r < R; ++r) obj[Y(q, r)] = -pair_coef * p.pairs[q].weight;
@@ -308,25 +368,29 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
     add_row(idx, std::vector<double>(E, 1.0), -COIN_DBL_MAX, S);
   }
   for (int e = 0; e < E; ++e) {  // placed; all tokens served
-    std::vector<int> xi, ai;
+    std::vector<int> xi, zi;
     for (int r = 0; r < R; ++r) {
       xi.push_back(X(e, r));
-      ai.push_back(A(e, r));
+      zi.push_back(Z(e, r));
     }
     add_row(xi, std::vector<double>(R, 1.0), 1.0, COIN_DBL_MAX);
-    add_row(ai, std::vector<double>(R, 1.0), p.loads[e], p.loads[e]);
-    for (int r = 0; r < R; ++r) add_row({A(e, r), X(e, r)}, {1.0, -p.loads[e]}, -COIN_DBL_MAX, 0);
+    add_row(zi, std::vector<double>(R, 1.0), 1.0, 1.0);
+    for (int r = 0; r < R; ++r) add_row({Z(e, r), X(e, r)}, {1.0, -1.0}, -COIN_DBL_MAX, 0);
   }
-  for (int r = 0; r < R; ++r) {  // straggler
-    std::vector<int> idx;
-    std::vector<double> val;
-    for (int e = 0; e < E; ++e) {
-      idx.push_back(A(e, r));
-      val.push_back(1.0);
+  for (int w = 0; w < W; ++w) {  // straggler, in every scenario
+    const std::vector<double>& loads = p.scenario(w);
+    for (int r = 0; r < R; ++r) {
+      std::vector<int> idx;
+      std::vector<double> val;
+      for (int e = 0; e < E; ++e) {
+        if (loads[e] <= 0) continue;
+        idx.push_back(Z(e, r));
+        val.push_back(loads[e]);
+      }
+      idx.push_back(m0 + w);
+      val.push_back(-1.0);
+      add_row(idx, val, -COIN_DBL_MAX, 0.0);
     }
-    idx.push_back(m_col);
-    val.push_back(-1.0);
-    add_row(idx, val, -COIN_DBL_MAX, 0.0);
   }
   std::vector<std::vector<int>> pairs_of(E);
   for (int q = 0; q < P; ++q) {
@@ -356,13 +420,25 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
     }
   }
 
-  // Warm start: greedy re-packed by the swap local search (even shares).
-  const auto ls_deadline =
-      start + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                  std::chrono::duration<double>(0.5 * options_.time_limit_seconds));
-  const std::vector<int32_t> start_p2l =
-      SwapLocalSearch(p, greedy->physical_to_logical, options_, cap_m, P, ls_deadline);
-  const ObjectiveTerms start_terms = EvaluateObjective(p, start_p2l, {}, options_);
+  // Warm start: the better of greedy and peak-load greedy, each re-packed by the swap local
+  // search (even shares), a quarter of the time limit each.
+  auto deadline_at = [&](double fraction) {
+    return start + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                       std::chrono::duration<double>(fraction * options_.time_limit_seconds));
+  };
+  const std::vector<int32_t> greedy_swapped = SwapLocalSearch(
+      p, greedy->physical_to_logical, options_, cap, P, deadline_at(peak_greedy.empty() ? 0.5 : 0.25));
+  std::vector<int32_t> start_p2l = greedy_swapped;
+  ObjectiveTerms start_terms = EvaluateObjective(p, start_p2l, {}, options_);
+  std::vector<int32_t> peak_swapped;
+  if (!peak_greedy.empty()) {
+    peak_swapped = SwapLocalSearch(p, peak_greedy, options_, cap, P, deadline_at(0.5));
+    const ObjectiveTerms t = EvaluateObjective(p, peak_swapped, {}, options_);
+    if (within_caps(t) && (!within_caps(start_terms) || t.total < start_terms.total)) {
+      start_p2l = peak_swapped;
+      start_terms = t;
+    }
+  }
   std::vector<double> warm(num_cols, 0.0);
   std::vector<int> replicas(E, 0);
   for (int32_t e : start_p2l) {
@@ -372,9 +448,9 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
     const int32_t e = start_p2l[s];
     if (e < 0) continue;
     warm[X(e, s / S)] = 1.0;
-    warm[A(e, s / S)] += p.loads[e] / replicas[e];
+    warm[Z(e, s / S)] += 1.0 / replicas[e];
   }
-  warm[m_col] = std::max(start_terms.max_load, lb_m);
+  for (int w = 0; w < W; ++w) warm[m0 + w] = std::max(start_terms.scenario_max_load[w], lb[w]);
   for (int q = 0; q < P; ++q) {
     for (int r = 0; r < R; ++r) {
       if (warm[X(p.pairs[q].e, r)] > 0.5 && warm[X(p.pairs[q].f, r)] > 0.5) {
@@ -450,7 +526,7 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
                       const char* note) {
     const ObjectiveTerms terms = EvaluateObjective(p, p2l, share, options_);
     const double t = terms.total;
-    if (t < plan.objective - 1e-12 && terms.max_load <= cap_m + 1e-9) {
+    if (t < plan.objective - 1e-12 && within_caps(terms)) {
       plan.physical_to_logical = p2l;
       plan.slot_share = share;
       plan.objective = t;
@@ -459,11 +535,16 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
   };
   auto consider_with_shares = [&](const std::vector<int32_t>& p2l, const char* note) {
     if (!options_.fit_shares) return;
-    std::vector<float> share = OptimalShares(p, p2l);
+    std::vector<float> share = OptimalShares(p, p2l, cap);
     if (!share.empty()) consider(p2l, share, note);
   };
-  consider(start_p2l, {}, "swap search");
-  consider_with_shares(start_p2l, "swap search + LP shares");
+  consider(greedy_swapped, {}, "swap search");
+  consider_with_shares(greedy_swapped, "swap search + LP shares");
+  if (!peak_greedy.empty()) {
+    consider(peak_greedy, {}, "peak greedy");
+    consider(peak_swapped, {}, "peak greedy + swap search");
+    consider_with_shares(peak_swapped, "peak greedy + swap search + LP shares");
+  }
   const double* best = model.bestSolution();
   if (best != nullptr) {
     std::vector<int32_t> p2l(R * S, -1);
@@ -484,12 +565,11 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
     }
     for (int e = 0; e < E && ok; ++e) ok = count[e] > 0;
     if (ok) {
-      // Shares from a[e,r]; an expert without tokens splits evenly.
+      // Shares from z[e,r].
       for (int s = 0; s < R * S; ++s) {
         const int32_t e = p2l[s];
         if (e < 0) continue;
-        share[s] = p.loads[e] > 0 ? static_cast<float>(std::max(0.0, best[A(e, s / S)]) / p.loads[e])
-                                  : 1.0f / count[e];
+        share[s] = static_cast<float>(std::max(0.0, best[Z(e, s / S)]));
       }
       for (int e = 0; e < E; ++e) {  // renormalise away solver round-off
         double sum = 0;

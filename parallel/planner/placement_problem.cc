@@ -31,6 +31,14 @@ absl::Status PlacementProblem::Validate() const {
   for (double l : loads) {
     if (!(l >= 0)) return absl::InvalidArgumentError("placement problem: negative load");
   }
+  for (const auto& w : scenario_loads) {
+    if (static_cast<int>(w.size()) != num_experts) {
+      return absl::InvalidArgumentError("placement problem: a load scenario must have E entries");
+    }
+    for (double l : w) {
+      if (!(l >= 0)) return absl::InvalidArgumentError("placement problem: negative scenario load");
+    }
+  }
   for (const auto& p : pairs) {
     if (p.e < 0 || p.f >= num_experts || p.e >= p.f) {
       return absl::InvalidArgumentError("placement problem: bad co-activation pair");
@@ -43,10 +51,9 @@ absl::Status PlacementProblem::Validate() const {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<PlacementProblem>> BuildProblems(const RoutingTrace& trace,
-                                                            int num_ranks, int slots_per_rank,
-                                                            const ExpertPlacement* current,
-                                                            double expert_bytes) {
+absl::StatusOr<std::vector<PlacementProblem>> BuildProblems(
+    const RoutingTrace& trace, int num_ranks, int slots_per_rank, const ExpertPlacement* current,
+    double expert_bytes, int scenario_windows) {
   if (current != nullptr && (current->num_experts() != trace.num_experts ||
                              current->num_layers() != trace.num_layers)) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -64,6 +71,7 @@ absl::StatusOr<std::vector<PlacementProblem>> BuildProblems(const RoutingTrace& 
     p.top_k = trace.top_k;
     p.loads = std::move(st.loads);
     p.pairs = std::move(st.pairs);
+    if (scenario_windows > 1) p.scenario_loads = WindowLoads(trace, l, scenario_windows);
     p.expert_bytes.assign(trace.num_experts, expert_bytes);
     if (current != nullptr) {
       p.current = current->physical_to_logical(l);

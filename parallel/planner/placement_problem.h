@@ -25,6 +25,11 @@ struct PlacementProblem {
   int top_k = 1;
   std::vector<double> loads;          // [E] assignments per token
   std::vector<CoActivation> pairs;    // co-activated pairs, by weight descending (may be empty)
+  // Load scenarios: the loads of W time windows of the planning data ([W][E], each like
+  // `loads`), empty when only the mean is known. The straggler load M of the objective is the
+  // worst over `loads` and every scenario, so a plan is judged by how it copes with the load
+  // moving, not only by its fit to the mean.
+  std::vector<std::vector<double>> scenario_loads;
   // Current placement of this layer: physical_to_logical over current_num_ranks *
   // current_slots_per_rank slots (the rank count may differ: scale-up/down). Empty: none.
   std::vector<int32_t> current;
@@ -32,6 +37,11 @@ struct PlacementProblem {
   std::vector<double> expert_bytes;   // [E]
 
   int num_slots() const { return num_ranks * slots_per_rank; }
+  // Scenario 0 is the mean (`loads`), 1..W the windows.
+  int num_scenarios() const { return 1 + static_cast<int>(scenario_loads.size()); }
+  const std::vector<double>& scenario(int w) const {
+    return w == 0 ? loads : scenario_loads[w - 1];
+  }
   bool has_current() const { return !current.empty(); }
   // True if the current placement holds expert e on rank r.
   bool CurrentlyOn(int e, int r) const;
@@ -39,11 +49,15 @@ struct PlacementProblem {
   absl::Status Validate() const;
 };
 
+// Time windows the planning data is cut into for load scenarios (BuildProblems).
+inline constexpr int kDefaultScenarioWindows = 4;
+
 // One problem per layer of `trace`. `current` may be null; when given it must have the
 // trace's expert count and layer count. expert_bytes: bytes of each expert's weights.
-absl::StatusOr<std::vector<PlacementProblem>> BuildProblems(const RoutingTrace& trace,
-                                                            int num_ranks, int slots_per_rank,
-                                                            const ExpertPlacement* current,
-                                                            double expert_bytes);
+// scenario_windows: with token paths, the loads of that many consecutive token windows
+// become the problem's scenarios (WindowLoads; 0 or 1: none).
+absl::StatusOr<std::vector<PlacementProblem>> BuildProblems(
+    const RoutingTrace& trace, int num_ranks, int slots_per_rank, const ExpertPlacement* current,
+    double expert_bytes, int scenario_windows = kDefaultScenarioWindows);
 
 }  // namespace sy::parallel::planner

@@ -26,16 +26,20 @@ ObjectiveTerms EvaluateObjective(const PlacementProblem& problem,
   }
   // held[e * R + r]: rank r holds expert e.
   std::vector<char> held(static_cast<size_t>(E) * R, 0);
-  std::vector<double> rank_load(R, 0.0);
-  for (int s = 0; s < R * S; ++s) {
-    const int32_t e = physical_to_logical[s];
-    if (e < 0) continue;
-    const double share = slot_share.empty() ? 1.0 / replicas[e] : slot_share[s];
-    rank_load[s / S] += problem.loads[e] * share;
-    held[static_cast<size_t>(e) * R + s / S] = 1;
-  }
   ObjectiveTerms t;
-  t.max_load = *std::max_element(rank_load.begin(), rank_load.end());
+  for (int w = 0; w < problem.num_scenarios(); ++w) {
+    const std::vector<double>& loads = problem.scenario(w);
+    std::vector<double> rank_load(R, 0.0);
+    for (int s = 0; s < R * S; ++s) {
+      const int32_t e = physical_to_logical[s];
+      if (e < 0) continue;
+      const double share = slot_share.empty() ? 1.0 / replicas[e] : slot_share[s];
+      rank_load[s / S] += loads[e] * share;
+      held[static_cast<size_t>(e) * R + s / S] = 1;
+    }
+    t.scenario_max_load.push_back(*std::max_element(rank_load.begin(), rank_load.end()));
+    t.max_load += t.scenario_max_load.back() / problem.num_scenarios();
+  }
   double credited = 0;
   const int np = CreditedPairs(problem, options);
   for (int i = 0; i < np; ++i) {

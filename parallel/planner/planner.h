@@ -9,7 +9,11 @@
 //
 // The ILP objective (EvaluateObjective scores any plan on it, so policies can be compared):
 //   M + lambda * traffic + mu * migration
-//   M          the straggler rank's load, assignments per token (the ideal is top_k / R)
+//   M          the straggler rank's load, assignments per token (the ideal is top_k / R),
+//              averaged over the load scenarios: the mean loads and every window of the
+//              planning data (PlacementProblem::scenario_loads). An estimate of the expected
+//              straggler load on new data: it prices how a plan copes with the load moving,
+//              not only its fit to the mean. Without scenarios, the straggler load.
 //   traffic    (1 - 1/R) * (top_k - (2/top_k) * sum over co-located pairs of their weight):
 //              copies of a token sent to other ranks, counting one copy per destination rank;
 //              the pair term with weight 2/k never credits more than the copies actually saved
@@ -42,9 +46,10 @@ struct PlannerOptions {
   double mu = 0.001;
   // ILP: credit only this many strongest co-activated pairs (0: 2 * num_experts).
   int max_pairs = 0;
-  // ILP: the straggler load may not exceed greedy's by more than this fraction (a negative
-  // value lifts the cap). With 0 the ILP never balances worse than greedy on the data it is
-  // fitted on and spends its freedom on traffic and migration.
+  // ILP: in every load scenario the straggler load may not exceed greedy's by more than this
+  // fraction (a negative value lifts the cap). With 0 the ILP balances no worse than greedy
+  // on the mean loads and on every window of the planning data, and spends its freedom on
+  // traffic and migration.
   double balance_slack = 0.0;
   // ILP: fit slot shares to the planned loads (the a[e,r] of the program, or an LP for a fixed
   // placement). Off: every plan splits an expert's tokens evenly over its replicas.
@@ -74,7 +79,8 @@ struct LayerPlan {
 };
 
 struct ObjectiveTerms {
-  double max_load = 0;     // M, assignments per token
+  double max_load = 0;     // M: the straggler load averaged over scenarios, per token
+  std::vector<double> scenario_max_load;  // [num_scenarios] the straggler load in each
   double traffic = 0;      // copies per token (proxy above)
   double migration = 0;    // experts moved, weighted by bytes / mean bytes
   double total = 0;        // M + lambda * traffic + mu * migration

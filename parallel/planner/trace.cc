@@ -144,6 +144,28 @@ absl::StatusOr<std::pair<RoutingTrace, RoutingTrace>> SplitTrace(const RoutingTr
   return std::make_pair(std::move(plan), std::move(hold));
 }
 
+std::vector<std::vector<double>> WindowLoads(const RoutingTrace& trace, int layer,
+                                             int num_windows) {
+  std::vector<std::vector<double>> out;
+  if (!trace.has_paths() || num_windows <= 0) return out;
+  const size_t T = trace.token_paths.size();
+  for (int w = 0; w < num_windows; ++w) {
+    const size_t begin = T * w / num_windows, end = T * (w + 1) / num_windows;
+    std::vector<double> loads(trace.num_experts, 0.0);
+    double known = 0;
+    for (size_t t = begin; t < end; ++t) {
+      const auto& p = trace.token_paths[t][layer];
+      if (p.empty()) continue;
+      known += 1;
+      for (int32_t e : p) loads[e] += 1.0;
+    }
+    if (known == 0) continue;
+    for (double& l : loads) l /= known;
+    out.push_back(std::move(loads));
+  }
+  return out;
+}
+
 LayerStats ComputeLayerStats(const RoutingTrace& trace, int layer) {
   LayerStats s;
   const int E = trace.num_experts;

@@ -58,6 +58,13 @@ absl::StatusOr<RoutingTrace> LoadTrace(const std::string& path);
 // FailedPrecondition when the trace has no paths.
 absl::StatusOr<std::pair<RoutingTrace, RoutingTrace>> SplitTrace(const RoutingTrace& trace);
 
+// Loads of `layer` in each of `num_windows` consecutive, equal slices of the trace's tokens
+// (assignments per token, each row sums to ~top_k; tokens with unknown routing skipped):
+// [W][E]. Windows with no known token are left out; empty without token paths. The planner
+// uses them as load scenarios (how much the load moves over time).
+std::vector<std::vector<double>> WindowLoads(const RoutingTrace& trace, int layer,
+                                             int num_windows);
+
 // Loads and co-activation of `layer`. With paths, both come from the paths (tokens with
 // unknown routing skipped); without, loads come from expert_counts and there are no pairs.
 LayerStats ComputeLayerStats(const RoutingTrace& trace, int layer);

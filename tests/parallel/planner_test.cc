@@ -118,6 +118,64 @@ TEST(PlannerTest, IlpIsNeverWorseThanGreedyAndItsBoundIsBelowItsObjective) {
   }
 }
 
+// W windows of a layer: the mean loads of `p`, each expert scaled by a random factor per window.
+void AddScenarios(std::mt19937& rng, PlacementProblem* p, int W) {
+  std::uniform_real_distribution<double> u(0.5, 1.5);
+  for (int w = 0; w < W; ++w) {
+    std::vector<double> loads = p->loads;
+    double sum = 0;
+    for (double& l : loads) sum += (l *= u(rng));
+    for (double& l : loads) l *= p->top_k / sum;
+    p->scenario_loads.push_back(std::move(loads));
+  }
+}
+
+TEST(PlannerTest, ObjectiveAveragesTheStragglerLoadOverTheScenarios) {
+  PlacementProblem p;
+  p.num_experts = 4;
+  p.num_ranks = 2;
+  p.slots_per_rank = 2;
+  p.top_k = 1;
+  p.loads = {0.25, 0.25, 0.25, 0.25};
+  p.scenario_loads = {{0.4, 0.1, 0.3, 0.2}, {0.1, 0.1, 0.1, 0.7}};
+  p.expert_bytes.assign(4, 1);
+  PlannerOptions o;
+  o.lambda = 0;
+  // Ranks {0,1} and {2,3}: straggler 0.5 (mean), 0.5 (window 1), 0.8 (window 2).
+  const ObjectiveTerms t = EvaluateObjective(p, {0, 1, 2, 3}, {}, o);
+  ASSERT_EQ(t.scenario_max_load.size(), 3u);
+  EXPECT_NEAR(t.scenario_max_load[0], 0.5, 1e-12);
+  EXPECT_NEAR(t.scenario_max_load[1], 0.5, 1e-12);
+  EXPECT_NEAR(t.scenario_max_load[2], 0.8, 1e-12);
+  EXPECT_NEAR(t.max_load, (0.5 + 0.5 + 0.8) / 3, 1e-12);
+  EXPECT_NEAR(t.total, t.max_load, 1e-12);
+  // Ranks {0,3} and {1,2}: 0.5, 0.6, 0.8.
+  EXPECT_NEAR(EvaluateObjective(p, {0, 3, 1, 2}, {}, o).max_load, (0.5 + 0.6 + 0.8) / 3, 1e-12);
+}
+
+TEST(PlannerTest, IlpStragglerLoadIsAtMostGreedysInEveryPlanningScenario) {
+  std::mt19937 rng(11);
+  const PlannerOptions o = QuickIlp();
+  for (int trial = 0; trial < 6; ++trial) {
+    PlacementProblem p = RandomProblem(rng, 8, 4, 2 + trial % 2, 2);
+    AddScenarios(rng, &p, 3);
+    auto greedy = MakeGreedyPlanner(o)->PlanLayer(p);
+    auto ilp = MakeIlpPlanner(o)->PlanLayer(p);
+    ASSERT_TRUE(greedy.ok() && ilp.ok()) << ilp.status();
+    const ObjectiveTerms g = EvaluateObjective(p, greedy->physical_to_logical, {}, o);
+    const ObjectiveTerms i =
+        EvaluateObjective(p, ilp->physical_to_logical, ilp->slot_share, o);
+    ASSERT_EQ(i.scenario_max_load.size(), 4u);
+    for (int w = 0; w < 4; ++w) {
+      EXPECT_LE(i.scenario_max_load[w], g.scenario_max_load[w] + 1e-9)
+          << "trial " << trial << " scenario " << w;
+    }
+    EXPECT_NEAR(i.total, ilp->objective, 1e-9);
+    EXPECT_LE(ilp->objective, greedy->objective + 1e-9);
+    EXPECT_LE(ilp->best_bound, ilp->objective + 1e-9);
+  }
+}
+
 TEST(PlannerTest, IlpFindsTheBruteForceOptimumOfATinyInstance) {
   // 6 experts, 3 ranks x 2 slots: every placement is a split into 3 pairs (15 of them); with
   // no spare slot there are no replicas, so shares are fixed and brute force is exact.

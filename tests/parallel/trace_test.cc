@@ -58,6 +58,28 @@ TEST(TraceTest, SplitPlansOnTheFirstHalfAndHoldsOutTheSecond) {
   EXPECT_EQ(plan.expert_counts[1], (std::vector<double>{0, 0, 1, 1}));
 }
 
+TEST(TraceTest, WindowLoadsAreTheLoadsOfConsecutiveSlicesOfTheTokens) {
+  auto t = ParseTrace(kTiny);
+  ASSERT_TRUE(t.ok());
+  // Layer 0, two windows: tokens {0,1} -> experts 0,1,0,1; tokens {2,3} -> 2,0,1,3.
+  const auto w0 = WindowLoads(*t, 0, 2);
+  ASSERT_EQ(w0.size(), 2u);
+  EXPECT_EQ(w0[0], (std::vector<double>{1, 1, 0, 0}));
+  EXPECT_EQ(w0[1], (std::vector<double>{0.5, 0.5, 0.5, 0.5}));
+  // Layer 1, four windows: token 1 is unknown there, so its window is left out.
+  const auto w1 = WindowLoads(*t, 1, 4);
+  ASSERT_EQ(w1.size(), 3u);
+  EXPECT_EQ(w1[1], (std::vector<double>{1, 1, 0, 0}));
+  // BuildProblems carries them as load scenarios; a counts-only trace has none.
+  auto problems = BuildProblems(*t, 2, 2, nullptr, 1.0, 2);
+  ASSERT_TRUE(problems.ok()) << problems.status();
+  EXPECT_EQ((*problems)[0].scenario_loads, w0);
+  EXPECT_EQ((*problems)[0].num_scenarios(), 3);
+  RoutingTrace counts = *t;
+  counts.token_paths.clear();
+  EXPECT_TRUE(WindowLoads(counts, 0, 4).empty());
+}
+
 TEST(TraceTest, CountsOnlyTraceGivesLoadsFromCountsAndNoPairs) {
   auto t = ParseTrace(R"({"num_layers": 1, "num_experts": 2, "top_k": 1, "num_tokens": 10,
                           "expert_counts": [[7, 3]]})");
