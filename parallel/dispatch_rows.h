@@ -3,6 +3,10 @@
 // steps. Each kernel makes one pass over its rows (read every input once, write the output
 // once), so the dispatcher's memory traffic stays at the minimum its layout needs.
 //
+// The AVX-512 kernels prefetch (and prefetchw their output) a fixed distance ahead in every
+// row: the dispatcher's rows are scattered 4 KiB pieces and hardware prefetchers stop at page
+// boundaries.
+//
 // Two flavours, picked once at run time: AVX-512 (f32 → bf16 with vcvtneps2bf16 when the CPU
 // has AVX-512-BF16, which flushes bf16 denormal inputs to zero; else the RNE bit trick in
 // 16-lane registers) and portable C++ (RNE, NaN stays NaN). Both round to nearest even.
@@ -18,6 +22,8 @@ namespace sy::parallel {
 void RowToBf16(const float* src, int64_t n, uint16_t* dst);
 // dst: f32 [n] = src: bf16 [n] (exact).
 void RowFromBf16(const uint16_t* src, int64_t n, float* dst);
+// dst: f32 [n] = src: f32 [n] (memcpy, with the prefetch of the other kernels).
+void RowCopyF32(const float* src, int64_t n, float* dst);
 
 // One fused weighted sum over `n` columns:
 //   acc[c] = Σ_i w[i] · y[i][c]  +  Σ_j parts[j][c]

@@ -144,14 +144,7 @@ class EpDispatcher final : public ExpertParallelDispatcher {
     if (bf16()) {
       RowToBf16(src, hidden, reinterpret_cast<uint16_t*>(dst));
     } else {
-      std::memcpy(dst, src, hidden * sizeof(float));
-    }
-  }
-  void GetRow(const char* src, int64_t hidden, float* dst) const {
-    if (bf16()) {
-      RowFromBf16(reinterpret_cast<const uint16_t*>(src), hidden, dst);
-    } else {
-      std::memcpy(dst, src, hidden * sizeof(float));
+      RowCopyF32(src, hidden, reinterpret_cast<float*>(dst));
     }
   }
   // fn(begin, end) over [0, n), on the pool when there is one and the work is worth it.
@@ -372,10 +365,10 @@ absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t nu
     for (int64_t i = b; i < e; ++i) {
       float* dst = &grouped_[pos_of_pair_[i] * hidden];
       const char* src = in_row_ptr(in_row_[i]);
-      if (row_src_[in_row_[i]] == me) {
-        std::memcpy(dst, src, hidden * sizeof(float));
+      if (row_src_[in_row_[i]] == me || !bf16()) {
+        RowCopyF32(reinterpret_cast<const float*>(src), hidden, dst);
       } else {
-        GetRow(src, hidden, dst);
+        RowFromBf16(reinterpret_cast<const uint16_t*>(src), hidden, dst);
       }
     }
   });

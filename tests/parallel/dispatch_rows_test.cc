@@ -4,6 +4,7 @@
 #include "parallel/dispatch_rows.h"
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
@@ -69,6 +70,16 @@ TEST_P(DispatchRowsTest, RowFromBf16IsExact) {
     std::vector<float> got(n + 1, -7.f);
     RowFromBf16(src.data(), n, got.data());
     for (int64_t i = 0; i < n; ++i) EXPECT_EQ(got[i], Bf16ToF32(src[i])) << i;
+    EXPECT_EQ(got[n], -7.f);
+  }
+}
+
+TEST_P(DispatchRowsTest, RowCopyF32CopiesEveryBitAndNothingMore) {
+  for (int64_t n = 1; n <= 70; ++n) {
+    const std::vector<float> src = Values(n, static_cast<uint32_t>(100 + n));
+    std::vector<float> got(n + 1, -7.f);
+    RowCopyF32(src.data(), n, got.data());
+    EXPECT_EQ(std::memcmp(got.data(), src.data(), n * sizeof(float)), 0) << "n=" << n;
     EXPECT_EQ(got[n], -7.f);
   }
 }
