@@ -36,7 +36,8 @@ namespace sy::parallel {
 // An all-to-all-v in flight (Communicator::StartAllToAllV). Wait() exactly once; destroying a
 // handle that was not waited for waits (and drops the status). Until Wait() returns, the send
 // and receive buffers and the count and offset spans given to Start must stay valid and
-// unchanged, and the rank calls no other collective on the communicator.
+// unchanged, and the rank calls no other collective on the communicator. A handle must not
+// outlive its communicator.
 class PendingAllToAllV {
  public:
   virtual ~PendingAllToAllV() = default;
