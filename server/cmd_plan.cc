@@ -53,9 +53,11 @@ int PlanCommand(int argc, char** argv) {
   flags.Add("time-limit", &time_limit, "ilp: seconds per layer");
   flags.Add("lambda", &lambda, "ilp: objective weight of one cross-rank copy per token (in load units)");
   flags.Add("mu", &mu, "ilp: objective weight of one expert moved (in load units)");
-  flags.Add("balance-slack", &balance_slack, "ilp: straggler load may exceed greedy's by this fraction (<0: no cap)");
+  flags.Add("balance-slack", &balance_slack, "ilp: straggler load may exceed greedy's (in any scenario) by this fraction (<0: no cap)");
   bool fit_shares = true;
   flags.Add("fit-shares", &fit_shares, "ilp: fit slot shares to the planned loads (--no-fit-shares: even split)");
+  int windows = pl::kDefaultScenarioWindows;
+  flags.Add("windows", &windows, "ilp: load scenarios = this many windows of the planning tokens (0: mean only)");
   flags.Add("max-pairs", &max_pairs, "ilp: co-activated pairs credited per layer (0: 2 * experts)");
   flags.Add("nodes", &nodes, "greedy: nodes for hierarchical EPLB (ranks split evenly)");
   flags.Add("groups", &groups, "greedy: expert groups for hierarchical EPLB");
@@ -130,6 +132,7 @@ int PlanCommand(int argc, char** argv) {
   setup.slots_per_rank = slots_per_rank;
   setup.current = current ? &*current : nullptr;
   setup.expert_bytes = expert_bytes;
+  setup.scenario_windows = windows;
   setup.options.time_limit_seconds = time_limit;
   setup.options.lambda = lambda;
   setup.options.mu = mu;

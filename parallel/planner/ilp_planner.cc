@@ -21,7 +21,9 @@
 //   M_w >= max_e load_w[e] / c[e]     c = the replica counts that minimise the largest load
 //                                     per replica (highest-load-per-replica greedy is exact for
 //                                     that, each expert at most R replicas): a valid cut that
-//                                     lifts the LP bound when one hot expert sets the pace
+//                                     lifts the LP bound when one hot expert sets the pace;
+//                                     with no spare slot (E = R S) the hottest expert's rank
+//                                     also holds the S-1 lightest others
 //   M_w <= (1 + balance_slack) * M_w(greedy)   (optional) in no scenario balance worse than
 //                                     greedy (EPLB on the mean loads, the baseline)
 // With M = (1/W) sum_w M_w (the expected straggler load; M_0 alone without scenarios):
@@ -85,7 +87,17 @@ double ReplicaLowerBound(const PlacementProblem& p, const std::vector<double>& l
     --spare;
   }
   const int e = worst();
-  return std::max(loads[e] / c[e], total / R);
+  double bound = std::max(loads[e] / c[e], total / R);
+  if (p.num_slots() == E && p.slots_per_rank > 1) {
+    // No spare slot: every expert has one replica and every rank exactly S of them, so the
+    // rank of the hottest expert also carries at least the S-1 lightest others.
+    std::vector<double> sorted = loads;
+    std::sort(sorted.begin(), sorted.end());
+    double lightest = 0;
+    for (int i = 0; i < p.slots_per_rank - 1; ++i) lightest += sorted[i];
+    bound = std::max(bound, sorted.back() + lightest);
+  }
+  return bound;
 }
 
 // Swap local search on the ILP objective with even shares: exchange the contents of two slots
@@ -264,6 +276,10 @@ std::vector<float> OptimalShares(const PlacementProblem& p, const std::vector<in
   }
   return share;
 }
+
+// Share of the time limit CBC may use; the rest is left for the share LPs and the choice
+// among candidates after it, so a layer ends within its limit on an idle core.
+constexpr double kSolveFraction = 0.85;
 
 class IlpPlanner : public Planner {
  public:
@@ -473,7 +489,7 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
   // faster than dual here. Clp's own limit keeps one LP from overrunning the layer's budget.
   solver.setHintParam(OsiDoDualInInitial, false, OsiHintDo);
   solver.getModelPtr()->setMaximumSeconds(
-      std::max(0.05, options_.time_limit_seconds - Seconds(start)));
+      std::max(0.05, kSolveFraction * options_.time_limit_seconds - Seconds(start)));
   solver.initialSolve();
   // The root LP's optimum is a valid bound only when the LP finished.
   const bool root_solved = solver.isProvenOptimal();
@@ -483,7 +499,8 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
   model.messageHandler()->setLogLevel(0);
   model.solver()->messageHandler()->setLogLevel(0);
   model.setUseElapsedTime(true);
-  const double budget = std::max(0.05, options_.time_limit_seconds - Seconds(start));
+  const double budget =
+      std::max(0.05, kSolveFraction * options_.time_limit_seconds - Seconds(start));
   model.setMaximumSeconds(budget);
   model.setAllowableGap(options_.target_gap * std::fabs(warm_obj + constant));
   CglProbing probing;

@@ -50,7 +50,7 @@ struct PlacementProblem {
 };
 
 // Time windows the planning data is cut into for load scenarios (BuildProblems).
-inline constexpr int kDefaultScenarioWindows = 4;
+inline constexpr int kDefaultScenarioWindows = 8;
 
 // One problem per layer of `trace`. `current` may be null; when given it must have the
 // trace's expert count and layer count. expert_bytes: bytes of each expert's weights.
