@@ -176,6 +176,30 @@ TEST(PlannerTest, IlpStragglerLoadIsAtMostGreedysInEveryPlanningScenario) {
   }
 }
 
+TEST(PlannerTest, IlpProvesTheOptimumOfA64By16LayerWhoseHottestExpertSetsThePace) {
+  // 64 experts on 16 ranks x 4 slots: every rank holds exactly 4 experts, so the hottest
+  // expert's rank carries at least it plus the 3 lightest others. Greedy reaches that and the
+  // cut proves it at once (without the cut CBC needs about 10x longer here).
+  PlacementProblem p;
+  p.num_experts = 64;
+  p.num_ranks = 16;
+  p.slots_per_rank = 4;
+  p.top_k = 1;
+  std::mt19937 rng(12);
+  std::uniform_real_distribution<double> u(0.005, 0.015);
+  for (int e = 0; e < 64; ++e) p.loads.push_back(e == 5 ? 0.3 : u(rng));
+  p.expert_bytes.assign(64, 1);
+  std::vector<double> sorted = p.loads;
+  std::sort(sorted.begin(), sorted.end());
+  PlannerOptions o = QuickIlp();
+  auto ilp = MakeIlpPlanner(o)->PlanLayer(p);
+  ASSERT_TRUE(ilp.ok()) << ilp.status();
+  const ObjectiveTerms t = EvaluateObjective(p, ilp->physical_to_logical, ilp->slot_share, o);
+  EXPECT_NEAR(t.max_load, 0.3 + sorted[0] + sorted[1] + sorted[2], 1e-9);
+  EXPECT_NEAR(ilp->best_bound, ilp->objective, 1e-9);
+  EXPECT_LT(ilp->gap, 1e-9);
+}
+
 TEST(PlannerTest, IlpFindsTheBruteForceOptimumOfATinyInstance) {
   // 6 experts, 3 ranks x 2 slots: every placement is a split into 3 pairs (15 of them); with
   // no spare slot there are no replicas, so shares are fixed and brute force is exact.
