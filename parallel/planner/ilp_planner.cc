@@ -601,15 +601,23 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
       consider_with_shares(p2l, "cbc + LP shares");
     }
   }
-  // The bound: what CBC proved, else the root LP, else the analytic one (M's cut with every
-  // credited pair co-located). A CBC bound above the objective means CBC stopped before it
-  // had one (it reports its cutoff then), so it is not used.
+  // The bound: the best of what CBC proved, the root LP, and the analytic one (the M_w cuts
+  // with every credited pair co-located). CBC's bound counts only when its search finished or
+  // got past the root: stopped earlier, getBestPossibleObjValue() falls back to the incumbent
+  // it was handed (the warm start), which proves nothing. Finished on the allowable gap, it
+  // proves its incumbent only to within that gap. A CBC bound above the objective is its
+  // cutoff, not a bound, and is not used either.
   double all_pairs = 0;
   for (int q = 0; q < P; ++q) all_pairs += p.pairs[q].weight;
   double bound = lb_m + constant - pair_coef * all_pairs;
   if (root_solved) bound = std::max(bound, root_bound);
-  const double cbc_bound = model.getBestPossibleObjValue() + constant;
-  if (root_solved && std::isfinite(cbc_bound) && cbc_bound <= plan.objective + 1e-9) {
+  const bool cbc_searched = model.isProvenOptimal() || model.getNodeCount() > 0;
+  double cbc_bound = model.getBestPossibleObjValue() + constant;
+  if (model.isProvenOptimal()) {
+    cbc_bound = std::min(cbc_bound, model.getObjValue() + constant - model.getAllowableGap());
+  }
+  if (root_solved && cbc_searched && std::isfinite(cbc_bound) &&
+      cbc_bound <= plan.objective + 1e-9) {
     bound = std::max(bound, cbc_bound);
   }
   plan.proven_optimal = model.isProvenOptimal() && best != nullptr &&

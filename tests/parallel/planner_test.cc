@@ -179,7 +179,7 @@ TEST(PlannerTest, IlpStragglerLoadIsAtMostGreedysInEveryPlanningScenario) {
 TEST(PlannerTest, IlpProvesTheOptimumOfA64By16LayerWhoseHottestExpertSetsThePace) {
   // 64 experts on 16 ranks x 4 slots: every rank holds exactly 4 experts, so the hottest
   // expert's rank carries at least it plus the 3 lightest others. Greedy reaches that and the
-  // cut proves it at once (without the cut CBC needs about 10x longer here).
+  // cut proves it exactly (without the cut CBC proves it only to within its allowable gap).
   PlacementProblem p;
   p.num_experts = 64;
   p.num_ranks = 16;
