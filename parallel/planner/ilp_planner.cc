@@ -436,6 +436,26 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
     }
   }
 
+  // Symmetry: without a current placement the ranks are interchangeable, so every placement
+  // has a copy with ranks in descending order of their load under the mean loads; keeping
+  // only those spares CBC from exploring R! copies of each. (With a current placement the
+  // migration term tells ranks apart.)
+  const bool rank_symmetry = !p.has_current();
+  if (rank_symmetry) {
+    for (int r = 0; r + 1 < R; ++r) {
+      std::vector<int> idx;
+      std::vector<double> val;
+      for (int e = 0; e < E; ++e) {
+        if (p.loads[e] <= 0) continue;
+        idx.push_back(Z(e, r));
+        val.push_back(p.loads[e]);
+        idx.push_back(Z(e, r + 1));
+        val.push_back(-p.loads[e]);
+      }
+      if (!idx.empty()) add_row(idx, val, 0.0, COIN_DBL_MAX);
+    }
+  }
+
   // Warm start: the better of greedy and peak-load greedy, each re-packed by the swap local
   // search (even shares), a quarter of the time limit each.
   auto deadline_at = [&](double fraction) {
@@ -460,8 +480,24 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
   for (int32_t e : start_p2l) {
     if (e >= 0) ++replicas[e];
   }
+  // The warm start with its ranks in the order the symmetry rows ask for.
+  std::vector<int32_t> warm_p2l = start_p2l;
+  if (rank_symmetry) {
+    std::vector<double> mean_load(R, 0.0);
+    for (int s = 0; s < R * S; ++s) {
+      if (start_p2l[s] >= 0) mean_load[s / S] += p.loads[start_p2l[s]] / replicas[start_p2l[s]];
+    }
+    std::vector<int> order(R);
+    for (int r = 0; r < R; ++r) order[r] = r;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int a, int b) { return mean_load[a] > mean_load[b]; });
+    for (int r = 0; r < R; ++r) {
+      std::copy(start_p2l.begin() + order[r] * S, start_p2l.begin() + (order[r] + 1) * S,
+                warm_p2l.begin() + r * S);
+    }
+  }
   for (int s = 0; s < R * S; ++s) {
-    const int32_t e = start_p2l[s];
+    const int32_t e = warm_p2l[s];
     if (e < 0) continue;
     warm[X(e, s / S)] = 1.0;
     warm[Z(e, s / S)] += 1.0 / replicas[e];
