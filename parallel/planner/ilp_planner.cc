@@ -26,6 +26,8 @@
 //                                     also holds the S-1 lightest others
 //   M_w <= (1 + balance_slack) * M_w(greedy)   (optional) in no scenario balance worse than
 //                                     greedy (EPLB on the mean loads, the baseline)
+//   sum_e load[e] z[e,r] >= sum_e load[e] z[e,r+1]   without a current placement: ranks in
+//                                     descending order of mean load (symmetry breaking)
 // With M = (1/W) sum_w M_w (the expected straggler load; M_0 alone without scenarios):
 // Objective: M + lambda * (1-1/R) * (k - (2/k) sum_p w[p] sum_r y[p,r])
 //              + mu * sum_{(e,r) not held now} bytes[e]/mean_bytes * x[e,r]
