@@ -332,6 +332,24 @@ TEST(LiveRebalanceTest, ExtraExpertSlotsLetARebalanceReplicateExperts) {
     ASSERT_TRUE(s.status.ok()) << s.status.error_message();
     EXPECT_EQ(s.tokens, want[i]);
   }
+  {
+    // The ILP plans on the live window's load scenarios too; a dry run applies nothing.
+    grpc::ClientContext ctx;
+    Deadline(&ctx);
+    v1::RebalanceRequest req;
+    req.set_policy("ilp");
+    req.set_dry_run(true);
+    req.set_time_limit_seconds(0.5);
+    v1::RebalanceReport ilp;
+    grpc::Status s = admin->Rebalance(&ctx, req, &ilp);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+    EXPECT_FALSE(ilp.applied());
+    EXPECT_GE(ilp.gap(), 0.0);
+    auto planned = parallel::ExpertPlacement::FromJson(ilp.placement_json());
+    ASSERT_TRUE(planned.ok()) << planned.status();
+    EXPECT_EQ(planned->slots_per_rank(), 3);
+    EXPECT_GT(ilp.window_tokens(), 0);
+  }
   v1::RebalanceReport report;
   {
     grpc::ClientContext ctx;
