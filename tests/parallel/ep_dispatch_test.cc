@@ -268,7 +268,9 @@ TEST(EpDispatchTest, SkewedRoutingToOneRankLeavesOthersReceivingNothingAndLowers
     const RankInput& in = inputs[L - 1][r];
     ExpectNear(res.out[r], ReferenceMoe(L - 1, in.x, H, in.topk_ids, in.topk_weights, K), 1e-5f,
                "rank " + std::to_string(r));
-    if (r > 0) EXPECT_EQ(res.stats[r].pairs_computed, 0) << "rank " << r;
+    if (r > 0) {
+      EXPECT_EQ(res.stats[r].pairs_computed, 0) << "rank " << r;
+    }
   }
   // Loads are learnt one call late: layers 0 and 1 are known after 3 calls.
   const EpDispatchStats& s = res.stats[2];
@@ -491,10 +493,14 @@ TEST(EpDispatchTest, PlacementEpochMismatchFailsEveryRankAndTheGroupRecoversOnce
           ExpertFn(l, disp->local_slot_expert(l, s), rows + i * H, H, y + i * H);
     };
     const RankInput& in = inputs[r];
-    if (r == 1) ASSERT_TRUE(disp->SetPlacement(new_placement).ok());  // only rank 1 switched
+    if (r == 1) {
+      ASSERT_TRUE(disp->SetPlacement(new_placement).ok());  // only rank 1 switched
+    }
     first[r] = disp->DispatchCombine(0, in.x.data(), 6, H, in.topk_ids.data(),
                                      in.topk_weights.data(), K, compute, out[r].data());
-    if (r == 0) ASSERT_TRUE(disp->SetPlacement(new_placement).ok());
+    if (r == 0) {
+      ASSERT_TRUE(disp->SetPlacement(new_placement).ok());
+    }
     second[r] = disp->DispatchCombine(0, in.x.data(), 6, H, in.topk_ids.data(),
                                       in.topk_weights.data(), K, compute, out[r].data());
   });
