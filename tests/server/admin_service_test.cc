@@ -80,6 +80,13 @@ struct Stream {
   std::vector<int32_t> tokens;
 };
 
+// Waits (at most 60 s) until `chunks` reaches n: the streams are under way.
+void WaitForChunks(const std::atomic<int>& chunks, int n) {
+  const auto until = std::chrono::steady_clock::now() + seconds(60);
+  while (chunks.load() < n && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+}
+
 // Streams one request; `chunks` counts chunks received over all streams.
 Stream Generate(v1::Inference::Stub& stub, const std::vector<int32_t>& prompt, int max_new,
                 std::atomic<int>* chunks) {
@@ -278,10 +285,7 @@ TEST(LiveRebalanceTest, APlacementWithReplicasInExtraSlotsAppliesMidStream) {
   std::vector<std::thread> threads;
   for (size_t i = 0; i < Prompts().size(); ++i)
     threads.emplace_back([&, i] { got[i] = Generate(*inference, Prompts()[i], max_new, &chunks); });
-  const auto until = std::chrono::steady_clock::now() + seconds(60);
-  while (chunks.load() < static_cast<int>(Prompts().size()) * max_new / 8 &&
-         std::chrono::steady_clock::now() < until)
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  WaitForChunks(chunks, static_cast<int>(Prompts().size()) * max_new / 8);
   v1::ApplyPlacementResponse applied;
   {
     grpc::ClientContext ctx;
@@ -412,11 +416,7 @@ TEST(LiveRebalanceTest, PlacementsAppliedMidStreamKeepEveryRequestsGreedyTokens)
       got[i] = Generate(*inference, Prompts()[i], max_new, &chunks);
       finished.fetch_add(1);
     });
-  auto wait_chunks = [&](int n) {
-    const auto until = std::chrono::steady_clock::now() + seconds(60);
-    while (chunks.load() < n && std::chrono::steady_clock::now() < until)
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  };
+  auto wait_chunks = [&](int n) { WaitForChunks(chunks, n); };
   const int total_chunks = static_cast<int>(Prompts().size()) * max_new;
 
   // 1. Every expert moves one rank on (each rank gains and frees one expert per MoE layer).
