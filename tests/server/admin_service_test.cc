@@ -75,6 +75,17 @@ void Deadline(grpc::ClientContext* ctx, const std::string& token = "") {
   if (!token.empty()) ctx->AddMetadata("authorization", "Bearer " + token);
 }
 
+// The placement in force (Admin.GetPlacement, no token); a failed call fails the test and
+// returns an empty Placement.
+v1::Placement CurrentPlacement(v1::Admin::Stub& admin) {
+  grpc::ClientContext ctx;
+  Deadline(&ctx);
+  v1::Placement p;
+  grpc::Status s = admin.GetPlacement(&ctx, v1::GetPlacementRequest(), &p);
+  EXPECT_TRUE(s.ok()) << s.error_message();
+  return p;
+}
+
 struct Stream {
   grpc::Status status;
   std::vector<int32_t> tokens;
@@ -253,10 +264,7 @@ TEST(AdminApplyTest, BadPlacementsAreInvalidArgumentAndChangeNothing) {
     v1::ApplyPlacementResponse resp;
     EXPECT_EQ(admin->ApplyPlacement(&ctx, req, &resp).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   }
-  grpc::ClientContext ctx;
-  Deadline(&ctx);
-  v1::Placement p;
-  ASSERT_TRUE(admin->GetPlacement(&ctx, v1::GetPlacementRequest(), &p).ok());
+  const v1::Placement p = CurrentPlacement(*admin);
   EXPECT_EQ(p.epoch(), 0);
   d->Drain();
 }
@@ -301,10 +309,7 @@ TEST(LiveRebalanceTest, APlacementWithReplicasInExtraSlotsAppliesMidStream) {
     EXPECT_TRUE(got[i].status.ok()) << got[i].status.error_message();
     EXPECT_EQ(got[i].tokens, want[i]) << "prompt " << i;
   }
-  grpc::ClientContext ctx;
-  Deadline(&ctx);
-  v1::Placement now;
-  ASSERT_TRUE(admin->GetPlacement(&ctx, v1::GetPlacementRequest(), &now).ok());
+  const v1::Placement now = CurrentPlacement(*admin);
   EXPECT_EQ(now.slots_per_rank(), 3);
   d->Drain();
 }
@@ -321,10 +326,7 @@ TEST(LiveRebalanceTest, ExtraExpertSlotsLetARebalanceReplicateExperts) {
   auto inference = v1::Inference::NewStub(Channel(*d));
   auto admin = v1::Admin::NewStub(Channel(*d));
   {
-    grpc::ClientContext ctx;
-    Deadline(&ctx);
-    v1::Placement p;
-    ASSERT_TRUE(admin->GetPlacement(&ctx, v1::GetPlacementRequest(), &p).ok());
+    const v1::Placement p = CurrentPlacement(*admin);
     EXPECT_EQ(p.slots_per_rank(), 3);
     auto start = parallel::ExpertPlacement::FromJson(p.placement_json());
     ASSERT_TRUE(start.ok());
@@ -474,10 +476,7 @@ TEST(LiveRebalanceTest, PlacementsAppliedMidStreamKeepEveryRequestsGreedyTokens)
     EXPECT_EQ(got[i].tokens, want[i]) << "prompt " << i;
   }
   // The placement in force is the last one applied.
-  grpc::ClientContext ctx;
-  Deadline(&ctx);
-  v1::Placement now;
-  ASSERT_TRUE(admin->GetPlacement(&ctx, v1::GetPlacementRequest(), &now).ok());
+  const v1::Placement now = CurrentPlacement(*admin);
   EXPECT_EQ(now.epoch(), applied.epoch());
   auto expected = parallel::ExpertPlacement::FromJson(ShiftedPlacement(c, ranks, 2));
   auto in_force = parallel::ExpertPlacement::FromJson(now.placement_json());
