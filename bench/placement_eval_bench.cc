@@ -11,7 +11,8 @@
 //
 //   placement_eval_bench [--traces DIR] [--filter SUBSTR] [--ranks 8,16]
 //                        [--extra 0,12.5,25] [--time-limit 2] [--threads 0] [--layers 0]
-//                        [--windows 4] [--no-fit-shares] [--json FILE]
+//                        [--windows 4] [--no-fit-shares] [--no-average-scenarios]
+//                        [--json FILE]
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -57,7 +58,7 @@ int main(int argc, char** argv) {
               extra_list = "0,12.5,25", json_out;
   double time_limit = 2.0;
   int threads = 0, layers = 0, windows = pl::kDefaultScenarioWindows;
-  bool fit_shares = true;
+  bool fit_shares = true, average_scenarios = true;
   sy::server::FlagSet flags("placement_eval_bench", "greedy vs ilp expert placement on every trace");
   flags.Add("traces", &traces_dir, "folder of routing traces (*.json)");
   flags.Add("filter", &filter, "only traces whose file name contains this");
@@ -69,6 +70,9 @@ int main(int argc, char** argv) {
   flags.Add("json", &json_out, "also write the rows here");
   flags.Add("windows", &windows, "load scenarios: windows of the planning half (0: mean only)");
   flags.Add("fit-shares", &fit_shares, "ilp: fit slot shares (--no-fit-shares: even split)");
+  flags.Add("average-scenarios", &average_scenarios,
+            "ilp: straggler term averaged over the windows (--no-average-scenarios: the mean "
+            "loads' straggler, windows as caps)");
   absl::Status s = flags.Parse(argc, argv);
   if (absl::IsCancelled(s)) {
     std::cout << s.message();
@@ -134,6 +138,7 @@ int main(int argc, char** argv) {
         setup.options.time_limit_seconds = time_limit;
         setup.options.max_threads = threads;
         setup.options.fit_shares = fit_shares;
+        setup.options.average_scenarios = average_scenarios;
         setup.scenario_windows = windows;
         auto greedy = pl::EvaluatePolicy("greedy", plan_trace, eval_trace, setup);
         auto ilp = pl::EvaluatePolicy("ilp", plan_trace, eval_trace, setup);

@@ -58,6 +58,11 @@ int PlanCommand(int argc, char** argv) {
   flags.Add("fit-shares", &fit_shares, "ilp: fit slot shares to the planned loads (--no-fit-shares: even split)");
   int windows = pl::kDefaultScenarioWindows;
   flags.Add("windows", &windows, "ilp: load scenarios = this many windows of the planning tokens (0: mean only)");
+  bool average_scenarios = true;
+  flags.Add("average-scenarios", &average_scenarios,
+            "ilp: straggler term averaged over the mean loads and every window (robust; "
+            "--no-average-scenarios: the mean loads' straggler, windows only as caps: a tighter "
+            "bound, less held-out balance)");
   flags.Add("max-pairs", &max_pairs, "ilp: co-activated pairs credited per layer (0: 2 * experts)");
   flags.Add("nodes", &nodes, "greedy: nodes for hierarchical EPLB (ranks split evenly)");
   flags.Add("groups", &groups, "greedy: expert groups for hierarchical EPLB");
@@ -139,6 +144,7 @@ int PlanCommand(int argc, char** argv) {
   setup.options.balance_slack = balance_slack;
   setup.options.max_pairs = max_pairs;
   setup.options.fit_shares = fit_shares;
+  setup.options.average_scenarios = average_scenarios;
   setup.options.num_nodes = nodes;
   setup.options.num_groups = groups;
   setup.options.max_threads = threads;

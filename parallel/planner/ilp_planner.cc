@@ -28,11 +28,16 @@
 //                                     greedy (EPLB on the mean loads, the baseline)
 //   sum_e load[e] z[e,r] >= sum_e load[e] z[e,r+1]   without a current placement: ranks in
 //                                     descending order of mean load (symmetry breaking)
-// With M = (1/W) sum_w M_w (the expected straggler load; M_0 alone without scenarios):
+// With M = (1/W) sum_w M_w (the expected straggler load; M_0 alone without scenarios or with
+// PlannerOptions::average_scenarios off):
 // Objective: M + lambda * (1-1/R) * (k - (2/k) sum_p w[p] sum_r y[p,r])
 //              + mu * sum_{(e,r) not held now} bytes[e]/mean_bytes * x[e,r]
 // (migration m[e,r] >= x[e,r] - x_old[e,r] needs no variable: where x_old = 1 it is 0,
 // elsewhere m = x.)
+// The reported bound is the best of CBC's, the root LP's, the analytic one, and the pair-credit
+// bound (credit_bound.h: an LP over connected expert sets that bounds the co-located pair
+// weight of any placement, far below "every credited pair", and, with no spare slot and M the
+// mean loads' straggler, taken jointly with M).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -51,6 +56,7 @@
 #include "CoinPackedMatrix.hpp"
 #include "OsiClpSolverInterface.hpp"
 #include "absl/strings/str_cat.h"
+#include "parallel/planner/credit_bound.h"
 #include "parallel/planner/eplb.h"
 #include "parallel/planner/planner.h"
 
@@ -65,6 +71,15 @@ double ThreadCpuSeconds() {
 
 double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
+}
+
+// The weight of each scenario's straggler load in the objective's M (PlannerOptions::
+// average_scenarios): 1/W each, or all on the mean loads (scenario 0).
+std::vector<double> ScenarioWeights(const PlacementProblem& p, const PlannerOptions& o) {
+  const int W = p.num_scenarios();
+  std::vector<double> sw(W, o.average_scenarios ? 1.0 / W : 0.0);
+  if (!o.average_scenarios) sw[0] = 1.0;
+  return sw;
 }
 
 // Lower bound on M from replica counts alone (see the header comment), for one scenario's
@@ -113,6 +128,7 @@ std::vector<int32_t> SwapLocalSearch(const PlacementProblem& p, std::vector<int3
                                      int num_pairs,
                                      std::chrono::steady_clock::time_point deadline) {
   const int E = p.num_experts, R = p.num_ranks, S = p.slots_per_rank, W = p.num_scenarios();
+  const std::vector<double> sw = ScenarioWeights(p, o);
   std::vector<int> count(E, 0);
   for (int32_t e : p2l) {
     if (e >= 0) ++count[e];
@@ -169,7 +185,7 @@ std::vector<int32_t> SwapLocalSearch(const PlacementProblem& p, std::vector<int3
     *violation = 0;
     for (int w = 0; w < W; ++w) {
       const double mw = *std::max_element(rank_load.begin() + w * R, rank_load.begin() + (w + 1) * R);
-      m += mw / W;
+      m += sw[w] * mw;
       *violation += std::max(0.0, mw - cap[w]);
     }
     return m;
@@ -216,7 +232,8 @@ std::vector<int32_t> SwapLocalSearch(const PlacementProblem& p, std::vector<int3
 // shares from chasing the noise of one. Empty when no expert has two replicas (nothing to
 // choose) or the LP is infeasible.
 std::vector<float> OptimalShares(const PlacementProblem& p, const std::vector<int32_t>& p2l,
-                                 const std::vector<double>& cap) {
+                                 const std::vector<double>& cap, const PlannerOptions& o) {
+  const std::vector<double> sw = ScenarioWeights(p, o);
   const int E = p.num_experts, R = p.num_ranks, S = p.slots_per_rank, n = R * S,
             W = p.num_scenarios();
   std::vector<std::vector<int>> slots_of(E);
@@ -259,7 +276,9 @@ std::vector<float> OptimalShares(const PlacementProblem& p, const std::vector<in
   }
   for (int w = 0; w < W; ++w) {
     col_ub[m0 + w] = cap[w];
-    obj[m0 + w] = 1.0 / W;
+    // The windows also break ties when they are not in the objective: of the shares that
+    // balance the mean loads best, those that hold up across the windows.
+    obj[m0 + w] = sw[w] + (o.average_scenarios ? 0.0 : 1e-3 / W);
   }
   OsiClpSolverInterface lp;
   lp.messageHandler()->setLogLevel(0);
@@ -336,11 +355,12 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
   for (double b : p.expert_bytes) mean_bytes += b;
   mean_bytes /= E;
   // Per scenario: M_w's lower bound and its cap (greedy's straggler load in that scenario).
+  const std::vector<double> sw = ScenarioWeights(p, options_);
   std::vector<double> lb(W), cap(W, COIN_DBL_MAX);
   double lb_m = 0;
   for (int w = 0; w < W; ++w) {
     lb[w] = ReplicaLowerBound(p, p.scenario(w));
-    lb_m += lb[w] / W;
+    lb_m += sw[w] * lb[w];
     if (options_.balance_slack >= 0) {
       cap[w] = std::max(lb[w], greedy_terms.scenario_max_load[w] * (1.0 + options_.balance_slack));
     }
@@ -363,7 +383,7 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
   for (int w = 0; w < W; ++w) {
     col_lb[m0 + w] = lb[w];
     col_ub[m0 + w] = cap[w];
-    obj[m0 + w] = 1.0 / W;
+    obj[m0 + w] = sw[w];
   }
   const double pair_coef = options_.lambda * (1.0 - 1.0 / R) * (2.0 / k);
   for (int q = 0; q < P; ++q) {
@@ -516,6 +536,15 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
   double warm_obj = 0;
   for (int c = 0; c < num_cols; ++c) warm_obj += obj[c] * warm[c];
 
+  // The pair-credit bound (credit_bound.h): its LP without a load limit is solved now, before
+  // CBC takes what is left of the budget (re-solving it later is free); the limited ones, for
+  // placements without spare slots, are cheap and run after the search.
+  std::unique_ptr<CreditBound> credit_bound = CreditBound::Build(p, P);
+  if (credit_bound != nullptr &&
+      credit_bound->UpperBound(1e300, 0.25 * options_.time_limit_seconds) < 0) {
+    credit_bound.reset();  // too slow to pay for itself
+  }
+
   OsiClpSolverInterface solver;
   solver.messageHandler()->setLogLevel(0);
   solver.loadProblem(matrix, col_lb.data(), col_ub.data(), obj.data(), row_lb.data(),
@@ -590,7 +619,7 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
   };
   auto consider_with_shares = [&](const std::vector<int32_t>& p2l, const char* note) {
     if (!options_.fit_shares) return;
-    std::vector<float> share = OptimalShares(p, p2l, cap);
+    std::vector<float> share = OptimalShares(p, p2l, cap, options_);
     if (!share.empty()) consider(p2l, share, note);
   };
   consider(greedy_swapped, {}, "swap search");
@@ -657,6 +686,13 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
   if (root_solved && cbc_searched && std::isfinite(cbc_bound) &&
       cbc_bound <= plan.objective + 1e-9) {
     bound = std::max(bound, cbc_bound);
+  }
+  if (credit_bound != nullptr) {
+    // Parametric in M only when M is the mean loads' straggler, the load the bound filters on.
+    const bool parametric = !options_.average_scenarios && credit_bound->limits_load();
+    bound = std::max(bound, credit_bound->ObjectiveLowerBound(plan.objective, lb_m, constant,
+                                                              pair_coef, parametric,
+                                                              deadline_at(1.0)));
   }
   plan.proven_optimal = model.isProvenOptimal() && best != nullptr &&
                         plan.objective <= model.getObjValue() + constant + 1e-9;

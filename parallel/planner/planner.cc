@@ -38,7 +38,10 @@ ObjectiveTerms EvaluateObjective(const PlacementProblem& problem,
       held[static_cast<size_t>(e) * R + s / S] = 1;
     }
     t.scenario_max_load.push_back(*std::max_element(rank_load.begin(), rank_load.end()));
-    t.max_load += t.scenario_max_load.back() / problem.num_scenarios();
+  }
+  t.max_load = options.average_scenarios ? 0.0 : t.scenario_max_load[0];
+  if (options.average_scenarios) {
+    for (double m : t.scenario_max_load) t.max_load += m / problem.num_scenarios();
   }
   double credited = 0;
   const int np = CreditedPairs(problem, options);

@@ -54,6 +54,11 @@ struct PlannerOptions {
   // ILP: fit slot shares to the planned loads (the a[e,r] of the program, or an LP for a fixed
   // placement). Off: every plan splits an expert's tokens evenly over its replicas.
   bool fit_shares = true;
+  // The straggler term M: true = averaged over the mean loads and every load scenario (robust,
+  // but no LP bound comes near it: no integral placement balances every noisy window at
+  // once); false = the straggler load under the mean loads, with the scenarios only as caps
+  // (balance_slack) and in fitting shares.
+  bool average_scenarios = true;
   // Stop when the relative gap falls under this.
   double target_gap = 1e-3;
   // greedy: hierarchical EPLB (groups -> nodes, replicas within nodes, then GPUs) when

@@ -223,6 +223,56 @@ TEST(PlannerTest, IlpFindsTheBruteForceOptimumOfATinyInstance) {
   }
 }
 
+// The ILP's bound (CBC's, the pair-credit bound's) must stay under the true optimum, with
+// dense co-activation where the pair term matters, in both forms of the straggler term.
+TEST(PlannerTest, IlpBoundIsAtMostTheBruteForceOptimumWithDenseCoActivation) {
+  std::mt19937 rng(9);
+  std::uniform_real_distribution<double> u(0, 1);
+  for (auto [E, R, S] : std::vector<std::tuple<int, int, int>>{{8, 4, 2}, {5, 3, 2}}) {
+    for (bool average : {true, false}) {
+      PlacementProblem p = RandomProblem(rng, E, R, S, 2);
+      p.pairs.clear();
+      for (int e = 0; e < E; ++e) {
+        for (int f = e + 1; f < E; ++f) {
+          if (u(rng) < 0.6) p.pairs.push_back({e, f, 0.4 * u(rng)});
+        }
+      }
+      std::sort(p.pairs.begin(), p.pairs.end(),
+                [](const CoActivation& a, const CoActivation& b) { return a.weight > b.weight; });
+      AddScenarios(rng, &p, 2);
+      PlannerOptions o = QuickIlp();
+      o.lambda = 0.5;  // pairs weigh as much as balance
+      o.balance_slack = -1;
+      o.average_scenarios = average;
+      // The best placement with even shares (with a spare slot the optimum over shares is at
+      // most this): every filling of the slots that holds each expert.
+      double best = 1e300;
+      std::vector<int32_t> p2l(R * S, -1);
+      std::vector<int> count(E, 0);
+      auto rec = [&](auto&& self, int s) -> void {
+        if (s == R * S) {
+          if (std::all_of(count.begin(), count.end(), [](int c) { return c > 0; })) {
+            best = std::min(best, EvaluateObjective(p, p2l, {}, o).total);
+          }
+          return;
+        }
+        for (int e = (R * S > E ? -1 : 0); e < E; ++e) {
+          p2l[s] = e;
+          if (e >= 0) ++count[e];
+          self(self, s + 1);
+          if (e >= 0) --count[e];
+        }
+      };
+      rec(rec, 0);
+      auto ilp = MakeIlpPlanner(o)->PlanLayer(p);
+      ASSERT_TRUE(ilp.ok()) << ilp.status();
+      EXPECT_LE(ilp->best_bound, best + 1e-9) << "E=" << E << " average=" << average;
+      EXPECT_LE(ilp->best_bound, ilp->objective + 1e-9);
+      if (R * S == E) EXPECT_GE(ilp->objective, best - 1e-9);
+    }
+  }
+}
+
 TEST(PlannerTest, IlpMovesNothingWhenTheCurrentPlacementIsAlreadyBest) {
   std::mt19937 rng(6);
   PlacementProblem p = RandomProblem(rng, 8, 4, 2, 2);
