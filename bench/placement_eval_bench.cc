@@ -10,7 +10,8 @@
 // Exit status 0 when every checked target holds, 1 otherwise.
 //
 //   placement_eval_bench [--traces DIR] [--filter SUBSTR] [--ranks 8,16]
-//                        [--extra 0,12.5,25] [--time-limit 2] [--threads 0] [--layers 0]
+//                        [--extra 0,12.5,25] [--time-limit 2] [--lambda 0.02] [--threads 0]
+//                        [--layers 0]
 //                        [--windows 4] [--no-fit-shares] [--no-average-scenarios]
 //                        [--json FILE]
 #include <algorithm>
@@ -56,7 +57,8 @@ pl::RoutingTrace FirstLayers(pl::RoutingTrace t, int n) {
 int main(int argc, char** argv) {
   std::string traces_dir = std::string(SY_SHARED_DIR) + "/traces", filter, ranks_list = "8,16",
               extra_list = "0,12.5,25", json_out;
-  double time_limit = 2.0;
+  double time_limit = 2.0, lambda = pl::PlannerOptions{}.lambda;
+  int max_pairs = 0;
   int threads = 0, layers = 0, windows = pl::kDefaultScenarioWindows;
   bool fit_shares = true, average_scenarios = true;
   sy::server::FlagSet flags("placement_eval_bench", "greedy vs ilp expert placement on every trace");
@@ -65,6 +67,8 @@ int main(int argc, char** argv) {
   flags.Add("ranks", &ranks_list, "rank counts, comma-separated");
   flags.Add("extra", &extra_list, "extra slots in percent of the expert count, comma-separated");
   flags.Add("time-limit", &time_limit, "ilp seconds per layer");
+  flags.Add("lambda", &lambda, "ilp: objective weight of one cross-rank copy per token");
+  flags.Add("max-pairs", &max_pairs, "ilp: co-activated pairs credited per layer (0: 2 * experts)");
   flags.Add("threads", &threads, "layers solved at once (0: hardware threads)");
   flags.Add("layers", &layers, "plan only the first N layers of each trace (0: all)");
   flags.Add("json", &json_out, "also write the rows here");
@@ -139,6 +143,8 @@ int main(int argc, char** argv) {
         setup.options.max_threads = threads;
         setup.options.fit_shares = fit_shares;
         setup.options.average_scenarios = average_scenarios;
+        setup.options.lambda = lambda;
+        setup.options.max_pairs = max_pairs;
         setup.scenario_windows = windows;
         auto greedy = pl::EvaluatePolicy("greedy", plan_trace, eval_trace, setup);
         auto ilp = pl::EvaluatePolicy("ilp", plan_trace, eval_trace, setup);

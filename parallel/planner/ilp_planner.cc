@@ -598,7 +598,9 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
   CbcHeuristicRINS rins(model);
   model.addHeuristic(&rins);
   model.setBestSolution(warm.data(), num_cols, warm_obj, /*check=*/true);
+  const double cbc_started = Seconds(start);
   model.branchAndBound();
+  const double cbc_seconds = Seconds(start) - cbc_started;
 
   // The plan: the best on the objective of greedy, the swap search, CBC's incumbent, and the
   // last two with LP-optimal shares. Never worse than greedy: greedy is a candidate.
@@ -668,20 +670,35 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
       consider_with_shares(p2l, "cbc + LP shares");
     }
   }
-  // The bound: the best of what CBC proved, the root LP, and the analytic one (the M_w cuts
-  // with every credited pair co-located). CBC's bound counts only when its search finished or
-  // got past the root: stopped earlier, getBestPossibleObjValue() falls back to the incumbent
-  // it was handed (the warm start), which proves nothing. Finished on the allowable gap, it
-  // proves its incumbent only to within that gap. A CBC bound above the objective is its
-  // cutoff, not a bound, and is not used either.
+  // The bound: the best of what CBC proved, the root LP, the analytic one (the M_w cuts with
+  // every credited pair co-located) and the pair-credit bound. CBC's bound counts only when its
+  // search finished (proven optimal, to within the allowable gap) or stopped on a limit with
+  // its tree past the root (then the best open node bounds it). Stopped earlier,
+  // getBestPossibleObjValue() falls back to the incumbent it was handed (the warm start),
+  // which proves nothing; and a search cut short by the time limit inside a node can end with
+  // status "finished" but not proven optimal, its tree dropped: that proves nothing either
+  // (seen on ESFT layers given 20 s). A CBC bound above the objective is its cutoff, not a
+  // bound, and is not used either.
   double all_pairs = 0;
   for (int q = 0; q < P; ++q) all_pairs += p.pairs[q].weight;
   double bound = lb_m + constant - pair_coef * all_pairs;
   if (root_solved) bound = std::max(bound, root_bound);
-  const bool cbc_searched = model.isProvenOptimal() || model.getNodeCount() > 0;
-  double cbc_bound = model.getBestPossibleObjValue() + constant;
-  if (model.isProvenOptimal()) {
-    cbc_bound = std::min(cbc_bound, model.getObjValue() + constant - model.getAllowableGap());
+  // Finished: the search ended on its own, well inside its budget.
+  const bool cbc_finished =
+      model.status() == 0 && !model.isSecondsLimitReached() && cbc_seconds < 0.95 * budget;
+  bool cbc_searched = false;
+  double cbc_bound = -COIN_DBL_MAX;
+  if (cbc_finished && model.isProvenOptimal()) {
+    cbc_searched = true;
+    cbc_bound = std::min(model.getBestPossibleObjValue(), model.getObjValue()) + constant -
+                model.getAllowableGap();
+  } else if (cbc_finished && model.isProvenInfeasible()) {
+    // Nothing better than the cutoff, i.e. than the warm start less the allowable gap.
+    cbc_searched = true;
+    cbc_bound = warm_obj + constant - model.getAllowableGap();
+  } else if (model.status() == 1 && model.getNodeCount() > 0) {
+    cbc_searched = true;  // stopped on the limit: the best open node bounds the rest
+    cbc_bound = model.getBestPossibleObjValue() + constant;
   }
   if (root_solved && cbc_searched && std::isfinite(cbc_bound) &&
       cbc_bound <= plan.objective + 1e-9) {
