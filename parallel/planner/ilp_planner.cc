@@ -147,18 +147,30 @@ std::vector<int32_t> SwapLocalSearch(const PlacementProblem& p, std::vector<int3
     if (!p.has_current() || p.CurrentlyOn(e, r)) return 0.0;
     return mean_bytes > 0 ? p.expert_bytes[e] / mean_bytes : 1.0;
   };
-  // Credited pairs by expert, and per pair the ranks holding both (kept up to date).
+  // Credited pairs by expert, and per pair the copies its co-location saves (PairSaving with
+  // even shares; kept up to date). Swaps keep each expert's replica count and its ranks
+  // distinct, so the objective's per-expert traffic term does not change.
   std::vector<std::vector<int>> pairs_of(E);
-  std::vector<int> both(num_pairs, 0);
+  std::vector<double> saving(num_pairs, 0.0);
+  auto pair_saving = [&](int q) {
+    const auto& pr = p.pairs[q];
+    int either = 0;
+    double both = 0;
+    for (int r = 0; r < R; ++r) {
+      const int he = held[pr.e * R + r], hf = held[pr.f * R + r];
+      either += (he > 0 || hf > 0);
+      both += static_cast<double>(he) / count[pr.e] * hf / count[pr.f];
+    }
+    return pr.weight * (R - either) / R * both;
+  };
   double credit = 0;
   for (int q = 0; q < num_pairs; ++q) {
     const auto& pr = p.pairs[q];
     pairs_of[pr.e].push_back(q);
     pairs_of[pr.f].push_back(q);
-    for (int r = 0; r < R; ++r) both[q] += held[pr.e * R + r] > 0 && held[pr.f * R + r] > 0;
-    if (both[q] > 0) credit += pr.weight;
+    saving[q] = pair_saving(q);
+    credit += saving[q];
   }
-  auto partner = [&](int q, int e) { return p.pairs[q].e == e ? p.pairs[q].f : p.pairs[q].e; };
   // One replica of e moves from rank `from` to rank `to`.
   auto move = [&](int e, int from, int to) {
     if (e < 0) return;
@@ -167,15 +179,12 @@ std::vector<int32_t> SwapLocalSearch(const PlacementProblem& p, std::vector<int3
       rank_load[w * R + from] -= l;
       rank_load[w * R + to] += l;
     }
-    if (--held[e * R + from] == 0) {
-      for (int q : pairs_of[e]) {
-        if (held[partner(q, e) * R + from] > 0 && --both[q] == 0) credit -= p.pairs[q].weight;
-      }
-    }
-    if (++held[e * R + to] == 1) {
-      for (int q : pairs_of[e]) {
-        if (held[partner(q, e) * R + to] > 0 && both[q]++ == 0) credit += p.pairs[q].weight;
-      }
+    --held[e * R + from];
+    ++held[e * R + to];
+    for (int q : pairs_of[e]) {
+      credit -= saving[q];
+      saving[q] = pair_saving(q);
+      credit += saving[q];
     }
   };
   // The objective's M (the straggler load averaged over scenarios) and how far the scenarios'
@@ -190,7 +199,7 @@ std::vector<int32_t> SwapLocalSearch(const PlacementProblem& p, std::vector<int3
     }
     return m;
   };
-  const double pair_coef = o.lambda * (1.0 - 1.0 / R) * (2.0 / p.top_k);
+  const double pair_coef = o.lambda * (2.0 / p.top_k);
   bool improved = true;
   while (improved && std::chrono::steady_clock::now() < deadline) {
     improved = false;
@@ -373,10 +382,14 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
   };
 
   std::vector<double> col_lb(num_cols, 0.0), col_ub(num_cols, 1.0), obj(num_cols, 0.0);
+  double total_load = 0;
+  for (double l : p.loads) total_load += l;
   for (int e = 0; e < E; ++e) {
     for (int r = 0; r < R; ++r) {
+      // A replica on r serves the tokens whose home is r without a copy.
+      obj[X(e, r)] = -options_.lambda * p.loads[e] / R;
       if (p.has_current() && !p.CurrentlyOn(e, r)) {
-        obj[X(e, r)] = options_.mu * (mean_bytes > 0 ? p.expert_bytes[e] / mean_bytes : 1.0);
+        obj[X(e, r)] += options_.mu * (mean_bytes > 0 ? p.expert_bytes[e] / mean_bytes : 1.0);
       }
     }
   }
@@ -389,7 +402,21 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
   for (int q = 0; q < P; ++q) {
     for (int r = 0; r < R; ++r) obj[Y(q, r)] = -pair_coef * p.pairs[q].weight;
   }
-  const double constant = options_.lambda * (1.0 - 1.0 / R) * k;
+  const double constant = options_.lambda * total_load;
+  // The least the per-expert traffic term can be: spare slots as replicas of the hottest
+  // experts (at most one per rank each).
+  double most_replicated = 0;
+  {
+    std::vector<double> sorted = p.loads;
+    std::sort(sorted.begin(), sorted.end(), std::greater<double>());
+    int spare = p.num_slots() - E;
+    for (double l : sorted) {
+      const int extra = std::min(spare, R - 1);
+      spare -= extra;
+      most_replicated += l * (1 + extra);
+    }
+  }
+  const double traffic_floor = constant - options_.lambda * most_replicated / R;
 
   CoinPackedMatrix matrix(false, 0, 0);
   matrix.setDimensions(0, num_cols);
@@ -681,7 +708,7 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
   // bound, and is not used either.
   double all_pairs = 0;
   for (int q = 0; q < P; ++q) all_pairs += p.pairs[q].weight;
-  double bound = lb_m + constant - pair_coef * all_pairs;
+  double bound = lb_m + traffic_floor - pair_coef * all_pairs;
   if (root_solved) bound = std::max(bound, root_bound);
   // Finished: the search ended on its own, well inside its budget.
   const bool cbc_finished =
@@ -707,7 +734,7 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
   if (credit_bound != nullptr) {
     // Parametric in M only when M is the mean loads' straggler, the load the bound filters on.
     const bool parametric = !options_.average_scenarios && credit_bound->limits_load();
-    bound = std::max(bound, credit_bound->ObjectiveLowerBound(plan.objective, lb_m, constant,
+    bound = std::max(bound, credit_bound->ObjectiveLowerBound(plan.objective, lb_m, traffic_floor,
                                                               pair_coef, parametric,
                                                               deadline_at(1.0)));
   }

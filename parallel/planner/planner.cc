@@ -43,19 +43,37 @@ ObjectiveTerms EvaluateObjective(const PlacementProblem& problem,
   if (options.average_scenarios) {
     for (double m : t.scenario_max_load) t.max_load += m / problem.num_scenarios();
   }
-  double credited = 0;
+  // share_on[e * R + r]: the share of e's tokens served on r.
+  std::vector<double> share_on(static_cast<size_t>(E) * R, 0.0);
+  for (int s = 0; s < R * S; ++s) {
+    const int32_t e = physical_to_logical[s];
+    if (e < 0) continue;
+    share_on[static_cast<size_t>(e) * R + s / S] +=
+        slot_share.empty() ? 1.0 / replicas[e] : slot_share[s];
+  }
+  // Per expert: its tokens travel unless their home rank holds a replica.
+  double per_expert = 0;
+  for (int e = 0; e < E; ++e) {
+    int ranks = 0;
+    for (int r = 0; r < R; ++r) ranks += held[static_cast<size_t>(e) * R + r];
+    per_expert += problem.loads[e] * (R - ranks) / R;
+  }
+  // Per credited pair: the copies co-location saves (PairSaving in planner.h).
+  double saved = 0;
   const int np = CreditedPairs(problem, options);
   for (int i = 0; i < np; ++i) {
     const auto& p = problem.pairs[i];
+    int either = 0;
+    double both = 0;
     for (int r = 0; r < R; ++r) {
-      if (held[static_cast<size_t>(p.e) * R + r] && held[static_cast<size_t>(p.f) * R + r]) {
-        credited += p.weight;
-        break;
-      }
+      const size_t ie = static_cast<size_t>(p.e) * R + r, jf = static_cast<size_t>(p.f) * R + r;
+      either += held[ie] || held[jf];
+      if (held[ie] && held[jf]) both += share_on[ie] * share_on[jf];
     }
+    saved += p.weight * (R - either) / R * both;
   }
   const double k = problem.top_k;
-  t.traffic = (1.0 - 1.0 / R) * (k - (2.0 / k) * credited);
+  t.traffic = per_expert - (2.0 / k) * saved;
   if (problem.has_current()) {
     double mean_bytes = 0;
     for (double b : problem.expert_bytes) mean_bytes += b;

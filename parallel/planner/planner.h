@@ -14,12 +14,17 @@
 //              planning data (PlacementProblem::scenario_loads). An estimate of the expected
 //              straggler load on new data: it prices how a plan copes with the load moving,
 //              not only its fit to the mean. Without scenarios, the straggler load.
-//   traffic    (1 - 1/R) * (top_k - (2/top_k) * sum over co-located pairs of their weight):
-//              copies of a token sent to other ranks, counting one copy per destination rank;
-//              the pair term with weight 2/k never credits more than the copies actually saved
-//              (a full k-clique on one rank saves exactly k - 1), so this is an upper bound on
-//              the copies per token when a token's home rank is uniformly random and each
-//              expert has one replica. Only the `max_pairs` strongest pairs are credited.
+//   traffic    sum_e load[e] * (R - c_e) / R  -  (2/top_k) * sum over credited pairs of
+//              PairSaving: copies of a token sent to other ranks per token, counting one copy
+//              per destination rank, with the home rank uniformly random and each expert's
+//              tokens served by a replica on the home rank when there is one, else by a
+//              replica drawn by share (as scoring.h and the dispatcher do). c_e = ranks holding
+//              e. PairSaving(e,f) = weight * (R - |ranks(e) u ranks(f)|) / R *
+//              sum_{r holds both} share_e(r) * share_f(r): the copies saved when both go to
+//              the same rank. Exact for top_k = 2; for larger k the 2/k weight never credits
+//              more than co-location saves with one replica each (a k-clique on one rank saves
+//              exactly k - 1). With one replica each it is (1 - 1/R) * (k - (2/k) * the
+//              co-located pairs' weight). Only the `max_pairs` strongest pairs are credited.
 //   migration  experts a rank gains relative to the current placement, each weighted by its
 //              bytes / mean expert bytes (0 without a current placement)
 //

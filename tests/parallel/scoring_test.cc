@@ -1,5 +1,7 @@
 #include "parallel/planner/scoring.h"
 
+#include "parallel/planner/planner.h"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -115,6 +117,78 @@ TEST(ScoringTest, TrafficMatchesEnumerationOverHomesAndReplicaChoices) {
     }
     const LayerScore s = ScoreLayer(*p, 0, Stats(paths, E));
     EXPECT_NEAR(s.traffic_per_token, ReferenceTraffic(*p, paths), 1e-6) << "trial " << trial;
+  }
+}
+
+// The ILP objective's traffic term (planner.h) against the scored traffic: equal for top-2
+// routing with replicas and uneven shares (every pair credited), and with one replica per
+// expert never under it for top-3.
+TEST(ScoringTest, ObjectiveTrafficIsTheScoredTrafficForTopTwo) {
+  std::mt19937 rng(10);
+  for (int trial = 0; trial < 20; ++trial) {
+    const int k = trial < 10 ? 2 : 3;
+    const int R = 3 + trial % 2, S = 3, E = 7;
+    std::vector<int32_t> map(R * S, -1);
+    std::vector<int> order(R * S);
+    for (int i = 0; i < R * S; ++i) order[i] = i;
+    std::shuffle(order.begin(), order.end(), rng);
+    for (int e = 0; e < E; ++e) map[order[e]] = e;
+    if (k == 2) {  // replicas on distinct ranks
+      for (int i = E; i < R * S - 1; ++i) {
+        const int e = rng() % E, s = order[i];
+        bool on_rank = false;
+        for (int t = (s / S) * S; t < (s / S + 1) * S; ++t) on_rank |= map[t] == e;
+        if (!on_rank) map[s] = e;
+      }
+    }
+    std::vector<float> share(R * S, 0);
+    std::vector<double> sum(E, 0);
+    std::uniform_real_distribution<float> u(0.1f, 1.0f);
+    for (int s = 0; s < R * S; ++s) {
+      if (map[s] >= 0) sum[map[s]] += (share[s] = u(rng));
+    }
+    for (int s = 0; s < R * S; ++s) {
+      if (map[s] >= 0) share[s] /= sum[map[s]];
+    }
+    auto placement = ExpertPlacement::Create(R, S, E, {map}, {share});
+    ASSERT_TRUE(placement.ok()) << placement.status();
+    std::vector<std::vector<int32_t>> paths;
+    for (int t = 0; t < 40; ++t) {
+      std::vector<int32_t> all = {0, 1, 2, 3, 4, 5, 6};
+      std::shuffle(all.begin(), all.end(), rng);
+      paths.push_back(std::vector<int32_t>(all.begin(), all.begin() + k));
+    }
+    const LayerStats stats = Stats(paths, E);
+    PlacementProblem problem;
+    problem.num_ranks = R;
+    problem.slots_per_rank = S;
+    problem.num_experts = E;
+    problem.top_k = k;
+    problem.loads = stats.loads;
+    problem.expert_bytes.assign(E, 1);
+    std::vector<double> together(E * E, 0);
+    for (const auto& path : paths) {
+      for (int i = 0; i < k; ++i) {
+        for (int j = i + 1; j < k; ++j) {
+          together[std::min(path[i], path[j]) * E + std::max(path[i], path[j])] +=
+              1.0 / paths.size();
+        }
+      }
+    }
+    for (int e = 0; e < E; ++e) {
+      for (int f = e + 1; f < E; ++f) {
+        if (together[e * E + f] > 0) problem.pairs.push_back({e, f, together[e * E + f]});
+      }
+    }
+    PlannerOptions o;
+    o.max_pairs = E * E;  // every pair credited
+    const double objective_traffic = EvaluateObjective(problem, map, share, o).traffic;
+    const double scored = ScoreLayer(*placement, 0, stats).traffic_per_token;
+    if (k == 2) {
+      EXPECT_NEAR(objective_traffic, scored, 1e-6) << "trial " << trial;
+    } else {
+      EXPECT_GE(objective_traffic, scored - 1e-9) << "trial " << trial;
+    }
   }
 }
 
