@@ -176,7 +176,9 @@ std::unique_ptr<CreditBound> CreditBound::Build(const PlacementProblem& p, int n
 
 double CreditBound::UpperBound(double max_load, double max_seconds) {
   OsiClpSolverInterface& s = lp_->solver;
-  s.getModelPtr()->setMaximumSeconds(std::max(1e-3, max_seconds));
+  // An absolute wall-clock deadline from now (CLP's CPU-time limit counts every thread).
+  s.getModelPtr()->setMaximumSeconds(-1.0);
+  s.getModelPtr()->setMaximumWallSeconds(std::max(1e-3, max_seconds));
   const int n = num_columns();
   for (int c = 0; c < n; ++c) {
     s.setColUpper(c, !filter_ || load_lb_[c] <= max_load + 1e-12 ? COIN_DBL_MAX : 0.0);

@@ -69,6 +69,13 @@ double ThreadCpuSeconds() {
   return ts.tv_sec + 1e-9 * ts.tv_nsec;
 }
 
+// CPU time of the whole process: the clock CLP's time limit runs on.
+double ProcessCpuSeconds() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
 double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
 }
@@ -581,13 +588,19 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
   }
   // The root LP is degenerate (every rank ties at M); primal simplex solves it several times
   // faster than dual here. Clp's own limit keeps one LP from overrunning the layer's budget.
+  // CLP's limits are absolute deadlines (set: now + value) and stay with the solver, so they
+  // are set right before each phase, on the wall clock only: `MaximumSeconds` counts the
+  // process's CPU time, which runs twice as fast as the wall clock while two layers solve at
+  // once.
   solver.setHintParam(OsiDoDualInInitial, false, OsiHintDo);
-  solver.getModelPtr()->setMaximumSeconds(
+  solver.getModelPtr()->setMaximumSeconds(-1.0);
+  solver.getModelPtr()->setMaximumWallSeconds(
       std::max(0.05, kSolveFraction * options_.time_limit_seconds - Seconds(start)));
   solver.initialSolve();
   // The root LP's optimum is a valid bound only when the LP finished.
   const bool root_solved = solver.isProvenOptimal();
   const double root_bound = solver.getObjValue() + constant;
+  solver.getModelPtr()->setMaximumWallSeconds(-1.0);  // CBC sets its own (see cbc_sound)
   CbcModel model(solver);
   model.setLogLevel(0);
   model.messageHandler()->setLogLevel(0);
@@ -625,9 +638,9 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
   CbcHeuristicRINS rins(model);
   model.addHeuristic(&rins);
   model.setBestSolution(warm.data(), num_cols, warm_obj, /*check=*/true);
-  const double cbc_started = Seconds(start);
+  const double cbc_process_cpu_start = ProcessCpuSeconds();
   model.branchAndBound();
-  const double cbc_seconds = Seconds(start) - cbc_started;
+  const double cbc_process_cpu = ProcessCpuSeconds() - cbc_process_cpu_start;
 
   // The plan: the best on the objective of greedy, the swap search, CBC's incumbent, and the
   // last two with LP-optimal shares. Never worse than greedy: greedy is a candidate.
@@ -699,20 +712,24 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
   }
   // The bound: the best of what CBC proved, the root LP, the analytic one (the M_w cuts with
   // every credited pair co-located) and the pair-credit bound. CBC's bound counts only when its
-  // search finished (proven optimal, to within the allowable gap) or stopped on a limit with
-  // its tree past the root (then the best open node bounds it). Stopped earlier,
-  // getBestPossibleObjValue() falls back to the incumbent it was handed (the warm start),
-  // which proves nothing; and a search cut short by the time limit inside a node can end with
-  // status "finished" but not proven optimal, its tree dropped: that proves nothing either
-  // (seen on ESFT layers given 20 s). A CBC bound above the objective is its cutoff, not a
-  // bound, and is not used either.
+  // search was sound (cbc_sound above) and finished (proven optimal, to within the allowable
+  // gap, or nothing better than the cutoff) or stopped on its limit with its tree past the
+  // root (then the best open node bounds it). Stopped earlier, getBestPossibleObjValue() falls
+  // back to the incumbent it was handed (the warm start), which proves nothing. A CBC bound
+  // above the objective is its cutoff, not a bound, and is not used either.
   double all_pairs = 0;
   for (int q = 0; q < P; ++q) all_pairs += p.pairs[q].weight;
   double bound = lb_m + traffic_floor - pair_coef * all_pairs;
   if (root_solved) bound = std::max(bound, root_bound);
-  // Finished: the search ended on its own, well inside its budget.
-  const bool cbc_finished =
-      model.status() == 0 && !model.isSecondsLimitReached() && cbc_seconds < 0.95 * budget;
+  // CBC's claims count only if no LP of its search can have been cut short. CBC hands its time
+  // limit to CLP as a deadline on the process's CPU clock (twice the wall clock while two
+  // layers solve at once), and an LP stopped by it reads as "infeasible": the node is pruned,
+  // or the warm start rejected, and the search ends "completed" as if it had proved the warm
+  // start optimal (seen on ESFT layers: such "proofs" after 0-2 nodes of a 4 % root gap, which
+  // 800 nodes without the warm start could not move). So: only a search that used under 90 %
+  // of its budget in process CPU time.
+  const bool cbc_sound = cbc_process_cpu < 0.9 * budget;
+  const bool cbc_finished = cbc_sound && model.status() == 0;
   bool cbc_searched = false;
   double cbc_bound = -COIN_DBL_MAX;
   if (cbc_finished && model.isProvenOptimal()) {
@@ -723,8 +740,8 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
     // Nothing better than the cutoff, i.e. than the warm start less the allowable gap.
     cbc_searched = true;
     cbc_bound = warm_obj + constant - model.getAllowableGap();
-  } else if (model.status() == 1 && model.getNodeCount() > 0) {
-    cbc_searched = true;  // stopped on the limit: the best open node bounds the rest
+  } else if (cbc_sound && model.status() == 1 && model.getNodeCount() > 0) {
+    cbc_searched = true;  // stopped on its limit: the best open node bounds the rest
     cbc_bound = model.getBestPossibleObjValue() + constant;
   }
   if (root_solved && cbc_searched && std::isfinite(cbc_bound) &&

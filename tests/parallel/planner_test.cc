@@ -277,7 +277,17 @@ TEST(PlannerTest, IlpBoundIsAtMostTheBruteForceOptimumWithDenseCoActivation) {
           if (e >= 0) --count[e];
         }
       };
-      rec(rec, 0);
+      if (R * S == E) {  // no spare slot: the placements are the permutations
+        std::vector<int32_t> perm(E);
+        for (int e = 0; e < E; ++e) perm[e] = e;
+        do {
+          p2l = perm;
+          std::fill(count.begin(), count.end(), 1);
+          rec(rec, R * S);
+        } while (std::next_permutation(perm.begin(), perm.end()));
+      } else {
+        rec(rec, 0);
+      }
       auto ilp = MakeIlpPlanner(o)->PlanLayer(p);
       ASSERT_TRUE(ilp.ok()) << ilp.status();
       EXPECT_LE(ilp->best_bound, best + 1e-9)
