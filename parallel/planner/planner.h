@@ -84,7 +84,7 @@ struct LayerPlan {
   double gap = 0;          // (objective - best_bound) / max(|objective|, 1e-9)
   double solve_seconds = 0;  // wall clock
   double cpu_seconds = 0;    // CPU time of the solving thread (ilp; 0 for the heuristics)
-  bool proven_optimal = false;
+  bool proven_optimal = false;  // best_bound reaches the objective
   std::string note;        // e.g. "cbc returned nothing, kept greedy"
 };
 

@@ -200,7 +200,7 @@ TEST(PlannerTest, IlpProvesTheOptimumOfA64By16LayerWhoseHottestExpertSetsThePace
   EXPECT_LT(ilp->gap, 1e-9);
 }
 
-TEST(PlannerTest, IlpFindsTheBruteForceOptimumOfATinyInstance) {
+TEST(PlannerTest, IlpFindsTheBruteForceOptimumOfATinyInstanceAndBoundsItValidly) {
   // 6 experts, 3 ranks x 2 slots: every placement is a split into 3 pairs (15 of them); with
   // no spare slot there are no replicas, so shares are fixed and brute force is exact.
   std::mt19937 rng(5);
@@ -218,8 +218,10 @@ TEST(PlannerTest, IlpFindsTheBruteForceOptimumOfATinyInstance) {
     auto ilp = MakeIlpPlanner(o)->PlanLayer(p);
     ASSERT_TRUE(ilp.ok());
     EXPECT_NEAR(ilp->objective, best, 1e-6) << "trial " << trial;
-    EXPECT_TRUE(ilp->proven_optimal);
-    EXPECT_NEAR(ilp->best_bound, best, 1e-6);
+    // The bound is the planner's own (root LP, cuts, pair-credit LP; CBC's claims are not
+    // used, see ilp_planner.cc): valid, and a proof only where it meets the objective.
+    EXPECT_LE(ilp->best_bound, best + 1e-9);
+    EXPECT_EQ(ilp->proven_optimal, ilp->best_bound >= ilp->objective - 1e-9);
   }
 }
 
