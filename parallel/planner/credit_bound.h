@@ -24,6 +24,7 @@
 #include <memory>
 #include <vector>
 
+#include "CoinTypes.hpp"
 #include "parallel/planner/placement_problem.h"
 
 namespace sy::parallel::planner {
@@ -60,6 +61,14 @@ class CreditBound {
   struct Lp;
   std::vector<double> weight_;    // per column
   std::vector<double> load_lb_;   // per column: the least straggler load a rank holding it has
+  // The pool of columns (sets, then singletons, then the v_q), column-major: rows idx_, values
+  // val_, column c in [starts_[c], starts_[c+1]).
+  std::vector<int> idx_;
+  std::vector<double> val_;
+  std::vector<CoinBigIndex> starts_;
+  std::vector<char> in_master_;   // per set: in the master LP
+  std::vector<int> master_set_;   // the sets in the master, in its column order
+  int num_experts_ = 0;
   std::unique_ptr<Lp> lp_;
   bool filter_ = false;
 };
