@@ -23,6 +23,32 @@ LayerStats Stats(std::vector<std::vector<int32_t>> paths, int E) {
   return s;
 }
 
+// A random placement: every expert once, then (with `replicas`) random replicas on distinct
+// ranks in all but one of the other slots; random uneven shares.
+void RandomPlacement(std::mt19937& rng, int R, int S, int E, bool replicas,
+                     std::vector<int32_t>* map, std::vector<float>* share) {
+  map->assign(R * S, -1);
+  std::vector<int> order(R * S);
+  for (int i = 0; i < R * S; ++i) order[i] = i;
+  std::shuffle(order.begin(), order.end(), rng);
+  for (int e = 0; e < E; ++e) (*map)[order[e]] = e;
+  for (int i = E; replicas && i < R * S - 1; ++i) {
+    const int e = rng() % E, s = order[i];
+    bool on_rank = false;
+    for (int t = (s / S) * S; t < (s / S + 1) * S; ++t) on_rank |= (*map)[t] == e;
+    if (!on_rank) (*map)[s] = e;
+  }
+  share->assign(R * S, 0);
+  std::vector<double> sum(E, 0);
+  std::uniform_real_distribution<float> u(0.1f, 1.0f);
+  for (int s = 0; s < R * S; ++s) {
+    if ((*map)[s] >= 0) sum[(*map)[s]] += ((*share)[s] = u(rng));
+  }
+  for (int s = 0; s < R * S; ++s) {
+    if ((*map)[s] >= 0) (*share)[s] /= sum[(*map)[s]];
+  }
+}
+
 TEST(ScoringTest, TwoExpertsOnTwoRanksSendOneCopyWhateverTheHome) {
   auto p = ExpertPlacement::Create(2, 1, 2, {{0, 1}});
   ASSERT_TRUE(p.ok());
@@ -86,27 +112,9 @@ TEST(ScoringTest, TrafficMatchesEnumerationOverHomesAndReplicaChoices) {
   std::mt19937 rng(9);
   for (int trial = 0; trial < 20; ++trial) {
     const int R = 3 + trial % 2, S = 3, E = 7;
-    // Random placement: every expert once, the rest random replicas on distinct ranks.
-    std::vector<int32_t> map(R * S, -1);
-    std::vector<int> order(R * S);
-    for (int i = 0; i < R * S; ++i) order[i] = i;
-    std::shuffle(order.begin(), order.end(), rng);
-    for (int e = 0; e < E; ++e) map[order[e]] = e;
-    for (int i = E; i < R * S - 1; ++i) {
-      const int e = rng() % E, s = order[i];
-      bool on_rank = false;
-      for (int t = (s / S) * S; t < (s / S + 1) * S; ++t) on_rank |= map[t] == e;
-      if (!on_rank) map[s] = e;
-    }
-    std::vector<float> share(R * S, 0);
-    std::vector<double> sum(E, 0);
-    std::uniform_real_distribution<float> u(0.1f, 1.0f);
-    for (int s = 0; s < R * S; ++s) {
-      if (map[s] >= 0) sum[map[s]] += (share[s] = u(rng));
-    }
-    for (int s = 0; s < R * S; ++s) {
-      if (map[s] >= 0) share[s] /= sum[map[s]];
-    }
+    std::vector<int32_t> map;
+    std::vector<float> share;
+    RandomPlacement(rng, R, S, E, /*replicas=*/true, &map, &share);
     auto p = ExpertPlacement::Create(R, S, E, {map}, {share});
     ASSERT_TRUE(p.ok()) << p.status();
     std::vector<std::vector<int32_t>> paths;
@@ -128,28 +136,9 @@ TEST(ScoringTest, ObjectiveTrafficIsTheScoredTrafficForTopTwo) {
   for (int trial = 0; trial < 20; ++trial) {
     const int k = trial < 10 ? 2 : 3;
     const int R = 3 + trial % 2, S = 3, E = 7;
-    std::vector<int32_t> map(R * S, -1);
-    std::vector<int> order(R * S);
-    for (int i = 0; i < R * S; ++i) order[i] = i;
-    std::shuffle(order.begin(), order.end(), rng);
-    for (int e = 0; e < E; ++e) map[order[e]] = e;
-    if (k == 2) {  // replicas on distinct ranks
-      for (int i = E; i < R * S - 1; ++i) {
-        const int e = rng() % E, s = order[i];
-        bool on_rank = false;
-        for (int t = (s / S) * S; t < (s / S + 1) * S; ++t) on_rank |= map[t] == e;
-        if (!on_rank) map[s] = e;
-      }
-    }
-    std::vector<float> share(R * S, 0);
-    std::vector<double> sum(E, 0);
-    std::uniform_real_distribution<float> u(0.1f, 1.0f);
-    for (int s = 0; s < R * S; ++s) {
-      if (map[s] >= 0) sum[map[s]] += (share[s] = u(rng));
-    }
-    for (int s = 0; s < R * S; ++s) {
-      if (map[s] >= 0) share[s] /= sum[map[s]];
-    }
+    std::vector<int32_t> map;
+    std::vector<float> share;
+    RandomPlacement(rng, R, S, E, /*replicas=*/k == 2, &map, &share);
     auto placement = ExpertPlacement::Create(R, S, E, {map}, {share});
     ASSERT_TRUE(placement.ok()) << placement.status();
     std::vector<std::vector<int32_t>> paths;
