@@ -110,9 +110,21 @@ double ReplicaLowerBound(const PlacementProblem& p, const std::vector<double>& l
     // rank of the hottest expert also carries at least the S-1 lightest others.
     std::vector<double> sorted = loads;
     std::sort(sorted.begin(), sorted.end());
+    const int S = p.slots_per_rank;
     double lightest = 0;
-    for (int i = 0; i < p.slots_per_rank - 1; ++i) lightest += sorted[i];
+    for (int i = 0; i < S - 1; ++i) lightest += sorted[i];
     bound = std::max(bound, sorted.back() + lightest);
+    // The m hottest together: either two of them share a rank (which then carries at least
+    // the two smaller of them and the S-2 lightest others), or they sit on m ranks that also
+    // hold m(S-1) others, so the busiest of those carries at least their average.
+    double hot = sorted[E - 1];
+    for (int m = 2; m <= R && m * S <= E; ++m) {
+      hot += sorted[E - m];
+      double fill = 0;
+      for (int i = 0; i < m * (S - 1); ++i) fill += sorted[i];
+      const double shared = sorted[E - m] + sorted[E - m + 1] + (lightest - sorted[S - 2]);
+      bound = std::max(bound, std::min(shared, (hot + fill) / m));
+    }
   }
   return bound;
 }

@@ -200,6 +200,27 @@ TEST(PlannerTest, IlpProvesTheOptimumOfA64By16LayerWhoseHottestExpertSetsThePace
   EXPECT_LT(ilp->gap, 1e-9);
 }
 
+TEST(PlannerTest, NoSpareSlotBoundCountsSeveralHotExperts) {
+  // Two hot experts (0.30, 0.29) on 4 ranks x 2 slots: one of them gets a filler of at least
+  // 0.1, so the optimum is 0.39. The hottest-expert cut alone proves 0.31; with both hot
+  // experts, either they share a rank (0.59) or their two ranks carry 0.30 + 0.29 + 0.01 + 0.1
+  // between them, at least 0.35 on one.
+  PlacementProblem p;
+  p.num_experts = 8;
+  p.num_ranks = 4;
+  p.slots_per_rank = 2;
+  p.top_k = 1;
+  p.loads = {0.30, 0.29, 0.01, 0.1, 0.1, 0.1, 0.1, 0.1};
+  p.expert_bytes.assign(8, 1);
+  PlannerOptions o = QuickIlp();
+  o.lambda = 0;
+  auto ilp = MakeIlpPlanner(o)->PlanLayer(p);
+  ASSERT_TRUE(ilp.ok()) << ilp.status();
+  EXPECT_NEAR(ilp->objective, 0.39, 1e-9);
+  EXPECT_GE(ilp->best_bound, 0.35 - 1e-9);
+  EXPECT_LE(ilp->best_bound, 0.39 + 1e-9);
+}
+
 TEST(PlannerTest, IlpFindsTheBruteForceOptimumOfATinyInstanceAndBoundsItValidly) {
   // 6 experts, 3 ranks x 2 slots: every placement is a split into 3 pairs (15 of them); with
   // no spare slot there are no replicas, so shares are fixed and brute force is exact.
