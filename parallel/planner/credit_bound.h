@@ -6,12 +6,13 @@
 // credit is at most the summed pair weight inside the components of all its ranks. Every
 // component has at most S experts, every expert sits in at least one slot, and there are R * S
 // slots. The LP over all connected expert sets of size 2..S (columns; singletons fill the other
-// slots)
-//     max  sum_T weight(T) z_T
+// slots; v_q credits pair q at most once, however many sets hold it)
+//     max  sum_q w_q v_q
 //     s.t. sum_{T owns e} z_T + s_e >= 1        every expert placed
 //          sum_T |T| z_T + sum_e s_e <= R * S   slots
-// bounds the credit of every placement (a pair co-located on two ranks counts once in the
-// credit but twice here, so the bound stays valid with replicas). With no spare slot (E = R S)
+//          v_q <= sum_{T holds q} z_T,  0 <= v_q <= 1
+// bounds the credit of every placement (replicas included). It is solved by column
+// generation over the enumerated sets. With no spare slot (E = R S)
 // every expert has one replica and every rank is full, so a component T can only sit on a
 // rank whose load is at least load(T) plus the S - |T| lightest other experts; UpperBound(b)
 // drops the components that exceed a straggler load b, which bounds the credit of every
@@ -54,12 +55,11 @@ class CreditBound {
                              bool parametric, std::chrono::steady_clock::time_point deadline);
   // Whether UpperBound depends on its limit (no spare slot).
   bool limits_load() const { return filter_; }
-  int num_columns() const { return static_cast<int>(weight_.size()); }
+  int num_columns() const { return static_cast<int>(load_lb_.size()); }  // sets
 
  private:
   CreditBound() = default;
   struct Lp;
-  std::vector<double> weight_;    // per column
   std::vector<double> load_lb_;   // per column: the least straggler load a rank holding it has
   // The pool of columns (sets, then singletons, then the v_q), column-major: rows idx_, values
   // val_, column c in [starts_[c], starts_[c+1]).
@@ -68,7 +68,6 @@ class CreditBound {
   std::vector<CoinBigIndex> starts_;
   std::vector<char> in_master_;   // per set: in the master LP
   std::vector<int> master_set_;   // the sets in the master, in its column order
-  int num_experts_ = 0;
   std::unique_ptr<Lp> lp_;
   bool filter_ = false;
 };

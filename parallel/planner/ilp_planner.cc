@@ -30,14 +30,18 @@
 //                                     descending order of mean load (symmetry breaking)
 // With M = (1/W) sum_w M_w (the expected straggler load; M_0 alone without scenarios or with
 // PlannerOptions::average_scenarios off):
-// Objective: M + lambda * (1-1/R) * (k - (2/k) sum_p w[p] sum_r y[p,r])
+// Objective: M + lambda * (sum_e load[e] - sum_{e,r} load[e] x[e,r] / R
+//                         - (1-1/R) (2/k) sum_p w[p] sum_r y[p,r])
 //              + mu * sum_{(e,r) not held now} bytes[e]/mean_bytes * x[e,r]
+// (the traffic term of planner.h, linearised: its pair saving never exceeds the y credit, so
+// this objective never exceeds EvaluateObjective's and its bounds stay valid)
 // (migration m[e,r] >= x[e,r] - x_old[e,r] needs no variable: where x_old = 1 it is 0,
 // elsewhere m = x.)
-// The reported bound is the best of CBC's, the root LP's, the analytic one, and the pair-credit
-// bound (credit_bound.h: an LP over connected expert sets that bounds the co-located pair
-// weight of any placement, far below "every credited pair", and, with no spare slot and M the
-// mean loads' straggler, taken jointly with M).
+// The reported bound is the planner's own (CBC's is not used; see the end of PlanLayer): the
+// best of the root LP, the analytic one, and the pair-credit bound (credit_bound.h: an LP over
+// connected expert sets that bounds the co-located pair weight of any placement, far below
+// "every credited pair", and, with no spare slot and M the mean loads' straggler, taken
+// jointly with M).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -117,11 +121,10 @@ double ReplicaLowerBound(const PlacementProblem& p, const std::vector<double>& l
     // The m hottest together: either two of them share a rank (which then carries at least
     // the two smaller of them and the S-2 lightest others), or they sit on m ranks that also
     // hold m(S-1) others, so the busiest of those carries at least their average.
-    double hot = sorted[E - 1];
+    double hot = sorted[E - 1], fill = lightest;
     for (int m = 2; m <= R && m * S <= E; ++m) {
       hot += sorted[E - m];
-      double fill = 0;
-      for (int i = 0; i < m * (S - 1); ++i) fill += sorted[i];
+      for (int i = (m - 1) * (S - 1); i < m * (S - 1); ++i) fill += sorted[i];
       const double shared = sorted[E - m] + sorted[E - m + 1] + (lightest - sorted[S - 2]);
       bound = std::max(bound, std::min(shared, (hot + fill) / m));
     }
@@ -592,8 +595,7 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
     for (int r = 0; r < R; ++r) solver.setInteger(X(e, r));
   }
   // The root LP is degenerate (every rank ties at M); primal simplex solves it several times
-  // faster than dual here. Clp's own limit keeps one LP from overrunning the layer's budget.
-  // CLP's limit keeps the root LP (and, as it stays with the solver, CBC's LPs after it) inside
+  // faster than dual here. CLP's limit keeps the root LP (and, as it stays with the solver, CBC's LPs after it) inside
   // the layer's budget. It is a deadline on the process's CPU clock, which runs up to twice as
   // fast as the wall clock while two layers solve at once; see the bound below for what that
   // does to CBC's claims.
