@@ -1,6 +1,7 @@
 #include "scheduler/batch_scheduler.h"
 
 #include <algorithm>
+#include <optional>
 
 #include "kernels/core/logging.h"
 
@@ -21,8 +22,8 @@ int64_t ScheduledBatch::num_decode() const {
   return n;
 }
 
-BatchScheduler::BatchScheduler(const SchedulerOptions& options, BlockManager* blocks)
-    : options_(options), blocks_(blocks) {
+BatchScheduler::BatchScheduler(const SchedulerOptions& options, KvPools* pools)
+    : options_(options), pools_(pools) {
   SY_CHECK(options.max_num_seqs > 0 && options.max_num_batched_tokens > 0);
 }
 
@@ -44,7 +45,8 @@ void BatchScheduler::Preempt(Sequence* seq) {
   SY_CHECK(it != running_.end());
   std::unique_ptr<Sequence> owned = std::move(*it);
   running_.erase(it);
-  blocks_->Free(&owned->block_table);
+  pools_->pool(owned->home).Free(&owned->block_table);
+  owned->home = -1;
   owned->num_computed = 0;
   owned->status = SequenceStatus::kWaiting;
   ++owned->num_preemptions;
@@ -73,10 +75,13 @@ ScheduledBatch BatchScheduler::Schedule() {
     if (seq->status != SequenceStatus::kRunning) continue;  // preempted as a victim
     if (static_cast<int64_t>(batch.entries.size()) >= options_.max_num_seqs || budget < 1) break;
     bool self_preempted = false;
-    while (!blocks_->Allocate(&seq->block_table, seq->num_tokens())) {
+    while (!pools_->pool(seq->home).Allocate(&seq->block_table, seq->num_tokens())) {
       Sequence* victim = nullptr;
       for (auto it = running_.rbegin(); it != running_.rend(); ++it) {
-        if (it->get() != seq && !in_batch(it->get())) { victim = it->get(); break; }
+        if (it->get() != seq && (*it)->home == seq->home && !in_batch(it->get())) {
+          victim = it->get();
+          break;
+        }
       }
       if (victim == nullptr) victim = seq;
       Preempt(victim);
@@ -95,16 +100,18 @@ ScheduledBatch BatchScheduler::Schedule() {
   for (Sequence* seq : prefills) {
     if (seq->status != SequenceStatus::kRunning || in_batch(seq)) continue;
     if (static_cast<int64_t>(batch.entries.size()) >= options_.max_num_seqs || budget < 1) break;
+    BlockManager& blocks = pools_->pool(seq->home);
     auto capacity = [&] {  // positions this sequence could still cover
-      return (static_cast<int64_t>(seq->block_table.size()) + blocks_->num_free_blocks()) *
-                 blocks_->block_size() - seq->num_computed;
+      return (static_cast<int64_t>(seq->block_table.size()) + blocks.num_free_blocks()) *
+                 blocks.block_size() - seq->num_computed;
     };
     // A prefill that cannot move at all preempts newer sequences, or partial prefills could
     // hold the whole cache between them and none would ever finish.
     while (capacity() <= 0) {
       Sequence* victim = nullptr;
       for (auto it = running_.rbegin(); it != running_.rend(); ++it) {
-        if (it->get() != seq && !in_batch(it->get()) && (*it)->id > seq->id) {
+        if (it->get() != seq && (*it)->home == seq->home && !in_batch(it->get()) &&
+            (*it)->id > seq->id) {
           victim = it->get();
           break;
         }
@@ -115,7 +122,7 @@ ScheduledBatch BatchScheduler::Schedule() {
     }
     const int64_t n = std::min({seq->num_pending(), budget, capacity()});
     if (n <= 0) continue;
-    SY_CHECK(blocks_->Allocate(&seq->block_table, seq->num_computed + n));
+    SY_CHECK(blocks.Allocate(&seq->block_table, seq->num_computed + n));
     batch.entries.push_back({seq, n, seq->num_computed + n == seq->num_tokens()});
     budget -= n;
   }
@@ -125,11 +132,14 @@ ScheduledBatch BatchScheduler::Schedule() {
   while (batch.preempted.empty() && !waiting_.empty() && budget > 0 &&
          static_cast<int64_t>(batch.entries.size()) < options_.max_num_seqs) {
     Sequence* seq = waiting_.front().get();
+    const std::optional<int32_t> home = pools_->PickHome(MaxPositions(*seq));
+    if (!home) break;
+    BlockManager& blocks = pools_->pool(*home);
     int64_t n = std::min(seq->num_pending(), budget);
-    const int64_t capacity = blocks_->num_free_blocks() * blocks_->block_size();
-    n = std::min(n, capacity);
+    n = std::min(n, blocks.num_free_blocks() * blocks.block_size());
     if (n <= 0) break;
-    SY_CHECK(blocks_->Allocate(&seq->block_table, n));
+    SY_CHECK(blocks.Allocate(&seq->block_table, n));
+    seq->home = *home;
     seq->status = SequenceStatus::kRunning;
     if (seq->first_scheduled == Clock::time_point{}) seq->first_scheduled = Clock::now();
     std::unique_ptr<Sequence> owned = std::move(waiting_.front());
@@ -165,9 +175,32 @@ std::unique_ptr<Sequence> BatchScheduler::Remove(Sequence* seq) {
     owned = std::move(*wit);
     waiting_.erase(wit);
   }
-  blocks_->Free(&owned->block_table);
+  if (owned->home >= 0) pools_->pool(owned->home).Free(&owned->block_table);
+  owned->home = -1;
   owned->status = SequenceStatus::kFinished;
   return owned;
+}
+
+std::vector<Sequence*> BatchScheduler::PreemptPool(int32_t pool) {
+  std::vector<Sequence*> victims;
+  for (const auto& s : running_)
+    if (s->home == pool) victims.push_back(s.get());
+  for (Sequence* s : victims) Preempt(s);
+  return victims;
+}
+
+BatchScheduler::PoolLoad BatchScheduler::LoadOf(int32_t pool) const {
+  PoolLoad load;
+  for (const auto& s : running_) {
+    if (s->home != pool) continue;
+    ++load.num_seqs;
+    load.used_blocks += static_cast<int64_t>(s->block_table.size());
+  }
+  return load;
+}
+
+int64_t BatchScheduler::MaxPositions(const Sequence& seq) {
+  return std::max(seq.num_tokens(), seq.num_prompt_tokens + seq.request.params.max_new_tokens);
 }
 
 }  // namespace sy::scheduler

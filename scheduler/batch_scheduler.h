@@ -14,6 +14,12 @@
 //      FCFS (nobody jumps the queue) and is skipped in a step that had to preempt.
 // A sequence needs logits in a step when its chunk reaches its last token.
 //
+// KV pools (scheduler/kv_pools.h): admission gives a sequence its HOME, the accepting pool
+// with the most free blocks that can hold its longest length (prompt + max_new_tokens); its
+// blocks come from that pool until it finishes or is preempted, and preemption only takes
+// victims of the same pool. PreemptPool moves every sequence of a pool back to the waiting
+// queue (its rank died or drains): they are prefilled again, elsewhere, from prompt + output.
+//
 // Thread safety: none; owned by the engine thread.
 #pragma once
 
@@ -22,7 +28,7 @@
 #include <memory>
 #include <vector>
 
-#include "scheduler/block_manager.h"
+#include "scheduler/kv_pools.h"
 #include "scheduler/sequence.h"
 
 namespace sy::scheduler {
@@ -48,7 +54,7 @@ struct ScheduledBatch {
 
 class BatchScheduler {
  public:
-  BatchScheduler(const SchedulerOptions& options, BlockManager* blocks);
+  BatchScheduler(const SchedulerOptions& options, KvPools* pools);
 
   // Queues a new sequence at the back of the waiting queue.
   void Add(std::unique_ptr<Sequence> seq);
@@ -57,20 +63,31 @@ class BatchScheduler {
   void CommitStep(const ScheduledBatch& batch);
   // Frees the sequence's blocks and removes it (running or waiting); returns ownership.
   std::unique_ptr<Sequence> Remove(Sequence* seq);
+  // Preempts (recompute) every running sequence homed in `pool`; returns them.
+  std::vector<Sequence*> PreemptPool(int32_t pool);
 
   bool empty() const { return running_.empty() && waiting_.empty(); }
   int64_t num_running() const { return static_cast<int64_t>(running_.size()); }
   int64_t num_waiting() const { return static_cast<int64_t>(waiting_.size()); }
   // Every sequence, running (oldest first) then waiting (queue order).
   std::vector<Sequence*> AllSequences() const;
-  const BlockManager& blocks() const { return *blocks_; }
+  const KvPools& pools() const { return *pools_; }
+  // Running sequences and the blocks they hold, per home pool.
+  struct PoolLoad {
+    int64_t num_seqs = 0;
+    int64_t used_blocks = 0;
+  };
+  PoolLoad LoadOf(int32_t pool) const;
   int64_t num_preemptions() const { return num_preemptions_; }
 
  private:
   void Preempt(Sequence* seq);
 
+  // Positions `seq` may grow to (its home must hold them).
+  static int64_t MaxPositions(const Sequence& seq);
+
   SchedulerOptions options_;
-  BlockManager* blocks_;
+  KvPools* pools_;
   std::vector<std::unique_ptr<Sequence>> running_;  // sorted by id (arrival)
   std::deque<std::unique_ptr<Sequence>> waiting_;   // preempted ones at the front
   int64_t num_preemptions_ = 0;

@@ -11,9 +11,6 @@
 namespace sy::scheduler {
 namespace {
 
-// A sequence's home is counted in the load estimate when it ran within this many steps (a
-// finished sequence is not announced to the executor; its entry fades out of the load).
-constexpr int64_t kRecentSteps = 16;
 // Largest plan accepted by a rank (words); guards against a desynchronised size broadcast.
 constexpr int64_t kMaxPlanWords = int64_t{1} << 28;
 
@@ -91,6 +88,8 @@ DistributedStepExecutor::DistributedStepExecutor(model::MoeModel* model,
   stats_.world_size = comm->world_size();
   stats_.rank_tokens.assign(comm->world_size(), 0);
   stats_.rank_kv_blocks.assign(comm->world_size(), 0);
+  for (int r = 1; r < comm->world_size(); ++r)
+    initial_pools_.push_back({PoolEvent::Kind::kAdded, r, num_blocks});
 }
 
 DistributedStepExecutor::~DistributedStepExecutor() {
@@ -182,61 +181,38 @@ absl::Status DistributedStepExecutor::RunPlan(PlanKind kind) {
   return absl::OkStatus();
 }
 
-void DistributedStepExecutor::AssignHomes(std::span<const model::SequenceInput> batch) {
-  const int world = comm_->world_size();
-  ++step_counter_;
-  // A block that another sequence now holds past its first position ends the old entry.
-  for (const model::SequenceInput& in : batch)
-    for (size_t b = 1; b < in.block_table.size(); ++b) homes_.erase(in.block_table[b]);
-  std::vector<int64_t> load(world, 0);
-  for (const model::SequenceInput& in : batch) {
-    if (in.start_pos == 0 || in.block_table.empty()) continue;
-    auto it = homes_.find(in.block_table[0]);
-    if (it != homes_.end()) {
-      it->second.blocks = static_cast<int64_t>(in.block_table.size());
-      it->second.last_step = step_counter_;
-    }
-  }
-  for (const auto& [block, h] : homes_)
-    if (h.last_step > step_counter_ - kRecentSteps) load[h.rank] += h.blocks;
+std::vector<PoolEvent> DistributedStepExecutor::TakePoolEvents() {
+  return std::move(initial_pools_);
+}
 
-  planned_.clear();
-  std::vector<int64_t> tokens(world, 0);
-  for (const model::SequenceInput& in : batch) {
-    PlannedSequence p;
-    p.input = in;
-    const int32_t first = in.block_table.empty() ? -1 : in.block_table[0];
-    auto it = homes_.find(first);
-    if (in.start_pos == 0 || it == homes_.end()) {
-      // New (or recomputed after preemption): the rank with the least KV load, lowest first.
-      SY_CHECK(in.start_pos == 0) << "sequence at position " << in.start_pos
-                                  << " with first block " << first << " has no home rank";
-      const int r = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
-      const int64_t blocks = static_cast<int64_t>(in.block_table.size());
-      homes_[first] = Home{r, blocks, step_counter_};
-      load[r] += blocks;
-      p.home_rank = r;
-    } else {
-      p.home_rank = it->second.rank;
-    }
-    tokens[p.home_rank] += static_cast<int64_t>(in.tokens.size());
-    planned_.push_back(p);
-  }
+void DistributedStepExecutor::ReportPools(std::span<const PoolUsage> usage) {
   std::lock_guard<std::mutex> lock(stats_mu_);
-  for (int r = 0; r < world; ++r) {
-    stats_.rank_tokens[r] += tokens[r];
-    stats_.rank_kv_blocks[r] = load[r];
-  }
+  for (const PoolUsage& u : usage)
+    if (u.pool >= 0 && u.pool < stats_.world_size) stats_.rank_kv_blocks[u.pool] = u.used_blocks;
 }
 
 absl::Status DistributedStepExecutor::Execute(std::span<const model::SequenceInput> batch,
+                                              std::span<const int32_t> homes,
                                               std::vector<float>* logits) {
   if (broken_.load()) {
     std::lock_guard<std::mutex> lock(stats_mu_);
     return absl::UnavailableError(
         absl::StrCat("the rank group is down: ", broken_status_.message()));
   }
-  AssignHomes(batch);
+  const int world = comm_->world_size();
+  planned_.clear();
+  std::vector<int64_t> tokens(world, 0);
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const int32_t home = i < homes.size() ? homes[i] : 0;
+    if (home < 0 || home >= world)
+      return absl::InternalError(absl::StrCat("home rank ", home, " is not in the group"));
+    planned_.push_back(PlannedSequence{home, batch[i]});
+    tokens[home] += static_cast<int64_t>(batch[i].tokens.size());
+  }
+  {
+    std::lock_guard<std::mutex> lock(stats_mu_);
+    for (int r = 0; r < world; ++r) stats_.rank_tokens[r] += tokens[r];
+  }
   absl::Status status;
   {
     std::unique_lock<std::mutex> lock(mu_);

@@ -85,7 +85,9 @@ class DistributedStepExecutor : public StepExecutor {
 
   const model::ModelConfig& config() const override { return model_->config(); }
   absl::Status Execute(std::span<const model::SequenceInput> batch,
-                       std::vector<float>* logits) override;
+                       std::span<const int32_t> homes, std::vector<float>* logits) override;
+  std::vector<PoolEvent> TakePoolEvents() override;
+  void ReportPools(std::span<const PoolUsage> usage) override;
 
   DistributedStats stats() const;
   bool broken() const { return broken_.load(); }
@@ -119,7 +121,6 @@ class DistributedStepExecutor : public StepExecutor {
   absl::Status RunPlan(PlanKind kind);
   // Queues `fn` for the pump thread and waits for it (UNAVAILABLE once stopping).
   absl::Status RunControl(std::function<absl::Status()> fn);
-  void AssignHomes(std::span<const model::SequenceInput> batch);
   void Fail(const absl::Status& status);
   static absl::Status AsUnavailablePlacement(const absl::Status& s) {
     return s.code() == absl::StatusCode::kUnavailable
@@ -136,15 +137,9 @@ class DistributedStepExecutor : public StepExecutor {
   std::function<void(const DistributedStats&)> stats_observer_;
   std::chrono::milliseconds keepalive_;
 
-  // Engine thread only: homes by first block id, with the block count and the step last seen.
-  struct Home {
-    int32_t rank;
-    int64_t blocks;
-    int64_t last_step;
-  };
-  std::unordered_map<int32_t, Home> homes_;
-  int64_t step_counter_ = 0;
+  // Engine thread only.
   std::vector<PlannedSequence> planned_;
+  std::vector<PoolEvent> initial_pools_;
 
   // Handed from the engine thread to the pump thread.
   std::mutex mu_;

@@ -43,8 +43,9 @@ Engine::Engine(std::unique_ptr<StepExecutor> executor, const model::Tokenizer* t
       tokenizer_(tokenizer),
       options_(options),
       observer_(observer),
-      blocks_(options.num_blocks, options.block_size),
-      scheduler_(options.scheduler, &blocks_) {
+      pools_(options.block_size),
+      scheduler_(options.scheduler, &pools_) {
+  pools_.Add(0, options.num_blocks);
   const model::ModelConfig& c = executor_->config();
   limits_.vocab_size = c.vocab_size;
   limits_.context_length =
@@ -52,13 +53,19 @@ Engine::Engine(std::unique_ptr<StepExecutor> executor, const model::Tokenizer* t
   eos_ids_ = c.eos_token_ids;
   if (eos_ids_.empty() && tokenizer_ != nullptr && tokenizer_->eos_id())
     eos_ids_.push_back(*tokenizer_->eos_id());
-  kv_free_ = blocks_.num_free_blocks();
+  kv_free_ = pools_.num_free_blocks();
+  kv_total_ = pools_.num_blocks();
 }
 
 Engine::~Engine() { Stop(); }
 
 void Engine::Start() {
   SY_CHECK(!thread_.joinable());
+  executor_->SetWakeup([this] {
+    std::lock_guard<std::mutex> lock(mu_);
+    wake_ = true;
+    cv_.notify_all();
+  });
   thread_ = std::thread([this] { Loop(); });
 }
 
@@ -118,8 +125,9 @@ EngineStats Engine::stats() const {
     std::lock_guard<std::mutex> lock(mu_);
     s.waiting = static_cast<int64_t>(intake_.size()) + num_waiting_.load();
   }
-  s.kv_blocks_total = options_.num_blocks;
+  s.kv_blocks_total = kv_total_.load();
   s.kv_blocks_free = kv_free_.load();
+  s.recovered = recovered_.load();
   s.requests_total = requests_total_.load();
   s.steps = steps_.load();
   s.preemptions = preemptions_.load();
@@ -132,9 +140,13 @@ void Engine::Loop() {
       std::unique_lock<std::mutex> lock(mu_);
       busy_ = !scheduler_.empty();
       if (!busy_) idle_cv_.notify_all();
-      cv_.wait(lock, [&] { return stopping_ || !intake_.empty() || !scheduler_.empty(); });
+      cv_.wait(lock, [&] {
+        return stopping_ || wake_ || !intake_.empty() || !scheduler_.empty();
+      });
       if (stopping_) break;
+      wake_ = false;
     }
+    ApplyPoolEvents();
     DrainIntake();
     AbortCancelled();
     if (!scheduler_.empty()) Step();
@@ -188,18 +200,80 @@ void Engine::AbortCancelled() {
   }
 }
 
+void Engine::ApplyPoolEvents() {
+  for (const PoolEvent& ev : executor_->TakePoolEvents()) {
+    switch (ev.kind) {
+      case PoolEvent::Kind::kAdded:
+        if (!pools_.Has(ev.pool)) pools_.Add(ev.pool, ev.num_blocks);
+        break;
+      case PoolEvent::Kind::kDraining:
+        if (pools_.Has(ev.pool)) pools_.SetAccepting(ev.pool, false);
+        break;
+      case PoolEvent::Kind::kEvict:
+      case PoolEvent::Kind::kLost:
+      case PoolEvent::Kind::kRemoved: {
+        if (!pools_.Has(ev.pool)) break;
+        pools_.SetAccepting(ev.pool, false);
+        const std::vector<Sequence*> moved = scheduler_.PreemptPool(ev.pool);
+        preemptions_ += static_cast<int64_t>(moved.size());
+        if (ev.kind == PoolEvent::Kind::kLost) recovered_ += static_cast<int64_t>(moved.size());
+        if (!moved.empty())
+          SY_LOG(INFO) << moved.size() << " sequence(s) of rank " << ev.pool
+                       << (ev.kind == PoolEvent::Kind::kLost ? " (lost)" : " (drained)")
+                       << " go back to the queue to be prefilled on another rank";
+        if (ev.kind != PoolEvent::Kind::kEvict) pools_.Remove(ev.pool);
+        break;
+      }
+    }
+  }
+}
+
 void Engine::Step() {
   const Clock::time_point start = Clock::now();
+  StepStats st;
+  ScheduledBatch batch = Schedule(&st);
+  if (batch.empty()) return;
+  absl::Status status = Run(batch);
+  if (status.code() == absl::StatusCode::kAborted) {
+    // The group changed under the step: nothing ran. The pool events say what moved.
+    SY_LOG(WARNING) << "step not run, scheduling again: " << status;
+    return;
+  }
+  if (!status.ok()) {
+    SY_LOG(ERROR) << "step failed: " << status;
+    for (const ScheduledSequence& e : batch.entries)
+      Finish(e.seq, FinishReason::kAbort, sy::Annotate(status, "model step"));
+    return;
+  }
+  scheduler_.CommitStep(batch);
+  Postprocess(batch, &st);
+
+  ++steps_;
+  preemptions_ += st.num_preempted;
+  st.seconds = Seconds(Clock::now() - start);
+  st.running = scheduler_.num_running();
+  st.waiting = scheduler_.num_waiting();
+  const int64_t total = pools_.num_blocks();
+  st.kv_usage = total > 0 ? 1.0 - static_cast<double>(pools_.num_free_blocks()) / total : 0.0;
+  if (observer_ != nullptr) observer_->OnStep(st);
+}
+
+ScheduledBatch Engine::Schedule(StepStats* st) {
   ScheduledBatch batch = scheduler_.Schedule();
   // Publish admissions now: a client can see its first token before this step ends, and a
   // stale waiting count would refuse the next request with a full queue that is not full.
   num_waiting_ = scheduler_.num_waiting();
   num_running_ = scheduler_.num_running();
-  StepStats st;
-  st.num_preempted = static_cast<int64_t>(batch.preempted.size());
-  if (batch.empty()) return;  // cannot happen with a cache that fits one full context
+  st->num_preempted = static_cast<int64_t>(batch.preempted.size());
+  st->num_seqs = static_cast<int64_t>(batch.entries.size());
+  st->num_decode_tokens = batch.num_decode();
+  st->num_prefill_tokens = batch.num_tokens() - st->num_decode_tokens;
+  return batch;
+}
 
+absl::Status Engine::Run(const ScheduledBatch& batch) {
   inputs_.clear();
+  homes_.clear();
   for (const ScheduledSequence& e : batch.entries) {
     Sequence* s = e.seq;
     model::SequenceInput in;
@@ -208,24 +282,14 @@ void Engine::Step() {
     in.block_table = s->block_table;
     in.compute_logits = e.compute_logits;
     inputs_.push_back(in);
-    if (e.compute_logits && e.num_tokens == 1 && s->num_computed >= s->num_prompt_tokens)
-      ++st.num_decode_tokens;
-    else
-      st.num_prefill_tokens += e.num_tokens;
+    homes_.push_back(s->home);
   }
-  st.num_seqs = static_cast<int64_t>(batch.entries.size());
+  return executor_->Execute(inputs_, homes_, &logits_);
+}
 
-  absl::Status status = executor_->Execute(inputs_, &logits_);
-  if (!status.ok()) {
-    SY_LOG(ERROR) << "step failed: " << status;
-    for (const ScheduledSequence& e : batch.entries)
-      Finish(e.seq, FinishReason::kAbort, sy::Annotate(status, "model step"));
-    return;
-  }
-  scheduler_.CommitStep(batch);
-
+void Engine::Postprocess(const ScheduledBatch& batch, StepStats* st) {
   // Sample on the compute threads (each sequence has its own sampler; a vocabulary-wide scan
-  // per sequence is a few percent of a batch-32 decode step), then postprocess in order.
+  // per sequence is a few percent of a batch-32 decode step), then append in order.
   const int64_t vocab = limits_.vocab_size;
   sampling_.clear();
   for (const ScheduledSequence& e : batch.entries)
@@ -239,24 +303,13 @@ void Engine::Step() {
   });
   const Clock::time_point now = Clock::now();
   std::vector<Sequence*> finished;
-  for (int64_t i = 0; i < num_sampled; ++i) {
-    if (Postprocess(sampling_[i], sampled_[i], now)) finished.push_back(sampling_[i]);
-    ++st.num_generated;
-  }
+  for (int64_t i = 0; i < num_sampled; ++i)
+    if (AppendToken(sampling_[i], sampled_[i], now)) finished.push_back(sampling_[i]);
+  st->num_generated = num_sampled;
   for (Sequence* seq : finished) Finish(seq, seq->finish_reason, absl::OkStatus());
-
-  ++steps_;
-  preemptions_ += st.num_preempted;
-  st.seconds = Seconds(Clock::now() - start);
-  st.running = scheduler_.num_running();
-  st.waiting = scheduler_.num_waiting();
-  st.kv_usage = options_.num_blocks > 0
-                    ? 1.0 - static_cast<double>(blocks_.num_free_blocks()) / options_.num_blocks
-                    : 0.0;
-  if (observer_ != nullptr) observer_->OnStep(st);
 }
 
-bool Engine::Postprocess(Sequence* seq, int32_t tok, Clock::time_point now) {
+bool Engine::AppendToken(Sequence* seq, int32_t tok, Clock::time_point now) {
   seq->tokens.push_back(tok);
   if (observer_ != nullptr) {
     if (seq->first_token == Clock::time_point{})
@@ -334,7 +387,14 @@ void Engine::Finish(Sequence* seq, FinishReason reason, absl::Status status) {
 
 void Engine::PublishStats() {
   num_running_ = scheduler_.num_running();
-  kv_free_ = blocks_.num_free_blocks();
+  kv_free_ = pools_.num_free_blocks();
+  kv_total_ = pools_.num_blocks();
+  usage_.clear();
+  for (int32_t id : pools_.ids()) {
+    const BatchScheduler::PoolLoad load = scheduler_.LoadOf(id);
+    usage_.push_back({id, load.num_seqs, load.used_blocks, pools_.pool(id).num_blocks()});
+  }
+  executor_->ReportPools(usage_);
   std::lock_guard<std::mutex> lock(mu_);
   num_waiting_ = scheduler_.num_waiting();
   busy_ = !scheduler_.empty();

@@ -1,9 +1,15 @@
-// Engine: the step loop of one rank (DESIGN.md §2 steps 2-7). gRPC threads Submit requests
-// into a bounded intake queue; one engine thread owns the scheduler, the KV blocks and the
-// model, and loops:
+// Engine: the step loop of the leader (DESIGN.md §2 steps 2-7). gRPC threads Submit requests
+// into a bounded intake queue; one engine thread owns the scheduler, the KV pools and the
+// executor (which runs the model, here or on a rank group), and loops:
 //
-//   drain intake → drop cancelled / past-deadline sequences → Schedule → Execute (model) →
-//   sample → postprocess (stop tokens, EOS, stop strings, length; stream to sinks).
+//   apply pool events (ranks joined, draining, lost) → drain intake → drop cancelled /
+//   past-deadline sequences → Step: batch = Schedule(); Run(batch) (the executor);
+//   Postprocess(batch) (sample, stop tokens, EOS, stop strings, length; stream to sinks).
+//
+// A step the executor ABORTED (the rank group re-formed under it) counts for nothing: the
+// lost ranks' sequences are preempted by their pool events and prefilled again elsewhere from
+// prompt + output so far; their samplers have not moved, so the tokens are those they would
+// have been.
 //
 // A cancelled request or one past its deadline is removed, and its KV blocks freed, at the
 // next step boundary. Drain (graceful shutdown): StopAccepting, then WaitIdle, then Stop.
@@ -27,7 +33,7 @@
 #include "absl/status/status.h"
 #include "model/tokenizer.h"
 #include "scheduler/batch_scheduler.h"
-#include "scheduler/block_manager.h"
+#include "scheduler/kv_pools.h"
 #include "scheduler/request.h"
 #include "scheduler/step_executor.h"
 
@@ -35,7 +41,7 @@ namespace sy::scheduler {
 
 struct EngineOptions {
   SchedulerOptions scheduler;
-  int64_t num_blocks = 0;     // KV cache blocks (see NumBlocksForBytes)
+  int64_t num_blocks = 0;     // KV cache blocks of this process's pool, id 0 (NumBlocksForBytes)
   int64_t block_size = 16;    // positions per block
   int64_t max_queue = 256;    // requests waiting (not yet running) before RESOURCE_EXHAUSTED
 };
@@ -52,7 +58,7 @@ struct StepStats {
   int64_t num_generated = 0;   // tokens sampled this step
   int64_t num_preempted = 0;
   int64_t running = 0, waiting = 0;
-  double kv_usage = 0;         // used blocks / all blocks after the step
+  double kv_usage = 0;         // used blocks / all blocks (every pool) after the step
 };
 
 struct RequestStats {
@@ -76,11 +82,12 @@ class EngineObserver {
 struct EngineStats {
   int64_t running = 0;
   int64_t waiting = 0;         // intake + scheduler waiting queue
-  int64_t kv_blocks_total = 0;
+  int64_t kv_blocks_total = 0;  // every pool of the group
   int64_t kv_blocks_free = 0;
   int64_t requests_total = 0;  // accepted by Submit
   int64_t steps = 0;
   int64_t preemptions = 0;
+  int64_t recovered = 0;       // sequences prefilled again because their rank died
 };
 
 class Engine {
@@ -108,11 +115,18 @@ class Engine {
 
  private:
   void Loop();
+  void ApplyPoolEvents();
   void DrainIntake();
   void AbortCancelled();
   void Step();
+  // The step's batch (and its counts into *st).
+  ScheduledBatch Schedule(StepStats* st);
+  // The executor runs the batch: logits_ get a row per entry with compute_logits.
+  absl::Status Run(const ScheduledBatch& batch);
+  // Samples, appends and streams one token per entry with compute_logits; finishes the done.
+  void Postprocess(const ScheduledBatch& batch, StepStats* st);
   // Appends and streams the new token `tok` of `seq`; true when it finished.
-  bool Postprocess(Sequence* seq, int32_t tok, Clock::time_point now);
+  bool AppendToken(Sequence* seq, int32_t tok, Clock::time_point now);
   void Finish(Sequence* seq, FinishReason reason, absl::Status status);
   void PublishStats();
 
@@ -124,10 +138,12 @@ class Engine {
   std::vector<int32_t> eos_ids_;
 
   // Engine thread only.
-  BlockManager blocks_;
+  KvPools pools_;
   BatchScheduler scheduler_;
   int64_t next_seq_id_ = 0;
   std::vector<model::SequenceInput> inputs_;
+  std::vector<int32_t> homes_;
+  std::vector<PoolUsage> usage_;
   std::vector<float> logits_;
   std::vector<Sequence*> sampling_;  // sequences sampled this step, in logits row order
   std::vector<int32_t> sampled_;
@@ -139,10 +155,13 @@ class Engine {
   bool accepting_ ABSL_GUARDED_BY(mu_) = true;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   bool busy_ ABSL_GUARDED_BY(mu_) = false;  // the scheduler holds sequences
+  bool wake_ ABSL_GUARDED_BY(mu_) = false;  // the executor queued pool events
 
   std::atomic<int64_t> num_waiting_{0};  // intake + scheduler waiting
   std::atomic<int64_t> num_running_{0};
   std::atomic<int64_t> kv_free_{0};
+  std::atomic<int64_t> kv_total_{0};
+  std::atomic<int64_t> recovered_{0};
   std::atomic<int64_t> requests_total_{0};
   std::atomic<int64_t> steps_{0};
   std::atomic<int64_t> preemptions_{0};

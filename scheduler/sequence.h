@@ -6,7 +6,7 @@
 //
 // Invariants: 0 <= num_computed <= tokens.size(); the block table covers num_computed
 // positions (and, while scheduled, the positions of the step's chunk); a waiting sequence
-// holds no blocks. Preemption by recompute sets num_computed to 0 and frees the table; the
+// holds no blocks and has no home. Preemption by recompute sets num_computed to 0 and frees the table; the
 // tokens (prompt and output so far) are prefilled again when it is readmitted.
 #pragma once
 
@@ -44,7 +44,8 @@ struct Sequence {
   std::vector<int32_t> tokens;
   int64_t num_prompt_tokens;
   int64_t num_computed = 0;
-  std::vector<int32_t> block_table;
+  std::vector<int32_t> block_table;  // block ids of the home's KV pool
+  int32_t home = -1;                 // KV pool (home rank id) while running; -1 while waiting
   SequenceStatus status = SequenceStatus::kWaiting;
   int64_t num_preemptions = 0;
 

@@ -7,6 +7,7 @@ LocalStepExecutor::LocalStepExecutor(model::MoeModel* model, int64_t num_blocks,
     : model_(model), cache_(model->config(), num_blocks, block_size) {}
 
 absl::Status LocalStepExecutor::Execute(std::span<const model::SequenceInput> batch,
+                                        std::span<const int32_t> homes,
                                         std::vector<float>* logits) {
   return model_->Forward(batch, cache_, logits);
 }

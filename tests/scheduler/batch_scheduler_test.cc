@@ -18,11 +18,12 @@ using Plan = std::vector<std::pair<int64_t, int64_t>>;
 class BatchSchedulerTest : public ::testing::Test {
  protected:
   void Init(int64_t num_blocks, int64_t block_size, int64_t max_seqs, int64_t max_tokens) {
-    blocks_ = std::make_unique<BlockManager>(num_blocks, block_size);
+    pools_ = std::make_unique<KvPools>(block_size);
+    pools_->Add(0, num_blocks);
     SchedulerOptions o;
     o.max_num_seqs = max_seqs;
     o.max_num_batched_tokens = max_tokens;
-    sched_ = std::make_unique<BatchScheduler>(o, blocks_.get());
+    sched_ = std::make_unique<BatchScheduler>(o, pools_.get());
   }
 
   Sequence* Add(int64_t prompt_len, int64_t max_new_tokens) {
@@ -43,7 +44,7 @@ class BatchSchedulerTest : public ::testing::Test {
     for (const auto& e : b.entries) {
       plan.push_back({e.seq->id, e.num_tokens});
       // The table covers the chunk.
-      EXPECT_GE(static_cast<int64_t>(e.seq->block_table.size()) * blocks_->block_size(),
+      EXPECT_GE(static_cast<int64_t>(e.seq->block_table.size()) * pools_->block_size(),
                 e.seq->num_computed + e.num_tokens);
       EXPECT_EQ(e.compute_logits, e.seq->num_computed + e.num_tokens == e.seq->num_tokens());
     }
@@ -63,7 +64,7 @@ class BatchSchedulerTest : public ::testing::Test {
     return plan;
   }
 
-  std::unique_ptr<BlockManager> blocks_;
+  std::unique_ptr<KvPools> pools_;
   std::unique_ptr<BatchScheduler> sched_;
   int64_t next_id_ = 0;
 };
@@ -83,7 +84,7 @@ TEST_F(BatchSchedulerTest, ChunksPrefillUnderTheTokenBudgetAndPutsDecodesFirst) 
   EXPECT_EQ(Step(), (Plan{{0, 1}, {2, 7}}));
   EXPECT_EQ(Step(), (Plan{{2, 7}}));  // seq 0 finished after 3 tokens
   EXPECT_TRUE(sched_->empty());
-  EXPECT_EQ(blocks_->num_free_blocks(), 64);
+  EXPECT_EQ(pools_->num_free_blocks(), 64);
 }
 
 TEST_F(BatchSchedulerTest, MaxNumSeqsCapsTheBatchAndAdmissionIsFcfs) {
@@ -123,7 +124,7 @@ TEST_F(BatchSchedulerTest, PreemptsTheNewestRunningSequenceByRecomputeWhenBlocks
   EXPECT_EQ(Step(&pre), (Plan{{1, 1}}));  // fourth token, done
   EXPECT_TRUE(sched_->empty());
   EXPECT_EQ(sched_->num_preemptions(), 1);
-  EXPECT_EQ(blocks_->num_free_blocks(), 4);
+  EXPECT_EQ(pools_->num_free_blocks(), 4);
 }
 
 TEST_F(BatchSchedulerTest, ALoneSequenceThatCannotGrowPreemptsItself) {
@@ -136,7 +137,7 @@ TEST_F(BatchSchedulerTest, ALoneSequenceThatCannotGrowPreemptsItself) {
   EXPECT_EQ(Step(&pre), (Plan{}));
   EXPECT_EQ(pre, (std::vector<int64_t>{0}));
   EXPECT_EQ(a->status, SequenceStatus::kWaiting);
-  EXPECT_EQ(blocks_->num_free_blocks(), 2);
+  EXPECT_EQ(pools_->num_free_blocks(), 2);
 }
 
 TEST_F(BatchSchedulerTest, ALongPromptIsPrefilledInBudgetSizedChunks) {
@@ -167,7 +168,7 @@ TEST_F(BatchSchedulerTest, APrefillChunkShrinksToTheFreeBlocks) {
   EXPECT_EQ(Step(&pre), (Plan{{1, 2}}));
   EXPECT_EQ(Step(&pre), (Plan{{1, 1}}));
   EXPECT_TRUE(sched_->empty());
-  EXPECT_EQ(blocks_->num_free_blocks(), 3);
+  EXPECT_EQ(pools_->num_free_blocks(), 3);
 }
 
 TEST_F(BatchSchedulerTest, RemovingARunningSequenceReturnsItsBlocks) {
@@ -175,9 +176,9 @@ TEST_F(BatchSchedulerTest, RemovingARunningSequenceReturnsItsBlocks) {
   Sequence* a = Add(10, 5);
   Add(5, 5);
   Step();
-  EXPECT_EQ(blocks_->num_free_blocks(), 8 - 3 - 2);
+  EXPECT_EQ(pools_->num_free_blocks(), 8 - 3 - 2);
   sched_->Remove(a);
-  EXPECT_EQ(blocks_->num_free_blocks(), 8 - 2);
+  EXPECT_EQ(pools_->num_free_blocks(), 8 - 2);
   EXPECT_EQ(sched_->num_running(), 1);
 }
 

@@ -34,9 +34,10 @@ constexpr int64_t kNumBlocks = 64;
 // Greedy generation of several sequences in lockstep through `exec`, the way the Engine
 // drives an executor: one prefill step for all, then one decode token per sequence per step.
 // Sequence i owns blocks [i * 8, i * 8 + 8).
+// Sequence i is homed on rank i % world.
 std::vector<std::vector<int32_t>> GenerateAll(StepExecutor& exec,
                                               const std::vector<std::vector<int32_t>>& prompts,
-                                              int64_t max_new) {
+                                              int64_t max_new, int world = 1) {
   const int64_t vocab = exec.config().vocab_size;
   std::vector<std::vector<int32_t>> tokens = prompts, blocks(prompts.size());
   for (size_t i = 0; i < prompts.size(); ++i)
@@ -45,7 +46,9 @@ std::vector<std::vector<int32_t>> GenerateAll(StepExecutor& exec,
   std::vector<float> logits;
   for (int64_t step = 0; step < max_new; ++step) {
     std::vector<model::SequenceInput> batch;
+    std::vector<int32_t> homes;
     for (size_t i = 0; i < prompts.size(); ++i) {
+      homes.push_back(static_cast<int32_t>(i % world));
       model::SequenceInput in;
       in.tokens = std::span<const int32_t>(tokens[i].data() + computed[i],
                                            tokens[i].size() - computed[i]);
@@ -53,7 +56,7 @@ std::vector<std::vector<int32_t>> GenerateAll(StepExecutor& exec,
       in.block_table = blocks[i];
       batch.push_back(in);
     }
-    absl::Status s = exec.Execute(batch, &logits);
+    absl::Status s = exec.Execute(batch, homes, &logits);
     EXPECT_TRUE(s.ok()) << s;
     if (!s.ok()) return {};
     EXPECT_EQ(logits.size(), prompts.size() * vocab);
@@ -146,11 +149,11 @@ TEST_P(DistributedExecutorRanksTest, GreedyTokensMatchOneRank) {
   ThreadGroup g(dir, GetParam(), milliseconds(10000));
   auto exec = g.MakeExecutor();
   ASSERT_TRUE(exec.ok()) << exec.status();
-  EXPECT_EQ(GenerateAll(**exec, Prompts(), 6), want);
+  EXPECT_EQ(GenerateAll(**exec, Prompts(), 6, GetParam()), want);
   const DistributedStats st = (*exec)->stats();
   EXPECT_EQ(st.world_size, GetParam());
   EXPECT_EQ(st.steps, 6);
-  // Five sequences over the ranks by least KV load: every rank got some when it could.
+  // Five sequences over the ranks: every rank ran some.
   for (int r = 0; r < GetParam(); ++r) EXPECT_GT(st.rank_tokens[r], 0) << "rank " << r;
   g.Stop();
   for (int r = 1; r < GetParam(); ++r) EXPECT_TRUE(g.result(r).ok()) << g.result(r);
@@ -192,8 +195,9 @@ TEST(DistributedExecutorTest, BrokenGroupFailsTheStepWithUnavailableAndEveryStep
   model::SequenceInput in{toks, 0, blocks, true};
   std::vector<float> logits;
   const auto t0 = std::chrono::steady_clock::now();
-  EXPECT_EQ((*exec)->Execute({&in, 1}, &logits).code(), absl::StatusCode::kUnavailable);
-  EXPECT_EQ((*exec)->Execute({&in, 1}, &logits).code(), absl::StatusCode::kUnavailable);
+  const int32_t home = 0;
+  EXPECT_EQ((*exec)->Execute({&in, 1}, {&home, 1}, &logits).code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ((*exec)->Execute({&in, 1}, {&home, 1}, &logits).code(), absl::StatusCode::kUnavailable);
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
   EXPECT_TRUE((*exec)->broken());
   EXPECT_EQ(failures.load(), 1);

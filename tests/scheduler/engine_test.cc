@@ -33,7 +33,7 @@ class PagedTokenModel : public StepExecutor {
     config_.eos_token_ids = {};
   }
   const model::ModelConfig& config() const override { return config_; }
-  absl::Status Execute(std::span<const model::SequenceInput> batch,
+  absl::Status Execute(std::span<const model::SequenceInput> batch, std::span<const int32_t> homes,
                        std::vector<float>* logits) override {
     ++steps;
     int64_t rows = 0;

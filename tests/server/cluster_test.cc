@@ -194,8 +194,9 @@ TEST(ClusterThreadsPreemptionTest, PreemptedSequencesAreRecomputedOnANewHomeRank
   o.host = "127.0.0.1";
   o.port = 0;
   o.metrics_port = -1;
-  // 8 blocks of 16 positions for 5 sequences that need 3 each: the scheduler must preempt.
-  o.kv_cache_bytes = 8 * model::KvCache::BytesPerBlock(*model::ModelConfig::FromFile(dir + "/config.json"), 16);
+  // Each rank's pool holds 4 blocks of 16 positions, 12 in the group, for 5 sequences that
+  // need 3 each: the scheduler must preempt.
+  o.kv_cache_bytes = 4 * model::KvCache::BytesPerBlock(*model::ModelConfig::FromFile(dir + "/config.json"), 16);
   o.cluster.local_ranks = 3;
   o.cluster.collective_timeout_ms = 10000;
   auto d = Daemon::Start(o);
