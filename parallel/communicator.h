@@ -14,12 +14,14 @@
 //   * each call finishes within timeout() or returns UNAVAILABLE; a dead peer (closed
 //     connection) also gives UNAVAILABLE, never a hang;
 //   * after any failure the communicator is broken(): every later call returns UNAVAILABLE at
-//     once (the group must be re-formed: DESIGN.md §5 "Failure").
+//     once (the group must be re-formed: DESIGN.md §5 "Failure");
+//   * Abort() breaks it from any thread: a collective in flight returns UNAVAILABLE soon
+//     (a rank told that its group is being re-formed stops waiting for a dead peer).
 //   * INVALID_ARGUMENT for malformed arguments (wrong span sizes, bad root); the group is then
 //     in an unknown state and is marked broken too, since peers may be waiting on this rank.
 //
 // Thread safety: a communicator is used by one thread at a time (the rank's engine thread);
-// broken() may be read from any thread.
+// broken() and Abort() may be called from any thread.
 #pragma once
 
 #include <chrono>
@@ -54,6 +56,9 @@ class Communicator {
   virtual std::chrono::milliseconds timeout() const = 0;
   // True once a collective failed; later collectives fail fast.
   virtual bool broken() const = 0;
+  // Breaks the communicator from any thread: the collective in flight (if any) and every later
+  // one return UNAVAILABLE. Idempotent.
+  virtual void Abort() = 0;
   // "local", "gloo", "nccl", or a wrapper's name.
   virtual std::string name() const = 0;
 

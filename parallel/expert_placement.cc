@@ -1,5 +1,6 @@
 #include "parallel/expert_placement.h"
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <sstream>
@@ -246,6 +247,18 @@ bool ExpertPlacement::operator==(const ExpertPlacement& o) const {
     }
   }
   return true;
+}
+
+std::vector<std::vector<int32_t>> ExpertsOfRank(const ExpertPlacement& placement, int rank) {
+  std::vector<std::vector<int32_t>> out(placement.num_layers());
+  const int S = placement.slots_per_rank();
+  for (int l = 0; l < placement.num_layers(); ++l) {
+    for (int s = rank * S; s < (rank + 1) * S; ++s)
+      if (placement.expert_of(l, s) >= 0) out[l].push_back(placement.expert_of(l, s));
+    std::sort(out[l].begin(), out[l].end());
+    out[l].erase(std::unique(out[l].begin(), out[l].end()), out[l].end());
+  }
+  return out;
 }
 
 }  // namespace sy::parallel

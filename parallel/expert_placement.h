@@ -76,4 +76,7 @@ class ExpertPlacement {
   std::vector<std::vector<float>> slot_share_;                       // [L][R*S] or empty
 };
 
+// Logical experts rank `rank` holds per layer (ascending, no repeats): what it loads.
+std::vector<std::vector<int32_t>> ExpertsOfRank(const ExpertPlacement& placement, int rank);
+
 }  // namespace sy::parallel

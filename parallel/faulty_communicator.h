@@ -36,6 +36,7 @@ class FaultyCommunicator final : public Communicator {
   int world_size() const override { return base_->world_size(); }
   std::chrono::milliseconds timeout() const override { return base_->timeout(); }
   bool broken() const override { return failed_ || base_->broken(); }
+  void Abort() override { base_->Abort(); }
   std::string name() const override { return "faulty(" + base_->name() + ")"; }
   int64_t calls() const { return calls_; }
 

@@ -2,9 +2,11 @@
 
 #include <atomic>
 #include <cstring>
+#include <mutex>
 #include <exception>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
 #include "gloo/common/error.h"
 #include "gloo/rendezvous/context.h"
@@ -77,6 +79,17 @@ class GlooCommunicator final : public Communicator {
   bool broken() const override { return broken_; }
   std::string name() const override { return "gloo"; }
 
+  // Wakes the exchange in flight (gloo's abortWaitRecv/abortWaitSend, which make its waits
+  // return false); the owning thread then breaks the communicator. Later calls fail at Start.
+  void Abort() override {
+    std::lock_guard<std::mutex> lock(inflight_mu_);
+    aborted_ = true;
+    if (inflight_ != nullptr) {
+      if (inflight_->rbuf) inflight_->rbuf->abortWaitRecv();
+      if (inflight_->sbuf) inflight_->sbuf->abortWaitSend();
+    }
+  }
+
   absl::Status AllToAllV(const void* send, absl::Span<const int64_t> send_counts,
                          absl::Span<const int64_t> send_offsets, void* recv,
                          absl::Span<const int64_t> recv_counts,
@@ -92,8 +105,9 @@ class GlooCommunicator final : public Communicator {
       absl::Span<const int64_t> send_offsets, void* recv, absl::Span<const int64_t> recv_counts,
       absl::Span<const int64_t> recv_offsets) override {
     auto pending = std::make_unique<Pending>(this);
+    if (aborted_.load() && !broken_) pending->status = Break(absl::UnavailableError("gloo communicator aborted"));
     if (broken_) {
-      pending->status = absl::UnavailableError("gloo communicator is broken");
+      if (pending->status.ok()) pending->status = absl::UnavailableError("gloo communicator is broken");
       return pending;
     }
     const int n = world_size(), me = rank();
@@ -147,6 +161,14 @@ class GlooCommunicator final : public Communicator {
       pending->status = Break(absl::UnavailableError(
           absl::StrCat("gloo all-to-all-v on rank ", me, ": ", e.what())));
     }
+    if (pending->status.ok()) {
+      std::lock_guard<std::mutex> lock(inflight_mu_);
+      inflight_ = pending.get();
+      if (aborted_) {  // an Abort that came while the exchange was being posted
+        if (pending->rbuf) pending->rbuf->abortWaitRecv();
+        if (pending->sbuf) pending->sbuf->abortWaitSend();
+      }
+    }
     return pending;
   }
 
@@ -166,6 +188,10 @@ class GlooCommunicator final : public Communicator {
 
     absl::Status Wait() override {
       waited_ = true;
+      struct Done {
+        Pending* p;
+        ~Done() { p->comm_->Finished(p); }
+      } done{this};
       if (!status.ok()) return status;
       const auto deadline = std::chrono::steady_clock::now() + comm_->timeout_;
       try {
@@ -175,6 +201,7 @@ class GlooCommunicator final : public Communicator {
         for (int i = 0; i < num_sends; ++i)
           if (!sbuf->waitSend(nullptr, Left(deadline))) throw gloo::IoException("send aborted");
       } catch (const std::exception& e) {
+        comm_->Finished(this);  // Abort must not touch the buffers Orphan moves
         Orphan();
         status = comm_->Break(absl::UnavailableError(
             absl::StrCat("gloo all-to-all-v on rank ", comm_->rank(), ": ", e.what())));
@@ -198,6 +225,11 @@ class GlooCommunicator final : public Communicator {
     bool waited_ = false;
   };
 
+  void Finished(Pending* p) {
+    std::lock_guard<std::mutex> lock(inflight_mu_);
+    if (inflight_ == p) inflight_ = nullptr;
+  }
+
   absl::Status Break(absl::Status status) {
     if (!broken_) {
       broken_ = true;
@@ -215,6 +247,9 @@ class GlooCommunicator final : public Communicator {
   std::chrono::milliseconds timeout_;
   std::atomic<bool> broken_{false};
   std::vector<std::unique_ptr<gloo::transport::UnboundBuffer>> orphans_;
+  std::mutex inflight_mu_;  // Abort (any thread) against the owning thread's exchange
+  Pending* inflight_ ABSL_GUARDED_BY(inflight_mu_) = nullptr;
+  std::atomic<bool> aborted_{false};
 };
 
 }  // namespace
@@ -245,6 +280,17 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateGlooCommunicator(const GlooO
                                                options.world_size, " could not connect: ",
                                                e.what()));
   }
+}
+
+std::function<absl::StatusOr<std::unique_ptr<Communicator>>(const std::string&, int, int)>
+GlooCommunicatorFactory(const GlooOptions& base) {
+  return [base](const std::string& prefix, int rank, int world_size) {
+    GlooOptions o = base;
+    o.prefix = "gloo/" + prefix;
+    o.rank = rank;
+    o.world_size = world_size;
+    return CreateGlooCommunicator(o);
+  };
 }
 
 }  // namespace sy::parallel

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -36,5 +37,11 @@ struct GlooOptions {
 
 // UNAVAILABLE when the rendezvous or a connection fails or times out.
 absl::StatusOr<std::unique_ptr<Communicator>> CreateGlooCommunicator(const GlooOptions& options);
+
+// A CommunicatorFactory (parallel/membership.h) that connects through `store` (not owned; must
+// be thread-safe and outlive the factory) with `base`'s address and time-out.
+std::function<absl::StatusOr<std::unique_ptr<Communicator>>(const std::string& prefix, int rank,
+                                                            int world_size)>
+GlooCommunicatorFactory(const GlooOptions& base);
 
 }  // namespace sy::parallel

@@ -17,6 +17,7 @@ class LocalCommunicator final : public Communicator {
   int world_size() const override { return group_->world_size_; }
   std::chrono::milliseconds timeout() const override { return group_->timeout_; }
   bool broken() const override { return group_->broken(); }
+  void Abort() override { group_->Break(); }
   std::string name() const override { return "local"; }
 
   absl::Status AllToAllV(const void* send, absl::Span<const int64_t> send_counts,
@@ -42,7 +43,7 @@ class LocalCommunicator final : public Communicator {
     absl::Status valid = ValidateAllToAllV(world_size(), send_counts, send_offsets, recv_counts,
                                            recv_offsets);
     if (!valid.ok()) {
-      group_->TEST_Break();
+      group_->Break();
       pending->status = valid;
       return pending;
     }
@@ -78,7 +79,11 @@ class LocalCommunicator final : public Communicator {
       LocalCommunicatorGroup* group = comm_->group_;
       const int me = comm_->rank_;
       status = group->WaitGeneration(me, generation, "all-to-all-v (post)");
-      if (!status.ok()) return status;
+      if (status.ok()) status = group->BeginRead("all-to-all-v (copy)");
+      if (!status.ok()) {
+        group->WaitForReaders();  // a peer may still be copying out of our send buffer
+        return status;
+      }
       absl::Status mismatch;
       for (int p = 0; p < group->world_size_; ++p) {
         const auto& peer = group->posted_[p];
@@ -92,10 +97,14 @@ class LocalCommunicator final : public Communicator {
           std::memcpy(static_cast<char*>(recv_) + recv_offsets_[p],
                       peer.send + peer.send_offsets[me], recv_counts_[p]);
       }
+      group->EndRead();
       // Peers may still be reading our send buffer: wait for all before returning.
       status = group->Arrive(me, "all-to-all-v (done)");
-      if (!status.ok()) return status;
-      if (!mismatch.ok()) group->TEST_Break();
+      if (!status.ok()) {
+        group->WaitForReaders();
+        return status;
+      }
+      if (!mismatch.ok()) group->Break();
       status = mismatch;
       return status;
     }
@@ -128,10 +137,29 @@ bool LocalCommunicatorGroup::broken() const {
   return broken_;
 }
 
-void LocalCommunicatorGroup::TEST_Break() {
+void LocalCommunicatorGroup::Break() {
   std::lock_guard<std::mutex> lock(mu_);
   broken_ = true;
   cv_.notify_all();
+}
+
+absl::Status LocalCommunicatorGroup::BeginRead(const char* what) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (broken_) return absl::UnavailableError(absl::StrCat("local communicator: ", what,
+                                                          ": group is broken"));
+  ++readers_;
+  return absl::OkStatus();
+}
+
+void LocalCommunicatorGroup::EndRead() {
+  std::lock_guard<std::mutex> lock(mu_);
+  --readers_;
+  cv_.notify_all();
+}
+
+void LocalCommunicatorGroup::WaitForReaders() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [&] { return readers_ == 0; });
 }
 
 absl::Status LocalCommunicatorGroup::Arrive(int rank, const char* what) {
@@ -169,6 +197,52 @@ absl::Status LocalCommunicatorGroup::WaitGeneration(int rank, int64_t gen, const
                                timeout_.count(), " ms in ", what)
                 : absl::StrCat("local communicator: ", what, ": group broke while rank ", rank,
                                " waited"));
+}
+
+namespace {
+
+// Rank r of a shared group: forwards to the group's communicator and keeps the group alive.
+class SharedGroupCommunicator final : public Communicator {
+ public:
+  SharedGroupCommunicator(std::shared_ptr<LocalCommunicatorGroup> group, int rank)
+      : group_(std::move(group)), comm_(group_->comm(rank)) {}
+  int rank() const override { return comm_->rank(); }
+  int world_size() const override { return comm_->world_size(); }
+  std::chrono::milliseconds timeout() const override { return comm_->timeout(); }
+  bool broken() const override { return comm_->broken(); }
+  void Abort() override { comm_->Abort(); }
+  std::string name() const override { return comm_->name(); }
+  absl::Status AllToAllV(const void* send, absl::Span<const int64_t> send_counts,
+                         absl::Span<const int64_t> send_offsets, void* recv,
+                         absl::Span<const int64_t> recv_counts,
+                         absl::Span<const int64_t> recv_offsets) override {
+    return comm_->AllToAllV(send, send_counts, send_offsets, recv, recv_counts, recv_offsets);
+  }
+  std::unique_ptr<PendingAllToAllV> StartAllToAllV(
+      const void* send, absl::Span<const int64_t> send_counts,
+      absl::Span<const int64_t> send_offsets, void* recv, absl::Span<const int64_t> recv_counts,
+      absl::Span<const int64_t> recv_offsets) override {
+    return comm_->StartAllToAllV(send, send_counts, send_offsets, recv, recv_counts, recv_offsets);
+  }
+  absl::Status Barrier() override { return comm_->Barrier(); }
+
+ private:
+  std::shared_ptr<LocalCommunicatorGroup> group_;
+  Communicator* comm_;
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator> LocalRendezvous::Join(const std::string& key, int rank,
+                                                    int world_size) {
+  std::lock_guard<std::mutex> lock(mu_);
+  // Groups every rank has dropped are forgotten.
+  for (auto it = groups_.begin(); it != groups_.end();)
+    it = it->second.use_count() == 1 && it->first != key ? groups_.erase(it) : std::next(it);
+  std::shared_ptr<LocalCommunicatorGroup>& g = groups_[key];
+  if (g == nullptr || g->world_size() != world_size)
+    g = std::make_shared<LocalCommunicatorGroup>(world_size, timeout_);
+  return std::make_unique<SharedGroupCommunicator>(g, rank);
 }
 
 }  // namespace sy::parallel

@@ -16,8 +16,10 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -38,9 +40,9 @@ class LocalCommunicatorGroup {
   Communicator* comm(int r) const { return comms_[r].get(); }
   bool broken() const;
 
-  // Test hook: breaks the group as a failed peer would; waiting and later calls on every rank
-  // return UNAVAILABLE.
-  void TEST_Break();
+  // Breaks the group as a failed peer would; waiting and later calls on every rank return
+  // UNAVAILABLE. Any thread.
+  void Break();
 
  private:
   friend class LocalCommunicator;
@@ -55,6 +57,12 @@ class LocalCommunicatorGroup {
   absl::StatusOr<int64_t> ArriveNoWait(const char* what);
   // ... then waits (up to the timeout, from this call) until that generation has passed.
   absl::Status WaitGeneration(int rank, int64_t gen, const char* what);
+  // A rank copies out of its peers' posted send buffers between BeginRead and EndRead
+  // (BeginRead fails once the group broke). A rank that leaves a collective early because the
+  // group broke first waits until no peer reads: its send buffer is about to go.
+  absl::Status BeginRead(const char* what);
+  void EndRead();
+  void WaitForReaders();
 
   const int world_size_;
   const std::chrono::milliseconds timeout_;
@@ -65,7 +73,23 @@ class LocalCommunicatorGroup {
   std::condition_variable cv_;
   int arrived_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
+  int readers_ ABSL_GUARDED_BY(mu_) = 0;
   bool broken_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+// LocalRendezvous: where ranks that are threads of one process meet for each membership epoch
+// (the in-process counterpart of a rendezvous store): the ranks that Join the same key (an
+// epoch's prefix) get the communicators of one LocalCommunicatorGroup, made by the first. Each
+// returned communicator keeps its group alive. Thread-safe.
+class LocalRendezvous {
+ public:
+  explicit LocalRendezvous(std::chrono::milliseconds timeout) : timeout_(timeout) {}
+  std::unique_ptr<Communicator> Join(const std::string& key, int rank, int world_size);
+
+ private:
+  const std::chrono::milliseconds timeout_;
+  std::mutex mu_;
+  std::map<std::string, std::shared_ptr<LocalCommunicatorGroup>> groups_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace sy::parallel

@@ -80,6 +80,9 @@ class NcclCommunicatorImpl final : public NcclCommunicator {
   int world_size() const override { return world_size_; }
   std::chrono::milliseconds timeout() const override { return timeout_; }
   bool broken() const override { return broken_; }
+  // The owning thread polls for it while it waits (WaitStream) and aborts the communicator
+  // there: ncclCommAbort is not called from a second thread while the first uses the comm.
+  void Abort() override { abort_requested_ = true; }
   std::string name() const override { return "nccl"; }
   void* stream() const override { return stream_; }
 
@@ -87,6 +90,7 @@ class NcclCommunicatorImpl final : public NcclCommunicator {
                          absl::Span<const int64_t> send_offsets, void* recv,
                          absl::Span<const int64_t> recv_counts,
                          absl::Span<const int64_t> recv_offsets) override {
+    if (abort_requested_ && !broken_) return Break(absl::UnavailableError("nccl communicator aborted"));
     if (broken_) return absl::UnavailableError("nccl communicator is broken");
     absl::Status valid =
         ValidateAllToAllV(world_size_, send_counts, send_offsets, recv_counts, recv_offsets);
@@ -123,6 +127,7 @@ class NcclCommunicatorImpl final : public NcclCommunicator {
                                absl::Span<const int64_t> send_offsets, void* recv,
                                absl::Span<const int64_t> recv_counts,
                                absl::Span<const int64_t> recv_offsets) override {
+    if (abort_requested_ && !broken_) return Break(absl::UnavailableError("nccl communicator aborted"));
     if (broken_) return absl::UnavailableError("nccl communicator is broken");
     absl::Status valid =
         ValidateAllToAllV(world_size_, send_counts, send_offsets, recv_counts, recv_offsets);
@@ -200,6 +205,8 @@ class NcclCommunicatorImpl final : public NcclCommunicator {
       if (Clock::now() >= deadline)
         return Break(absl::UnavailableError(
             absl::StrCat("nccl ", what, ": timed out after ", timeout_.count(), " ms")));
+      if (abort_requested_)
+        return Break(absl::UnavailableError(absl::StrCat("nccl ", what, ": aborted")));
       std::this_thread::sleep_for(pause);
       pause = std::min(pause * 2, std::chrono::microseconds(500));
     }
@@ -222,6 +229,7 @@ class NcclCommunicatorImpl final : public NcclCommunicator {
   cudaStream_t stream_;
   cudaEvent_t done_;
   std::atomic<bool> broken_{false};
+  std::atomic<bool> abort_requested_{false};
   bool aborted_ = false;
   void* d_send_ = nullptr;
   void* d_recv_ = nullptr;

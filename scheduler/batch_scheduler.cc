@@ -46,6 +46,7 @@ void BatchScheduler::Preempt(Sequence* seq) {
   std::unique_ptr<Sequence> owned = std::move(*it);
   running_.erase(it);
   pools_->pool(owned->home).Free(&owned->block_table);
+  pools_->AddSequence(owned->home, -1);
   owned->home = -1;
   owned->num_computed = 0;
   owned->status = SequenceStatus::kWaiting;
@@ -140,6 +141,7 @@ ScheduledBatch BatchScheduler::Schedule() {
     if (n <= 0) break;
     SY_CHECK(blocks.Allocate(&seq->block_table, n));
     seq->home = *home;
+    pools_->AddSequence(*home, +1);
     seq->status = SequenceStatus::kRunning;
     if (seq->first_scheduled == Clock::time_point{}) seq->first_scheduled = Clock::now();
     std::unique_ptr<Sequence> owned = std::move(waiting_.front());
@@ -175,7 +177,10 @@ std::unique_ptr<Sequence> BatchScheduler::Remove(Sequence* seq) {
     owned = std::move(*wit);
     waiting_.erase(wit);
   }
-  if (owned->home >= 0) pools_->pool(owned->home).Free(&owned->block_table);
+  if (owned->home >= 0) {
+    pools_->pool(owned->home).Free(&owned->block_table);
+    pools_->AddSequence(owned->home, -1);
+  }
   owned->home = -1;
   owned->status = SequenceStatus::kFinished;
   return owned;

@@ -1,18 +1,30 @@
 #include "scheduler/distributed_executor.h"
 
 #include <algorithm>
+#include <future>
 #include <set>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/core/logging.h"
 #include "kernels/core/status.h"
+#include "parallel/planner/membership_plan.h"
 #include "scheduler/rank_control.h"
 
 namespace sy::scheduler {
 namespace {
 
-// Largest plan accepted by a rank (words); guards against a desynchronised size broadcast.
-constexpr int64_t kMaxPlanWords = int64_t{1} << 28;
+using Clock = std::chrono::steady_clock;
+
+double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// Old communicators stay open this long after a switch, so that a peer still reading the
+// switch's broadcast does not see its connection close under it.
+constexpr std::chrono::seconds kRetireAfter(2);
+// After this many re-forms in a row with no step getting through, the step fails for good
+// (its requests end with UNAVAILABLE) instead of being tried again.
+constexpr int kMaxReformsPerStep = 3;
+// Attempts to form a group from the survivors (a survivor may die during the re-form).
+constexpr int kReformAttempts = 4;
 
 absl::Status AsUnavailable(const absl::Status& s, const std::string& context) {
   if (s.ok()) return s;
@@ -20,79 +32,80 @@ absl::Status AsUnavailable(const absl::Status& s, const std::string& context) {
   return absl::UnavailableError(absl::StrCat(context, ": ", s.ToString()));
 }
 
-// Sends `rows` logits rows [rows, vocab] f32 of this rank to rank 0 (an all-to-all-v where
-// only rank 0 receives). On rank 0, recv gets every rank's rows back to back in rank order.
-absl::Status GatherRowsToLeader(parallel::Communicator* comm, const float* own, int64_t vocab,
-                                std::span<const int64_t> rows_per_rank, float* recv) {
-  const int world = comm->world_size(), rank = comm->rank();
-  const int64_t row_bytes = vocab * static_cast<int64_t>(sizeof(float));
-  std::vector<int64_t> send_counts(world, 0), zeros(world, 0), recv_counts(world, 0),
-      recv_offsets(world, 0);
-  send_counts[0] = rows_per_rank[rank] * row_bytes;
-  if (rank == 0) {
-    int64_t off = 0;
-    for (int p = 0; p < world; ++p) {
-      recv_counts[p] = rows_per_rank[p] * row_bytes;
-      recv_offsets[p] = off;
-      off += recv_counts[p];
-    }
-  }
-  float dummy = 0;
-  return comm->AllToAllV(own != nullptr ? static_cast<const void*>(own) : &dummy, send_counts,
-                         zeros, recv != nullptr ? static_cast<void*>(recv) : &dummy,
-                         recv_counts, recv_offsets);
-}
+std::string PrefixOf(int64_t epoch) { return absl::StrCat("epoch-", epoch); }
 
 }  // namespace
 
-std::vector<std::vector<int32_t>> ExpertsOfRank(const parallel::ExpertPlacement& placement,
-                                                int rank) {
-  std::vector<std::vector<int32_t>> out(placement.num_layers());
-  const int S = placement.slots_per_rank();
-  for (int l = 0; l < placement.num_layers(); ++l) {
-    std::set<int32_t> experts;
-    for (int s = rank * S; s < (rank + 1) * S; ++s)
-      if (placement.expert_of(l, s) >= 0) experts.insert(placement.expert_of(l, s));
-    out[l].assign(experts.begin(), experts.end());
+const char* ReasonName(MembershipChange::Reason r) {
+  switch (r) {
+    case MembershipChange::Reason::kJoin: return "join";
+    case MembershipChange::Reason::kDrain: return "drain";
+    case MembershipChange::Reason::kFailure: return "failure";
   }
-  return out;
+  return "unknown";
 }
 
+struct DistributedStepExecutor::Pending {
+  parallel::EpochView view;
+  std::shared_ptr<const parallel::ExpertPlacement> placement;
+  std::unique_ptr<BackgroundComm> build;
+  std::vector<int32_t> joiners, leavers;
+  Clock::time_point started, deadline;
+  int64_t gained_bytes = 0;
+};
+
 absl::StatusOr<std::unique_ptr<DistributedStepExecutor>> DistributedStepExecutor::Create(
-    model::MoeModel* model, parallel::Communicator* comm,
-    std::unique_ptr<parallel::Communicator> owned_comm,
-    std::shared_ptr<const parallel::ExpertPlacement> placement, int64_t num_blocks,
-    int64_t block_size, std::function<void(const absl::Status&)> on_failure) {
-  if (comm->rank() != 0)
-    return absl::InvalidArgumentError("the distributed executor runs on rank 0 only");
-  SY_ASSIGN_OR_RETURN(auto dispatcher, parallel::MakeExpertParallelDispatcher(comm, placement));
+    model::MoeModel* model, parallel::Membership* membership, GroupOptions options,
+    const parallel::EpochView& first, std::unique_ptr<parallel::Communicator> first_comm,
+    std::function<void(const absl::Status&)> on_failure) {
+  if (first.world_size() > 1 && (first_comm == nullptr || first_comm->rank() != 0))
+    return absl::InvalidArgumentError("the leader needs comm rank 0 of its first epoch");
+  if (first.members.empty() || first.members[0] != 0)
+    return absl::InvalidArgumentError("the first epoch must start with the leader (rank 0)");
   std::unique_ptr<DistributedStepExecutor> e(
-      new DistributedStepExecutor(model, comm, num_blocks, block_size));
-  e->owned_comm_ = std::move(owned_comm);
-  e->dispatcher_ = std::move(dispatcher);
+      new DistributedStepExecutor(model, membership, std::move(options)));
   e->on_failure_ = std::move(on_failure);
-  e->placement_ = placement;
-  model->SetDispatcher(e->dispatcher_.get());
+  RankEpoch epoch;
+  epoch.view = first;
+  epoch.comm_rank = 0;
+  SY_ASSIGN_OR_RETURN(epoch.placement, PlacementOfView(first, model->config()));
+  epoch.comm = std::move(first_comm);
+  SY_RETURN_IF_ERROR(Enter(model, &epoch, e->options_.dispatch).status());
+  e->Install(std::move(epoch));
+  membership->Commit(first);
+  for (int32_t id : first.members)
+    if (id != 0) e->QueueEvent({PoolEvent::Kind::kAdded, id, membership->kv_blocks(id)});
+  membership->SetNotify([p = e.get()] {
+    std::lock_guard<std::mutex> lock(p->ctl_mu_);
+    p->ctl_work_ = true;
+    p->ctl_cv_.notify_all();
+  });
   e->pump_ = std::thread([p = e.get()] { p->Pump(); });
+  e->controller_ = std::thread([p = e.get()] { p->Controller(); });
   return e;
 }
 
 DistributedStepExecutor::DistributedStepExecutor(model::MoeModel* model,
-                                                 parallel::Communicator* comm,
-                                                 int64_t num_blocks, int64_t block_size)
+                                                 parallel::Membership* membership,
+                                                 GroupOptions options)
     : model_(model),
-      comm_(comm),
-      cache_(model->config(), num_blocks, block_size),
+      membership_(membership),
+      options_(std::move(options)),
+      cache_(model->config(), options_.num_blocks, options_.block_size),
       keepalive_(std::max<std::chrono::milliseconds>(std::chrono::milliseconds(10),
-                                                     comm->timeout() / 4)) {
-  stats_.world_size = comm->world_size();
-  stats_.rank_tokens.assign(comm->world_size(), 0);
-  stats_.rank_kv_blocks.assign(comm->world_size(), 0);
-  for (int r = 1; r < comm->world_size(); ++r)
-    initial_pools_.push_back({PoolEvent::Kind::kAdded, r, num_blocks});
+                                                     options_.timeout / 4)) {
+  stats_.rank_tokens[0] = 0;
+  rate_since_ = Clock::now();
 }
 
 DistributedStepExecutor::~DistributedStepExecutor() {
+  membership_->SetNotify(nullptr);
+  {
+    std::lock_guard<std::mutex> lock(ctl_mu_);
+    ctl_stop_ = true;
+    ctl_cv_.notify_all();
+  }
+  if (controller_.joinable()) controller_.join();
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
@@ -102,24 +115,36 @@ DistributedStepExecutor::~DistributedStepExecutor() {
   model_->SetDispatcher(nullptr);
 }
 
+// ---- the pump ----------------------------------------------------------------------------
+
+void DistributedStepExecutor::Install(RankEpoch next) {
+  {
+    std::lock_guard<std::mutex> lock(stats_mu_);
+    placement_ = next.placement;
+    view_ = next.view;
+    stats_dispatcher_ = next.dispatcher.get();
+    stats_.epoch = next.view.epoch;
+    stats_.world_size = next.world_size();
+    stats_.members = next.view.members;
+  }
+  if (cur_.comm != nullptr || cur_.dispatcher != nullptr)
+    retired_.push_back({std::move(cur_), Clock::now()});
+  cur_ = std::move(next);
+  last_plan_ = Clock::now();
+}
+
 void DistributedStepExecutor::Pump() {
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
-    cv_.wait_for(lock, keepalive_, [&] { return stop_ || job_ || !controls_.empty(); });
+    const auto wait = pending_ != nullptr ? std::chrono::milliseconds(5) : keepalive_;
+    cv_.wait_for(lock, wait, [&] { return stop_ || job_ || !controls_.empty(); });
     // A waiting step goes first, then control plans (so the phases of a placement switch
     // interleave with the steps of a busy engine).
-    if (!job_ && !controls_.empty()) {
-      std::function<void(bool)> control = std::move(controls_.front());
-      controls_.pop_front();
-      lock.unlock();
-      control(true);
-      lock.lock();
-      continue;
-    }
     if (job_) {
       lock.unlock();
       absl::Status s = broken_.load() ? absl::UnavailableError("the rank group is down")
-                                      : RunPlan(PlanKind::kStep);
+                                      : RunStepJob();
+      CheckPending();
       lock.lock();
       job_status_ = s;
       job_ = false;
@@ -127,40 +152,68 @@ void DistributedStepExecutor::Pump() {
       cv_.notify_all();
       continue;
     }
+    if (!controls_.empty()) {
+      std::function<void(bool)> control = std::move(controls_.front());
+      controls_.pop_front();
+      lock.unlock();
+      control(!broken_.load());
+      lock.lock();
+      continue;
+    }
     if (stop_) {
       for (auto& control : controls_) control(false);  // refused: shutting down
       controls_.clear();
       lock.unlock();
-      if (!broken_.load()) {
+      if (pending_ != nullptr) AbortPending(absl::UnavailableError("the leader is shutting down"));
+      if (!broken_.load() && cur_.world_size() > 1) {
         absl::Status s = RunPlan(PlanKind::kShutdown);
         if (!s.ok()) SY_LOG(WARNING) << "sending the shutdown plan to the ranks: " << s;
       }
       return;
     }
-    if (broken_.load()) continue;
     lock.unlock();
-    absl::Status s = RunPlan(PlanKind::kKeepAlive);
-    if (!s.ok()) Fail(AsUnavailable(s, "keep-alive to the ranks"));
+    CheckPending();
+    while (!retired_.empty() && Clock::now() - retired_.front().since > kRetireAfter)
+      retired_.pop_front();
+    for (auto it = graveyard_.begin(); it != graveyard_.end();)
+      it = (*it)->done() ? graveyard_.erase(it) : std::next(it);
+    if (!broken_.load() && cur_.world_size() > 1 && Clock::now() - last_plan_ >= keepalive_) {
+      absl::Status s = RunPlan(PlanKind::kKeepAlive);
+      if (!s.ok()) Reform(AsUnavailable(s, "keep-alive to the ranks"));
+    }
     lock.lock();
   }
 }
 
-absl::Status DistributedStepExecutor::RunPlan(PlanKind kind) {
-  std::span<const PlannedSequence> seqs;
-  if (kind == PlanKind::kStep) seqs = job_seqs_;
-  EncodePlan(kind, seqs, &words_);
+absl::Status DistributedStepExecutor::Broadcast(PlanKind kind, std::span<const int32_t> payload) {
+  if (kind == PlanKind::kStep) {
+    EncodePlan(kind, planned_, &words_);
+  } else if (IsControlPlan(kind)) {
+    EncodeControlPlan(kind, payload, &words_);
+  } else {
+    EncodePlan(kind, {}, &words_);
+  }
+  last_plan_ = Clock::now();
   int64_t n = static_cast<int64_t>(words_.size());
-  SY_RETURN_IF_ERROR(comm_->Broadcast(&n, sizeof(n), 0));
-  SY_RETURN_IF_ERROR(comm_->Broadcast(words_.data(), n * sizeof(int32_t), 0));
+  SY_RETURN_IF_ERROR(cur_.comm->Broadcast(&n, sizeof(n), 0));
+  return cur_.comm->Broadcast(words_.data(), n * sizeof(int32_t), 0);
+}
+
+absl::Status DistributedStepExecutor::RunPlan(PlanKind kind, std::span<const int32_t> payload) {
+  const int world = cur_.world_size();
+  if (world > 1) SY_RETURN_IF_ERROR(Broadcast(kind, payload));
   if (kind != PlanKind::kStep) return absl::OkStatus();
 
   own_inputs_.clear();
-  for (const PlannedSequence& s : seqs)
+  for (const PlannedSequence& s : planned_)
     if (s.home_rank == 0) own_inputs_.push_back(s.input);
   SY_RETURN_IF_ERROR(model_->Forward(own_inputs_, cache_, &own_logits_));
-  const int world = comm_->world_size();
+  if (world == 1) {
+    job_logits_->swap(own_logits_);
+    return absl::OkStatus();
+  }
   const int64_t vocab = model_->config().vocab_size;
-  const std::vector<int64_t> rows = LogitRowsPerRank(seqs, world);
+  const std::vector<int64_t> rows = LogitRowsPerRank(planned_, world);
   int64_t total = 0;
   std::vector<int64_t> next_row(world, 0);
   for (int p = 0; p < world; ++p) {
@@ -168,11 +221,12 @@ absl::Status DistributedStepExecutor::RunPlan(PlanKind kind) {
     total += rows[p];
   }
   gathered_.resize(total * vocab);
-  SY_RETURN_IF_ERROR(GatherRowsToLeader(comm_, own_logits_.data(), vocab, rows, gathered_.data()));
+  SY_RETURN_IF_ERROR(
+      GatherRowsToLeader(cur_.comm.get(), own_logits_.data(), vocab, rows, gathered_.data()));
   // Back to input order: rank p's rows arrive in plan order of its sequences.
   job_logits_->resize(total * vocab);
   int64_t out_row = 0;
-  for (const PlannedSequence& s : seqs) {
+  for (const PlannedSequence& s : planned_) {
     if (!s.input.compute_logits || s.input.tokens.empty()) continue;
     const int64_t src = next_row[s.home_rank]++;
     std::copy_n(gathered_.data() + src * vocab, vocab, job_logits_->data() + out_row * vocab);
@@ -181,14 +235,55 @@ absl::Status DistributedStepExecutor::RunPlan(PlanKind kind) {
   return absl::OkStatus();
 }
 
-std::vector<PoolEvent> DistributedStepExecutor::TakePoolEvents() {
-  return std::move(initial_pools_);
-}
-
-void DistributedStepExecutor::ReportPools(std::span<const PoolUsage> usage) {
+absl::Status DistributedStepExecutor::RunStepJob() {
+  // Homes are rank ids; the plan speaks comm ranks of the epoch in force.
+  std::map<int32_t, int64_t> tokens;
+  for (size_t i = 0; i < planned_.size(); ++i) {
+    const int32_t id = planned_ids_[i];
+    const int r = cur_.view.comm_rank_of(id);
+    if (r < 0)
+      return absl::AbortedError(absl::StrCat("rank ", id, " is not in the group (epoch ",
+                                             cur_.view.epoch, ")"));
+    planned_[i].home_rank = r;
+    tokens[id] += static_cast<int64_t>(planned_[i].input.tokens.size());
+  }
+  absl::Status s = RunPlan(PlanKind::kStep);
+  if (!s.ok()) {
+    if (cur_.world_size() == 1) return s;  // the model itself failed: no peer to blame
+    Reform(AsUnavailable(s, "multi-rank step"));
+    if (broken_.load()) return absl::UnavailableError(absl::StrCat("multi-rank step: ", s.message()));
+    if (++reforms_without_step_ >= kMaxReformsPerStep) {
+      reforms_without_step_ = 0;
+      return absl::UnavailableError(absl::StrCat(
+          "the step failed in ", kMaxReformsPerStep, " re-formed groups in a row: ", s.message()));
+    }
+    return absl::AbortedError(absl::StrCat("the rank group re-formed (epoch ", cur_.view.epoch,
+                                           ") under this step: ", s.message()));
+  }
+  reforms_without_step_ = 0;
+  const auto now = Clock::now();
+  if (recovering_since_) {
+    const double secs = std::chrono::duration<double>(now - *recovering_since_).count();
+    recovering_since_.reset();
+    SY_LOG(INFO) << "first step of the re-formed group (epoch " << cur_.view.epoch << ") "
+                 << secs << " s after the failure was detected";
+    if (observer_ != nullptr) observer_->OnRecovered(secs);
+  }
+  for (auto it = awaiting_first_tokens_.begin(); it != awaiting_first_tokens_.end();) {
+    if (tokens.count(it->first) == 0) {
+      ++it;
+      continue;
+    }
+    const double secs = std::chrono::duration<double>(now - it->second).count();
+    SY_LOG(INFO) << "rank " << it->first << " ran its first tokens " << secs
+                 << " s after its join call";
+    if (observer_ != nullptr) observer_->OnFirstTokens(it->first, secs);
+    it = awaiting_first_tokens_.erase(it);
+  }
   std::lock_guard<std::mutex> lock(stats_mu_);
-  for (const PoolUsage& u : usage)
-    if (u.pool >= 0 && u.pool < stats_.world_size) stats_.rank_kv_blocks[u.pool] = u.used_blocks;
+  for (const auto& [id, n] : tokens) stats_.rank_tokens[id] += n;
+  ++stats_.steps;
+  return absl::OkStatus();
 }
 
 absl::Status DistributedStepExecutor::Execute(std::span<const model::SequenceInput> batch,
@@ -199,24 +294,15 @@ absl::Status DistributedStepExecutor::Execute(std::span<const model::SequenceInp
     return absl::UnavailableError(
         absl::StrCat("the rank group is down: ", broken_status_.message()));
   }
-  const int world = comm_->world_size();
   planned_.clear();
-  std::vector<int64_t> tokens(world, 0);
+  planned_ids_.clear();
   for (size_t i = 0; i < batch.size(); ++i) {
-    const int32_t home = i < homes.size() ? homes[i] : 0;
-    if (home < 0 || home >= world)
-      return absl::InternalError(absl::StrCat("home rank ", home, " is not in the group"));
-    planned_.push_back(PlannedSequence{home, batch[i]});
-    tokens[home] += static_cast<int64_t>(batch[i].tokens.size());
-  }
-  {
-    std::lock_guard<std::mutex> lock(stats_mu_);
-    for (int r = 0; r < world; ++r) stats_.rank_tokens[r] += tokens[r];
+    planned_.push_back(PlannedSequence{0, batch[i]});
+    planned_ids_.push_back(i < homes.size() ? homes[i] : 0);
   }
   absl::Status status;
   {
     std::unique_lock<std::mutex> lock(mu_);
-    job_seqs_ = planned_;
     job_logits_ = logits;
     job_ = true;
     done_ = false;
@@ -224,17 +310,431 @@ absl::Status DistributedStepExecutor::Execute(std::span<const model::SequenceInp
     cv_.wait(lock, [&] { return done_; });
     status = job_status_;
   }
-  if (!status.ok()) {
-    status = AsUnavailable(status, "multi-rank step");
-    Fail(status);
-    return status;
+  PublishStats();
+  return status;
+}
+
+// ---- membership changes --------------------------------------------------------------------
+
+absl::StatusOr<parallel::ExpertPlacement> DistributedStepExecutor::PlanFor(
+    const parallel::ExpertPlacement& current, const std::vector<int>& old_rank_of_new,
+    bool urgent) const {
+  if (options_.plan) return options_.plan(current, old_rank_of_new, urgent);
+  parallel::planner::MembershipPlanOptions o;
+  o.policy = urgent ? "repair" : "ilp";
+  o.top_k = static_cast<int>(model_->config().num_experts_per_tok);
+  return parallel::planner::PlanMembership(current, old_rank_of_new, {}, o);
+}
+
+absl::Status DistributedStepExecutor::PrepareEpoch(const parallel::EpochView& view,
+                                                   int64_t based_on,
+                                                   const std::vector<int32_t>& joiners,
+                                                   const std::vector<int32_t>& leavers) {
+  if (cur_.view.epoch != based_on || pending_ != nullptr)
+    return absl::AbortedError("the membership changed while the next epoch was planned");
+  auto pending = std::make_unique<Pending>();
+  pending->view = view;
+  SY_ASSIGN_OR_RETURN(pending->placement, PlacementOfView(view, model_->config()));
+  if (cur_.world_size() > 1) {
+    const std::vector<int32_t> payload = parallel::EncodeEpochView(view);
+    SY_RETURN_IF_ERROR(AsUnavailable(Broadcast(PlanKind::kEpochPrepare, payload),
+                                     "sending the next epoch to the ranks"));
   }
+  absl::StatusOr<int64_t> gained = PrepareExperts(model_, *pending->placement, 0);
+  PlacementSwitchCounts own;
+  if (gained.ok()) own.gained_bytes = *gained;
+  bool all_ok = gained.ok();
+  if (cur_.world_size() > 1) {
+    SY_ASSIGN_OR_RETURN(auto sum, AllGatherSwitchCounts(cur_.comm.get(), own, gained.ok()));
+    all_ok = sum.second;
+    pending->gained_bytes = sum.first.gained_bytes;
+  } else {
+    pending->gained_bytes = own.gained_bytes;
+  }
+  pending->joiners = joiners;
+  pending->leavers = leavers;
+  pending->started = Clock::now();
+  pending->deadline = pending->started + options_.join_timeout;
+  pending->build = std::make_unique<BackgroundComm>(options_.make_comm, view, 0, membership_->store());
+  pending_ = std::move(pending);
+  pending_epoch_ = true;
+  if (!all_ok) {
+    const absl::Status why = gained.ok() ? absl::InternalError("a rank could not map its experts")
+                                         : gained.status();
+    AbortPending(why);
+    return why;
+  }
+  membership_->PublishJoin(joiners, view);
+  SY_LOG(INFO) << "epoch " << view.epoch << " prepared: " << view.world_size() << " ranks ("
+               << joiners.size() << " joining, " << leavers.size() << " leaving)";
+  return absl::OkStatus();
+}
+
+void DistributedStepExecutor::CheckPending() {
+  if (pending_ == nullptr || broken_.load()) return;
+  bool ready = pending_->build->done();
+  for (int r = 1; ready && r < pending_->view.world_size(); ++r)
+    ready = membership_->store()->Get(parallel::ReadyKey(pending_->view, r),
+                                      std::chrono::milliseconds(0)).ok();
+  if (ready) {
+    CommitPending();
+  } else if (Clock::now() > pending_->deadline) {
+    AbortPending(absl::DeadlineExceededError(absl::StrCat(
+        "the ranks of epoch ", pending_->view.epoch, " did not all connect within ",
+        options_.join_timeout.count(), " ms")));
+  }
+}
+
+void DistributedStepExecutor::CommitPending() {
+  const int64_t epoch = pending_->view.epoch;
+  if (cur_.world_size() > 1) {
+    const int32_t payload[1] = {static_cast<int32_t>(epoch)};
+    absl::Status s = Broadcast(PlanKind::kEpochCommit, payload);
+    if (!s.ok()) {
+      Reform(AsUnavailable(s, "switching the ranks to the next epoch"));
+      return;
+    }
+  }
+  std::unique_ptr<Pending> p = std::move(pending_);
+  pending_epoch_ = false;
+  RankEpoch next;
+  next.view = p->view;
+  next.comm_rank = 0;
+  next.placement = p->placement;
+  absl::StatusOr<std::unique_ptr<parallel::Communicator>> comm = p->build->Take();
+  absl::Status s = comm.status();
+  if (s.ok()) {
+    next.comm = std::move(*comm);
+    s = Enter(model_, &next, options_.dispatch).status();
+  }
+  if (!s.ok()) {  // the ranks switched: the leader must, or the group re-forms
+    SY_LOG(ERROR) << "leader: entering epoch " << epoch << ": " << s;
+    Reform(AsUnavailable(s, "entering the next epoch"));
+    return;
+  }
+  const parallel::EpochView view = next.view;
+  Install(std::move(next));
+  membership_->Commit(view);
+  const auto now = Clock::now();
+  for (int32_t id : p->joiners) {
+    QueueEvent({PoolEvent::Kind::kAdded, id, membership_->kv_blocks(id)});
+    awaiting_first_tokens_[id] = membership_->joined_at(id);
+  }
+  for (int32_t id : p->leavers) QueueEvent({PoolEvent::Kind::kRemoved, id, 0});
+  MembershipChange change;
+  change.reason = p->joiners.empty() ? MembershipChange::Reason::kDrain
+                                     : MembershipChange::Reason::kJoin;
+  change.epoch = epoch;
+  change.joined = p->joiners;
+  change.left = p->leavers;
+  change.migrated_bytes = p->gained_bytes;
+  change.seconds = std::chrono::duration<double>(now - p->started).count();
   {
     std::lock_guard<std::mutex> lock(stats_mu_);
-    ++stats_.steps;
+    if (!p->joiners.empty()) ++stats_.joins;
+    if (!p->leavers.empty()) ++stats_.drains;
+    stats_.migrated_bytes += p->gained_bytes;
   }
-  if (stats_observer_) stats_observer_(stats());
-  return absl::OkStatus();
+  SY_LOG(INFO) << "epoch " << epoch << " in force: " << view.world_size() << " ranks, "
+               << p->joiners.size() << " joined, " << p->leavers.size() << " left, "
+               << p->gained_bytes << " expert bytes mapped, " << change.seconds << " s";
+  if (observer_ != nullptr) observer_->OnMembershipChange(change);
+  {
+    std::lock_guard<std::mutex> lock(ctl_mu_);  // the controller may plan the next change
+    ctl_work_ = true;
+    ctl_cv_.notify_all();
+  }
+}
+
+void DistributedStepExecutor::AbortPending(const absl::Status& why) {
+  if (pending_ == nullptr) return;
+  std::unique_ptr<Pending> p = std::move(pending_);
+  pending_epoch_ = false;
+  SY_LOG(WARNING) << "epoch " << p->view.epoch << " abandoned: " << why;
+  membership_->RefuseJoin(p->joiners, absl::UnavailableError(
+                                          absl::StrCat("the group did not take the rank: ",
+                                                       why.message())));
+  graveyard_.push_back(std::move(p->build));
+  model_->RetainExperts(parallel::ExpertsOfRank(*cur_.placement, 0)).IgnoreError();
+  if (cur_.world_size() > 1 && !cur_.comm->broken()) {
+    const int32_t payload[1] = {static_cast<int32_t>(p->view.epoch)};
+    absl::Status s = Broadcast(PlanKind::kEpochAbort, payload);
+    if (!s.ok()) Reform(AsUnavailable(s, "abandoning the next epoch"));
+  }
+}
+
+void DistributedStepExecutor::Reform(const absl::Status& cause) {
+  if (broken_.load()) return;
+  const auto t0 = Clock::now();
+  SY_LOG(WARNING) << "epoch " << cur_.view.epoch << " failed (" << cause
+                  << "); re-forming the group from the ranks that answer";
+  if (cur_.comm != nullptr) cur_.comm->Abort();
+  if (pending_ != nullptr) {
+    membership_->RefuseJoin(pending_->joiners,
+                            absl::AbortedError("the group re-formed before the rank joined"));
+    graveyard_.push_back(std::move(pending_->build));
+    pending_.reset();
+    pending_epoch_ = false;
+  }
+  parallel::EpochView view = cur_.view;
+  std::shared_ptr<const parallel::ExpertPlacement> placement = cur_.placement;
+  std::vector<int32_t> lost;
+  for (int attempt = 0; attempt < kReformAttempts; ++attempt) {
+    membership_->BreakEpoch(view.epoch);
+    const std::vector<int32_t> survivors = membership_->WaitForSurvivors(view, options_.timeout);
+    std::vector<int32_t> dead;
+    for (int32_t id : view.members)
+      if (id != 0 && std::find(survivors.begin(), survivors.end(), id) == survivors.end())
+        dead.push_back(id);
+    membership_->MarkDead(dead);
+    lost.insert(lost.end(), dead.begin(), dead.end());
+    for (int32_t id : dead) SY_LOG(WARNING) << "rank " << id << " is declared dead and fenced";
+
+    parallel::EpochView next_view;
+    next_view.members = {0};
+    next_view.members.insert(next_view.members.end(), survivors.begin(), survivors.end());
+    std::vector<int> old_rank_of_new;
+    for (int32_t id : next_view.members) old_rank_of_new.push_back(view.comm_rank_of(id));
+    absl::StatusOr<parallel::ExpertPlacement> planned = PlanFor(*placement, old_rank_of_new, true);
+    if (!planned.ok()) {
+      Fail(AsUnavailable(planned.status(), "placing the experts on the surviving ranks"));
+      return;
+    }
+    next_view.epoch = membership_->NextEpoch();
+    next_view.store_prefix = PrefixOf(next_view.epoch);
+    next_view.placement_json = planned->WithEpoch(placement->epoch() + 1).ToJson();
+    membership_->PublishRestart(next_view);
+
+    RankEpoch next;
+    next.view = next_view;
+    next.comm_rank = 0;
+    absl::Status s;
+    auto np = PlacementOfView(next_view, model_->config());
+    s = np.status();
+    if (s.ok()) {
+      next.placement = *np;
+      s = PrepareExperts(model_, *next.placement, 0).status();
+    }
+    if (s.ok()) {
+      auto comm = BuildComm(options_.make_comm, next_view, 0, membership_->store());
+      s = comm.status();
+      if (s.ok()) next.comm = std::move(*comm);
+    }
+    if (s.ok()) s = Enter(model_, &next, options_.dispatch).status();
+    if (!s.ok()) {
+      SY_LOG(WARNING) << "re-forming as epoch " << next_view.epoch << ": " << s << "; again";
+      view = next_view;
+      placement = next.placement != nullptr ? next.placement : placement;
+      continue;
+    }
+    Install(std::move(next));
+    membership_->Commit(next_view);
+    for (int32_t id : lost) QueueEvent({PoolEvent::Kind::kLost, id, 0});
+    recovering_since_ = t0;
+    MembershipChange change;
+    change.reason = MembershipChange::Reason::kFailure;
+    change.epoch = next_view.epoch;
+    change.lost = lost;
+    change.seconds = Since(t0);
+    {
+      std::lock_guard<std::mutex> lock(stats_mu_);
+      ++stats_.failures;
+    }
+    SY_LOG(WARNING) << "the group re-formed as epoch " << next_view.epoch << " with "
+                    << next_view.world_size() << " rank(s), " << lost.size() << " lost, in "
+                    << change.seconds << " s";
+    if (observer_ != nullptr) observer_->OnMembershipChange(change);
+    std::lock_guard<std::mutex> lock(ctl_mu_);
+    ctl_work_ = true;
+    ctl_cv_.notify_all();
+    return;
+  }
+  Fail(absl::UnavailableError(absl::StrCat("the rank group could not re-form after ",
+                                           kReformAttempts, " attempts: ", cause.message())));
+}
+
+absl::Status DistributedStepExecutor::RunControl(std::function<absl::Status()> fn) {
+  auto done = std::make_shared<std::promise<absl::Status>>();
+  std::future<absl::Status> result = done->get_future();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) return absl::UnavailableError("the rank group is shutting down");
+    controls_.push_back([this, fn = std::move(fn), done](bool run) {
+      if (!run) {
+        done->set_value(absl::UnavailableError(broken_.load() ? "the rank group is down"
+                                                              : "the rank group is shutting down"));
+        return;
+      }
+      absl::Status s = fn();
+      if (!s.ok() && cur_.comm != nullptr && cur_.comm->broken()) {
+        Reform(s);
+        if (!broken_.load())
+          s = absl::AbortedError(absl::StrCat("the rank group re-formed: ", s.message()));
+      }
+      done->set_value(s);
+    });
+    cv_.notify_all();
+  }
+  return result.get();
+}
+
+void DistributedStepExecutor::Controller() {
+  std::unique_lock<std::mutex> lock(ctl_mu_);
+  while (!ctl_stop_) {
+    ctl_cv_.wait_for(lock, std::chrono::milliseconds(20), [&] { return ctl_stop_ || ctl_work_; });
+    if (ctl_stop_) break;
+    ctl_work_ = false;
+    lock.unlock();
+    Reconcile();
+    lock.lock();
+  }
+}
+
+void DistributedStepExecutor::Reconcile() {
+  if (broken_.load()) return;
+  const auto now = Clock::now();
+  // Drains: stop admissions, wait for the pool to empty (or move its sequences), then leave.
+  const std::vector<int32_t> draining = membership_->Draining();
+  for (auto it = drains_.begin(); it != drains_.end();)
+    it = std::find(draining.begin(), draining.end(), it->first) == draining.end() ? drains_.erase(it)
+                                                                                  : std::next(it);
+  std::vector<int32_t> leavers;
+  for (int32_t id : draining) {
+    auto it = drains_.find(id);
+    if (it == drains_.end()) {
+      Drain d;
+      d.deadline = now + options_.drain_timeout;
+      {
+        std::lock_guard<std::mutex> lock(events_mu_);
+        d.event_seq = events_queued_ + 1;
+      }
+      QueueEvent({PoolEvent::Kind::kDraining, id, 0});
+      drains_[id] = d;
+      continue;
+    }
+    Drain& d = it->second;
+    bool empty = false;
+    {
+      std::lock_guard<std::mutex> lock(events_mu_);
+      auto u = usage_.find(id);
+      empty = events_reported_ >= d.event_seq && (u == usage_.end() || u->second.num_seqs == 0);
+    }
+    if (empty) {
+      leavers.push_back(id);
+    } else if (now > d.deadline && !d.evicted) {
+      SY_LOG(INFO) << "rank " << id << " still holds sequences after the drain time-out; "
+                   << "moving them to other ranks";
+      {
+        std::lock_guard<std::mutex> lock(events_mu_);
+        d.event_seq = events_queued_ + 1;
+      }
+      QueueEvent({PoolEvent::Kind::kEvict, id, 0});
+      d.evicted = true;
+    }
+  }
+  std::vector<int32_t> joiners;
+  for (const auto& [id, blocks] : membership_->PendingJoins()) joiners.push_back(id);
+  // (The controller looks again every 20 ms: draining pools empty out, a change in flight
+  // ends.)
+  if (joiners.empty() && leavers.empty()) return;
+  if (pending_epoch_.load() || switching_placement_.load()) return;  // one change at a time
+  parallel::EpochView cur;
+  std::shared_ptr<const parallel::ExpertPlacement> placement;
+  {
+    std::lock_guard<std::mutex> lock(stats_mu_);
+    cur = view_;
+    placement = placement_;
+  }
+  parallel::EpochView next;
+  std::vector<int> old_rank_of_new;
+  for (int32_t id : cur.members) {
+    if (std::find(leavers.begin(), leavers.end(), id) != leavers.end()) continue;
+    next.members.push_back(id);
+    old_rank_of_new.push_back(cur.comm_rank_of(id));
+  }
+  for (int32_t id : joiners) {
+    next.members.push_back(id);
+    old_rank_of_new.push_back(-1);
+  }
+  absl::StatusOr<parallel::ExpertPlacement> planned = PlanFor(*placement, old_rank_of_new, false);
+  if (!planned.ok()) {
+    SY_LOG(ERROR) << "placing experts for the next epoch: " << planned.status();
+    membership_->RefuseJoin(joiners, sy::Annotate(planned.status(), "placing the experts"));
+    return;
+  }
+  next.epoch = membership_->NextEpoch();
+  next.store_prefix = PrefixOf(next.epoch);
+  next.placement_json = planned->WithEpoch(placement->epoch() + 1).ToJson();
+  absl::Status s = RunControl([&]() { return PrepareEpoch(next, cur.epoch, joiners, leavers); });
+  if (s.code() == absl::StatusCode::kAborted) {
+    SY_LOG(INFO) << "the group changed while epoch " << next.epoch << " was planned; again";
+  } else if (!s.ok()) {
+    SY_LOG(ERROR) << "preparing epoch " << next.epoch << ": " << s;
+    membership_->RefuseJoin(joiners, s);
+  }
+}
+
+// ---- pool events and figures ---------------------------------------------------------------
+
+void DistributedStepExecutor::QueueEvent(PoolEvent event) {
+  std::function<void()> wake;
+  {
+    std::lock_guard<std::mutex> lock(events_mu_);
+    events_.push_back(event);
+    ++events_queued_;
+    wake = wake_;
+  }
+  if (wake) wake();
+}
+
+void DistributedStepExecutor::SetWakeup(std::function<void()> wake) {
+  std::lock_guard<std::mutex> lock(events_mu_);
+  wake_ = std::move(wake);
+}
+
+std::vector<PoolEvent> DistributedStepExecutor::TakePoolEvents() {
+  std::lock_guard<std::mutex> lock(events_mu_);
+  events_taken_ = events_queued_;
+  return std::move(events_);
+}
+
+void DistributedStepExecutor::ReportPools(std::span<const PoolUsage> usage) {
+  {
+    std::lock_guard<std::mutex> lock(events_mu_);
+    events_reported_ = events_taken_;
+    usage_.clear();
+    for (const PoolUsage& u : usage) usage_[u.pool] = u;
+  }
+  std::shared_ptr<const parallel::ExpertPlacement> placement;
+  parallel::EpochView view;
+  std::map<int32_t, double> rates;
+  {
+    std::lock_guard<std::mutex> lock(stats_mu_);
+    stats_.rank_kv_blocks.clear();
+    for (const PoolUsage& u : usage) stats_.rank_kv_blocks[u.pool] = u.used_blocks;
+    const double dt = Since(rate_since_);
+    if (dt >= 1.0) {  // tokens per second per rank over the last second or more
+      for (const auto& [id, n] : stats_.rank_tokens) rate_[id] = (n - rate_tokens_[id]) / dt;
+      rate_tokens_ = stats_.rank_tokens;
+      rate_since_ = Clock::now();
+    }
+    rates = rate_;
+    placement = placement_;
+    view = view_;
+  }
+  for (const PoolUsage& u : usage) {
+    int64_t slots = 0;
+    const int r = view.comm_rank_of(u.pool);
+    if (r >= 0 && placement != nullptr)
+      for (int l = 0; l < placement->num_layers(); ++l)
+        for (int s = r * placement->slots_per_rank(); s < (r + 1) * placement->slots_per_rank(); ++s)
+          slots += placement->expert_of(l, s) >= 0;
+    membership_->SetUsage(u.pool, u.num_seqs, u.used_blocks, slots, rates[u.pool]);
+  }
+}
+
+void DistributedStepExecutor::PublishStats() {
+  if (observer_ != nullptr) observer_->OnStats(stats());
 }
 
 void DistributedStepExecutor::Fail(const absl::Status& status) {
@@ -246,58 +746,15 @@ void DistributedStepExecutor::Fail(const absl::Status& status) {
     broken_.store(true);
   }
   SY_LOG(ERROR) << "rank group failed: " << status;
-  if (stats_observer_) stats_observer_(stats());
+  if (observer_ != nullptr) observer_->OnStats(stats());
   if (on_failure_) on_failure_(status);
 }
 
 DistributedStats DistributedStepExecutor::stats() const {
-  DistributedStats s;
-  {
-    std::lock_guard<std::mutex> lock(stats_mu_);
-    s = stats_;
-  }
-  s.dispatch = dispatcher_->stats();
+  std::lock_guard<std::mutex> lock(stats_mu_);
+  DistributedStats s = stats_;
+  if (stats_dispatcher_ != nullptr) s.dispatch = stats_dispatcher_->stats();
   return s;
-}
-
-absl::Status RunRankLoop(parallel::Communicator* comm, model::MoeModel* model,
-                         model::KvCache* cache, const std::atomic<bool>* stop) {
-  const int rank = comm->rank(), world = comm->world_size();
-  const int64_t vocab = model->config().vocab_size;
-  parallel::ExpertLoadRecorder recorder(LoadOptionsForModel(*model));
-  model->SetLoadRecorder(&recorder);
-  struct Unset {
-    model::MoeModel* m;
-    ~Unset() { m->SetLoadRecorder(nullptr); }
-  } unset{model};
-  std::vector<int32_t> words;
-  std::vector<model::SequenceInput> inputs;
-  std::vector<float> logits;
-  for (;;) {
-    if (stop != nullptr && stop->load()) return absl::CancelledError("rank loop stopped");
-    int64_t n = 0;
-    SY_RETURN_IF_ERROR(sy::Annotate(comm->Broadcast(&n, sizeof(n), 0), "waiting for a step plan"));
-    if (n < 3 || n > kMaxPlanWords)
-      return absl::InternalError(absl::StrCat("rank ", rank, ": bad step plan size ", n));
-    words.resize(n);
-    SY_RETURN_IF_ERROR(sy::Annotate(comm->Broadcast(words.data(), n * sizeof(int32_t), 0),
-                                    "receiving a step plan"));
-    SY_ASSIGN_OR_RETURN(DecodedPlan plan, DecodePlan(words));
-    if (plan.kind == PlanKind::kShutdown) return absl::OkStatus();
-    if (plan.kind == PlanKind::kKeepAlive) continue;
-    if (plan.kind == PlanKind::kPlacement || plan.kind == PlanKind::kLoadStats) {
-      SY_RETURN_IF_ERROR(HandleControlPlan(comm, model, &recorder, plan));
-      continue;
-    }
-    inputs.clear();
-    for (const PlannedSequence& s : plan.seqs)
-      if (s.home_rank == rank) inputs.push_back(s.input);
-    SY_RETURN_IF_ERROR(sy::Annotate(model->Forward(inputs, *cache, &logits),
-                                    absl::StrCat("rank ", rank, " step")));
-    const std::vector<int64_t> rows = LogitRowsPerRank(plan.seqs, world);
-    SY_RETURN_IF_ERROR(sy::Annotate(GatherRowsToLeader(comm, logits.data(), vocab, rows, nullptr),
-                                    "sending logits to rank 0"));
-  }
 }
 
 }  // namespace sy::scheduler

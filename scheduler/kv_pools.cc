@@ -1,5 +1,7 @@
 #include "scheduler/kv_pools.h"
 
+#include <tuple>
+
 #include "kernels/core/logging.h"
 
 namespace sy::scheduler {
@@ -51,17 +53,31 @@ std::optional<int32_t> KvPools::PickHome(int64_t positions) const {
   // sequence then preempts itself if it outgrows it, as on one pool).
   for (bool must_fit : {true, false}) {
     std::optional<int32_t> best;
-    int64_t best_free = -1;
+    std::tuple<int, int64_t, int64_t> best_key;  // (no free block, sequences, -free blocks)
     for (const auto& [id, e] : pools_) {
       if (!e.accepting || (must_fit && e.blocks->num_blocks() * block_size_ < positions)) continue;
-      if (e.blocks->num_free_blocks() > best_free) {
+      const int64_t free = e.blocks->num_free_blocks();
+      const std::tuple<int, int64_t, int64_t> key{free > 0 ? 0 : 1, e.num_seqs, -free};
+      if (!best || key < best_key) {  // ties keep the lower id (map order)
         best = id;
-        best_free = e.blocks->num_free_blocks();
+        best_key = key;
       }
     }
     if (best) return best;
   }
   return std::nullopt;
+}
+
+void KvPools::AddSequence(int32_t id, int delta) {
+  auto it = pools_.find(id);
+  SY_CHECK(it != pools_.end()) << "no KV pool " << id;
+  it->second.num_seqs += delta;
+  SY_CHECK_GE(it->second.num_seqs, 0);
+}
+
+int64_t KvPools::num_seqs(int32_t id) const {
+  auto it = pools_.find(id);
+  return it == pools_.end() ? 0 : it->second.num_seqs;
 }
 
 int64_t KvPools::num_blocks() const {

@@ -39,9 +39,14 @@ class KvPools {
   std::vector<int32_t> ids() const;
 
   // The home for a new sequence that may grow to `positions` positions: among the accepting
-  // pools that can hold it (else among all accepting pools), the one with the most free
-  // blocks (ties: the lowest id). nullopt when no pool accepts.
+  // pools that can hold it (else among all accepting pools) and have a free block, the one
+  // with the fewest sequences (attention is data-parallel: even sequence counts even out
+  // the ranks' step time), then the most free blocks, then the lowest id. nullopt when no
+  // pool accepts.
   std::optional<int32_t> PickHome(int64_t positions) const;
+  // Sequences homed in a pool (the scheduler counts admissions and departures).
+  void AddSequence(int32_t id, int delta);
+  int64_t num_seqs(int32_t id) const;
 
   int64_t block_size() const { return block_size_; }
   int64_t num_blocks() const;       // summed over pools
@@ -51,6 +56,7 @@ class KvPools {
   struct Entry {
     std::unique_ptr<BlockManager> blocks;
     bool accepting = true;
+    int64_t num_seqs = 0;
   };
   int64_t block_size_;
   std::map<int32_t, Entry> pools_;

@@ -6,7 +6,6 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/core/logging.h"
 #include "kernels/core/status.h"
-#include "scheduler/distributed_executor.h"
 
 namespace sy::scheduler {
 
@@ -53,7 +52,7 @@ absl::StatusOr<PlacementPayload> DecodePlacementPayload(std::span<const int32_t>
 absl::StatusOr<PlacementSwitchCounts> PlacementPhaseOnRank(
     model::MoeModel* model, parallel::ExpertParallelDispatcher* dispatcher,
     const PlacementPayload& payload, int rank) {
-  std::vector<std::vector<int32_t>> wanted = ExpertsOfRank(*payload.placement, rank);
+  std::vector<std::vector<int32_t>> wanted = parallel::ExpertsOfRank(*payload.placement, rank);
   PlacementSwitchCounts c;
   std::vector<std::vector<int32_t>> before(wanted.size());
   for (size_t l = 0; l < wanted.size(); ++l) before[l] = model->LoadedExperts(static_cast<int>(l));

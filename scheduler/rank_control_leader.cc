@@ -2,7 +2,7 @@
 // DistributedStepExecutor members that queue a control plan on the pump thread.
 #include <algorithm>
 #include <chrono>
-#include <future>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/core/logging.h"
@@ -17,43 +17,37 @@ std::shared_ptr<const parallel::ExpertPlacement> DistributedStepExecutor::placem
   return placement_;
 }
 
-absl::Status DistributedStepExecutor::RunControl(std::function<absl::Status()> fn) {
-  auto done = std::make_shared<std::promise<absl::Status>>();
-  std::future<absl::Status> result = done->get_future();
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (stop_) return absl::UnavailableError("the rank group is shutting down");
-    controls_.push_back([this, fn = std::move(fn), done](bool run) {
-      if (!run) {
-        done->set_value(absl::UnavailableError("the rank group is shutting down"));
-        return;
-      }
-      if (broken_.load()) {
-        done->set_value(absl::UnavailableError("the rank group is down"));
-        return;
-      }
-      done->set_value(fn());
-    });
-    cv_.notify_all();
-  }
-  return result.get();
-}
-
 absl::StatusOr<PlacementSwitchReport> DistributedStepExecutor::SwitchPlacement(
     const parallel::ExpertPlacement& requested, int layers_per_plan) {
   const auto t0 = std::chrono::steady_clock::now();
   const model::ModelConfig& c = model_->config();
-  if (requested.num_ranks() != comm_->world_size())
-    return absl::InvalidArgumentError(absl::StrCat("placement: num_ranks is ", requested.num_ranks(),
-                                                   ", the group has ", comm_->world_size(), " ranks"));
   if (requested.num_layers() != c.num_layers || requested.num_experts() != c.num_experts)
     return absl::InvalidArgumentError(absl::StrCat(
         "placement: ", requested.num_layers(), " layers x ", requested.num_experts(),
         " experts; the model has ", c.num_layers, " x ", c.num_experts));
   if (layers_per_plan < 1) return absl::InvalidArgumentError("layers_per_plan must be >= 1");
-  // Only this call changes placement_, and only one runs at a time (switch_mu_).
+  // Only this call and membership changes change placement_; one switch at a time, and no
+  // membership change starts while it runs (a failure still may: the phases then see
+  // another epoch and the switch ends ABORTED).
   std::lock_guard<std::mutex> switching(switch_mu_);
-  const int64_t epoch = placement()->epoch() + 1;
+  switching_placement_ = true;
+  struct Clear {
+    std::atomic<bool>* f;
+    ~Clear() { *f = false; }
+  } clear{&switching_placement_};
+  while (pending_epoch_.load()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  std::shared_ptr<const parallel::ExpertPlacement> current;
+  int64_t membership_epoch = 0;
+  {
+    std::lock_guard<std::mutex> lock(stats_mu_);
+    current = placement_;
+    membership_epoch = view_.epoch;
+  }
+  if (requested.num_ranks() != current->num_ranks())
+    return absl::InvalidArgumentError(absl::StrCat("placement: num_ranks is ", requested.num_ranks(),
+                                                   ", the group has ", current->num_ranks(),
+                                                   " ranks"));
+  const int64_t epoch = current->epoch() + 1;
   const std::string json = requested.WithEpoch(epoch).ToJson();
   // Every rank, the leader included, uses the placement parsed from the same text.
   PlacementPayload payload;
@@ -62,43 +56,44 @@ absl::StatusOr<PlacementSwitchReport> DistributedStepExecutor::SwitchPlacement(
     payload.placement = std::make_shared<const parallel::ExpertPlacement>(std::move(parsed));
   }
   // One control plan on the pump thread: broadcast it, run rank 0's part, all-gather counts.
-  // A failure after the broadcast fails the group (ranks could disagree from then on).
+  // A failure after the broadcast re-forms the group (ranks could disagree from then on).
   PlacementSwitchReport report;
   auto phase = [&](PlacementPhase ph, int first, int end) -> absl::Status {
     return RunControl([&, ph, first, end]() -> absl::Status {
-      EncodeControlPlan(PlanKind::kPlacement, EncodePlacementPayload(ph, first, end, json), &words_);
-      int64_t n = static_cast<int64_t>(words_.size());
-      absl::Status sent = comm_->Broadcast(&n, sizeof(n), 0);
-      if (sent.ok()) sent = comm_->Broadcast(words_.data(), n * sizeof(int32_t), 0);
-      if (!sent.ok()) {
-        const absl::Status failed = AsUnavailablePlacement(sent);
-        Fail(failed);
-        return failed;
-      }
+      if (cur_.view.epoch != membership_epoch)
+        return absl::AbortedError(absl::StrCat("the group changed (epoch ", cur_.view.epoch,
+                                               ") during the placement switch; plan again"));
+      if (cur_.world_size() > 1)
+        SY_RETURN_IF_ERROR(Broadcast(PlanKind::kPlacement, EncodePlacementPayload(ph, first, end, json)));
       PlacementPayload mine = payload;
       mine.phase = ph;
       mine.first_layer = first;
       mine.end_layer = end;
       absl::StatusOr<PlacementSwitchCounts> own =
-          PlacementPhaseOnRank(model_, dispatcher_.get(), mine, 0);
+          PlacementPhaseOnRank(model_, cur_.dispatcher.get(), mine, 0);
       if (!own.ok()) SY_LOG(ERROR) << "rank 0: placement switch failed: " << own.status();
-      auto sum = AllGatherSwitchCounts(comm_, own.ok() ? *own : PlacementSwitchCounts{}, own.ok());
-      absl::Status bad = !sum.ok() ? sum.status()
-                         : !own.ok() ? own.status()
-                         : !sum->second ? absl::InternalError("a rank failed the placement switch")
-                                        : absl::OkStatus();
-      if (!bad.ok()) {
-        const absl::Status failed = AsUnavailablePlacement(bad);
-        Fail(failed);
-        return failed;
+      std::pair<PlacementSwitchCounts, bool> sum{own.ok() ? *own : PlacementSwitchCounts{}, own.ok()};
+      if (cur_.world_size() > 1) {
+        SY_ASSIGN_OR_RETURN(sum, AllGatherSwitchCounts(cur_.comm.get(), sum.first, own.ok()));
       }
-      report.experts_gained += sum->first.experts_gained;
-      report.experts_released += sum->first.experts_released;
-      report.gained_bytes += sum->first.gained_bytes;
-      report.released_bytes += sum->first.released_bytes;
+      if (!own.ok() || !sum.second) {
+        // Ranks may disagree from here on: abort, so that the group re-forms.
+        if (cur_.comm != nullptr) cur_.comm->Abort();
+        return absl::UnavailableError(absl::StrCat(
+            "a rank failed the placement switch", own.ok() ? "" : ": ", own.ok() ? "" : own.status().message()));
+      }
+      report.experts_gained += sum.first.experts_gained;
+      report.experts_released += sum.first.experts_released;
+      report.gained_bytes += sum.first.gained_bytes;
+      report.released_bytes += sum.first.released_bytes;
       if (ph == PlacementPhase::kSwitch) {
+        cur_.placement = payload.placement;
+        parallel::EpochView view = cur_.view;
+        view.placement_json = json;
+        cur_.view = view;
         std::lock_guard<std::mutex> lock(stats_mu_);
         placement_ = payload.placement;
+        view_ = view;
       }
       return absl::OkStatus();
     });
@@ -111,7 +106,7 @@ absl::StatusOr<PlacementSwitchReport> DistributedStepExecutor::SwitchPlacement(
   SY_RETURN_IF_ERROR(phase(PlacementPhase::kSwitch, 0, static_cast<int>(c.num_layers)));
   report.epoch = epoch;
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  SY_LOG(INFO) << "placement epoch " << report.epoch << " in force on " << comm_->world_size()
+  SY_LOG(INFO) << "placement epoch " << report.epoch << " in force on " << current->num_ranks()
                << " ranks: " << report.experts_gained << " experts gained ("
                << report.gained_bytes << " bytes), " << report.experts_released << " released, "
                << report.seconds << " s";
@@ -121,17 +116,12 @@ absl::StatusOr<PlacementSwitchReport> DistributedStepExecutor::SwitchPlacement(
 absl::StatusOr<std::vector<std::string>> DistributedStepExecutor::GatherLoadTraces() {
   std::vector<std::string> all;
   SY_RETURN_IF_ERROR(RunControl([&]() -> absl::Status {
-    EncodeControlPlan(PlanKind::kLoadStats, {}, &words_);
-    int64_t n = static_cast<int64_t>(words_.size());
-    absl::Status s = comm_->Broadcast(&n, sizeof(n), 0);
-    if (s.ok()) s = comm_->Broadcast(words_.data(), n * sizeof(int32_t), 0);
-    if (s.ok()) s = GatherStringsToLeader(comm_, "", &all);
-    if (!s.ok()) {
-      const absl::Status failed = AsUnavailablePlacement(s);
-      Fail(failed);
-      return failed;
+    if (cur_.world_size() == 1) {
+      all = {""};
+      return absl::OkStatus();
     }
-    return absl::OkStatus();
+    SY_RETURN_IF_ERROR(Broadcast(PlanKind::kLoadStats, {}));
+    return GatherStringsToLeader(cur_.comm.get(), "", &all);
   }));
   return all;
 }

@@ -48,13 +48,13 @@ absl::StatusOr<DecodedPlan> DecodePlan(std::span<const int32_t> words) {
   if (*magic != kMagic) return absl::InvalidArgumentError("step plan: bad magic");
   auto kind = take("kind");
   if (!kind.ok()) return kind.status();
-  if (*kind < 1 || *kind > 5)
+  if (*kind < 1 || *kind > 8)
     return absl::InvalidArgumentError(absl::StrCat("step plan: unknown kind ", *kind));
   plan.kind = static_cast<PlanKind>(*kind);
   auto n = take("num_seqs");
   if (!n.ok()) return n.status();
   if (*n < 0) return absl::InvalidArgumentError("step plan: negative num_seqs");
-  if (plan.kind == PlanKind::kPlacement || plan.kind == PlanKind::kLoadStats) {
+  if (IsControlPlan(plan.kind)) {
     if (*n != 0) return absl::InvalidArgumentError("step plan: a control plan with sequences");
     plan.payload = words.subspan(at);
     return plan;
@@ -91,6 +91,27 @@ std::vector<int64_t> LogitRowsPerRank(std::span<const PlannedSequence> seqs, int
         s.home_rank < world_size)
       ++rows[s.home_rank];
   return rows;
+}
+
+absl::Status GatherRowsToLeader(parallel::Communicator* comm, const float* own, int64_t vocab,
+                                std::span<const int64_t> rows_per_rank, float* recv) {
+  const int world = comm->world_size(), rank = comm->rank();
+  const int64_t row_bytes = vocab * static_cast<int64_t>(sizeof(float));
+  std::vector<int64_t> send_counts(world, 0), zeros(world, 0), recv_counts(world, 0),
+      recv_offsets(world, 0);
+  send_counts[0] = rows_per_rank[rank] * row_bytes;
+  if (rank == 0) {
+    int64_t off = 0;
+    for (int p = 0; p < world; ++p) {
+      recv_counts[p] = rows_per_rank[p] * row_bytes;
+      recv_offsets[p] = off;
+      off += recv_counts[p];
+    }
+  }
+  float dummy = 0;
+  return comm->AllToAllV(own != nullptr ? static_cast<const void*>(own) : &dummy, send_counts,
+                         zeros, recv != nullptr ? static_cast<void*>(recv) : &dummy,
+                         recv_counts, recv_offsets);
 }
 
 }  // namespace sy::scheduler

@@ -6,7 +6,7 @@
 //   header  [magic 0x53595031 "SYP1", kind, num_seqs]
 //   per seq [home_rank, start_pos, compute_logits (0/1), num_tokens, tokens...,
 //            num_blocks, block ids...]
-//   control kinds only (kPlacement, kLoadStats): [payload words...] after the header
+//   control kinds only (kPlacement and later): [payload words...] after the header
 // A rank runs the sequences whose home_rank is its own, in plan order, and sends back one
 // logits row per such sequence that has compute_logits and at least one token.
 //
@@ -19,6 +19,7 @@
 
 #include "absl/status/statusor.h"
 #include "model/moe_model.h"
+#include "parallel/communicator.h"
 
 namespace sy::scheduler {
 
@@ -26,10 +27,15 @@ enum class PlanKind : int32_t {
   kStep = 1,       // run the sequences, return logits
   kKeepAlive = 2,  // no work: keeps idle ranks inside their collective time-out
   kShutdown = 3,   // leave the rank loop (the leader is shutting down)
-  // Control plans (issue 5, scheduler/rank_control.h); no sequences, a payload instead.
-  kPlacement = 4,  // switch to the placement in the payload at this step boundary
+  // Control plans; no sequences, a payload instead.
+  kPlacement = 4,  // switch to the placement in the payload (scheduler/rank_control.h)
   kLoadStats = 5,  // send this rank's expert-load trace to rank 0
+  // Membership (parallel/membership.h, scheduler/rank_runner.h):
+  kEpochPrepare = 6,  // payload: the next epoch's view; map its experts, connect in background
+  kEpochCommit = 7,   // payload: [epoch]; switch to it now (a rank not in it leaves)
+  kEpochAbort = 8,    // payload: [epoch]; forget the prepared epoch
 };
+inline bool IsControlPlan(PlanKind kind) { return static_cast<int32_t>(kind) >= 4; }
 
 struct PlannedSequence {
   int32_t home_rank = 0;
@@ -52,5 +58,11 @@ absl::StatusOr<DecodedPlan> DecodePlan(std::span<const int32_t> words);
 
 // Logits rows each rank returns for `seqs`: [world_size].
 std::vector<int64_t> LogitRowsPerRank(std::span<const PlannedSequence> seqs, int world_size);
+
+// Sends this rank's `rows_per_rank[rank]` logits rows (`own`, [rows, vocab] f32) to rank 0
+// (an all-to-all-v where only rank 0 receives). On rank 0, `recv` gets every rank's rows back
+// to back in rank order; elsewhere it may be null.
+absl::Status GatherRowsToLeader(parallel::Communicator* comm, const float* own, int64_t vocab,
+                                std::span<const int64_t> rows_per_rank, float* recv);
 
 }  // namespace sy::scheduler

@@ -1,7 +1,9 @@
 #include "server/admin_service.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
+#include <thread>
 
 #include "parallel/expert_load.h"
 #include "server/grpc_status.h"
@@ -99,6 +101,84 @@ grpc::Status AdminService::Rebalance(grpc::ServerContext* context, const v1::Reb
   auto r = live->Rebalance(*request);
   if (!r.ok()) return ToGrpcStatus(r.status());
   *response = *r;
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::GetMembership(grpc::ServerContext* context,
+                                         const v1::GetMembershipRequest*, v1::Membership* response) {
+  LivePlacement* live = nullptr;
+  if (grpc::Status s = Admit(context, &live); !s.ok()) return s;
+  if (auto p = live->placement()) response->set_placement_epoch(p->epoch());
+  parallel::Membership* m = membership_.load();
+  if (m == nullptr) {  // one process: the leader alone, always
+    response->set_epoch(1);
+    response->set_world_size(1);
+    v1::RankStatus* r = response->add_ranks();
+    r->set_id(0);
+    r->set_state("serving");
+    r->set_comm_rank(0);
+    return grpc::Status::OK;
+  }
+  const parallel::MembershipSnapshot snap = m->Snapshot();
+  response->set_epoch(snap.epoch);
+  response->set_reforming(snap.reforming);
+  int world = 0;
+  // Members of the epoch in force first (by comm rank), then the others by id.
+  std::vector<const parallel::RankInfo*> order;
+  for (const auto& r : snap.ranks)
+    if (r.comm_rank >= 0) order.push_back(&r);
+  std::sort(order.begin(), order.end(),
+            [](const parallel::RankInfo* a, const parallel::RankInfo* b) { return a->comm_rank < b->comm_rank; });
+  world = static_cast<int>(order.size());
+  for (const auto& r : snap.ranks)
+    if (r.comm_rank < 0) order.push_back(&r);
+  response->set_world_size(world);
+  for (const parallel::RankInfo* r : order) {
+    v1::RankStatus* out = response->add_ranks();
+    out->set_id(r->id);
+    out->set_address(r->address);
+    out->set_state(parallel::RankStateName(r->state));
+    out->set_comm_rank(r->comm_rank);
+    out->set_home_sequences(r->home_seqs);
+    out->set_kv_blocks_used(r->kv_blocks_used);
+    out->set_kv_blocks(r->kv_blocks);
+    out->set_expert_slots(r->expert_slots);
+    out->set_tokens_per_second(r->tokens_per_second);
+    out->set_heartbeat_age_seconds(r->heartbeat_age_s);
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::DrainRank(grpc::ServerContext* context, const v1::DrainRankRequest* request,
+                                     v1::DrainRankResponse* response) {
+  LivePlacement* live = nullptr;
+  if (grpc::Status s = Admit(context, &live); !s.ok()) return s;
+  parallel::Membership* m = membership_.load();
+  if (m == nullptr)
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                        "this daemon runs one rank: there is no rank to drain (serve with --secret "
+                        "and let workers join)");
+  if (absl::Status s = m->RequestDrain(request->rank()); !s.ok()) return ToGrpcStatus(s);
+  auto state_of = [&](int32_t id) -> std::string {
+    for (const auto& r : m->Snapshot().ranks)
+      if (r.id == id) return parallel::RankStateName(r.state);
+    return "gone";
+  };
+  if (request->wait()) {
+    const auto deadline = std::chrono::steady_clock::now() + wait_limit_;
+    for (;;) {
+      const std::string st = state_of(request->rank());
+      if (st == "gone" || st == "dead") break;
+      if (context->IsCancelled())
+        return grpc::Status(grpc::StatusCode::CANCELLED, "call cancelled (the drain goes on)");
+      if (std::chrono::steady_clock::now() >= deadline)
+        return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                            "the rank is still draining (the drain goes on)");
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  }
+  response->set_epoch(m->epoch());
+  response->set_state(state_of(request->rank()));
   return grpc::Status::OK;
 }
 

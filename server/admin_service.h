@@ -13,9 +13,11 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <string>
 
 #include "grpcpp/server_context.h"
+#include "parallel/membership.h"
 #include "server/live_placement.h"
 #include "switchyard/v1/admin.grpc.pb.h"
 
@@ -25,6 +27,10 @@ class AdminService final : public switchyard::v1::Admin::Service {
  public:
   explicit AdminService(const std::string& token);
   void SetReady(LivePlacement* live) { live_.store(live); }
+  // The rank group's membership (null: a one-process daemon). Not owned.
+  void SetCluster(parallel::Membership* membership) { membership_.store(membership); }
+  // How long DrainRank with wait may block.
+  void SetDrainWaitLimit(std::chrono::milliseconds limit) { wait_limit_ = limit; }
   bool has_token() const { return !token_.empty(); }
 
   grpc::Status GetExpertLoad(grpc::ServerContext* context,
@@ -39,6 +45,12 @@ class AdminService final : public switchyard::v1::Admin::Service {
   grpc::Status Rebalance(grpc::ServerContext* context,
                          const switchyard::v1::RebalanceRequest* request,
                          switchyard::v1::RebalanceReport* response) override;
+  grpc::Status GetMembership(grpc::ServerContext* context,
+                             const switchyard::v1::GetMembershipRequest* request,
+                             switchyard::v1::Membership* response) override;
+  grpc::Status DrainRank(grpc::ServerContext* context,
+                         const switchyard::v1::DrainRankRequest* request,
+                         switchyard::v1::DrainRankResponse* response) override;
 
  private:
   // OK with the LivePlacement, or UNAUTHENTICATED / UNAVAILABLE.
@@ -46,6 +58,8 @@ class AdminService final : public switchyard::v1::Admin::Service {
 
   std::string token_;
   std::atomic<LivePlacement*> live_{nullptr};
+  std::atomic<parallel::Membership*> membership_{nullptr};
+  std::chrono::milliseconds wait_limit_{90000};
 };
 
 }  // namespace sy::server

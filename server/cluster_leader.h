@@ -1,26 +1,32 @@
-// ClusterLeader: the multi-rank side of `switchyard serve` (issue 4, DESIGN.md §2-3). The
-// Daemon makes one when the group has more than one rank:
-//   * processes (--min-ranks N --cluster-port P --secret S): starts the Cluster service
-//     (server/cluster_service.h); MakeExecutor waits until N-1 workers have joined
-//     (`switchyard worker --join`), then connects rank 0's GlooCommunicator through the
-//     service's in-memory rendezvous store;
-//   * threads (--local-ranks N): ranks 1..N-1 are threads of this process, each with its own
-//     MoeModel (only its experts), dispatcher and KvCache, over a LocalCommunicatorGroup.
-// Either way the leader's executor is a scheduler::DistributedStepExecutor and the placement
-// is contiguous (ExpertPlacement::Contiguous). Health: NOT_SERVING until every rank is in
-// (the daemon's Load has not returned), and again once the group fails.
+// ClusterLeader: the rank-group side of `switchyard serve` (DESIGN.md §3 and §5,
+// server/CLUSTER.md). The Daemon makes one when the daemon serves a group:
+//   * elastic (`--secret S`, or `--min-ranks N` above 1): the group starts as the leader
+//     alone (holding every expert) and ranks join at any time through the Cluster service
+//     (server/cluster_service.h, `switchyard worker --join`), drain out (SIGTERM to a worker,
+//     Admin.DrainRank) or die (the group re-forms from the survivors). `--min-ranks N`: the
+//     daemon is not SERVING before N ranks are in; `--max-ranks M` caps the group.
+//     Communicators: Gloo over TCP, meeting through the Membership's rendezvous store.
+//   * threads (`--local-ranks N`): ranks 1..N-1 are threads of this process running the same
+//     RankRunner, each with its own model share, KV pool and LocalCommunicator; the group is
+//     fixed (no Cluster service).
+// Either way the leader's executor is a scheduler::DistributedStepExecutor over the group's
+// parallel::Membership.
 //
-// Metrics (RegisterMetrics, updated after each step): switchyard_ep_world_size,
+// Metrics (RegisterMetrics): switchyard_ep_world_size, _ep_membership_epoch,
+// _ep_membership_changes_total{reason}, _ep_scale_seconds, _ep_recovery_seconds,
+// _ep_migrated_bytes_total, _rank_state{rank,state}, _rank_up{rank},
 // _ep_rank_tokens_total{rank}, _ep_rank_kv_blocks{rank}, _ep_dispatch_bytes_total{phase},
-// _ep_alltoall_seconds_total{phase}, _ep_balancedness, _rank_up{rank}.
+// _ep_alltoall_seconds_total{phase}, _ep_balancedness.
 //
 // Thread safety: Start, MakeExecutor and RegisterMetrics from the daemon's loading thread;
-// the destructor after the executor (the engine) is gone.
+// membership() and SetLoadSource from any thread; the destructor after the executor (the
+// engine) is gone.
 #pragma once
 
 #include <atomic>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -31,79 +37,96 @@
 #include "model/moe_model.h"
 #include "parallel/expert_placement.h"
 #include "parallel/local_communicator.h"
+#include "parallel/membership.h"
 #include "prometheus/registry.h"
 #include "scheduler/distributed_executor.h"
+#include "scheduler/rank_runner.h"
 #include "server/cluster_service.h"
 
 namespace sy::server {
 
 struct ClusterOptions {
-  int min_ranks = 1;            // ranks as processes, the leader included
-  int local_ranks = 1;          // ranks as threads of this process
+  int min_ranks = 1;            // elastic: SERVING once this many ranks (the leader included)
+  int max_ranks = 0;            // elastic: most ranks; 0 = unlimited
+  int local_ranks = 1;          // ranks as threads of this process (a fixed group)
   std::string cluster_host = "0.0.0.0";  // where the Cluster service listens
   int cluster_port = 50052;     // 0: the OS picks (see ClusterLeader::cluster_port())
   std::string rank_host = "127.0.0.1";   // address rank 0's communicator announces
-  std::string secret;           // required with --min-ranks > 1
+  std::string secret;           // joins need it; set (flag or env): the group is elastic
   int64_t collective_timeout_ms = 30000;
+  int64_t heartbeat_interval_ms = 200;
+  int64_t heartbeat_timeout_ms = 1000;  // a rank silent this long is dead once its epoch broke
   double rank_wait_timeout_s = 600;  // how long serve waits for --min-ranks ranks
+  double drain_timeout_s = 30;  // a draining rank's sequences move to other ranks after this
+  double join_timeout_s = 0;    // a joining rank must connect within this; 0: the collective time-out (at least 10 s)
   // Expert slots per rank and MoE layer; 0: ceil(experts / ranks). Extra slots start empty
   // and let a rebalance add replicas of hot experts.
   int expert_slots_per_rank = 0;
+  std::string scale_policy = "ilp";    // planner for joins and drains (failures: repair)
+  double scale_time_limit_s = 0.2;     // per layer
 
-  int world_size() const { return min_ranks > local_ranks ? min_ranks : local_ranks; }
-  bool multi_rank() const { return world_size() > 1; }
+  bool elastic() const { return local_ranks <= 1 && (min_ranks > 1 || !secret.empty()); }
+  bool multi_rank() const { return local_ranks > 1 || elastic(); }
 };
 
 class ClusterLeader {
  public:
-  // Reads model_dir/config.json, checks the options, makes the placement, starts the Cluster
-  // service or the rank threads. kv_cache_bytes / block_size: the leader's KV cache, whose
-  // block count every rank allocates (block ids are global).
+  // Reads model_dir/config.json, checks the options, starts the Cluster service or the rank
+  // threads. kv_cache_bytes / block_size: every rank's KV pool (workers bring their own).
   static absl::StatusOr<std::unique_ptr<ClusterLeader>> Start(
       const ClusterOptions& options, const std::string& model_dir, const std::string& backend,
       int64_t kv_cache_bytes, int64_t block_size,
       const std::function<void(const std::string&)>& progress = nullptr);
   ~ClusterLeader();
 
-  // The experts the leader loads (LoadOptions::experts_per_layer).
+  // The experts the leader loads at start (LoadOptions::experts_per_layer; empty: all).
   std::vector<std::vector<int32_t>> leader_experts() const;
   int cluster_port() const { return cluster_port_; }
-  int world_size() const { return options_.world_size(); }
+  parallel::Membership* membership() { return membership_.get(); }
+  const ClusterOptions& options() const { return options_; }
 
-  // Waits for the ranks, connects rank 0 and returns the leader's executor over `model` (not
-  // owned; loaded with leader_experts()). on_failure runs once when the group fails.
-  // CANCELLED when *cancel turns true while waiting for the ranks (a drain during loading).
+  // Makes the leader's executor over `model` (not owned; loaded with leader_experts()); with
+  // --min-ranks waits until that many ranks serve. on_failure runs once when the group cannot
+  // go on. CANCELLED when *cancel turns true while waiting (a drain during loading).
   absl::StatusOr<std::unique_ptr<scheduler::StepExecutor>> MakeExecutor(
       model::MoeModel* model, std::function<void(const absl::Status&)> on_failure,
       const std::atomic<bool>* cancel = nullptr);
 
   void RegisterMetrics(prometheus::Registry& registry);
+  // Recent tokens per expert [layers][experts] that membership plans balance (the leader's
+  // load window); unset: even loads.
+  void SetLoadSource(std::function<std::vector<std::vector<double>>()> source);
 
  private:
-  struct Metrics;
+  class Observer;
   ClusterLeader() = default;
-  void Publish(const scheduler::DistributedStats& stats);
+  absl::StatusOr<parallel::ExpertPlacement> PlanMembership(const parallel::ExpertPlacement& current,
+                                                          const std::vector<int>& old_rank_of_new,
+                                                          bool urgent) const;
 
   ClusterOptions options_;
   model::ModelConfig config_;
-  std::string model_dir_;
+  std::string model_dir_, backend_;
   int64_t num_blocks_ = 0, block_size_ = 16;
-  std::shared_ptr<const parallel::ExpertPlacement> placement_;
-  // Processes.
+  std::unique_ptr<parallel::Membership> membership_;
+  parallel::EpochView first_;
+  // Elastic.
   std::unique_ptr<ClusterService> service_;
   std::unique_ptr<grpc::Server> server_;
   int cluster_port_ = -1;
   // Threads.
   struct LocalRank {
     std::unique_ptr<model::MoeModel> model;
-    std::unique_ptr<parallel::ExpertParallelDispatcher> dispatcher;
-    std::unique_ptr<model::KvCache> cache;
+    std::unique_ptr<scheduler::RankRunner> runner;
     std::thread thread;
   };
-  std::unique_ptr<parallel::LocalCommunicatorGroup> group_;
+  std::unique_ptr<parallel::LocalRendezvous> rendezvous_;
+  std::unique_ptr<parallel::LocalMembershipClient> local_client_;
   std::vector<std::unique_ptr<LocalRank>> local_ranks_;
-  std::shared_ptr<Metrics> metrics_;
-  scheduler::DistributedStepExecutor* executor_ = nullptr;  // owned by the engine
+
+  std::unique_ptr<Observer> observer_;
+  mutable std::mutex load_mu_;
+  std::function<std::vector<std::vector<double>>()> load_source_;
 };
 
 }  // namespace sy::server

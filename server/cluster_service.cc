@@ -1,5 +1,7 @@
 #include "server/cluster_service.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
@@ -8,6 +10,22 @@
 
 namespace sy::server {
 namespace v1 = ::switchyard::v1;
+using std::chrono::milliseconds;
+
+namespace {
+
+// Blocking membership waits run in slices so that a cancelled call (the worker gave up, or
+// this server shuts down) frees its handler thread soon: the server's shutdown waits for
+// every handler.
+constexpr milliseconds kSlice(100);
+
+std::string Describe(const v1::ModelFingerprint& m) {
+  return absl::StrCat(m.model_type(), ", ", m.num_layers(), " layers, hidden ", m.hidden_size(),
+                      ", ", m.num_experts(), " experts of ", m.moe_intermediate_size(), " (top-",
+                      m.num_experts_per_tok(), "), vocab ", m.vocab_size(), ", dtype ", m.dtype());
+}
+
+}  // namespace
 
 bool ConstantTimeEquals(const std::string& a, const std::string& b) {
   // Every byte of the longer string is read, so the time does not tell how many bytes match.
@@ -21,7 +39,24 @@ bool ConstantTimeEquals(const std::string& a, const std::string& b) {
   return diff == 0;
 }
 
-ClusterService::ClusterService(ClusterServiceOptions options) : options_(std::move(options)) {}
+void ToProto(const parallel::EpochView& view, v1::EpochAssignment* out) {
+  out->set_epoch(view.epoch);
+  for (int32_t id : view.members) out->add_members(id);
+  out->set_store_prefix(view.store_prefix);
+  out->set_placement_json(view.placement_json);
+}
+
+parallel::EpochView FromProto(const v1::EpochAssignment& a) {
+  parallel::EpochView v;
+  v.epoch = a.epoch();
+  v.members.assign(a.members().begin(), a.members().end());
+  v.store_prefix = a.store_prefix();
+  v.placement_json = a.placement_json();
+  return v;
+}
+
+ClusterService::ClusterService(ClusterServiceOptions options, parallel::Membership* membership)
+    : options_(std::move(options)), membership_(membership) {}
 
 grpc::Status ClusterService::CheckSecret(const std::string& secret) const {
   if (options_.secret.empty() || !ConstantTimeEquals(secret, options_.secret))
@@ -29,36 +64,7 @@ grpc::Status ClusterService::CheckSecret(const std::string& secret) const {
   return grpc::Status::OK;
 }
 
-absl::Status ClusterService::WaitForRanks(std::chrono::milliseconds timeout,
-                                          const std::atomic<bool>* cancel) {
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
-  std::unique_lock<std::mutex> lock(mu_);
-  while (next_rank_ < options_.world_size) {
-    if (cancel != nullptr && cancel->load())
-      return absl::CancelledError("stopped waiting for ranks: the server is shutting down");
-    const auto now = std::chrono::steady_clock::now();
-    if (now >= deadline) break;
-    cv_.wait_for(lock, std::min<std::chrono::steady_clock::duration>(deadline - now,
-                                                                     std::chrono::milliseconds(50)));
-  }
-  if (next_rank_ < options_.world_size)
-    return absl::DeadlineExceededError(
-        absl::StrCat("only ", next_rank_, " of ", options_.world_size, " ranks joined within ",
-                     timeout.count() / 1000.0, " s (--min-ranks)"));
-  return absl::OkStatus();
-}
-
-int ClusterService::joined() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return next_rank_;
-}
-
-void ClusterService::SetServing(bool serving) {
-  std::lock_guard<std::mutex> lock(mu_);
-  serving_ = serving;
-}
-
-grpc::Status ClusterService::Join(grpc::ServerContext*, const v1::JoinRequest* req,
+grpc::Status ClusterService::Join(grpc::ServerContext* ctx, const v1::JoinRequest* req,
                                   v1::JoinReply* reply) {
   if (grpc::Status s = CheckSecret(req->secret()); !s.ok()) {
     SY_LOG(WARNING) << "cluster: refused a join from " << req->host() << ": wrong secret";
@@ -68,74 +74,103 @@ grpc::Status ClusterService::Join(grpc::ServerContext*, const v1::JoinRequest* r
   const v1::ModelFingerprint& want = options_.model;
   if (m.model_type() != want.model_type() || m.num_layers() != want.num_layers() ||
       m.hidden_size() != want.hidden_size() || m.num_experts() != want.num_experts() ||
-      m.vocab_size() != want.vocab_size())
-    return grpc::Status(
-        grpc::StatusCode::FAILED_PRECONDITION,
-        absl::StrCat("the worker's model (", m.model_type(), ", ", m.num_layers(), " layers, hidden ",
-                     m.hidden_size(), ", ", m.num_experts(), " experts, vocab ", m.vocab_size(),
-                     ") differs from the leader's (", want.model_type(), ", ", want.num_layers(),
-                     " layers, hidden ", want.hidden_size(), ", ", want.num_experts(),
-                     " experts, vocab ", want.vocab_size(), ")"));
-  int rank = 0;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (next_rank_ >= options_.world_size)
-      return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                          absl::StrCat("all ", options_.world_size,
-                                       " ranks are taken (no elastic scale-up yet)"));
-    rank = next_rank_++;
-    cv_.notify_all();
+      m.vocab_size() != want.vocab_size() || m.dtype() != want.dtype() ||
+      m.moe_intermediate_size() != want.moe_intermediate_size() ||
+      m.num_experts_per_tok() != want.num_experts_per_tok())
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                        absl::StrCat("the worker's model (", Describe(m),
+                                     ") differs from the leader's (", Describe(want), ")"));
+  const int64_t blocks =
+      options_.kv_bytes_per_block > 0 ? req->kv_cache_bytes() / options_.kv_bytes_per_block : 0;
+  if (blocks < 1)
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        absl::StrCat("kv_cache_bytes: ", req->kv_cache_bytes(),
+                                     " bytes hold no KV block of ", options_.kv_bytes_per_block,
+                                     " bytes (worker --kv-cache-bytes)"));
+  absl::StatusOr<int32_t> id = membership_->AddJoining(req->host(), req->instance(), blocks);
+  if (!id.ok()) return ToGrpcStatus(id.status());
+  SY_LOG(INFO) << "cluster: " << req->host() << " asks to join; rank id " << *id;
+  const auto deadline = std::chrono::steady_clock::now() + options_.join_wait;
+  absl::StatusOr<parallel::EpochView> view = absl::DeadlineExceededError("");
+  for (;;) {
+    view = membership_->AwaitJoin(*id, kSlice);
+    if (view.ok() || view.status().code() != absl::StatusCode::kDeadlineExceeded) break;
+    if (ctx->IsCancelled() || std::chrono::steady_clock::now() >= deadline) {
+      membership_->RefuseJoin({*id}, absl::CancelledError("the join call ended"));
+      return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                          "the leader did not place the rank in time");
+    }
   }
-  SY_LOG(INFO) << "cluster: " << req->host() << " joined as rank " << rank << " of "
-               << options_.world_size;
-  reply->set_rank(rank);
-  reply->set_world_size(options_.world_size);
-  reply->set_membership_epoch(options_.membership_epoch);
+  if (!view.ok()) return ToGrpcStatus(view.status());
+  reply->set_rank(*id);
+  ToProto(*view, reply->mutable_epoch());
   reply->set_model_dir_hint(options_.model_dir);
-  reply->set_placement_json(options_.placement_json);
-  reply->set_store_prefix(options_.store_prefix);
   reply->set_collective_timeout_ms(options_.collective_timeout_ms);
-  reply->set_num_kv_blocks(options_.num_kv_blocks);
+  reply->set_num_kv_blocks(blocks);
   reply->set_kv_block_size(options_.kv_block_size);
+  reply->set_heartbeat_interval_ms(options_.heartbeat_interval_ms);
   return grpc::Status::OK;
 }
 
-grpc::Status ClusterService::StoreSet(grpc::ServerContext*, const v1::StoreSetRequest* req,
-                                      v1::StoreSetReply*) {
+grpc::Status ClusterService::AwaitRestart(grpc::ServerContext* ctx,
+                                          const v1::AwaitRestartRequest* req,
+                                          v1::EpochAssignment* reply) {
   if (grpc::Status s = CheckSecret(req->secret()); !s.ok()) return s;
-  return ToGrpcStatus(store_.Set(req->key(), req->value()));
-}
-
-grpc::Status ClusterService::StoreGet(grpc::ServerContext* ctx, const v1::StoreGetRequest* req,
-                                      v1::StoreGetReply* reply) {
-  if (grpc::Status s = CheckSecret(req->secret()); !s.ok()) return s;
-  const int64_t ms = std::clamp<int64_t>(req->timeout_ms(), 0, 600000);
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(ms);
-  // Waits in slices so that a cancelled call (the worker gave up, or this server shuts down)
-  // frees its handler thread soon: the server's shutdown waits for every handler.
+  const auto deadline = std::chrono::steady_clock::now() +
+                        milliseconds(std::clamp<int64_t>(req->timeout_ms(), 0, 600000));
   for (;;) {
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-        deadline - std::chrono::steady_clock::now());
-    absl::StatusOr<std::string> v =
-        store_.Get(req->key(), std::clamp(left, std::chrono::milliseconds(0),
-                                          std::chrono::milliseconds(100)));
+    absl::StatusOr<parallel::EpochView> v =
+        membership_->AwaitRestart(req->rank(), req->after_epoch(), kSlice);
     if (v.ok()) {
-      reply->set_value(*v);
+      ToProto(*v, reply);
       return grpc::Status::OK;
     }
+    if (v.status().code() != absl::StatusCode::kDeadlineExceeded) return ToGrpcStatus(v.status());
     if (ctx->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "call cancelled");
-    if (left <= std::chrono::milliseconds(100)) return ToGrpcStatus(v.status());
+    if (std::chrono::steady_clock::now() >= deadline) return ToGrpcStatus(v.status());
   }
 }
 
 grpc::Status ClusterService::Heartbeat(grpc::ServerContext*, const v1::HeartbeatRequest* req,
                                        v1::HeartbeatReply* reply) {
   if (grpc::Status s = CheckSecret(req->secret()); !s.ok()) return s;
-  std::lock_guard<std::mutex> lock(mu_);
-  reply->set_membership_epoch(options_.membership_epoch);
-  reply->set_world_size(options_.world_size);
-  reply->set_serving(serving_);
+  absl::StatusOr<parallel::HeartbeatReply> r = membership_->Heartbeat(req->rank());
+  if (!r.ok()) return ToGrpcStatus(r.status());
+  reply->set_membership_epoch(r->epoch);
+  reply->set_broken_epoch(r->broken_epoch);
+  reply->set_fenced(r->fenced);
   return grpc::Status::OK;
+}
+
+grpc::Status ClusterService::Leave(grpc::ServerContext*, const v1::LeaveRequest* req,
+                                   v1::LeaveReply*) {
+  if (grpc::Status s = CheckSecret(req->secret()); !s.ok()) return s;
+  return ToGrpcStatus(membership_->RequestDrain(req->rank()));
+}
+
+grpc::Status ClusterService::StoreSet(grpc::ServerContext*, const v1::StoreSetRequest* req,
+                                      v1::StoreSetReply*) {
+  if (grpc::Status s = CheckSecret(req->secret()); !s.ok()) return s;
+  return ToGrpcStatus(membership_->store()->Set(req->key(), req->value()));
+}
+
+grpc::Status ClusterService::StoreGet(grpc::ServerContext* ctx, const v1::StoreGetRequest* req,
+                                      v1::StoreGetReply* reply) {
+  if (grpc::Status s = CheckSecret(req->secret()); !s.ok()) return s;
+  const int64_t ms = std::clamp<int64_t>(req->timeout_ms(), 0, 600000);
+  const auto deadline = std::chrono::steady_clock::now() + milliseconds(ms);
+  for (;;) {
+    const auto left = std::chrono::duration_cast<milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    absl::StatusOr<std::string> v =
+        membership_->store()->Get(req->key(), std::clamp(left, milliseconds(0), kSlice));
+    if (v.ok()) {
+      reply->set_value(*v);
+      return grpc::Status::OK;
+    }
+    if (ctx->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "call cancelled");
+    if (left <= kSlice) return ToGrpcStatus(v.status());
+  }
 }
 
 absl::StatusOr<std::unique_ptr<grpc::Server>> StartClusterServer(const std::string& host, int port,

@@ -100,20 +100,36 @@ int ServeCommand(int argc, char** argv) {
   flags.Add("max-message-bytes", &o.max_message_bytes,
             "largest request message; larger gets RESOURCE_EXHAUSTED");
   flags.Add("drain-timeout", &o.drain_timeout_s,
-            "seconds a drain waits for running requests before aborting them");
-  flags.Add("min-ranks", &o.cluster.min_ranks,
-            "ranks as processes, this leader included: wait for N-1 `switchyard worker --join` "
-            "before SERVING");
-  flags.Add("local-ranks", &o.cluster.local_ranks, "ranks as threads of this process (tests, one host)");
-  flags.Add("cluster-port", &o.cluster.cluster_port,
-            "port of the Cluster service workers join (with --min-ranks > 1); 0: OS picks");
-  flags.Add("rank-host", &o.cluster.rank_host, "address this rank announces to the other ranks");
+            "seconds a drain waits for running requests before aborting them (the daemon), or "
+            "before moving them to other ranks (a rank drained out of the group)");
   flags.Add("secret", &o.cluster.secret,
-            "cluster secret workers must present (or env SWITCHYARD_CLUSTER_SECRET)");
+            "cluster secret workers must present (or env SWITCHYARD_CLUSTER_SECRET); with it the "
+            "daemon serves an elastic rank group that `switchyard worker --join` joins at any time");
+  flags.Add("cluster-port", &o.cluster.cluster_port,
+            "port of the Cluster service workers join; 0: OS picks (printed)");
+  flags.Add("min-ranks", &o.cluster.min_ranks,
+            "ranks (processes, this leader included) before the daemon reports SERVING");
+  flags.Add("max-ranks", &o.cluster.max_ranks, "most ranks in the group; 0: unlimited");
+  flags.Add("local-ranks", &o.cluster.local_ranks,
+            "a fixed group of ranks as threads of this process (tests, one host)");
+  flags.Add("rank-host", &o.cluster.rank_host, "address this rank announces to the other ranks");
   flags.Add("collective-timeout-ms", &o.cluster.collective_timeout_ms,
-            "a rank that does not answer a collective within this fails the group");
+            "a rank that does not answer a collective within this fails its epoch (the group "
+            "re-forms without it)");
+  flags.Add("heartbeat-interval-ms", &o.cluster.heartbeat_interval_ms,
+            "how often workers tell the leader they live");
+  flags.Add("heartbeat-timeout-ms", &o.cluster.heartbeat_timeout_ms,
+            "after a failure, a rank silent this long is declared dead (fenced)");
   flags.Add("rank-wait-timeout", &o.cluster.rank_wait_timeout_s,
             "seconds to wait for --min-ranks ranks before giving up");
+  flags.Add("rank-join-timeout", &o.cluster.join_timeout_s,
+            "seconds a joining rank has to connect to the group; 0: the collective time-out "
+            "(at least 10 s)");
+  flags.Add("scale-policy", &o.cluster.scale_policy,
+            "placement planner when ranks join or drain (ilp, greedy, repair, ...); failures use "
+            "repair");
+  flags.Add("scale-time-limit", &o.cluster.scale_time_limit_s,
+            "seconds the scale planner may spend per layer");
   flags.Add("expert-slots-per-rank", &o.cluster.expert_slots_per_rank,
             "expert slots per rank and MoE layer (0: ceil(experts / ranks)); extra slots start "
             "empty and let a rebalance replicate hot experts");

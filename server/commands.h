@@ -14,5 +14,6 @@ int LoadgenCommand(int argc, char** argv);    // gRPC load generator (server/loa
 int PlanCommand(int argc, char** argv);       // expert placement planners (parallel/planner)
 int WorkerCommand(int argc, char** argv);     // join a leader as one more rank (server/worker.h)
 int StatsCommand(int argc, char** argv);      // Admin client: expert load, placement (cmd_stats.cc)
+int StatusCommand(int argc, char** argv);     // Admin client: the rank group (cmd_status.cc)
 
 }  // namespace sy::server

@@ -1,6 +1,7 @@
 #include "server/daemon.h"
 
 #include <chrono>
+#include <cstdlib>
 #include <filesystem>
 #include <thread>
 
@@ -40,9 +41,11 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const ServeOptions& option
   d->metrics_ = std::make_unique<ServerMetrics>();
   if (options.metrics_port >= 0)
     SY_RETURN_IF_ERROR(d->metrics_->StartExposer(options.host, options.metrics_port));
+  if (d->options_.cluster.secret.empty())
+    if (const char* env = std::getenv("SWITCHYARD_CLUSTER_SECRET")) d->options_.cluster.secret = env;
+  d->options_.cluster.drain_timeout_s = options.drain_timeout_s;
   InferenceServiceOptions so;
   so.default_max_new_tokens = options.default_max_new_tokens;
-  so.num_ranks = options.cluster.world_size();
   d->service_ = std::make_unique<InferenceService>(so, d->metrics_.get());
 
   grpc::EnableDefaultHealthCheckService(true);
@@ -52,6 +55,8 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const ServeOptions& option
                            grpc::InsecureServerCredentials(), &d->port_);
   builder.RegisterService(d->service_.get());
   d->admin_ = std::make_unique<AdminService>(options.admin.admin_token);
+  d->admin_->SetDrainWaitLimit(std::chrono::milliseconds(
+      static_cast<int64_t>((options.drain_timeout_s + 60) * 1000)));
   builder.RegisterService(d->admin_.get());
   builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
   d->server_ = builder.BuildAndStart();
@@ -78,7 +83,7 @@ absl::Status Daemon::Load(const std::function<void(const std::string&)>& progres
   const auto t0 = std::chrono::steady_clock::now();
   model::LoadOptions lo;
   lo.backend = options_.backend;
-  if (options_.cluster.multi_rank()) {  // ranks join (or start) now; the leader loads its experts
+  if (options_.cluster.multi_rank()) {  // a rank group: the leader loads its experts
     SY_ASSIGN_OR_RETURN(cluster_, ClusterLeader::Start(options_.cluster, model_dir_, options_.backend,
                                                        options_.kv_cache_bytes, options_.block_size,
                                                        progress));
@@ -119,6 +124,17 @@ absl::Status Daemon::Load(const std::function<void(const std::string&)>& progres
   live_ = std::make_unique<LivePlacement>(  // installs the load recorder before any step
       model_.get(), dynamic_cast<scheduler::DistributedStepExecutor*>(executor.get()),
       &metrics_->registry(), options_.admin);
+  if (cluster_ != nullptr) {
+    LivePlacement* live = live_.get();
+    cluster_->SetLoadSource([live] { return live->RecentLoads(); });
+  }
+  service_->SetGroupInfo([live = live_.get()] {
+    GroupInfo g;
+    g.num_ranks = live->world_size();
+    if (auto p = live->placement()) g.placement_epoch = p->epoch();
+    return g;
+  });
+  admin_->SetCluster(cluster_ != nullptr ? cluster_->membership() : nullptr);
   engine_ = std::make_unique<scheduler::Engine>(std::move(executor), tokenizer_.get(), eo,
                                                 metrics_.get());
   engine_->Start();
@@ -162,6 +178,7 @@ void Daemon::Drain() {
   SetHealth(false);
   service_->SetDraining();
   admin_->SetReady(nullptr);
+  admin_->SetCluster(nullptr);
   if (live_ != nullptr) live_->Stop();  // before the engine (and its executor) stop
   if (engine_ != nullptr) {
     engine_->StopAccepting();

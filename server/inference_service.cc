@@ -248,6 +248,11 @@ grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerCon
   return reactor;
 }
 
+void InferenceService::SetGroupInfo(std::function<GroupInfo()> info) {
+  std::lock_guard<std::mutex> lock(group_mu_);
+  group_info_ = std::move(info);
+}
+
 grpc::ServerUnaryReactor* InferenceService::GetServerInfo(grpc::CallbackServerContext* context,
                                                           const v1::GetServerInfoRequest*,
                                                           v1::ServerInfo* response) {
@@ -255,8 +260,13 @@ grpc::ServerUnaryReactor* InferenceService::GetServerInfo(grpc::CallbackServerCo
   response->set_version("switchyard 0.1");
   response->set_uptime_seconds(
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count());
-  response->set_num_ranks(options_.num_ranks);
-  response->set_placement_epoch(0);
+  GroupInfo group;
+  {
+    std::lock_guard<std::mutex> lock(group_mu_);
+    if (group_info_) group = group_info_();
+  }
+  response->set_num_ranks(group.num_ranks);
+  response->set_placement_epoch(group.placement_epoch);
   response->set_serving(serving());
   if (const scheduler::Engine* e = engine_.load()) {
     const scheduler::EngineStats st = e->stats();

@@ -13,6 +13,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -27,7 +28,12 @@ namespace sy::server {
 
 struct InferenceServiceOptions {
   int64_t default_max_new_tokens = 256;  // when a request leaves max_new_tokens unset
+};
+
+// What GetServerInfo reports of the rank group (ranks in the epoch in force, placement epoch).
+struct GroupInfo {
   int32_t num_ranks = 1;
+  int64_t placement_epoch = 0;
 };
 
 class InferenceService final : public switchyard::v1::Inference::CallbackService {
@@ -38,6 +44,8 @@ class InferenceService final : public switchyard::v1::Inference::CallbackService
   void SetReady(scheduler::Engine* engine, const model::Tokenizer* tokenizer,
                 const switchyard::v1::ModelInfo& info);
   void SetDraining();
+  // Where GetServerInfo reads the group's figures (any thread; unset: one rank, epoch 0).
+  void SetGroupInfo(std::function<GroupInfo()> info);
   // Generate calls not yet done (OnDone not run); Drain waits for 0 before stopping the server
   // so the last completions reach their clients.
   int64_t active_streams() const { return active_streams_->load(); }
@@ -69,6 +77,8 @@ class InferenceService final : public switchyard::v1::Inference::CallbackService
   std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
   mutable std::mutex mu_;
   switchyard::v1::ModelInfo model_info_ ABSL_GUARDED_BY(mu_);
+  std::mutex group_mu_;
+  std::function<GroupInfo()> group_info_ ABSL_GUARDED_BY(group_mu_);
 };
 
 }  // namespace sy::server

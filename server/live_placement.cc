@@ -369,4 +369,15 @@ void LivePlacement::Periodic() {
   }
 }
 
+std::vector<std::vector<double>> LivePlacement::RecentLoads() const {
+  const RoutingTrace t = recorder_->Snapshot();
+  std::vector<std::vector<double>> loads(model_->config().num_layers);
+  for (int l = 0; l < t.num_layers; ++l) {
+    const int ml = ModelLayerOf(t, l);
+    if (ml < 0 || ml >= static_cast<int>(loads.size())) continue;
+    loads[ml].assign(t.expert_counts[l].begin(), t.expert_counts[l].end());
+  }
+  return loads;
+}
+
 }  // namespace sy::server

@@ -89,6 +89,9 @@ class LivePlacement {
   absl::StatusOr<switchyard::v1::RebalanceReport> Rebalance(const switchyard::v1::RebalanceRequest& r);
 
   int64_t rebalances() const { return rebalances_.load(); }
+  // The leader's recent tokens per expert, [model layers][experts] (empty rows for dense
+  // layers): what membership plans balance.
+  std::vector<std::vector<double>> RecentLoads() const;
 
  private:
   struct Metrics;

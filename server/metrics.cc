@@ -32,6 +32,17 @@ prometheus::MetricFamily Gauge(const std::string& name, const std::string& help,
   return f;
 }
 
+prometheus::MetricFamily Counter(const std::string& name, const std::string& help, double v) {
+  prometheus::MetricFamily f;
+  f.name = name;
+  f.help = help;
+  f.type = prometheus::MetricType::Counter;
+  prometheus::ClientMetric m;
+  m.counter.value = v;
+  f.metric.push_back(m);
+  return f;
+}
+
 }  // namespace
 
 class ServerMetrics::EngineGauges : public prometheus::Collectable {
@@ -48,7 +59,11 @@ class ServerMetrics::EngineGauges : public prometheus::Collectable {
             Gauge("switchyard_kv_cache_usage_ratio", "Share of KV cache blocks in use (0-1).",
                   usage),
             Gauge("switchyard_kv_cache_blocks_free", "Free KV cache blocks.", s.kv_blocks_free),
-            Gauge("switchyard_kv_cache_blocks_total", "All KV cache blocks.", s.kv_blocks_total)};
+            Gauge("switchyard_kv_cache_blocks_total",
+                  "All KV cache blocks (every rank's pool).", s.kv_blocks_total),
+            Counter("switchyard_requests_recovered_total",
+                    "Sequences prefilled again on another rank after their rank died.",
+                    static_cast<double>(s.recovered))};
   }
 
  private:

@@ -9,7 +9,8 @@
 //   _e2e_request_latency_seconds, _request_queue_seconds, _step_seconds{phase} (histograms)
 //   switchyard_prompt_tokens_total (at finish), _generation_tokens_total,
 //   _request_success_total{finish_reason}, _requests_failed_total{code},
-//   _preemptions_total (counters)
+//   _preemptions_total (counters), switchyard_requests_recovered_total (read from the
+//   engine at scrape time: sequences prefilled again after their rank died)
 // Thread safety: every method is safe from any thread (prometheus-cpp metrics are atomic).
 #pragma once
 

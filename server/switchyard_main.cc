@@ -20,7 +20,8 @@ const Command kCommands[] = {
     {"generate", sy::server::GenerateCommand, "stream one answer from a running server"},
     {"loadgen", sy::server::LoadgenCommand, "load a running server; report throughput and latency"},
     {"plan", sy::server::PlanCommand, "plan expert placement from a routing trace and score it"},
-    {"worker", sy::server::WorkerCommand, "join a leader (serve --min-ranks) as one more rank"},
+    {"worker", sy::server::WorkerCommand, "join a serving leader (serve --secret) as one more rank"},
+    {"status", sy::server::StatusCommand, "the rank group of a running serve: epoch, ranks, states (Admin)"},
     {"stats", sy::server::StatsCommand, "expert-load statistics and live placement of a running serve (Admin)"},
 };
 

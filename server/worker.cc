@@ -4,104 +4,212 @@
 #include <cstdlib>
 #include <filesystem>
 #include <memory>
+#include <random>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "grpcpp/client_context.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
+#include "kernels/core/logging.h"
 #include "kernels/core/status.h"
 #include "kernels/core/thread_pool.h"
 #include "model/config.h"
 #include "model/kv_cache.h"
 #include "model/moe_model.h"
-#include "parallel/ep_dispatch.h"
-#include "parallel/expert_placement.h"
 #include "parallel/gloo_communicator.h"
 #include "parallel/grpc_rendezvous_store.h"
-#include "scheduler/distributed_executor.h"
+#include "parallel/membership.h"
+#include "scheduler/rank_runner.h"
+#include "server/cluster_service.h"
 #include "server/daemon.h"
 #include "server/grpc_status.h"
 #include "switchyard/v1/cluster.grpc.pb.h"
 
 namespace sy::server {
 namespace v1 = ::switchyard::v1;
+using std::chrono::milliseconds;
+
+namespace {
+
+// The rank side of the membership protocol over the leader's Cluster service.
+class GrpcMembershipClient final : public parallel::MembershipClient {
+ public:
+  GrpcMembershipClient(std::shared_ptr<grpc::Channel> channel, std::string secret)
+      : stub_(v1::Cluster::NewStub(channel)), secret_(std::move(secret)) {}
+
+  absl::StatusOr<parallel::EpochView> AwaitRestart(int32_t id, int64_t after_epoch,
+                                                   milliseconds timeout) override {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + timeout + std::chrono::seconds(5));
+    v1::AwaitRestartRequest req;
+    req.set_secret(secret_);
+    req.set_rank(id);
+    req.set_after_epoch(after_epoch);
+    req.set_timeout_ms(timeout.count());
+    v1::EpochAssignment reply;
+    grpc::Status s = stub_->AwaitRestart(&ctx, req, &reply);
+    if (!s.ok()) return FromGrpcStatus(s);
+    return FromProto(reply);
+  }
+
+  absl::StatusOr<parallel::HeartbeatReply> Heartbeat(int32_t id) override {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    v1::HeartbeatRequest req;
+    req.set_secret(secret_);
+    req.set_rank(id);
+    v1::HeartbeatReply reply;
+    grpc::Status s = stub_->Heartbeat(&ctx, req, &reply);
+    if (!s.ok()) return FromGrpcStatus(s);
+    parallel::HeartbeatReply r;
+    r.epoch = reply.membership_epoch();
+    r.broken_epoch = reply.broken_epoch();
+    r.fenced = reply.fenced();
+    return r;
+  }
+
+  absl::Status Leave(int32_t id) override {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    v1::LeaveRequest req;
+    req.set_secret(secret_);
+    req.set_rank(id);
+    v1::LeaveReply reply;
+    return FromGrpcStatus(stub_->Leave(&ctx, req, &reply));
+  }
+
+ private:
+  std::unique_ptr<v1::Cluster::Stub> stub_;
+  std::string secret_;
+};
+
+uint64_t RandomInstance() {
+  std::random_device rd;
+  return (static_cast<uint64_t>(rd()) << 32) ^ rd() ^ static_cast<uint64_t>(getpid());
+}
+
+bool Retryable(absl::StatusCode c) {
+  return c == absl::StatusCode::kUnavailable || c == absl::StatusCode::kDeadlineExceeded ||
+         c == absl::StatusCode::kAborted;
+}
+
+}  // namespace
 
 absl::Status RunWorker(const WorkerOptions& options,
-                       const std::function<void(const std::string&)>& progress) {
+                       const std::function<void(const std::string&)>& progress,
+                       const std::atomic<bool>* leave) {
   WorkerOptions o = options;
   if (o.secret.empty())
     if (const char* env = std::getenv("SWITCHYARD_CLUSTER_SECRET")) o.secret = env;
   auto say = [&](const std::string& s) {
     if (progress) progress(s);
   };
+  auto leaving = [&] { return leave != nullptr && leave->load(); };
   if (o.join.empty()) return absl::InvalidArgumentError("--join: the leader's HOST:PORT is required");
   if (o.secret.empty()) return absl::InvalidArgumentError("--secret: the cluster secret is required");
   if (o.threads > 0) ThreadPool::SetDefaultThreads(o.threads);
   SY_ASSIGN_OR_RETURN(const std::string dir, ResolveModelDir(o.model, progress));
   SY_ASSIGN_OR_RETURN(const model::ModelConfig config,
                       model::ModelConfig::FromFile((std::filesystem::path(dir) / "config.json").string()));
+  // The shared weights now; the experts once the leader says which (memory-mapped, cheap).
+  model::LoadOptions lo;
+  lo.backend = o.backend;
+  lo.experts_per_layer.assign(config.num_layers, {});
+  say(absl::StrCat("loading ", dir));
+  SY_ASSIGN_OR_RETURN(std::unique_ptr<model::MoeModel> m, model::MoeModel::Load(dir, lo));
 
-  // Join, retrying while the leader is not up yet.
   std::shared_ptr<grpc::Channel> channel =
       grpc::CreateChannel(o.join, grpc::InsecureChannelCredentials());
   auto stub = v1::Cluster::NewStub(channel);
+  parallel::GrpcRendezvousStore store(channel, o.secret);
+  GrpcMembershipClient client(channel, o.secret);
   v1::JoinRequest req;
   req.set_secret(o.secret);
   req.set_host(o.host);
-  req.mutable_model()->set_model_type(config.model_type);
-  req.mutable_model()->set_num_layers(config.num_layers);
-  req.mutable_model()->set_hidden_size(config.hidden_size);
-  req.mutable_model()->set_num_experts(config.num_experts);
-  req.mutable_model()->set_vocab_size(config.vocab_size);
-  v1::JoinReply reply;
-  const auto give_up = std::chrono::steady_clock::now() +
-                       std::chrono::milliseconds(static_cast<int64_t>(o.join_timeout_s * 1000));
+  req.set_instance(RandomInstance());
+  req.set_kv_cache_bytes(o.kv_cache_bytes);
+  v1::ModelFingerprint* fp = req.mutable_model();
+  fp->set_model_type(config.model_type);
+  fp->set_num_layers(config.num_layers);
+  fp->set_hidden_size(config.hidden_size);
+  fp->set_num_experts(config.num_experts);
+  fp->set_vocab_size(config.vocab_size);
+  fp->set_dtype(config.torch_dtype);
+  fp->set_moe_intermediate_size(config.moe_intermediate_size);
+  fp->set_num_experts_per_tok(config.num_experts_per_tok);
+
+  const milliseconds join_timeout(static_cast<int64_t>(o.join_timeout_s * 1000));
+  auto give_up = std::chrono::steady_clock::now() + join_timeout;
   for (;;) {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-    grpc::Status s = stub->Join(&ctx, req, &reply);
-    if (s.ok()) break;
-    const bool retry = s.error_code() == grpc::StatusCode::UNAVAILABLE ||
-                       s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED;
-    if (!retry || std::chrono::steady_clock::now() >= give_up)
-      return sy::Annotate(FromGrpcStatus(s), absl::StrCat("joining ", o.join));
-    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    // Join, retrying while the leader is not up, re-forms, or could not take the rank.
+    v1::JoinReply reply;
+    for (;;) {
+      if (leaving()) return absl::OkStatus();
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+      grpc::Status s = stub->Join(&ctx, req, &reply);
+      if (s.ok()) break;
+      const absl::Status st = FromGrpcStatus(s);
+      if (!Retryable(st.code()) || std::chrono::steady_clock::now() >= give_up)
+        return sy::Annotate(st, absl::StrCat("joining ", o.join));
+      std::this_thread::sleep_for(milliseconds(200));
+    }
+    const parallel::EpochView view = FromProto(reply.epoch());
+    const int32_t id = reply.rank();
+    say(absl::StrCat("joined ", o.join, " as rank ", id, " (epoch ", view.epoch, ", ",
+                     view.world_size(), " ranks)"));
+
+    scheduler::RankRunnerOptions ro;
+    ro.id = id;
+    ro.model = m.get();
+    ro.num_blocks = reply.num_kv_blocks();
+    ro.block_size = reply.kv_block_size();
+    parallel::GlooOptions gloo;
+    gloo.store = &store;
+    gloo.hostname = o.host;
+    gloo.timeout = milliseconds(reply.collective_timeout_ms());
+    ro.make_comm = parallel::GlooCommunicatorFactory(gloo);
+    ro.store = &store;
+    ro.client = &client;
+    ro.heartbeat_interval = milliseconds(std::max<int64_t>(1, reply.heartbeat_interval_ms()));
+    ro.restart_timeout = std::max(milliseconds(reply.collective_timeout_ms()), milliseconds(5000));
+    scheduler::RankRunner runner(ro);
+
+    // SIGTERM: ask the leader to drain this rank out; Run returns when it let the rank go.
+    std::atomic<bool> done{false};
+    std::thread leaver([&] {
+      while (!done.load()) {
+        if (leaving()) {
+          say(absl::StrCat("rank ", id, ": draining out of the group"));
+          absl::Status s = runner.Leave();
+          if (!s.ok()) {
+            SY_LOG(WARNING) << "asking the leader to drain rank " << id << ": " << s;
+            runner.Kill();
+          }
+          return;
+        }
+        std::this_thread::sleep_for(milliseconds(50));
+      }
+    });
+    absl::Status s = runner.Run(view, /*joining=*/true);
+    done = true;
+    leaver.join();
+    const scheduler::RankExit why = runner.exit();
+    if (s.ok()) {
+      say(absl::StrCat("rank ", id, ": ", scheduler::RankExitName(why)));
+      return absl::OkStatus();
+    }
+    if (leaving()) return why == scheduler::RankExit::kKilled ? s : absl::OkStatus();
+    const bool again = (why == scheduler::RankExit::kFenced && o.rejoin) ||
+                       why == scheduler::RankExit::kNeverFormed ||
+                       why == scheduler::RankExit::kLeaderGone;
+    if (!again) return s;
+    say(absl::StrCat("rank ", id, ": ", scheduler::RankExitName(why), " (", s.message(),
+                     "); joining again as a new rank"));
+    give_up = std::chrono::steady_clock::now() + join_timeout;
+    req.set_instance(RandomInstance());
   }
-  const int rank = reply.rank(), world = reply.world_size();
-  say(absl::StrCat("joined ", o.join, " as rank ", rank, " of ", world, " (epoch ",
-                   reply.membership_epoch(), ")"));
-
-  SY_ASSIGN_OR_RETURN(parallel::ExpertPlacement placement,
-                      parallel::ExpertPlacement::FromJson(reply.placement_json()));
-  if (placement.num_ranks() != world)
-    return absl::InternalError(absl::StrCat("the leader's placement has ", placement.num_ranks(),
-                                            " ranks, the group ", world));
-  auto shared_placement = std::make_shared<const parallel::ExpertPlacement>(std::move(placement));
-  model::LoadOptions lo;
-  lo.backend = o.backend;
-  lo.experts_per_layer = scheduler::ExpertsOfRank(*shared_placement, rank);
-  say(absl::StrCat("loading ", dir, " (rank ", rank, "'s experts)"));
-  SY_ASSIGN_OR_RETURN(std::unique_ptr<model::MoeModel> m, model::MoeModel::Load(dir, lo));
-
-  parallel::GrpcRendezvousStore store(channel, o.secret);
-  parallel::GlooOptions go;
-  go.rank = rank;
-  go.world_size = world;
-  go.store = &store;
-  go.prefix = reply.store_prefix();
-  go.hostname = o.host;
-  go.timeout = std::chrono::milliseconds(reply.collective_timeout_ms());
-  auto comm = parallel::CreateGlooCommunicator(go);
-  if (!comm.ok()) return sy::Annotate(comm.status(), "connecting to the other ranks");
-  SY_ASSIGN_OR_RETURN(auto dispatcher,
-                      parallel::MakeExpertParallelDispatcher(comm->get(), shared_placement));
-  m->SetDispatcher(dispatcher.get());
-  model::KvCache cache(m->config(), reply.num_kv_blocks(), reply.kv_block_size());
-  say(absl::StrCat("rank ", rank, " connected; serving steps"));
-  absl::Status s = scheduler::RunRankLoop(comm->get(), m.get(), &cache);
-  m->SetDispatcher(nullptr);
-  return s;
 }
 
 }  // namespace sy::server

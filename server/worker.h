@@ -1,12 +1,20 @@
-// Worker: one `switchyard worker --join HOST:PORT --secret S` process, a rank > 0 of a
-// multi-rank group (issue 4, DESIGN.md §3). It asks the leader's Cluster service for a rank,
-// loads the checkpoint from its own disk with only the experts the placement gives it,
-// connects its GlooCommunicator through the leader's rendezvous store, and runs the step
-// loop (scheduler::RunRankLoop) until the leader sends shutdown or goes away.
+// Worker: one `switchyard worker --join HOST:PORT --secret S` process, a rank of an elastic
+// group (DESIGN.md §3 and §5, server/CLUSTER.md). It loads the checkpoint from its own disk
+// (the shared weights now, its experts once the leader placed it: the file is memory-mapped,
+// so both are cheap), asks the leader's Cluster service to join (retrying while the leader is
+// not up or the group re-forms), and runs scheduler::RankRunner: the step protocol in every
+// membership epoch it is part of, heartbeats, re-forms after failures.
+//
+//   * `leave` turning true (SIGTERM) asks the leader to drain this rank out; the worker
+//     returns OK once the group switched without it.
+//   * Fenced (declared dead while it was stopped or cut off) or placed in an epoch that never
+//     formed: it joins again as a new rank (a new id), while the leader answers, up to
+//     --join-timeout since it last served.
 //
 // Used by cmd_worker.cc. Thread safety: RunWorker blocks its calling thread.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -22,13 +30,18 @@ struct WorkerOptions {
   std::string host = "127.0.0.1";  // address this rank's communicator listens on / announces
   std::string backend = "auto";
   int threads = 0;                 // compute threads; 0 = SWITCHYARD_THREADS or all cores
-  double join_timeout_s = 60;      // how long to retry a leader that is not up yet
+  int64_t kv_cache_bytes = 512ll << 20;  // this rank's KV pool
+  double join_timeout_s = 60;      // how long to retry a leader that does not answer
+  bool rejoin = true;              // join again as a new rank when fenced
 };
 
-// OK when the leader shut the group down; PERMISSION_DENIED / FAILED_PRECONDITION /
-// RESOURCE_EXHAUSTED when the join is refused; UNAVAILABLE when the leader or a peer went
-// away mid-run. `progress` (may be null) gets human-readable lines.
+// OK when the leader shut the group down or drained this rank out; PERMISSION_DENIED /
+// FAILED_PRECONDITION / ALREADY_EXISTS / RESOURCE_EXHAUSTED / INVALID_ARGUMENT when the join
+// is refused; UNAVAILABLE when the leader went away and did not come back within
+// join_timeout. `progress` (may be null) gets human-readable lines. `leave` (may be null):
+// set it to drain this rank out.
 absl::Status RunWorker(const WorkerOptions& options,
-                       const std::function<void(const std::string&)>& progress = nullptr);
+                       const std::function<void(const std::string&)>& progress = nullptr,
+                       const std::atomic<bool>* leave = nullptr);
 
 }  // namespace sy::server

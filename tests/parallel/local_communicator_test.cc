@@ -179,7 +179,7 @@ TEST(LocalCommunicatorTest, BreakingTheGroupWakesWaitingRanksBeforeTheirTimeout)
   absl::Status s;
   std::thread waiter([&] { s = group.comm(0)->Barrier(); });
   std::this_thread::sleep_for(milliseconds(50));
-  group.TEST_Break();
+  group.Break();
   waiter.join();  // would take a minute without the wake-up
   EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
 }

@@ -18,6 +18,7 @@
 #include "kernels/core/logging.h"
 #include "parallel/local_communicator.h"
 #include "scheduler/step_plan.h"
+#include "tests/scheduler/rank_group_testing.h"
 #include "tests/testing/model_fixtures.h"
 #include "tests/testing/watchdog.h"
 
@@ -34,7 +35,10 @@ constexpr int64_t kNumBlocks = 64;
 // Greedy generation of several sequences in lockstep through `exec`, the way the Engine
 // drives an executor: one prefill step for all, then one decode token per sequence per step.
 // Sequence i owns blocks [i * 8, i * 8 + 8).
-// Sequence i is homed on rank i % world.
+using testing::RankGroup;
+
+// Sequence i is homed on rank id i % world (the ids of a group that never changed are its
+// comm ranks).
 std::vector<std::vector<int32_t>> GenerateAll(StepExecutor& exec,
                                               const std::vector<std::vector<int32_t>>& prompts,
                                               int64_t max_new, int world = 1) {
@@ -71,66 +75,6 @@ std::vector<std::vector<int32_t>> GenerateAll(StepExecutor& exec,
   return tokens;
 }
 
-// Ranks 1..N-1 as threads, each with only its experts; rank 0's executor over `leader`.
-class ThreadGroup {
- public:
-  ThreadGroup(const std::string& dir, int world, milliseconds timeout)
-      : group_(world, timeout) {
-    auto cfg = model::ModelConfig::FromFile(dir + "/config.json");
-    SY_CHECK(cfg.ok()) << cfg.status();
-    const model::ModelConfig& c = *cfg;
-    placement_ = std::make_shared<const parallel::ExpertPlacement>(parallel::ExpertPlacement::Contiguous(
-        static_cast<int>(c.num_layers), static_cast<int>(c.num_experts), world));
-    for (int r = 0; r < world; ++r) {
-      model::LoadOptions lo;
-      lo.experts_per_layer = ExpertsOfRank(*placement_, r);
-      auto m = model::MoeModel::Load(dir, lo);
-      SY_CHECK(m.ok()) << m.status();
-      models_.push_back(std::move(*m));
-    }
-    for (int r = 1; r < world; ++r) {
-      auto d = parallel::MakeExpertParallelDispatcher(group_.comm(r), placement_);
-      SY_CHECK(d.ok());
-      dispatchers_.push_back(std::move(*d));
-      models_[r]->SetDispatcher(dispatchers_.back().get());
-      caches_.push_back(std::make_unique<model::KvCache>(models_[r]->config(), kNumBlocks, kBlockSize));
-    }
-    for (int r = 1; r < world; ++r)
-      threads_.emplace_back([this, r] {
-        results_[r] = RunRankLoop(group_.comm(r), models_[r].get(), caches_[r - 1].get());
-      });
-  }
-  ~ThreadGroup() {
-    executor_.reset();  // sends the shutdown plan
-    for (auto& t : threads_) t.join();
-  }
-  absl::StatusOr<DistributedStepExecutor*> MakeExecutor(
-      std::function<void(const absl::Status&)> on_failure = nullptr) {
-    auto e = DistributedStepExecutor::Create(models_[0].get(), group_.comm(0), nullptr, placement_,
-                                             kNumBlocks, kBlockSize, std::move(on_failure));
-    if (!e.ok()) return e.status();
-    executor_ = std::move(*e);
-    return executor_.get();
-  }
-  void Stop() {
-    executor_.reset();
-    for (auto& t : threads_) t.join();
-    threads_.clear();
-  }
-  parallel::LocalCommunicatorGroup& group() { return group_; }
-  const absl::Status& result(int r) const { return results_[r]; }
-
- private:
-  parallel::LocalCommunicatorGroup group_;
-  std::shared_ptr<const parallel::ExpertPlacement> placement_;
-  std::vector<std::unique_ptr<model::MoeModel>> models_;
-  std::vector<std::unique_ptr<parallel::ExpertParallelDispatcher>> dispatchers_;
-  std::vector<std::unique_ptr<model::KvCache>> caches_;
-  std::vector<absl::Status> results_ = std::vector<absl::Status>(8);
-  std::vector<std::thread> threads_;
-  std::unique_ptr<DistributedStepExecutor> executor_;
-};
-
 std::vector<std::vector<int32_t>> Prompts() {
   return {{1, 17, 42, 99, 5}, {300, 2}, {7, 7, 7, 7, 7, 7, 7, 7, 7, 11}, {450}, {23, 64, 128}};
 }
@@ -146,17 +90,17 @@ TEST_P(DistributedExecutorRanksTest, GreedyTokensMatchOneRank) {
   const auto want = GenerateAll(local, Prompts(), 6);
   ASSERT_EQ(want.size(), Prompts().size());
 
-  ThreadGroup g(dir, GetParam(), milliseconds(10000));
-  auto exec = g.MakeExecutor();
-  ASSERT_TRUE(exec.ok()) << exec.status();
-  EXPECT_EQ(GenerateAll(**exec, Prompts(), 6, GetParam()), want);
-  const DistributedStats st = (*exec)->stats();
+  RankGroup::Options o;
+  o.world = GetParam();
+  auto g = std::make_unique<RankGroup>(dir, o);
+  DistributedStepExecutor* exec = g->executor();
+  EXPECT_EQ(GenerateAll(*exec, Prompts(), 6, GetParam()), want);
+  const DistributedStats st = exec->stats();
   EXPECT_EQ(st.world_size, GetParam());
   EXPECT_EQ(st.steps, 6);
   // Five sequences over the ranks: every rank ran some.
-  for (int r = 0; r < GetParam(); ++r) EXPECT_GT(st.rank_tokens[r], 0) << "rank " << r;
-  g.Stop();
-  for (int r = 1; r < GetParam(); ++r) EXPECT_TRUE(g.result(r).ok()) << g.result(r);
+  for (int r = 0; r < GetParam(); ++r) EXPECT_GT(st.rank_tokens.at(r), 0) << "rank " << r;
+  g.reset();  // the shutdown plan: every rank leaves its loop with OK
 }
 
 TEST_P(DistributedExecutorRanksTest, RanksWithoutSequencesStillServeTheirExperts) {
@@ -167,53 +111,58 @@ TEST_P(DistributedExecutorRanksTest, RanksWithoutSequencesStillServeTheirExperts
   LocalStepExecutor local(whole->get(), kNumBlocks, kBlockSize);
   const std::vector<std::vector<int32_t>> one = {{3, 141, 59, 26, 5}};
   const auto want = GenerateAll(local, one, 5);
-  ThreadGroup g(dir, GetParam(), milliseconds(10000));
-  auto exec = g.MakeExecutor();
-  ASSERT_TRUE(exec.ok()) << exec.status();
-  EXPECT_EQ(GenerateAll(**exec, one, 5), want);
-  const DistributedStats st = (*exec)->stats();
-  EXPECT_GT(st.rank_tokens[0], 0);
-  for (int r = 1; r < GetParam(); ++r) EXPECT_EQ(st.rank_tokens[r], 0);
+  RankGroup::Options o;
+  o.world = GetParam();
+  RankGroup g(dir, o);
+  EXPECT_EQ(GenerateAll(*g.executor(), one, 5), want);
+  const DistributedStats st = g.executor()->stats();
+  EXPECT_GT(st.rank_tokens.at(0), 0);
+  for (int r = 1; r < GetParam(); ++r) EXPECT_EQ(st.rank_tokens.count(r), 0u);
 }
 
 INSTANTIATE_TEST_SUITE_P(Ranks, DistributedExecutorRanksTest, ::testing::Values(1, 2, 3, 4),
                          [](const auto& info) { return std::to_string(info.param) + "ranks"; });
 
-TEST(DistributedExecutorTest, BrokenGroupFailsTheStepWithUnavailableAndEveryStepAfter) {
+TEST(DistributedExecutorTest, AnAbortedCommunicatorReFormsTheGroupAndTheNextStepRuns) {
   Watchdog dog(std::chrono::seconds(60));
   const std::string dir = sy::testing::SyntheticModelDir(model::Arch::kMixtral, "tiny", DType::kF32);
-  ThreadGroup g(dir, 3, milliseconds(2000));
-  std::atomic<int> failures{0};
-  auto exec = g.MakeExecutor([&](const absl::Status& s) {
-    EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
-    ++failures;
-  });
-  ASSERT_TRUE(exec.ok()) << exec.status();
-  ASSERT_EQ(GenerateAll(**exec, Prompts(), 2).size(), Prompts().size());
-  g.group().TEST_Break();  // as a dead rank would
+  RankGroup::Options o;
+  o.world = 3;
+  RankGroup g(dir, o);
+  DistributedStepExecutor* exec = g.executor();
+  ASSERT_EQ(GenerateAll(*exec, Prompts(), 2, 3).size(), Prompts().size());
+  // Every rank lives: they check in and the group re-forms with all three.
+  g.membership().BreakEpoch(g.membership().epoch());  // heartbeats abort the ranks' comms
   const std::vector<int32_t> toks = {1, 2, 3}, blocks = {60};
   model::SequenceInput in{toks, 0, blocks, true};
+  const int32_t home = 1;
   std::vector<float> logits;
-  const auto t0 = std::chrono::steady_clock::now();
-  const int32_t home = 0;
-  EXPECT_EQ((*exec)->Execute({&in, 1}, {&home, 1}, &logits).code(), absl::StatusCode::kUnavailable);
-  EXPECT_EQ((*exec)->Execute({&in, 1}, {&home, 1}, &logits).code(), absl::StatusCode::kUnavailable);
-  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
-  EXPECT_TRUE((*exec)->broken());
-  EXPECT_EQ(failures.load(), 1);
-  g.Stop();
-  for (int r = 1; r < 3; ++r) EXPECT_EQ(g.result(r).code(), absl::StatusCode::kUnavailable);
+  absl::Status s;
+  for (int i = 0; i < 50; ++i) {  // the next step fails once the ranks aborted, then re-forms
+    s = exec->Execute({&in, 1}, {&home, 1}, &logits);
+    if (!s.ok()) break;
+    std::this_thread::sleep_for(milliseconds(20));
+  }
+  EXPECT_EQ(s.code(), absl::StatusCode::kAborted) << s;
+  EXPECT_TRUE(exec->Execute({&in, 1}, {&home, 1}, &logits).ok());
+  const DistributedStats st = exec->stats();
+  EXPECT_EQ(st.world_size, 3);
+  EXPECT_EQ(st.failures, 1);
+  EXPECT_FALSE(exec->broken());
+  EXPECT_GE(st.epoch, 2);
 }
 
 TEST(DistributedExecutorTest, IdleRanksOutliveTheCollectiveTimeoutThroughKeepAlives) {
   Watchdog dog(std::chrono::seconds(60));
   const std::string dir = sy::testing::SyntheticModelDir(model::Arch::kMixtral, "tiny", DType::kF32);
-  ThreadGroup g(dir, 2, milliseconds(200));
-  auto exec = g.MakeExecutor();
-  ASSERT_TRUE(exec.ok()) << exec.status();
+  RankGroup::Options o;
+  o.world = 2;
+  o.timeout = milliseconds(200);
+  RankGroup g(dir, o);
   std::this_thread::sleep_for(milliseconds(1000));  // five time-outs with no step
-  EXPECT_FALSE((*exec)->broken());
-  EXPECT_EQ(GenerateAll(**exec, {{5, 6, 7}}, 2).size(), 1u);
+  EXPECT_FALSE(g.executor()->broken());
+  EXPECT_EQ(g.executor()->stats().failures, 0);
+  EXPECT_EQ(GenerateAll(*g.executor(), {{5, 6, 7}}, 2).size(), 1u);
 }
 
 TEST(StepPlanTest, RoundTripsAndRejectsTruncatedPlans) {

@@ -1,0 +1,276 @@
+#include "scheduler/rank_runner.h"
+
+#include "absl/strings/str_cat.h"
+#include "kernels/core/logging.h"
+#include "kernels/core/status.h"
+#include "scheduler/rank_control.h"
+
+namespace sy::scheduler {
+namespace {
+
+// Largest plan accepted by a rank (words); guards against a desynchronised size broadcast.
+constexpr int64_t kMaxPlanWords = int64_t{1} << 28;
+
+}  // namespace
+
+const char* RankExitName(RankExit e) {
+  switch (e) {
+    case RankExit::kRunning: return "running";
+    case RankExit::kShutdown: return "the leader shut the group down";
+    case RankExit::kRemoved: return "drained out of the group";
+    case RankExit::kFenced: return "fenced";
+    case RankExit::kLeaderGone: return "the leader is gone";
+    case RankExit::kNeverFormed: return "the epoch it joined never formed";
+    case RankExit::kKilled: return "killed";
+  }
+  return "unknown";
+}
+
+RankRunner::RankRunner(RankRunnerOptions options)
+    : o_(std::move(options)),
+      cache_(o_.model->config(), o_.num_blocks, o_.block_size),
+      recorder_(LoadOptionsForModel(*o_.model)) {
+  o_.model->SetLoadRecorder(&recorder_);
+}
+
+RankRunner::~RankRunner() {
+  stop_ = true;
+  {
+    std::lock_guard<std::mutex> lock(hb_mu_);
+    hb_cv_.notify_all();
+  }
+  if (heartbeat_.joinable()) heartbeat_.join();
+  o_.model->SetDispatcher(nullptr);
+  o_.model->SetLoadRecorder(nullptr);
+}
+
+void RankRunner::AbortComm() {
+  std::lock_guard<std::mutex> lock(comm_mu_);
+  if (comm_ != nullptr) comm_->Abort();
+}
+
+void RankRunner::SetEpoch(RankEpoch next) {
+  {
+    std::lock_guard<std::mutex> lock(comm_mu_);
+    comm_ = next.comm.get();
+  }
+  // The old communicator goes after the model left its dispatcher (Enter switched it).
+  cur_ = std::move(next);
+  epoch_ = cur_.view.epoch;
+  if (stop_.load() || fenced_.load()) AbortComm();
+}
+
+void RankRunner::Kill() {
+  exit_ = RankExit::kKilled;
+  stop_ = true;
+  AbortComm();
+  std::lock_guard<std::mutex> lock(hb_mu_);
+  hb_cv_.notify_all();
+}
+
+absl::Status RankRunner::Leave() { return o_.client->Leave(o_.id); }
+
+void RankRunner::Heartbeats() {
+  auto last_ok = std::chrono::steady_clock::now();
+  std::unique_lock<std::mutex> lock(hb_mu_);
+  while (!stop_.load() && exit_.load() == RankExit::kRunning) {
+    hb_cv_.wait_for(lock, o_.heartbeat_interval, [&] { return stop_.load(); });
+    if (stop_.load() || exit_.load() != RankExit::kRunning) break;
+    lock.unlock();
+    absl::StatusOr<parallel::HeartbeatReply> r = o_.client->Heartbeat(o_.id);
+    const auto now = std::chrono::steady_clock::now();
+    if (r.ok()) {
+      last_ok = now;
+      if (r->fenced) {
+        if (!fenced_.exchange(true))
+          SY_LOG(WARNING) << "rank " << o_.id << ": fenced by the leader (declared dead)";
+        AbortComm();
+      } else if (r->broken_epoch >= epoch_.load()) {
+        AbortComm();  // the leader re-forms the group: stop waiting for a dead peer
+      }
+    } else if (r.status().code() == absl::StatusCode::kNotFound) {
+      fenced_ = true;
+      AbortComm();
+    } else if (now - last_ok > o_.restart_timeout) {
+      if (!leader_gone_.exchange(true))
+        SY_LOG(WARNING) << "rank " << o_.id << ": no heartbeat answer for "
+                        << o_.restart_timeout.count() << " ms: " << r.status();
+      AbortComm();
+    }
+    lock.lock();
+  }
+}
+
+absl::Status RankRunner::EnterView(const parallel::EpochView& view) {
+  RankEpoch next;
+  next.view = view;
+  next.comm_rank = view.comm_rank_of(o_.id);
+  if (next.comm_rank < 0)
+    return absl::InternalError(absl::StrCat("rank ", o_.id, " is not in epoch ", view.epoch));
+  SY_ASSIGN_OR_RETURN(next.placement, PlacementOfView(view, o_.model->config()));
+  SY_RETURN_IF_ERROR(PrepareExperts(o_.model, *next.placement, next.comm_rank).status());
+  SY_ASSIGN_OR_RETURN(next.comm, BuildComm(o_.make_comm, view, next.comm_rank, o_.store));
+  SY_RETURN_IF_ERROR(Enter(o_.model, &next, o_.dispatch).status());
+  SetEpoch(std::move(next));
+  return absl::OkStatus();
+}
+
+absl::Status RankRunner::Run(const parallel::EpochView& first, bool joining) {
+  if (o_.client != nullptr && o_.heartbeat_interval.count() > 0)
+    heartbeat_ = std::thread([this] { Heartbeats(); });
+  parallel::EpochView view = first;
+  bool formed = !joining;
+  for (;;) {
+    absl::Status s = EnterView(view);
+    if (s.ok()) {
+      s = Serve();
+      if (exit_.load() == RankExit::kShutdown || exit_.load() == RankExit::kRemoved) {
+        SY_LOG(INFO) << "rank " << o_.id << ": " << RankExitName(exit_.load());
+        return absl::OkStatus();
+      }
+      formed = true;
+    }
+    if (stop_.load()) return absl::CancelledError(absl::StrCat("rank ", o_.id, " stopped"));
+    if (!formed) {
+      exit_ = RankExit::kNeverFormed;
+      return absl::UnavailableError(
+          absl::StrCat("rank ", o_.id, ": epoch ", view.epoch, " never formed: ", s.message()));
+    }
+    SY_LOG(WARNING) << "rank " << o_.id << " left epoch " << std::max(view.epoch, epoch_.load())
+                    << ": " << s
+                    << "; waiting for the re-formed group";
+    {
+      std::lock_guard<std::mutex> lock(comm_mu_);
+      if (comm_ != nullptr) comm_->Abort();
+    }
+    pending_build_.reset();
+    const int64_t after = std::max(view.epoch, epoch_.load());
+    absl::StatusOr<parallel::EpochView> next =
+        fenced_.load() ? absl::FailedPreconditionError("fenced")
+                       : o_.client->AwaitRestart(o_.id, after, o_.restart_timeout);
+    if (!next.ok()) {
+      if (next.status().code() == absl::StatusCode::kFailedPrecondition) {
+        exit_ = RankExit::kFenced;
+        return absl::FailedPreconditionError(
+            absl::StrCat("rank ", o_.id, " was fenced: ", next.status().message()));
+      }
+      exit_ = RankExit::kLeaderGone;
+      return absl::UnavailableError(
+          absl::StrCat("rank ", o_.id, ": no re-formed group: ", next.status().message()));
+    }
+    view = *next;
+  }
+}
+
+absl::Status RankRunner::Serve() {
+  const int64_t vocab = o_.model->config().vocab_size;
+  std::vector<int32_t> words;
+  std::vector<model::SequenceInput> inputs;
+  std::vector<float> logits;
+  for (;;) {
+    if (stop_.load()) return absl::CancelledError("rank stopped");
+    parallel::Communicator* comm = cur_.comm.get();
+    const int me = cur_.comm_rank, world = cur_.world_size();
+    if (comm == nullptr)  // an epoch of the leader alone has no other rank
+      return absl::InternalError("a rank other than the leader in a one-rank epoch");
+    int64_t n = 0;
+    SY_RETURN_IF_ERROR(sy::Annotate(comm->Broadcast(&n, sizeof(n), 0), "waiting for a step plan"));
+    if (n < 3 || n > kMaxPlanWords)
+      return absl::InternalError(absl::StrCat("rank ", o_.id, ": bad step plan size ", n));
+    words.resize(n);
+    SY_RETURN_IF_ERROR(sy::Annotate(comm->Broadcast(words.data(), n * sizeof(int32_t), 0),
+                                    "receiving a step plan"));
+    SY_ASSIGN_OR_RETURN(DecodedPlan plan, DecodePlan(words));
+    switch (plan.kind) {
+      case PlanKind::kShutdown:
+        exit_ = RankExit::kShutdown;
+        return absl::OkStatus();
+      case PlanKind::kKeepAlive:
+        continue;
+      case PlanKind::kPlacement:
+      case PlanKind::kLoadStats:
+        SY_RETURN_IF_ERROR(HandleControlPlan(comm, o_.model, &recorder_, plan));
+        continue;
+      case PlanKind::kEpochPrepare:
+      case PlanKind::kEpochCommit:
+      case PlanKind::kEpochAbort: {
+        bool left = false;
+        SY_RETURN_IF_ERROR(HandleMembershipPlan(plan, &left));
+        if (left) return absl::OkStatus();
+        continue;
+      }
+      case PlanKind::kStep:
+        break;
+    }
+    inputs.clear();
+    for (const PlannedSequence& s : plan.seqs)
+      if (s.home_rank == me) inputs.push_back(s.input);
+    SY_RETURN_IF_ERROR(sy::Annotate(o_.model->Forward(inputs, cache_, &logits),
+                                    absl::StrCat("rank ", o_.id, " step")));
+    const std::vector<int64_t> rows = LogitRowsPerRank(plan.seqs, world);
+    SY_RETURN_IF_ERROR(sy::Annotate(GatherRowsToLeader(comm, logits.data(), vocab, rows, nullptr),
+                                    "sending logits to rank 0"));
+  }
+}
+
+absl::Status RankRunner::HandleMembershipPlan(const DecodedPlan& plan, bool* left) {
+  parallel::Communicator* comm = cur_.comm.get();
+  if (plan.kind == PlanKind::kEpochPrepare) {
+    absl::StatusOr<parallel::EpochView> view = parallel::DecodeEpochView(plan.payload);
+    PlacementSwitchCounts counts;
+    absl::Status s = view.status();
+    if (s.ok()) {
+      pending_view_ = *view;
+      const int r = view->comm_rank_of(o_.id);
+      if (r >= 0) {  // this rank stays: its experts of the next epoch, its next communicator
+        auto placement = PlacementOfView(*view, o_.model->config());
+        s = placement.status();
+        if (s.ok()) {
+          auto gained = PrepareExperts(o_.model, **placement, r);
+          s = gained.status();
+          if (s.ok()) counts.gained_bytes = *gained;
+        }
+        if (s.ok())
+          pending_build_ = std::make_unique<BackgroundComm>(o_.make_comm, *view, r, o_.store);
+      }
+    }
+    if (!s.ok()) SY_LOG(ERROR) << "rank " << o_.id << ": preparing the next epoch: " << s;
+    SY_ASSIGN_OR_RETURN(auto sum, AllGatherSwitchCounts(comm, counts, s.ok()));
+    (void)sum;
+    return absl::OkStatus();
+  }
+  if (plan.payload.size() != 1)
+    return absl::InvalidArgumentError("membership control plan: bad payload");
+  const int64_t epoch = plan.payload[0];
+  if (plan.kind == PlanKind::kEpochAbort) {
+    if (pending_build_ != nullptr) graveyard_.push_back(std::move(pending_build_));
+    for (auto it = graveyard_.begin(); it != graveyard_.end();)
+      it = (*it)->done() ? graveyard_.erase(it) : std::next(it);
+    SY_RETURN_IF_ERROR(
+        o_.model->RetainExperts(parallel::ExpertsOfRank(*cur_.placement, cur_.comm_rank)).status());
+    return absl::OkStatus();
+  }
+  // kEpochCommit
+  if (pending_view_.epoch != epoch)
+    return absl::InternalError(absl::StrCat("rank ", o_.id, ": commit of epoch ", epoch,
+                                            ", prepared ", pending_view_.epoch));
+  const int r = pending_view_.comm_rank_of(o_.id);
+  if (r < 0) {  // drained out: the group goes on without this rank
+    exit_ = RankExit::kRemoved;
+    *left = true;
+    return absl::OkStatus();
+  }
+  if (pending_build_ == nullptr)
+    return absl::InternalError(absl::StrCat("rank ", o_.id, ": epoch ", epoch, " was not prepared"));
+  RankEpoch next;
+  next.view = pending_view_;
+  next.comm_rank = r;
+  SY_ASSIGN_OR_RETURN(next.placement, PlacementOfView(next.view, o_.model->config()));
+  SY_ASSIGN_OR_RETURN(next.comm, pending_build_->Take());
+  pending_build_.reset();
+  SY_RETURN_IF_ERROR(Enter(o_.model, &next, o_.dispatch).status());
+  SetEpoch(std::move(next));
+  return absl::OkStatus();
+}
+
+}  // namespace sy::scheduler
