@@ -224,10 +224,50 @@ TEST(AdminAuthTest, AdminNeedsTheBearerTokenWhenOneIsSet) {
   v1::Placement p;
   ASSERT_TRUE(admin->GetPlacement(&ctx, v1::GetPlacementRequest(), &p).ok());
   EXPECT_EQ(p.num_ranks(), 2);
-  EXPECT_EQ(p.epoch(), 0);
+  EXPECT_EQ(p.epoch(), 0);  // thread ranks: the first epoch's placement
   std::string addr = absl::StrCat("--addr=127.0.0.1:", d->port());
   char* argv[] = {addr.data()};
   EXPECT_EQ(StatsCommand(1, argv), 3);  // UNAUTHENTICATED
+  EXPECT_EQ(StatusCommand(1, argv), 3);
+  // The membership calls obey the token too.
+  {
+    grpc::ClientContext bad;
+    Deadline(&bad, "wrong");
+    v1::Membership m;
+    EXPECT_EQ(admin->GetMembership(&bad, v1::GetMembershipRequest(), &m).error_code(),
+              grpc::StatusCode::UNAUTHENTICATED);
+    grpc::ClientContext bad_drain;
+    Deadline(&bad_drain, "");
+    v1::DrainRankRequest dr;
+    dr.set_rank(1);
+    v1::DrainRankResponse resp;
+    EXPECT_EQ(admin->DrainRank(&bad_drain, dr, &resp).error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  }
+  grpc::ClientContext good;
+  Deadline(&good, "s3cret");
+  v1::Membership m;
+  ASSERT_TRUE(admin->GetMembership(&good, v1::GetMembershipRequest(), &m).ok());
+  EXPECT_EQ(m.world_size(), 2);  // the drain above changed nothing
+  EXPECT_EQ(m.ranks(1).state(), "serving");
+  d->Drain();
+}
+
+TEST(AdminSingleRankTest, TheMembershipOfOneProcessIsTheLeaderAlone) {
+  auto d = StartDaemon(Options(TinyDir(), 1));
+  auto admin = v1::Admin::NewStub(Channel(*d));
+  grpc::ClientContext ctx;
+  Deadline(&ctx);
+  v1::Membership m;
+  ASSERT_TRUE(admin->GetMembership(&ctx, v1::GetMembershipRequest(), &m).ok());
+  EXPECT_EQ(m.world_size(), 1);
+  ASSERT_EQ(m.ranks_size(), 1);
+  EXPECT_EQ(m.ranks(0).state(), "serving");
+  grpc::ClientContext ctx2;
+  Deadline(&ctx2);
+  v1::DrainRankRequest dr;
+  dr.set_rank(0);
+  v1::DrainRankResponse resp;
+  EXPECT_EQ(admin->DrainRank(&ctx2, dr, &resp).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   d->Drain();
 }
 
