@@ -656,7 +656,10 @@ void DistributedStepExecutor::Reconcile() {
     next.members.push_back(id);
     old_rank_of_new.push_back(-1);
   }
+  const auto plan_start = Clock::now();
   absl::StatusOr<parallel::ExpertPlacement> planned = PlanFor(*placement, old_rank_of_new, false);
+  SY_LOG(INFO) << "placement for " << next.members.size() << " ranks planned in "
+               << Since(plan_start) << " s";
   if (!planned.ok()) {
     SY_LOG(ERROR) << "placing experts for the next epoch: " << planned.status();
     membership_->RefuseJoin(joiners, sy::Annotate(planned.status(), "placing the experts"));

@@ -107,10 +107,17 @@ absl::Status RankRunner::EnterView(const parallel::EpochView& view) {
   next.comm_rank = view.comm_rank_of(o_.id);
   if (next.comm_rank < 0)
     return absl::InternalError(absl::StrCat("rank ", o_.id, " is not in epoch ", view.epoch));
+  const auto t0 = std::chrono::steady_clock::now();
   SY_ASSIGN_OR_RETURN(next.placement, PlacementOfView(view, o_.model->config()));
   SY_RETURN_IF_ERROR(PrepareExperts(o_.model, *next.placement, next.comm_rank).status());
+  const auto t1 = std::chrono::steady_clock::now();
   SY_ASSIGN_OR_RETURN(next.comm, BuildComm(o_.make_comm, view, next.comm_rank, o_.store));
   SY_RETURN_IF_ERROR(Enter(o_.model, &next, o_.dispatch).status());
+  const auto t2 = std::chrono::steady_clock::now();
+  SY_LOG(INFO) << "rank " << o_.id << " entered epoch " << view.epoch << " as comm rank "
+               << next.comm_rank << " of " << view.world_size() << ": experts mapped in "
+               << std::chrono::duration<double>(t1 - t0).count() << " s, connected in "
+               << std::chrono::duration<double>(t2 - t1).count() << " s";
   SetEpoch(std::move(next));
   return absl::OkStatus();
 }

@@ -117,7 +117,11 @@ absl::Status RunWorker(const WorkerOptions& options,
   lo.backend = o.backend;
   lo.experts_per_layer.assign(config.num_layers, {});
   say(absl::StrCat("loading ", dir));
+  const auto load_start = std::chrono::steady_clock::now();
   SY_ASSIGN_OR_RETURN(std::unique_ptr<model::MoeModel> m, model::MoeModel::Load(dir, lo));
+  say(absl::StrCat("loaded the shared weights in ",
+                   std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count(),
+                   " s"));
 
   std::shared_ptr<grpc::Channel> channel =
       grpc::CreateChannel(o.join, grpc::InsecureChannelCredentials());
