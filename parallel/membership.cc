@@ -105,17 +105,14 @@ const Membership::Member* Membership::Find(int32_t id) const {
 }
 
 void Membership::SetNotify(std::function<void()> notify) {
-  std::lock_guard<std::mutex> lock(mu_);
+  // Held while a notification runs: once this returns, the old callback is not running.
+  std::lock_guard<std::mutex> lock(notify_mu_);
   notify_ = std::move(notify);
 }
 
 void Membership::Notify() {
-  std::function<void()> n;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    n = notify_;
-  }
-  if (n) n();
+  std::lock_guard<std::mutex> lock(notify_mu_);
+  if (notify_) notify_();
 }
 
 absl::StatusOr<int32_t> Membership::AddJoining(const std::string& address, uint64_t instance,
@@ -174,6 +171,7 @@ absl::StatusOr<EpochView> Membership::AwaitRestart(int32_t id, int64_t after_epo
     if (m == nullptr) return absl::NotFoundError(absl::StrCat("no rank ", id));
     m->checked_in = std::max(m->checked_in, after_epoch);
     m->last_heartbeat = Clock::now();
+    cv_.notify_all();  // WaitForSurvivors
   }
   Notify();
   std::unique_lock<std::mutex> lock(mu_);

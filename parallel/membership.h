@@ -124,7 +124,8 @@ class Membership {
 
   // ---- leader side (the executor) -----------------------------------------------------------
   // Called when there is work for the leader's membership controller (a join, a drain, a
-  // check-in). Set once before any rank joins.
+  // check-in); must not call back into the Membership. Once SetNotify returns, the previous
+  // callback is not running and will not run again.
   void SetNotify(std::function<void()> notify);
   // Joining ids that have no epoch yet, with their KV pools.
   std::vector<std::pair<int32_t, int64_t>> PendingJoins() const;
@@ -188,7 +189,8 @@ class Membership {
   EpochView restart_ ABSL_GUARDED_BY(mu_);       // the last re-formed epoch published
   int64_t broken_epoch_ ABSL_GUARDED_BY(mu_) = 0;
   bool reforming_ ABSL_GUARDED_BY(mu_) = false;
-  std::function<void()> notify_;
+  std::mutex notify_mu_;  // never held with mu_
+  std::function<void()> notify_ ABSL_GUARDED_BY(notify_mu_);
 };
 
 // How a rank that is not the leader reaches the Membership (server/ has the gRPC one).

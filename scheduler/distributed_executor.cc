@@ -267,7 +267,7 @@ absl::Status DistributedStepExecutor::RunStepJob() {
     recovering_since_.reset();
     SY_LOG(INFO) << "first step of the re-formed group (epoch " << cur_.view.epoch << ") "
                  << secs << " s after the failure was detected";
-    if (observer_ != nullptr) observer_->OnRecovered(secs);
+    if (GroupObserver* o = observer_.load()) o->OnRecovered(secs);
   }
   for (auto it = awaiting_first_tokens_.begin(); it != awaiting_first_tokens_.end();) {
     if (tokens.count(it->first) == 0) {
@@ -277,7 +277,7 @@ absl::Status DistributedStepExecutor::RunStepJob() {
     const double secs = std::chrono::duration<double>(now - it->second).count();
     SY_LOG(INFO) << "rank " << it->first << " ran its first tokens " << secs
                  << " s after its join call";
-    if (observer_ != nullptr) observer_->OnFirstTokens(it->first, secs);
+    if (GroupObserver* o = observer_.load()) o->OnFirstTokens(it->first, secs);
     it = awaiting_first_tokens_.erase(it);
   }
   std::lock_guard<std::mutex> lock(stats_mu_);
@@ -438,7 +438,7 @@ void DistributedStepExecutor::CommitPending() {
   SY_LOG(INFO) << "epoch " << epoch << " in force: " << view.world_size() << " ranks, "
                << p->joiners.size() << " joined, " << p->leavers.size() << " left, "
                << p->gained_bytes << " expert bytes mapped, " << change.seconds << " s";
-  if (observer_ != nullptr) observer_->OnMembershipChange(change);
+  if (GroupObserver* o = observer_.load()) o->OnMembershipChange(change);
   {
     std::lock_guard<std::mutex> lock(ctl_mu_);  // the controller may plan the next change
     ctl_work_ = true;
@@ -543,7 +543,7 @@ void DistributedStepExecutor::Reform(const absl::Status& cause) {
     SY_LOG(WARNING) << "the group re-formed as epoch " << next_view.epoch << " with "
                     << next_view.world_size() << " rank(s), " << lost.size() << " lost, in "
                     << change.seconds << " s";
-    if (observer_ != nullptr) observer_->OnMembershipChange(change);
+    if (GroupObserver* o = observer_.load()) o->OnMembershipChange(change);
     std::lock_guard<std::mutex> lock(ctl_mu_);
     ctl_work_ = true;
     ctl_cv_.notify_all();
@@ -737,7 +737,7 @@ void DistributedStepExecutor::ReportPools(std::span<const PoolUsage> usage) {
 }
 
 void DistributedStepExecutor::PublishStats() {
-  if (observer_ != nullptr) observer_->OnStats(stats());
+  if (GroupObserver* o = observer_.load()) o->OnStats(stats());
 }
 
 void DistributedStepExecutor::Fail(const absl::Status& status) {
@@ -749,7 +749,7 @@ void DistributedStepExecutor::Fail(const absl::Status& status) {
     broken_.store(true);
   }
   SY_LOG(ERROR) << "rank group failed: " << status;
-  if (observer_ != nullptr) observer_->OnStats(stats());
+  if (GroupObserver* o = observer_.load()) o->OnStats(stats());
   if (on_failure_) on_failure_(status);
 }
 

@@ -146,8 +146,8 @@ class DistributedStepExecutor : public StepExecutor {
 
   DistributedStats stats() const;
   bool broken() const { return broken_.load(); }
-  // Set before the first Execute. Not owned.
-  void SetObserver(GroupObserver* observer) { observer_ = observer; }
+  // Not owned; must outlive the executor (or be replaced by null first).
+  void SetObserver(GroupObserver* observer) { observer_.store(observer); }
 
   // Live placement and load statistics (scheduler/rank_control.h; rank_control_leader.cc).
   // Each call queues a control plan that the pump runs before the next step (at once when
@@ -201,7 +201,7 @@ class DistributedStepExecutor : public StepExecutor {
   GroupOptions options_;
   model::KvCache cache_;
   std::function<void(const absl::Status&)> on_failure_;
-  GroupObserver* observer_ = nullptr;
+  std::atomic<GroupObserver*> observer_{nullptr};
   std::chrono::milliseconds keepalive_;
 
   // Pump thread only.

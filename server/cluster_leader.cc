@@ -82,10 +82,15 @@ class ClusterLeader::Observer : public scheduler::GroupObserver {
     alltoall_seconds_->Add({{"phase", "dispatch"}}).Set(s.dispatch.dispatch_seconds);
     alltoall_seconds_->Add({{"phase", "combine"}}).Set(s.dispatch.combine_seconds);
     const auto now = std::chrono::steady_clock::now();
-    if (s.broken || now - last_states_ > milliseconds(250)) {
-      last_states_ = now;
-      PublishStates(s.broken);
+    bool publish = s.broken;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (now - last_states_ > milliseconds(250)) {
+        last_states_ = now;
+        publish = true;
+      }
     }
+    if (publish) PublishStates(s.broken);
   }
 
   void OnMembershipChange(const scheduler::MembershipChange& c) override {
@@ -118,7 +123,8 @@ class ClusterLeader::Observer : public scheduler::GroupObserver {
 
   parallel::Membership* membership_;
   bool enabled_ = false;
-  std::chrono::steady_clock::time_point last_states_{};
+  std::mutex mu_;
+  std::chrono::steady_clock::time_point last_states_{};  // guarded by mu_
   prometheus::Gauge* world_size_ = nullptr;
   prometheus::Gauge* epoch_ = nullptr;
   prometheus::Family<prometheus::Counter>* changes_ = nullptr;
