@@ -173,6 +173,7 @@ TEST_P(ElasticGroupTest, GrowsToFourRanksAndDrainsToTwoWithoutAFailedRequest) {
   ASSERT_TRUE(g.Drain(ids[2]).ok());  // as Admin.DrainRank would
   ASSERT_TRUE(g.WaitWorld(2));
   EXPECT_TRUE(g.WaitExit(ids[0]).ok());
+  EXPECT_TRUE(g.WaitExit(ids[2]).ok());
   EXPECT_EQ(g.exit(ids[0]), RankExit::kRemoved);
   EXPECT_EQ(g.exit(ids[2]), RankExit::kRemoved);
   ExpectAllMatch(s, want);
