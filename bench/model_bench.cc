@@ -1,4 +1,4 @@
-// Engine benchmark (issue 2 / issue 6): the `bench` preset (Mixtral-shaped, ~0.64 B parameters)
+// Engine benchmark: the `bench` preset (Mixtral-shaped, ~0.64 B parameters)
 // on this machine: prefill tokens/s at 128 and 512 tokens, and decode tokens/s at batch 1, 4,
 // 16 and 32 after 128-token prompts, beside llama.cpp's figures on the same shapes and the
 // batch-1 memory roofline from the bandwidth measured in the same run.
@@ -229,7 +229,7 @@ int Main(int argc, char** argv) {
     if (llama.count("b1")) std::printf("(llama.cpp batched-bench at 1 sequence: %.0f tokens/s)\n", llama["b1"]);
   }
   if (only == "load-stats") {
-    // Cost of the expert-load statistics (issue 5: under 2 % of step time): decode at batch 32
+    // Cost of the expert-load statistics (under 2 % of step time): decode at batch 32
     // with and without the recorder, alternated, medians.
     parallel::ExpertLoadOptions lo;
     lo.num_layers = static_cast<int>(m.MoeLayerIds().size());

@@ -1,4 +1,4 @@
-// placement_eval_bench: the planner evaluation of issue 5. For every trace in
+// placement_eval_bench: the planner evaluation. For every trace in
 // SY_SHARED_DIR/traces, 8 and 16 ranks, and 0 %, 12.5 % and 25 % extra slots, plans with
 // greedy (DeepSeek EPLB) and ilp (CBC) and scores both on held-out data: the second half of
 // the tokens where the trace has token paths, else in-sample (said in the table).

@@ -1,4 +1,4 @@
-// Backend: the seam between the model and its compute kernels (DESIGN.md §1, issue 6).
+// Backend: the seam between the model and its compute kernels (DESIGN.md §1).
 //
 // The model (model/) calls only these functions for its heavy math; `ReferenceBackend` is the
 // plain, obviously-correct implementation every fast kernel is tested against, and fast

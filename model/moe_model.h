@@ -62,7 +62,7 @@ class MoeModel {
   // The dispatcher in use (the single-rank one unless SetDispatcher replaced it).
   virtual parallel::MoeDispatcher* dispatcher() const = 0;
 
-  // Live placement changes (issue 5; engine thread, between steps). experts_per_layer:
+  // Live placement changes (engine thread, between steps). experts_per_layer:
   // [num_layers] logical expert ids per model layer. AddExperts maps the weights of the
   // listed experts that are not loaded yet from the checkpoint (already memory-mapped, so this
   // is cheap; pages fault in on first use) and returns their bytes; RetainExperts drops every

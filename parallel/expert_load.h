@@ -1,4 +1,4 @@
-// ExpertLoadRecorder: the engine's expert-load statistics (issue 5, DESIGN.md §4).
+// ExpertLoadRecorder: the engine's expert-load statistics (DESIGN.md §4).
 //
 // The model calls Record() with each MoE layer's routing (top-k logical expert ids of every
 // token of the step) and EndStep() once per step. The recorder keeps, over a sliding window of

@@ -1,4 +1,4 @@
-// Rank control: the between-step operations of issue 5 (live expert placement and load
+// Rank control: the between-step operations (live expert placement and load
 // statistics) that travel through the step protocol (scheduler/step_plan.h control kinds),
 // so that every rank takes them at the same step boundary.
 //
@@ -16,7 +16,7 @@
 //   kLoadStats: every rank sends its ExpertLoadRecorder's window (trace JSON) to rank 0,
 //     which merges them (MergeTraces): the leader alone sees only its own sequences' tokens.
 //
-// Called by RunRankLoop (ranks 1..N-1) and DistributedStepExecutor (rank 0, pump thread).
+// Called by RankRunner (every rank but 0) and DistributedStepExecutor (rank 0, pump thread).
 // Thread safety: each function runs on the calling rank's engine/pump thread.
 #pragma once
 
@@ -78,7 +78,7 @@ absl::StatusOr<std::pair<PlacementSwitchCounts, bool>> AllGatherSwitchCounts(
 absl::Status GatherStringsToLeader(parallel::Communicator* comm, const std::string& own,
                                    std::vector<std::string>* all);
 
-// Handles a control plan on a rank other than 0 (RunRankLoop). recorder may be null (the
+// Handles a control plan on a rank other than 0 (RankRunner). recorder may be null (the
 // rank then sends an empty trace).
 absl::Status HandleControlPlan(parallel::Communicator* comm, model::MoeModel* model,
                                const parallel::ExpertLoadRecorder* recorder,

@@ -1,6 +1,6 @@
 // StepPlan: the message the leader broadcasts to every rank once per engine step (DESIGN.md
 // §2 step 4), and its wire form. Built by DistributedStepExecutor (leader), read by
-// RunRankLoop (every other rank) and by the leader for its own share.
+// RankRunner (every other rank) and by the leader for its own share.
 //
 // Wire form: little-endian int32 words, back to back:
 //   header  [magic 0x53595031 "SYP1", kind, num_seqs]

@@ -1,5 +1,5 @@
 // AdminService: switchyard.v1.Admin (proto/switchyard/v1/admin.proto) — expert-load
-// statistics, the expert placement, live placement changes and rebalancing (issue 5). A thin
+// statistics, the expert placement, live placement changes and rebalancing. A thin
 // gRPC layer over LivePlacement (server/live_placement.h); registered on the daemon's public
 // port next to Inference (synchronous handlers: an apply or a rebalance waits for a step
 // boundary and the planner, seconds at most, on a gRPC sync thread).

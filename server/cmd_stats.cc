@@ -1,4 +1,4 @@
-// `switchyard stats --addr HOST:PORT [--out FILE]`: an Admin client (issue 5). By default it
+// `switchyard stats --addr HOST:PORT [--out FILE]`: an Admin client. By default it
 // writes the daemon's expert-load window in the trace format of shared/traces/README.md (what
 // `switchyard plan --trace` reads) to --out (or stdout) and a summary line to stderr. Other
 // actions: --placement (print the placement JSON in force), --apply FILE (switch to the

@@ -1,9 +1,9 @@
-// LivePlacement: the daemon's expert-load statistics and live expert placement (issue 5,
-// DESIGN.md §4), behind Admin (server/admin_service.h) and the periodic rebalance of
+// LivePlacement: the daemon's expert-load statistics and live expert placement
+// (DESIGN.md §4), behind Admin (server/admin_service.h) and the periodic rebalance of
 // `serve --rebalance-every N --rebalance-threshold B`.
 //
 //   * Statistics: an ExpertLoadRecorder on the leader's model; with several ranks every rank
-//     records its own tokens (RunRankLoop) and Snapshot() gathers their windows through the
+//     records its own tokens (RankRunner) and Snapshot() gathers their windows through the
 //     step protocol (a kLoadStats control plan, scheduler/rank_control.h) and sums them, so
 //     the trace covers every token the group ran, in the format of shared/traces/README.md.
 //   * Apply: DistributedStepExecutor::SwitchPlacement: every rank maps the experts it gains

@@ -1,5 +1,5 @@
 // ThreadPool: the one pool every CPU kernel parallelises on (no nested parallel regions, no
-// oversubscription: issue 6).
+// oversubscription).
 //
 // ParallelFor splits [0, n) into contiguous ranges of at least `min_grain` items (at most
 // kRangesPerThread per thread) which the calling thread and the workers claim one at a time

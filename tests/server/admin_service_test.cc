@@ -1,4 +1,4 @@
-// Admin service and live expert placement (issue 5), through the public gRPC API of an
+// Admin service and live expert placement, through the public gRPC API of an
 // in-process daemon on 127.0.0.1: the load statistics add up to the tokens run, `switchyard
 // stats` writes a trace the planner reads, the admin token is enforced, and placements
 // applied (and rebalances planned) while requests stream leave every request's greedy tokens
@@ -432,7 +432,7 @@ TEST(LiveRebalanceTest, TooFewExpertSlotsPerRankIsInvalidArgument) {
   EXPECT_NE(s.message().find("--expert-slots-per-rank"), std::string::npos) << s;
 }
 
-// Issue 5's end-to-end proof: 4 ranks (threads) under streaming load; placements applied and a
+// Live rebalancing end to end: 4 ranks (threads) under streaming load; placements applied and a
 // rebalance planned while the requests run; every request's greedy tokens equal the plain
 // one-rank reference (= a run without any rebalance).
 TEST(LiveRebalanceTest, PlacementsAppliedMidStreamKeepEveryRequestsGreedyTokens) {

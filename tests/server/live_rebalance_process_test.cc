@@ -1,4 +1,4 @@
-// Live rebalancing with the ranks as processes over Gloo (issue 5): `switchyard serve
+// Live rebalancing with the ranks as processes over Gloo: `switchyard serve
 // --min-ranks 4` and three `switchyard worker`s on 127.0.0.1. While requests stream, a
 // placement is applied and a rebalance planned through Admin; every request's greedy tokens
 // equal the one-rank reference, and the load statistics gathered from all four processes add
