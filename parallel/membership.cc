@@ -202,6 +202,15 @@ absl::StatusOr<HeartbeatReply> Membership::Heartbeat(int32_t id) {
   return r;
 }
 
+absl::Status Membership::CheckInstance(int32_t id, uint64_t instance) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  const Member* m = Find(id);
+  if (m == nullptr || (instance != 0 && m->instance != instance))
+    return absl::NotFoundError(absl::StrCat("no rank ", id, " of this process in the group (the "
+                                            "leader restarted?): join again"));
+  return absl::OkStatus();
+}
+
 absl::Status Membership::RequestDrain(int32_t id) {
   {
     std::lock_guard<std::mutex> lock(mu_);

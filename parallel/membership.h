@@ -117,6 +117,9 @@ class Membership {
                                          std::chrono::milliseconds timeout);
   // Liveness. NOT_FOUND for an unknown id.
   absl::StatusOr<HeartbeatReply> Heartbeat(int32_t id);
+  // NOT_FOUND unless rank `id` joined with `instance` (0: no check): a process of another
+  // leader's group that reuses an id is not that rank.
+  absl::Status CheckInstance(int32_t id, uint64_t instance) const;
   // Starts draining a serving rank. NOT_FOUND (unknown id), FAILED_PRECONDITION (the leader;
   // a rank that is not serving).
   absl::Status RequestDrain(int32_t id);

@@ -150,13 +150,15 @@ absl::Status RankRunner::Run(const parallel::EpochView& first, bool joining) {
       std::lock_guard<std::mutex> lock(comm_mu_);
       if (comm_ != nullptr) comm_->Abort();
     }
-    pending_build_.reset();
+    // A build of an epoch that will never form ends within its time-out; do not wait for it.
+    if (pending_build_ != nullptr) graveyard_.push_back(std::move(pending_build_));
     const int64_t after = std::max(view.epoch, epoch_.load());
     absl::StatusOr<parallel::EpochView> next =
         fenced_.load() ? absl::FailedPreconditionError("fenced")
                        : o_.client->AwaitRestart(o_.id, after, o_.restart_timeout);
     if (!next.ok()) {
-      if (next.status().code() == absl::StatusCode::kFailedPrecondition) {
+      if (next.status().code() == absl::StatusCode::kFailedPrecondition ||
+          next.status().code() == absl::StatusCode::kNotFound) {
         exit_ = RankExit::kFenced;
         return absl::FailedPreconditionError(
             absl::StrCat("rank ", o_.id, " was fenced: ", next.status().message()));

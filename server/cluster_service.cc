@@ -116,6 +116,8 @@ grpc::Status ClusterService::AwaitRestart(grpc::ServerContext* ctx,
                                           const v1::AwaitRestartRequest* req,
                                           v1::EpochAssignment* reply) {
   if (grpc::Status s = CheckSecret(req->secret()); !s.ok()) return s;
+  if (absl::Status s = membership_->CheckInstance(req->rank(), req->instance()); !s.ok())
+    return ToGrpcStatus(s);
   const auto deadline = std::chrono::steady_clock::now() +
                         milliseconds(std::clamp<int64_t>(req->timeout_ms(), 0, 600000));
   for (;;) {
@@ -134,6 +136,8 @@ grpc::Status ClusterService::AwaitRestart(grpc::ServerContext* ctx,
 grpc::Status ClusterService::Heartbeat(grpc::ServerContext*, const v1::HeartbeatRequest* req,
                                        v1::HeartbeatReply* reply) {
   if (grpc::Status s = CheckSecret(req->secret()); !s.ok()) return s;
+  if (absl::Status s = membership_->CheckInstance(req->rank(), req->instance()); !s.ok())
+    return ToGrpcStatus(s);
   absl::StatusOr<parallel::HeartbeatReply> r = membership_->Heartbeat(req->rank());
   if (!r.ok()) return ToGrpcStatus(r.status());
   reply->set_membership_epoch(r->epoch);
@@ -145,6 +149,8 @@ grpc::Status ClusterService::Heartbeat(grpc::ServerContext*, const v1::Heartbeat
 grpc::Status ClusterService::Leave(grpc::ServerContext*, const v1::LeaveRequest* req,
                                    v1::LeaveReply*) {
   if (grpc::Status s = CheckSecret(req->secret()); !s.ok()) return s;
+  if (absl::Status s = membership_->CheckInstance(req->rank(), req->instance()); !s.ok())
+    return ToGrpcStatus(s);
   return ToGrpcStatus(membership_->RequestDrain(req->rank()));
 }
 

@@ -1,5 +1,6 @@
 #include "server/worker.h"
 
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
@@ -37,6 +38,8 @@ class GrpcMembershipClient final : public parallel::MembershipClient {
  public:
   GrpcMembershipClient(std::shared_ptr<grpc::Channel> channel, std::string secret)
       : stub_(v1::Cluster::NewStub(channel)), secret_(std::move(secret)) {}
+  // The nonce this process joined with (sent with every call).
+  void set_instance(uint64_t instance) { instance_ = instance; }
 
   absl::StatusOr<parallel::EpochView> AwaitRestart(int32_t id, int64_t after_epoch,
                                                    milliseconds timeout) override {
@@ -47,6 +50,7 @@ class GrpcMembershipClient final : public parallel::MembershipClient {
     req.set_rank(id);
     req.set_after_epoch(after_epoch);
     req.set_timeout_ms(timeout.count());
+    req.set_instance(instance_);
     v1::EpochAssignment reply;
     grpc::Status s = stub_->AwaitRestart(&ctx, req, &reply);
     if (!s.ok()) return FromGrpcStatus(s);
@@ -59,6 +63,7 @@ class GrpcMembershipClient final : public parallel::MembershipClient {
     v1::HeartbeatRequest req;
     req.set_secret(secret_);
     req.set_rank(id);
+    req.set_instance(instance_);
     v1::HeartbeatReply reply;
     grpc::Status s = stub_->Heartbeat(&ctx, req, &reply);
     if (!s.ok()) return FromGrpcStatus(s);
@@ -75,6 +80,7 @@ class GrpcMembershipClient final : public parallel::MembershipClient {
     v1::LeaveRequest req;
     req.set_secret(secret_);
     req.set_rank(id);
+    req.set_instance(instance_);
     v1::LeaveReply reply;
     return FromGrpcStatus(stub_->Leave(&ctx, req, &reply));
   }
@@ -82,6 +88,7 @@ class GrpcMembershipClient final : public parallel::MembershipClient {
  private:
   std::unique_ptr<v1::Cluster::Stub> stub_;
   std::string secret_;
+  std::atomic<uint64_t> instance_{0};
 };
 
 uint64_t RandomInstance() {
@@ -161,6 +168,7 @@ absl::Status RunWorker(const WorkerOptions& options,
     }
     const parallel::EpochView view = FromProto(reply.epoch());
     const int32_t id = reply.rank();
+    client.set_instance(req.instance());
     say(absl::StrCat("joined ", o.join, " as rank ", id, " (epoch ", view.epoch, ", ",
                      view.world_size(), " ranks)"));
 
