@@ -17,7 +17,7 @@
 // start on the bench preset; switch-window p99 <= 2x steady p99; recovery <= 2 s + the
 // collective time-out on the demo model.
 //
-// usage: elastic_bench [--switchyard PATH] [--presets demo,bench] [--ranks 2] [--streams 16]
+// usage: elastic_bench [--presets demo,bench] [--ranks 2] [--streams 16]
 //                      [--max-new-tokens 32] [--timeout-ms 3000] [--work DIR]
 #include <fcntl.h>
 #include <signal.h>
@@ -46,6 +46,7 @@
 #include "server/flags.h"
 #include "switchyard/v1/admin.grpc.pb.h"
 #include "switchyard/v1/inference.grpc.pb.h"
+#include "tests/testing/child_process.h"
 
 namespace {
 
@@ -55,69 +56,7 @@ using std::chrono::milliseconds;
 
 double Now() { return std::chrono::duration<double>(Clock::now().time_since_epoch()).count(); }
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-// A child `switchyard` process; stdout/stderr to files; SIGKILLed when destroyed.
-class Child {
- public:
-  Child(const std::string& bin, const std::string& dir, const std::string& name,
-        std::vector<std::string> args)
-      : out_(dir + "/" + name + ".out"), err_(dir + "/" + name + ".err") {
-    args.insert(args.begin(), bin);
-    // A previous run's files must not be read as this one's.
-    unlink(out_.c_str());
-    unlink(err_.c_str());
-    pid_ = fork();
-    if (pid_ == 0) {
-      const int o = open(out_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      const int e = open(err_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      dup2(o, 1);
-      dup2(e, 2);
-      std::vector<char*> argv;
-      for (auto& a : args) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      setenv("SWITCHYARD_THREADS", "1", 1);
-      execv(argv[0], argv.data());
-      _exit(127);
-    }
-  }
-  ~Child() { Kill(); }
-  void Kill() {
-    if (pid_ > 0) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
-      pid_ = -1;
-    }
-  }
-  std::string out() const { return ReadFile(out_); }
-  std::string err() const { return ReadFile(err_); }
-  // The port at the end of the stdout line starting with `prefix`; 0 on time-out.
-  int WaitPort(const std::string& prefix, double timeout_s) {
-    const double until = Now() + timeout_s;
-    while (Now() < until) {
-      const std::string text = out();
-      const size_t at = text.find(prefix);
-      if (at != std::string::npos) {
-        const size_t end = text.find('\n', at);
-        if (end != std::string::npos) {
-          const std::string line = text.substr(at, end - at);
-          return std::atoi(line.c_str() + line.rfind(':') + 1);
-        }
-      }
-      std::this_thread::sleep_for(milliseconds(5));
-    }
-    return 0;
-  }
-
- private:
-  std::string out_, err_;
-  pid_t pid_ = -1;
-};
+using Child = sy::testing::ChildProcess;
 
 std::string HttpGet(int port, const std::string& path) {
   int fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -244,7 +183,7 @@ bool DropCaches() {
 
 struct Options {
   bool drop_caches = false;
-  std::string bin;
+  std::string bin = SY_BINARY_DIR "/server/switchyard";
   std::string presets = "demo,bench";
   int ranks = 2;
   int streams = 16;
@@ -333,29 +272,29 @@ bool RunPreset(const Options& o, const std::string& preset, Row* row) {
     if (o.drop_caches && !DropCaches()) std::fprintf(stderr, "cannot drop the page cache\n");
     const double t0 = Now();
     Group g;
-    g.leader = std::make_unique<Child>(o.bin, dir, "cold-leader", LeaderArgs(o, model, R));
-    g.cluster_port = g.leader->WaitPort("cluster service on ", 300);
-    g.port = g.leader->WaitPort("listening on ", 10);
+    g.leader = std::make_unique<Child>(dir, "cold-leader", LeaderArgs(o, model, R));
+    g.cluster_port = g.leader->WaitForPort("cluster service on ", milliseconds(300000));
+    g.port = g.leader->WaitForPort("listening on ", milliseconds(10000));
     for (int r = 1; r < R; ++r)
-      g.workers.push_back(std::make_unique<Child>(o.bin, dir, absl::StrCat("cold-worker", r), WorkerArgs(g, model)));
+      g.workers.push_back(std::make_unique<Child>(dir, absl::StrCat("cold-worker", r), WorkerArgs(g, model)));
     row->cold_s = FirstToken(g.addr(), t0);
   }
 
   // 2. Scale-up: R-1 ranks serving under load, then one more worker process.
   Group g;
-  g.leader = std::make_unique<Child>(o.bin, dir, "leader", LeaderArgs(o, model, R - 1));
-  g.cluster_port = g.leader->WaitPort("cluster service on ", 300);
-  g.port = g.leader->WaitPort("listening on ", 10);
-  g.metrics_port = g.leader->WaitPort("metrics on http://", 10);
+  g.leader = std::make_unique<Child>(dir, "leader", LeaderArgs(o, model, R - 1));
+  g.cluster_port = g.leader->WaitForPort("cluster service on ", milliseconds(300000));
+  g.port = g.leader->WaitForPort("listening on ", milliseconds(10000));
+  g.metrics_port = g.leader->WaitForPort("metrics on http://", milliseconds(10000));
   for (int r = 1; r < R - 1; ++r)
-    g.workers.push_back(std::make_unique<Child>(o.bin, dir, absl::StrCat("worker", r), WorkerArgs(g, model)));
+    g.workers.push_back(std::make_unique<Child>(dir, absl::StrCat("worker", r), WorkerArgs(g, model)));
   while (Members(g) != R - 1) std::this_thread::sleep_for(milliseconds(20));
   Load load(g.addr(), o.streams, o.max_new);
   while (load.tokens() < 20 * o.streams) std::this_thread::sleep_for(milliseconds(20));
   std::this_thread::sleep_for(milliseconds(3000));  // steady state
   if (o.drop_caches) DropCaches();  // the joiner reads what the leader does not hold mapped
   const double spawn = Now();
-  g.workers.push_back(std::make_unique<Child>(o.bin, dir, "joiner", WorkerArgs(g, model)));
+  g.workers.push_back(std::make_unique<Child>(dir, "joiner", WorkerArgs(g, model)));
   const int new_id = R - 1;  // ids are handed out in join order
   const std::string counter = absl::StrCat("switchyard_ep_rank_tokens_total{rank=\"", new_id, "\"}");
   double first = 0;
@@ -403,9 +342,7 @@ bool RunPreset(const Options& o, const std::string& preset, Row* row) {
 
 int main(int argc, char** argv) {
   Options o;
-  o.bin = (std::filesystem::path(argv[0]).parent_path().parent_path() / "server" / "switchyard").string();
   sy::server::FlagSet flags("elastic_bench", "Scale-up, switch pause and recovery of the elastic rank group.");
-  flags.Add("switchyard", &o.bin, "the switchyard binary");
   flags.Add("presets", &o.presets, "models: demo (the built-in demo) and/or bench (0.64 B, bf16)");
   flags.Add("ranks", &o.ranks, "group size after the join (the cold start starts this many)");
   flags.Add("streams", &o.streams, "concurrent streams of the load");

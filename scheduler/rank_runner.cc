@@ -51,12 +51,17 @@ void RankRunner::AbortComm() {
 
 void RankRunner::SetEpoch(RankEpoch next) {
   {
+    // The communicator and its epoch change together: the heartbeat thread must not abort
+    // the new communicator for the old epoch's failure.
     std::lock_guard<std::mutex> lock(comm_mu_);
     comm_ = next.comm.get();
+    epoch_ = next.view.epoch;
   }
-  // The old communicator goes after the model left its dispatcher (Enter switched it).
+  // The old communicator stays open a little: a peer may still be reading the switch's
+  // broadcast on it (the model already left its dispatcher: Enter switched it).
+  if (cur_.comm != nullptr || cur_.dispatcher != nullptr)
+    retired_.push_back({std::move(cur_), std::chrono::steady_clock::now()});
   cur_ = std::move(next);
-  epoch_ = cur_.view.epoch;
   if (stop_.load() || fenced_.load()) AbortComm();
 }
 
@@ -85,8 +90,10 @@ void RankRunner::Heartbeats() {
         if (!fenced_.exchange(true))
           SY_LOG(WARNING) << "rank " << o_.id << ": fenced by the leader (declared dead)";
         AbortComm();
-      } else if (r->broken_epoch >= epoch_.load()) {
-        AbortComm();  // the leader re-forms the group: stop waiting for a dead peer
+      } else {
+        // The leader re-forms the group: stop waiting for a dead peer.
+        std::lock_guard<std::mutex> lock(comm_mu_);
+        if (r->broken_epoch >= epoch_.load() && comm_ != nullptr) comm_->Abort();
       }
     } else if (r.status().code() == absl::StatusCode::kNotFound) {
       fenced_ = true;
@@ -178,6 +185,9 @@ absl::Status RankRunner::Serve() {
   std::vector<float> logits;
   for (;;) {
     if (stop_.load()) return absl::CancelledError("rank stopped");
+    while (!retired_.empty() &&
+           std::chrono::steady_clock::now() - retired_.front().second > std::chrono::seconds(2))
+      retired_.pop_front();
     parallel::Communicator* comm = cur_.comm.get();
     const int me = cur_.comm_rank, world = cur_.world_size();
     if (comm == nullptr)  // an epoch of the leader alone has no other rank

@@ -28,6 +28,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -105,6 +106,7 @@ class RankRunner {
   std::unique_ptr<BackgroundComm> pending_build_;
   parallel::EpochView pending_view_;
   std::vector<std::unique_ptr<BackgroundComm>> graveyard_;
+  std::deque<std::pair<RankEpoch, std::chrono::steady_clock::time_point>> retired_;
 
   std::mutex comm_mu_;  // the heartbeat thread aborts the communicator in force
   parallel::Communicator* comm_ ABSL_GUARDED_BY(comm_mu_) = nullptr;

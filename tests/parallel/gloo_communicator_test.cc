@@ -261,6 +261,38 @@ TEST(GlooCommunicatorTest, RendezvousWithAMissingPeerGivesUnavailableWithinTheTi
   EXPECT_LT(secs, 3.0);
 }
 
+// Abort from another thread (the membership's heartbeat thread does it when the group
+// re-forms) wakes a collective that waits for a silent peer, long before the time-out; later
+// calls fail at once. Two ranks as threads of this process, through a GlooCommunicatorFactory.
+TEST(GlooCommunicatorTest, AbortFromAnotherThreadEndsAWaitingCollectiveAtOnce) {
+  MemoryRendezvousStore store;
+  GlooOptions base;
+  base.store = &store;
+  base.timeout = milliseconds(20000);
+  auto factory = GlooCommunicatorFactory(base);
+  absl::StatusOr<std::unique_ptr<Communicator>> c1 = absl::UnknownError("");
+  std::thread peer([&] { c1 = factory("abort-test", 1, 2); });
+  auto c0 = factory("abort-test", 0, 2);
+  peer.join();
+  ASSERT_TRUE(c0.ok()) << c0.status();
+  ASSERT_TRUE(c1.ok()) << c1.status();
+  // Rank 1 stays silent; rank 0 waits in a broadcast from rank 1.
+  std::thread aborter([&] {
+    std::this_thread::sleep_for(milliseconds(200));
+    (*c0)->Abort();
+  });
+  int64_t v = 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  const absl::Status s = (*c0)->Broadcast(&v, sizeof(v), 1);
+  const auto waited = std::chrono::steady_clock::now() - t0;
+  aborter.join();
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  EXPECT_LT(waited, milliseconds(5000));
+  EXPECT_TRUE((*c0)->broken());
+  EXPECT_EQ((*c0)->Barrier().code(), absl::StatusCode::kUnavailable);
+  (*c0)->Abort();  // idempotent
+}
+
 TEST(GlooCommunicatorTest, OneRankNeedsNoPeers) {
   TempDir dir;
   FileRendezvousStore store(dir.path());

@@ -184,6 +184,39 @@ TEST(LocalCommunicatorTest, BreakingTheGroupWakesWaitingRanksBeforeTheirTimeout)
   EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
 }
 
+TEST(LocalCommunicatorTest, AbortingDuringAnExchangeLetsNoRankReadAFreedBuffer) {
+  // Rank 1 aborts while ranks copy out of each other's send buffers; every rank leaves with
+  // UNAVAILABLE or OK, and (under ASan) nobody reads a buffer its owner already freed.
+  for (int round = 0; round < 20; ++round) {
+    LocalRendezvous rendezvous(milliseconds(5000));
+    std::vector<std::unique_ptr<Communicator>> comms;
+    for (int r = 0; r < 3; ++r) comms.push_back(rendezvous.Join("k", r, 3));
+    RunRankThreads(3, kWatchdog, [&](int r) {
+      for (int i = 0; i < 50; ++i) {
+        std::vector<int32_t> send(3 * 64, r), recv(3 * 64, -1);
+        if (r == 1 && i == round) comms[r]->Abort();
+        if (!comms[r]->AllToAll(send.data(), recv.data(), 64 * sizeof(int32_t)).ok()) return;
+      }
+    });
+    for (auto& c : comms) EXPECT_TRUE(c->broken());
+  }
+}
+
+TEST(LocalRendezvousTest, RanksOfOneKeyShareAGroupAndOtherKeysDoNot) {
+  LocalRendezvous rendezvous(milliseconds(5000));
+  auto a0 = rendezvous.Join("epoch-2", 0, 2), a1 = rendezvous.Join("epoch-2", 1, 2);
+  auto b0 = rendezvous.Join("epoch-3", 0, 2), b1 = rendezvous.Join("epoch-3", 1, 2);
+  a0->Abort();  // breaks epoch-2 only
+  EXPECT_TRUE(a1->broken());
+  EXPECT_FALSE(b0->broken());
+  int32_t v[2] = {0, 0};
+  std::thread t([&] { EXPECT_TRUE(b1->Broadcast(&v[1], sizeof(int32_t), 0).ok()); });
+  v[0] = 7;
+  EXPECT_TRUE(b0->Broadcast(&v[0], sizeof(int32_t), 0).ok());
+  t.join();
+  EXPECT_EQ(v[1], 7);
+}
+
 TEST(LocalCommunicatorTest, MismatchedCountsAreInvalidArgumentAndBreakTheGroup) {
   LocalCommunicatorGroup group(2, milliseconds(2000));
   std::vector<absl::Status> status(2);

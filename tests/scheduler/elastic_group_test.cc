@@ -143,6 +143,18 @@ void ExpectAllMatch(Streams& s, const std::vector<std::vector<int32_t>>& want) {
 
 std::string Tiny() { return sy::testing::SyntheticModelDir(model::Arch::kMixtral, "tiny", DType::kF32); }
 
+// A RankGroup serving an Engine. The engine goes first (it owns the executor).
+struct Served {
+  Served(const std::string& dir, RankGroup::Options o) : group(dir, o), exec(group.executor()) {
+    engine = std::make_unique<Engine>(group.TakeExecutor(), nullptr, Options());
+    engine->Start();
+  }
+  ~Served() { engine.reset(); }
+  RankGroup group;
+  DistributedStepExecutor* exec;
+  std::unique_ptr<Engine> engine;
+};
+
 class ElasticGroupTest : public ::testing::TestWithParam<bool> {};  // param: gloo
 
 TEST_P(ElasticGroupTest, GrowsToFourRanksAndDrainsToTwoWithoutAFailedRequest) {
@@ -152,10 +164,10 @@ TEST_P(ElasticGroupTest, GrowsToFourRanksAndDrainsToTwoWithoutAFailedRequest) {
   const auto want = OneRank(dir, prompts, 0);
   RankGroup::Options o;
   o.gloo = GetParam();
-  RankGroup g(dir, o);
-  DistributedStepExecutor* exec = g.executor();
-  auto engine = std::make_unique<Engine>(g.TakeExecutor(), nullptr, Options());
-  engine->Start();
+  Served served(dir, o);
+  RankGroup& g = served.group;
+  DistributedStepExecutor* exec = served.exec;
+  Engine* engine = served.engine.get();
   // A wave of 4 streams, then a join, and so on: 1 -> 2 -> 3 -> 4 ranks while streams run;
   // each wave finds a new rank with the fewest sequences.
   Streams s;
@@ -184,7 +196,6 @@ TEST_P(ElasticGroupTest, GrowsToFourRanksAndDrainsToTwoWithoutAFailedRequest) {
   EXPECT_GE(st.drains, 1);
   for (int32_t id : ids) EXPECT_GT(st.rank_tokens.count(id) ? st.rank_tokens.at(id) : 0, 0) << id;
   EXPECT_EQ(engine->stats().recovered, 0);
-  engine.reset();
 }
 
 TEST_P(ElasticGroupTest, AKilledRankCostsAPauseNotARequest) {
@@ -195,10 +206,10 @@ TEST_P(ElasticGroupTest, AKilledRankCostsAPauseNotARequest) {
   RankGroup::Options o;
   o.world = 3;  // contiguous placement of 4 experts: every rank holds the only copy of some
   o.gloo = GetParam();
-  RankGroup g(dir, o);
-  DistributedStepExecutor* exec = g.executor();
-  auto engine = std::make_unique<Engine>(g.TakeExecutor(), nullptr, Options());
-  engine->Start();
+  Served served(dir, o);
+  RankGroup& g = served.group;
+  DistributedStepExecutor* exec = served.exec;
+  Engine* engine = served.engine.get();
   Streams s = Submit(*engine, prompts, 0);
   ASSERT_TRUE(s.WaitStreamed(60));
   g.Kill(2);
@@ -214,7 +225,6 @@ TEST_P(ElasticGroupTest, AKilledRankCostsAPauseNotARequest) {
   EXPECT_GT(again, 2);
   EXPECT_TRUE(g.WaitWorld(3));
   ExpectAllMatch(more, want);
-  engine.reset();
 }
 
 INSTANTIATE_TEST_SUITE_P(Comm, ElasticGroupTest, ::testing::Values(false, true),
@@ -227,17 +237,16 @@ TEST(ElasticGroupSamplingTest, TwoRanksKilledAtOnceAndSeededSamplingStillMatches
   const auto want = OneRank(dir, prompts, 0.8f);
   RankGroup::Options o;
   o.world = 4;
-  RankGroup g(dir, o);
-  DistributedStepExecutor* exec = g.executor();
-  auto engine = std::make_unique<Engine>(g.TakeExecutor(), nullptr, Options());
-  engine->Start();
+  Served served(dir, o);
+  RankGroup& g = served.group;
+  DistributedStepExecutor* exec = served.exec;
+  Engine* engine = served.engine.get();
   Streams s = Submit(*engine, prompts, 0.8f);
   ASSERT_TRUE(s.WaitStreamed(50));
   g.Kill(1);
   g.Kill(3);
   ExpectAllMatch(s, want);
   EXPECT_EQ(exec->stats().world_size, 2);
-  engine.reset();
 }
 
 TEST(ElasticGroupDrainTest, ADrainPastItsTimeOutMovesTheSequencesElsewhere) {
@@ -248,10 +257,10 @@ TEST(ElasticGroupDrainTest, ADrainPastItsTimeOutMovesTheSequencesElsewhere) {
   RankGroup::Options o;
   o.world = 3;
   o.drain_timeout = milliseconds(1);
-  RankGroup g(dir, o);
-  DistributedStepExecutor* exec = g.executor();
-  auto engine = std::make_unique<Engine>(g.TakeExecutor(), nullptr, Options());
-  engine->Start();
+  Served served(dir, o);
+  RankGroup& g = served.group;
+  DistributedStepExecutor* exec = served.exec;
+  Engine* engine = served.engine.get();
   Streams s = Submit(*engine, prompts, 0);
   ASSERT_TRUE(s.WaitStreamed(60));
   ASSERT_TRUE(g.Drain(1).ok());
@@ -260,15 +269,14 @@ TEST(ElasticGroupDrainTest, ADrainPastItsTimeOutMovesTheSequencesElsewhere) {
   ExpectAllMatch(s, want);
   EXPECT_EQ(exec->stats().failures, 0);
   EXPECT_GT(engine->stats().preemptions, 0);  // its sequences moved
-  engine.reset();
 }
 
 TEST(ElasticGroupIdleTest, JoinsAndDrainsOfAnIdleGroupNeedNoStep) {
   sy::testing::Watchdog dog(seconds(120));
   const std::string dir = Tiny();
-  RankGroup g(dir, {});
-  auto engine = std::make_unique<Engine>(g.TakeExecutor(), nullptr, Options());
-  engine->Start();
+  Served served(dir, {});
+  RankGroup& g = served.group;
+  Engine* engine = served.engine.get();
   const int32_t a = g.Join();
   ASSERT_TRUE(g.WaitWorld(2));
   const int32_t b = g.Join();
@@ -284,7 +292,6 @@ TEST(ElasticGroupIdleTest, JoinsAndDrainsOfAnIdleGroupNeedNoStep) {
   EXPECT_EQ(engine->stats().kv_blocks_total, 2 * 64);
   EXPECT_EQ(g.membership().Snapshot().epoch, 4);
   (void)b;
-  engine.reset();
 }
 
 }  // namespace

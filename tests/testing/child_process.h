@@ -26,12 +26,15 @@ inline std::string ReadFile(const std::string& path) {
 }
 
 // A child process running the built `switchyard` binary; stdout and stderr go to files.
-// Killed (SIGKILL) and reaped when destroyed.
+// Killed (SIGKILL) and reaped when destroyed. Used by the process tests and bench/elastic_bench.
 class ChildProcess {
  public:
   ChildProcess(const std::string& dir, const std::string& name, std::vector<std::string> args)
       : out_(dir + "/" + name + ".out"), err_(dir + "/" + name + ".err") {
     args.insert(args.begin(), SY_BINARY_DIR "/server/switchyard");
+    // Files of an earlier child of the same name must not be read as this one's.
+    unlink(out_.c_str());
+    unlink(err_.c_str());
     pid_ = fork();
     if (pid_ == 0) {
       const int o = open(out_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
