@@ -131,6 +131,7 @@ void DistributedStepExecutor::Install(RankEpoch next) {
     retired_.push_back({std::move(cur_), Clock::now()});
   cur_ = std::move(next);
   last_plan_ = Clock::now();
+  PublishUsage();
 }
 
 void DistributedStepExecutor::Pump() {
@@ -708,9 +709,6 @@ void DistributedStepExecutor::ReportPools(std::span<const PoolUsage> usage) {
     usage_.clear();
     for (const PoolUsage& u : usage) usage_[u.pool] = u;
   }
-  std::shared_ptr<const parallel::ExpertPlacement> placement;
-  parallel::EpochView view;
-  std::map<int32_t, double> rates;
   {
     std::lock_guard<std::mutex> lock(stats_mu_);
     stats_.rank_kv_blocks.clear();
@@ -721,18 +719,35 @@ void DistributedStepExecutor::ReportPools(std::span<const PoolUsage> usage) {
       rate_tokens_ = stats_.rank_tokens;
       rate_since_ = Clock::now();
     }
+  }
+  PublishUsage();
+}
+
+void DistributedStepExecutor::PublishUsage() {
+  std::map<int32_t, PoolUsage> usage;
+  {
+    std::lock_guard<std::mutex> lock(events_mu_);
+    usage = usage_;
+  }
+  std::shared_ptr<const parallel::ExpertPlacement> placement;
+  parallel::EpochView view;
+  std::map<int32_t, double> rates;
+  {
+    std::lock_guard<std::mutex> lock(stats_mu_);
     rates = rate_;
     placement = placement_;
     view = view_;
   }
-  for (const PoolUsage& u : usage) {
+  // Every member of the epoch in force: its pool as the engine last reported it, its slots.
+  for (int r = 0; r < view.world_size(); ++r) {
+    const int32_t id = view.members[r];
     int64_t slots = 0;
-    const int r = view.comm_rank_of(u.pool);
-    if (r >= 0 && placement != nullptr)
+    if (placement != nullptr)
       for (int l = 0; l < placement->num_layers(); ++l)
         for (int s = r * placement->slots_per_rank(); s < (r + 1) * placement->slots_per_rank(); ++s)
           slots += placement->expert_of(l, s) >= 0;
-    membership_->SetUsage(u.pool, u.num_seqs, u.used_blocks, slots, rates[u.pool]);
+    const PoolUsage u = usage.count(id) ? usage.at(id) : PoolUsage{};
+    membership_->SetUsage(id, u.num_seqs, u.used_blocks, slots, rates[id]);
   }
 }
 

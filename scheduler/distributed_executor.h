@@ -192,6 +192,8 @@ class DistributedStepExecutor : public StepExecutor {
   void QueueEvent(PoolEvent event);
   void Fail(const absl::Status& status);
   void PublishStats();
+  // Each member's pool, slots and token rate into the Membership (GetMembership).
+  void PublishUsage();
   absl::StatusOr<parallel::ExpertPlacement> PlanFor(const parallel::ExpertPlacement& current,
                                                    const std::vector<int>& old_rank_of_new,
                                                    bool urgent) const;
