@@ -1,5 +1,7 @@
 #include "scheduler/rank_runner.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "kernels/core/logging.h"
 #include "kernels/core/status.h"
@@ -10,6 +12,18 @@ namespace {
 
 // Largest plan accepted by a rank (words); guards against a desynchronised size broadcast.
 constexpr int64_t kMaxPlanWords = int64_t{1} << 28;
+
+void AddDispatch(parallel::EpDispatchStats* sum, const parallel::EpDispatchStats& d) {
+  sum->calls += d.calls;
+  sum->tokens += d.tokens;
+  sum->rows_sent += d.rows_sent;
+  sum->pairs_computed += d.pairs_computed;
+  sum->dispatch_bytes += d.dispatch_bytes;
+  sum->combine_bytes += d.combine_bytes;
+  sum->counts_seconds += d.counts_seconds;
+  sum->dispatch_seconds += d.dispatch_seconds;
+  sum->combine_seconds += d.combine_seconds;
+}
 
 }  // namespace
 
@@ -57,6 +71,14 @@ void RankRunner::SetEpoch(RankEpoch next) {
     comm_ = next.comm.get();
     epoch_ = next.view.epoch;
   }
+  {
+    std::lock_guard<std::mutex> lock(stats_mu_);
+    if (dispatcher_ != nullptr) AddDispatch(&past_, dispatcher_->stats());
+    dispatcher_ = next.dispatcher.get();
+    stats_.epoch = next.view.epoch;
+    stats_.comm_rank = next.comm_rank;
+    stats_.world_size = next.view.world_size();
+  }
   // The old communicator stays open a little: a peer may still be reading the switch's
   // broadcast on it (the model already left its dispatcher: Enter switched it).
   if (cur_.comm != nullptr || cur_.dispatcher != nullptr)
@@ -73,7 +95,22 @@ void RankRunner::Kill() {
   hb_cv_.notify_all();
 }
 
-absl::Status RankRunner::Leave() { return o_.client->Leave(o_.id); }
+absl::Status RankRunner::Leave() {
+  leaving_ = true;
+  return o_.client->Leave(o_.id);
+}
+
+
+RankStats RankRunner::stats() const {
+  std::lock_guard<std::mutex> lock(stats_mu_);
+  RankStats s = stats_;
+  s.exit = exit_.load();
+  s.leaving = leaving_.load();
+  s.kv_blocks = o_.num_blocks;
+  s.dispatch = past_;
+  if (dispatcher_ != nullptr) AddDispatch(&s.dispatch, dispatcher_->stats());
+  return s;
+}
 
 void RankRunner::Heartbeats() {
   auto last_ok = std::chrono::steady_clock::now();
@@ -183,6 +220,7 @@ absl::Status RankRunner::Serve() {
   std::vector<int32_t> words;
   std::vector<model::SequenceInput> inputs;
   std::vector<float> logits;
+  std::vector<int32_t> blocks;
   for (;;) {
     if (stop_.load()) return absl::CancelledError("rank stopped");
     while (!retired_.empty() &&
@@ -222,8 +260,22 @@ absl::Status RankRunner::Serve() {
         break;
     }
     inputs.clear();
+    int64_t tokens = 0;
+    blocks.clear();
     for (const PlannedSequence& s : plan.seqs)
-      if (s.home_rank == me) inputs.push_back(s.input);
+      if (s.home_rank == me) {
+        inputs.push_back(s.input);
+        tokens += static_cast<int64_t>(s.input.tokens.size());
+        blocks.insert(blocks.end(), s.input.block_table.begin(), s.input.block_table.end());
+      }
+    {
+      std::sort(blocks.begin(), blocks.end());
+      const int64_t used = std::unique(blocks.begin(), blocks.end()) - blocks.begin();
+      std::lock_guard<std::mutex> lock(stats_mu_);
+      ++stats_.steps;
+      stats_.tokens += tokens;
+      stats_.kv_blocks_used = used;
+    }
     SY_RETURN_IF_ERROR(sy::Annotate(o_.model->Forward(inputs, cache_, &logits),
                                     absl::StrCat("rank ", o_.id, " step")));
     const std::vector<int64_t> rows = LogitRowsPerRank(plan.seqs, world);

@@ -71,6 +71,20 @@ enum class RankExit {
 };
 const char* RankExitName(RankExit e);
 
+// What a rank has done, for its own /metrics (server/worker.h). Cumulative over epochs.
+struct RankStats {
+  int64_t epoch = 0;        // membership epoch it serves in (0: none yet)
+  int comm_rank = -1;
+  int world_size = 0;
+  bool leaving = false;     // it asked to be drained out
+  RankExit exit = RankExit::kRunning;
+  int64_t steps = 0;        // step plans run
+  int64_t tokens = 0;       // tokens of its home sequences
+  int64_t kv_blocks = 0;    // its KV pool
+  int64_t kv_blocks_used = 0;  // blocks its sequences of the latest step hold
+  parallel::EpDispatchStats dispatch;  // bytes and seconds summed over its epochs
+};
+
 class RankRunner {
  public:
   explicit RankRunner(RankRunnerOptions options);
@@ -81,6 +95,8 @@ class RankRunner {
   // epoch that never forms is then kNeverFormed, not a failure to recover from).
   absl::Status Run(const parallel::EpochView& first, bool joining);
   RankExit exit() const { return exit_.load(); }
+  // Any thread.
+  RankStats stats() const;
 
   // Asks the leader to drain this rank out (the worker's SIGTERM); Run returns OK once the
   // leader let it go.
@@ -112,6 +128,11 @@ class RankRunner {
   parallel::Communicator* comm_ ABSL_GUARDED_BY(comm_mu_) = nullptr;
   std::atomic<int64_t> epoch_{0};
   std::atomic<RankExit> exit_{RankExit::kRunning};
+  std::atomic<bool> leaving_{false};
+  mutable std::mutex stats_mu_;
+  RankStats stats_ ABSL_GUARDED_BY(stats_mu_);
+  parallel::EpDispatchStats past_ ABSL_GUARDED_BY(stats_mu_);  // epochs gone by
+  const parallel::ExpertParallelDispatcher* dispatcher_ ABSL_GUARDED_BY(stats_mu_) = nullptr;
   std::atomic<bool> stop_{false};
   std::atomic<bool> fenced_{false};
   std::atomic<bool> leader_gone_{false};

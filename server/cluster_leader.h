@@ -51,7 +51,9 @@ struct ClusterOptions {
   int local_ranks = 1;          // ranks as threads of this process (a fixed group)
   std::string cluster_host = "0.0.0.0";  // where the Cluster service listens
   int cluster_port = 50052;     // 0: the OS picks (see ClusterLeader::cluster_port())
-  std::string rank_host = "127.0.0.1";   // address rank 0's communicator announces
+  // Address rank 0's communicator listens on and announces; "": --host when that is one
+  // address, else the address of this machine's host name.
+  std::string rank_host;
   std::string secret;           // joins need it; set (flag or env): the group is elastic
   int64_t collective_timeout_ms = 30000;
   int64_t heartbeat_interval_ms = 200;

@@ -112,7 +112,9 @@ int ServeCommand(int argc, char** argv) {
   flags.Add("max-ranks", &o.cluster.max_ranks, "most ranks in the group; 0: unlimited");
   flags.Add("local-ranks", &o.cluster.local_ranks,
             "a fixed group of ranks as threads of this process (tests, one host)");
-  flags.Add("rank-host", &o.cluster.rank_host, "address this rank announces to the other ranks");
+  flags.Add("rank-host", &o.cluster.rank_host,
+            "address this rank announces to the other ranks; empty: --host when it is one "
+            "address, else the address of this machine's host name");
   flags.Add("collective-timeout-ms", &o.cluster.collective_timeout_ms,
             "a rank that does not answer a collective within this fails its epoch (the group "
             "re-forms without it)");

@@ -31,13 +31,19 @@ int WorkerCommand(int argc, char** argv) {
   flags.Add("join", &o.join, "the leader's Cluster service (serve --cluster-port), HOST:PORT");
   flags.Add("secret", &o.secret, "the cluster secret (serve --secret; or env SWITCHYARD_CLUSTER_SECRET)");
   flags.Add("model", &o.model, "checkpoint folder; empty or 'demo': the built-in demo model");
-  flags.Add("host", &o.host, "address this rank listens on for the other ranks (announced)");
+  flags.Add("host", &o.host,
+            "address this rank listens on for the other ranks (announced); empty: the address "
+            "of the interface that routes to the leader");
   flags.Add("backend", &o.backend, "compute backend (auto, reference, cpu, cuda)");
   flags.Add("threads", &o.threads, "compute threads; 0: SWITCHYARD_THREADS or every core");
   flags.Add("kv-cache-bytes", &o.kv_cache_bytes,
             "bytes of this rank's KV cache (the sequences homed here); it adds to the group's");
   flags.Add("join-timeout", &o.join_timeout_s,
             "seconds to keep retrying a leader that does not answer (also after it went away)");
+  flags.Add("metrics-port", &o.metrics_port,
+            "this rank's Prometheus /metrics port (its tokens, all-to-all seconds, KV use, "
+            "state); -1: none, 0: the OS picks");
+  flags.Add("metrics-host", &o.metrics_host, "address /metrics listens on");
   flags.Add("rejoin", &o.rejoin,
             "join again as a new rank when fenced (declared dead while stopped or cut off)");
   if (int rc = flags.ParseOrExitCode(argc, argv); rc >= 0) return rc;

@@ -15,5 +15,6 @@ int PlanCommand(int argc, char** argv);       // expert placement planners (para
 int WorkerCommand(int argc, char** argv);     // join a leader as one more rank (server/worker.h)
 int StatsCommand(int argc, char** argv);      // Admin client: expert load, placement (cmd_stats.cc)
 int StatusCommand(int argc, char** argv);     // Admin client: the rank group (cmd_status.cc)
+int HealthCommand(int argc, char** argv);     // grpc.health.v1 Check; exit 0 when SERVING
 
 }  // namespace sy::server

@@ -14,6 +14,7 @@
 #include "kernels/core/thread_pool.h"
 #include "model/synthetic.h"
 #include "scheduler/step_executor.h"
+#include "server/net_address.h"
 
 namespace sy::server {
 namespace v1 = ::switchyard::v1;
@@ -44,6 +45,10 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const ServeOptions& option
   if (d->options_.cluster.secret.empty())
     if (const char* env = std::getenv("SWITCHYARD_CLUSTER_SECRET")) d->options_.cluster.secret = env;
   d->options_.cluster.drain_timeout_s = options.drain_timeout_s;
+  if (d->options_.cluster.rank_host.empty())  // peers elsewhere must be able to reach rank 0
+    d->options_.cluster.rank_host =
+        options.host != "0.0.0.0" && options.host != "::" && !options.host.empty() ? options.host
+                                                                                   : HostAddress();
   InferenceServiceOptions so;
   so.default_max_new_tokens = options.default_max_new_tokens;
   d->service_ = std::make_unique<InferenceService>(so, d->metrics_.get());

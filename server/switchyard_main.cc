@@ -21,6 +21,7 @@ const Command kCommands[] = {
     {"loadgen", sy::server::LoadgenCommand, "load a running server; report throughput and latency"},
     {"plan", sy::server::PlanCommand, "plan expert placement from a routing trace and score it"},
     {"worker", sy::server::WorkerCommand, "join a serving leader (serve --secret) as one more rank"},
+    {"health", sy::server::HealthCommand, "exit 0 when a running serve is SERVING (grpc.health.v1)"},
     {"status", sy::server::StatusCommand, "the rank group of a running serve: epoch, ranks, states (Admin)"},
     {"stats", sy::server::StatsCommand, "expert-load statistics and live placement of a running serve (Admin)"},
 };

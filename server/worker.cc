@@ -25,6 +25,8 @@
 #include "server/cluster_service.h"
 #include "server/daemon.h"
 #include "server/grpc_status.h"
+#include "server/net_address.h"
+#include "server/worker_metrics.h"
 #include "switchyard/v1/cluster.grpc.pb.h"
 
 namespace sy::server {
@@ -116,6 +118,7 @@ absl::Status RunWorker(const WorkerOptions& options,
   if (o.join.empty()) return absl::InvalidArgumentError("--join: the leader's HOST:PORT is required");
   if (o.secret.empty()) return absl::InvalidArgumentError("--secret: the cluster secret is required");
   if (o.threads > 0) ThreadPool::SetDefaultThreads(o.threads);
+  const bool auto_host = o.host.empty();
   SY_ASSIGN_OR_RETURN(const std::string dir, ResolveModelDir(o.model, progress));
   SY_ASSIGN_OR_RETURN(const model::ModelConfig config,
                       model::ModelConfig::FromFile((std::filesystem::path(dir) / "config.json").string()));
@@ -129,6 +132,12 @@ absl::Status RunWorker(const WorkerOptions& options,
   say(absl::StrCat("loaded the shared weights in ",
                    std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count(),
                    " s"));
+
+  std::unique_ptr<WorkerMetrics> metrics;
+  if (o.metrics_port >= 0) {
+    SY_ASSIGN_OR_RETURN(metrics, WorkerMetrics::Start(o.metrics_host, o.metrics_port));
+    say(absl::StrCat("metrics on http://", o.metrics_host, ":", metrics->port(), "/metrics"));
+  }
 
   std::shared_ptr<grpc::Channel> channel =
       grpc::CreateChannel(o.join, grpc::InsecureChannelCredentials());
@@ -157,6 +166,18 @@ absl::Status RunWorker(const WorkerOptions& options,
     v1::JoinReply reply;
     for (;;) {
       if (leaving()) return absl::OkStatus();
+      if (auto_host) {  // the interface that routes to the leader (whose name may not resolve yet)
+        absl::StatusOr<std::string> local = LocalAddressTowards(HostOf(o.join));
+        if (!local.ok()) {
+          if (std::chrono::steady_clock::now() >= give_up)
+            return sy::Annotate(absl::UnavailableError(local.status().message()),
+                                absl::StrCat("joining ", o.join));
+          std::this_thread::sleep_for(milliseconds(200));
+          continue;
+        }
+        o.host = *local;
+        req.set_host(o.host);
+      }
       grpc::ClientContext ctx;
       ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
       grpc::Status s = stub->Join(&ctx, req, &reply);
@@ -187,6 +208,13 @@ absl::Status RunWorker(const WorkerOptions& options,
     ro.heartbeat_interval = milliseconds(std::max<int64_t>(1, reply.heartbeat_interval_ms()));
     ro.restart_timeout = std::max(milliseconds(reply.collective_timeout_ms()), milliseconds(5000));
     scheduler::RankRunner runner(ro);
+    if (metrics != nullptr) metrics->SetRunner(&runner, id);
+    struct Unset {
+      WorkerMetrics* m;
+      ~Unset() {
+        if (m != nullptr) m->SetRunner(nullptr, -1);
+      }
+    } unset{metrics.get()};
 
     // SIGTERM: ask the leader to drain this rank out; Run returns when it let the rank go.
     std::atomic<bool> done{false};

@@ -27,11 +27,15 @@ struct WorkerOptions {
   std::string join;                // leader's Cluster service, HOST:PORT
   std::string secret;
   std::string model = "demo";      // checkpoint folder ("" or "demo": the built-in demo model)
-  std::string host = "127.0.0.1";  // address this rank's communicator listens on / announces
+  // Address this rank's communicator listens on and announces; "": the address of the
+  // interface that routes to the leader.
+  std::string host;
   std::string backend = "auto";
   int threads = 0;                 // compute threads; 0 = SWITCHYARD_THREADS or all cores
   int64_t kv_cache_bytes = 512ll << 20;  // this rank's KV pool
   double join_timeout_s = 60;      // how long to retry a leader that does not answer
+  std::string metrics_host = "0.0.0.0";
+  int metrics_port = -1;           // this rank's /metrics (server/worker_metrics.h); -1: none
   bool rejoin = true;              // join again as a new rank when fenced
 };
 
