@@ -72,7 +72,8 @@ if ! "$DOCKER" info >/dev/null 2>&1; then
   "$DOCKER" info >/dev/null 2>&1 || fail "the Docker engine did not start: $(tail -5 "$WORK/dockerd.log")"
 fi
 if ! "$DOCKER" image inspect debian:bookworm-slim >/dev/null 2>&1; then
-  MIRROR=$(grep -h -o -m1 'http[s]*://[^ ]*debian' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null | head -1)
+  MIRROR=$( (grep -h -E '^(URIs:|deb )' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list \
+              2>/dev/null || true) | grep -o -E 'https?://[^ ]+' | head -1 || true)
   MIRROR=${MIRROR:-http://deb.debian.org/debian}
   log "making debian:bookworm-slim with debootstrap from $MIRROR"
   $SUDO debootstrap --variant=minbase bookworm "$WORK/rootfs" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 \
@@ -120,7 +121,7 @@ done
 log "greedy tokens match the host's one-process run"
 
 # ---- scale up under load --------------------------------------------------------------------
-REQUESTS=${SWITCHYARD_TEST_REQUESTS:-2000}  # long enough to outlast the scale-up
+REQUESTS=${SWITCHYARD_TEST_REQUESTS:-1000}  # long enough to outlast the scale-up
 "$HOST_BIN" loadgen --addr "$ADDR" --concurrency 16 --requests "$REQUESTS" --prompt-len 16 \
   --max-new-tokens 24 >"$WORK/loadgen.log" 2>&1 &
 LOADGEN_PID=$!
