@@ -130,16 +130,13 @@ ServerMetrics::ServerMetrics()
 ServerMetrics::~ServerMetrics() { exposer_.reset(); }
 
 absl::Status ServerMetrics::StartExposer(const std::string& host, int port) {
-  try {
-    exposer_ = std::make_unique<prometheus::Exposer>(absl::StrCat(host, ":", port), 1);
-  } catch (const std::exception& e) {
-    return absl::UnavailableError(
-        absl::StrCat("metrics: cannot listen on ", host, ":", port, ": ", e.what()));
-  }
-  exposer_->RegisterCollectable(registry_);
-  exposer_->RegisterCollectable(gauges_);
-  const std::vector<int> ports = exposer_->GetListeningPorts();
-  port_ = ports.empty() ? port : ports[0];
+  MetricsHttpOptions o;
+  o.host = host;
+  o.port = port;
+  auto server = MetricsHttpServer::Start(o, {registry_, gauges_});
+  if (!server.ok()) return server.status();
+  exposer_ = std::move(*server);
+  port_ = exposer_->port();
   return absl::OkStatus();
 }
 

@@ -1,5 +1,5 @@
 // ServerMetrics: the request and step metrics of DESIGN.md §7 in Prometheus text format,
-// served at http://HOST:PORT/metrics by prometheus-cpp's Exposer.
+// served at http://HOST:PORT/metrics by MetricsHttpServer (server/metrics_http.h).
 //
 // The engine reports through the EngineObserver interface (engine thread); gRPC threads
 // count failed calls; gauges (running, waiting, KV usage) are read from Engine::stats() at
@@ -20,12 +20,12 @@
 
 #include "absl/status/status.h"
 #include "prometheus/counter.h"
-#include "prometheus/exposer.h"
 #include "prometheus/family.h"
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
 #include "scheduler/engine.h"
+#include "server/metrics_http.h"
 
 namespace sy::server {
 
@@ -59,7 +59,7 @@ class ServerMetrics : public scheduler::EngineObserver {
   class EngineGauges;
   std::shared_ptr<prometheus::Registry> registry_;
   std::shared_ptr<EngineGauges> gauges_;
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  std::unique_ptr<MetricsHttpServer> exposer_;
   int port_ = -1;  // -1 until StartExposer
   std::atomic<const scheduler::Engine*> engine_{nullptr};
 

@@ -1,11 +1,11 @@
 #include "server/worker_metrics.h"
 
-#include <exception>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "prometheus/collectable.h"
 #include "prometheus/metric_family.h"
+#include "kernels/core/status.h"
 
 namespace sy::server {
 namespace {
@@ -111,15 +111,13 @@ class WorkerMetrics::Collector : public prometheus::Collectable {
 absl::StatusOr<std::unique_ptr<WorkerMetrics>> WorkerMetrics::Start(const std::string& host, int port) {
   std::unique_ptr<WorkerMetrics> m(new WorkerMetrics());
   m->collector_ = std::make_shared<Collector>();
-  try {
-    m->exposer_ = std::make_unique<prometheus::Exposer>(absl::StrCat(host, ":", port), 2);
-  } catch (const std::exception& e) {
-    return absl::UnavailableError(
-        absl::StrCat("--metrics-port: cannot listen on ", host, ":", port, ": ", e.what()));
-  }
-  m->exposer_->RegisterCollectable(m->collector_);
-  const std::vector<int> ports = m->exposer_->GetListeningPorts();
-  m->port_ = ports.empty() ? port : ports[0];
+  MetricsHttpOptions o;
+  o.host = host;
+  o.port = port;
+  auto server = MetricsHttpServer::Start(o, {m->collector_});
+  if (!server.ok()) return sy::Annotate(server.status(), "--metrics-port");
+  m->exposer_ = std::move(*server);
+  m->port_ = m->exposer_->port();
   return m;
 }
 

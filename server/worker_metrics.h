@@ -14,7 +14,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "prometheus/exposer.h"
+#include "server/metrics_http.h"
 #include "scheduler/rank_runner.h"
 
 namespace sy::server {
@@ -33,7 +33,7 @@ class WorkerMetrics {
   class Collector;
   WorkerMetrics() = default;
   std::shared_ptr<Collector> collector_;
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  std::unique_ptr<MetricsHttpServer> exposer_;
   int port_ = -1;
 };
 

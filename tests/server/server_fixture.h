@@ -93,7 +93,7 @@ inline ServeOptions TestServeOptions(const std::string& model_dir) {
   o.model = model_dir;
   o.host = "127.0.0.1";
   o.port = 0;
-  o.metrics_port = -1;  // the exposer (civetweb) takes ~2 s to stop; tests that scrape set 0
+  o.metrics_port = -1;  // tests that scrape set 0
   o.kv_cache_bytes = 4 << 20;
   o.max_num_seqs = 32;
   o.max_num_batched_tokens = 256;
