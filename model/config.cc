@@ -1,6 +1,7 @@
 #include "model/config.h"
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <sstream>
 
@@ -203,6 +204,33 @@ absl::StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& text, const
     return absl::InvalidArgumentError(absl::StrCat(path, ": num_attention_heads (", c.num_heads,
                                                    ") must be a multiple of num_key_value_heads (",
                                                    c.num_kv_heads, ")"));
+  // Upper bounds before anything is allocated from these numbers (a layer count of a
+  // billion once aborted the process): far above any released model, far below harm.
+  auto at_most = [&](int64_t v, int64_t max, const char* name) -> absl::Status {
+    if (v > max)
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": ", name, " is ", v, ", more than this server takes (", max, ")"));
+    return absl::OkStatus();
+  };
+  SY_RETURN_IF_ERROR(at_most(c.vocab_size, int64_t{1} << 22, "vocab_size"));
+  SY_RETURN_IF_ERROR(at_most(c.hidden_size, int64_t{1} << 16, "hidden_size"));
+  SY_RETURN_IF_ERROR(at_most(c.num_layers, 1024, "num_hidden_layers"));
+  SY_RETURN_IF_ERROR(at_most(c.num_heads, 1024, "num_attention_heads"));
+  SY_RETURN_IF_ERROR(at_most(c.head_dim, 4096, "head_dim"));
+  SY_RETURN_IF_ERROR(at_most(c.num_experts, 4096, "num_experts"));
+  SY_RETURN_IF_ERROR(at_most(c.num_experts_per_tok, 64, "num_experts_per_tok"));
+  SY_RETURN_IF_ERROR(at_most(c.moe_intermediate_size, int64_t{1} << 18, "moe_intermediate_size"));
+  SY_RETURN_IF_ERROR(at_most(c.intermediate_size, int64_t{1} << 18, "intermediate_size"));
+  SY_RETURN_IF_ERROR(at_most(c.shared_expert_intermediate_size, int64_t{1} << 18,
+                             "shared_expert_intermediate_size"));
+  SY_RETURN_IF_ERROR(at_most(c.max_position_embeddings, int64_t{1} << 24, "max_position_embeddings"));
+  // Values that would make every logit NaN.
+  if (!std::isfinite(c.rms_norm_eps) || c.rms_norm_eps <= 0 || c.rms_norm_eps >= 1)
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": rms_norm_eps must be in (0, 1), got ", c.rms_norm_eps));
+  if (!std::isfinite(c.rope_theta) || c.rope_theta <= 0)
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": rope_theta must be a positive number, got ", c.rope_theta));
   if (c.num_experts_per_tok > c.num_experts)
     return absl::InvalidArgumentError(absl::StrCat(path, ": num_experts_per_tok (", c.num_experts_per_tok,
                                                    ") exceeds the number of experts (", c.num_experts, ")"));

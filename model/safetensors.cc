@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -108,6 +109,20 @@ absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(const uint8_t* data, si
                                                     " is past the end of the file (data region is ",
                                                     data_size, " bytes)")));
     h.tensors.emplace(name, std::move(info));
+  }
+  // Two tensors may not share bytes: writing one would change the other, and a crafted file
+  // could alias a small tensor's view into a large one's.
+  std::vector<std::pair<uint64_t, const std::string*>> starts;
+  for (const auto& [name, info] : h.tensors)
+    if (info.end > info.begin) starts.emplace_back(info.begin, &name);
+  std::sort(starts.begin(), starts.end());
+  for (size_t i = 1; i < starts.size(); ++i) {
+    const TensorInfo& prev = h.tensors.at(*starts[i - 1].second);
+    if (starts[i].first < prev.end)
+      return absl::DataLossError(absl::StrCat(path, ": tensors ", *starts[i - 1].second, " and ",
+                                              *starts[i].second, " overlap (data_offsets [",
+                                              prev.begin, ", ", prev.end, ") and [",
+                                              starts[i].first, ", ...))"));
   }
   return h;
 }

@@ -1,5 +1,6 @@
 #include "server/inference_service.h"
 
+#include <algorithm>
 #include <deque>
 #include <memory>
 
@@ -158,6 +159,18 @@ void InferenceService::SetReady(scheduler::Engine* engine, const model::Tokenize
     std::lock_guard<std::mutex> lock(mu_);
     model_info_ = info;
   }
+  if (tokenizer != nullptr && engine != nullptr) {
+    // Every token covers at least one byte of (normalised) text and at most the longest
+    // token's bytes; normalisation shrinks text by at most 4x (one UTF-8 character to one
+    // byte). A text longer than this cannot fit the context, and is refused before the
+    // tokenizer spends time on it on a gRPC thread.
+    size_t longest = 1;
+    for (int64_t id = 0; id < tokenizer->vocab_size(); ++id) {
+      const int32_t one = static_cast<int32_t>(id);
+      longest = std::max(longest, tokenizer->DecodeBytes({&one, 1}, false, false).size());
+    }
+    max_prompt_bytes_ = 4 * longest * static_cast<size_t>(engine->limits().context_length + 1);
+  }
   tokenizer_.store(tokenizer);
   engine_.store(engine);
 }
@@ -170,6 +183,10 @@ absl::Status InferenceService::ToRequest(const v1::GenerateRequest& in,
   switch (in.input_case()) {
     case v1::GenerateRequest::kText: {
       if (in.text().empty()) return absl::InvalidArgumentError("text: empty prompt");
+      if (in.text().size() > max_prompt_bytes_.load())
+        return absl::InvalidArgumentError(absl::StrCat(
+            "text: ", in.text().size(), " bytes cannot fit the context of ",
+            engine->limits().context_length, " tokens"));
       const model::Tokenizer* tok = tokenizer_.load();
       if (tok == nullptr)
         return absl::InvalidArgumentError(

@@ -70,6 +70,8 @@ class InferenceService final : public switchyard::v1::Inference::CallbackService
   ServerMetrics* metrics_;
   std::atomic<scheduler::Engine*> engine_{nullptr};
   std::atomic<const model::Tokenizer*> tokenizer_{nullptr};
+  // Longest text (bytes) that could fit the context; longer ones are refused untokenized.
+  std::atomic<size_t> max_prompt_bytes_{SIZE_MAX};
   std::atomic<bool> draining_{false};
   // Shared with the streams, which may outlive the service by a moment.
   std::shared_ptr<std::atomic<int64_t>> active_streams_ = std::make_shared<std::atomic<int64_t>>(0);

@@ -154,6 +154,17 @@ TEST(CheckpointErrorsTest, MismatchedOffsetsAndShapeAreRejected) {
   EXPECT_NE(h.status().message().find("do not hold 12 bytes"), absl::string_view::npos) << h.status();
 }
 
+TEST(CheckpointErrorsTest, OverlappingTensorsAreRejected) {
+  std::string header = R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},)"
+                       R"("b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})";
+  std::string file(8, '\0');
+  for (int i = 0; i < 8; ++i) file[i] = static_cast<char>(static_cast<uint64_t>(header.size()) >> (8 * i));
+  file += header + std::string(16, '\0');
+  auto h = ParseSafetensorsHeader(reinterpret_cast<const uint8_t*>(file.data()), file.size(), "o.safetensors");
+  EXPECT_EQ(h.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(h.status().message().find("tensors a and b overlap"), absl::string_view::npos) << h.status();
+}
+
 TEST(CheckpointErrorsTest, ParserSurvivesMutatedHeaders) {
   // Deterministic mutation fuzzing: byte flips, truncations and insertions of a valid file.
   std::string dir = sy::testing::SyntheticModelDir(Arch::kMixtral, "tiny", DType::kF32);
@@ -227,6 +238,31 @@ TEST(ConfigTest, RejectsInconsistentSizes) {
   EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
   auto bad = ModelConfig::FromJson("{not json", "cfg.json");
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(ConfigTest, OutOfRangeValuesAreRefusedNamingTheFileAndKeyBeforeAnyAllocation) {
+  struct Case {
+    const char* json;
+    const char* key;
+  };
+  const Case cases[] = {
+      {R"({"architectures":["MixtralForCausalLM"],"num_hidden_layers":1000000000})", "num_hidden_layers"},
+      {R"({"architectures":["MixtralForCausalLM"],"num_hidden_layers":4000000})", "num_hidden_layers"},
+      {R"({"architectures":["MixtralForCausalLM"],"vocab_size":2000000000})", "vocab_size"},
+      {R"({"architectures":["MixtralForCausalLM"],"num_local_experts":100000})", "num_experts"},
+      {R"({"architectures":["MixtralForCausalLM"],"max_position_embeddings":1000000000000})",
+       "max_position_embeddings"},
+      {R"({"architectures":["MixtralForCausalLM"],"rope_theta":0})", "rope_theta"},
+      {R"({"architectures":["MixtralForCausalLM"],"rope_theta":-5})", "rope_theta"},
+      {R"({"architectures":["MixtralForCausalLM"],"rms_norm_eps":-1})", "rms_norm_eps"},
+      {R"({"architectures":["MixtralForCausalLM"],"rms_norm_eps":0})", "rms_norm_eps"},
+  };
+  for (const Case& c : cases) {
+    auto r = ModelConfig::FromJson(c.json, "config.json");
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << c.json;
+    EXPECT_NE(r.status().message().find("config.json"), absl::string_view::npos) << r.status();
+    EXPECT_NE(r.status().message().find(c.key), absl::string_view::npos) << r.status();
+  }
 }
 
 }  // namespace

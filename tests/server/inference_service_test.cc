@@ -130,6 +130,22 @@ TEST_F(InferenceServiceTest, TextInputIsTokenizedAndDetokenizedIncrementally) {
   EXPECT_EQ(r.chunk_text, r.completion.text());
 }
 
+TEST_F(InferenceServiceTest, ATextThatCannotFitTheContextIsRefusedBeforeTokenizing) {
+  StartDaemon();
+  v1::GenerateRequest req;
+  req.set_text(std::string(900 * 1000, 'a'));  // under the test daemon's 1 MB message limit
+  req.mutable_sampling()->set_max_new_tokens(4);
+  const auto t0 = std::chrono::steady_clock::now();
+  StreamResult r = RunGenerate(*stub_, req);
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(r.status.error_message().find("cannot fit the context"), std::string::npos)
+      << r.status.error_message();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(1500));
+  // A text that fits still works.
+  req.set_text("The quick brown fox");
+  EXPECT_TRUE(RunGenerate(*stub_, req).status.ok());
+}
+
 TEST_F(InferenceServiceTest, AStopStringCutsTheTextAndFinishesWithStop) {
   StartDaemon();
   // Find a stop string in the unconstrained output, then ask again with it.
