@@ -95,8 +95,8 @@ T_BUILT=$(date +%s)
 log "up: leader, 2 workers, prometheus (subnet $SWITCHYARD_SUBNET, gRPC on $ADDR)"
 "${COMPOSE[@]}" up -d >"$WORK/up.log" 2>&1 || fail "up: $(cat "$WORK/up.log")"
 
-world() {  # ranks in the epoch in force, or -1
-  "$HOST_BIN" status --addr "$ADDR" --json 2>/dev/null |
+world() {  # ranks in the epoch in force, or -1 (Admin answers tokenless calls on the leader's host)
+  "$DOCKER" exec "${PROJECT}_leader_1" switchyard status --json 2>/dev/null |
     python3 -c 'import json,sys; m=json.load(sys.stdin); print(-1 if m.get("reforming") else m.get("worldSize", -1))' 2>/dev/null || echo -1
 }
 wait_world() {  # N TIMEOUT_S

@@ -17,6 +17,13 @@ AdminService::AdminService(const std::string& token) : token_(token) {
 }
 
 grpc::Status AdminService::Admit(grpc::ServerContext* context, LivePlacement** live) const {
+  const std::string peer = context->peer();
+  if (absl::Status s = limiter_.Admit(peer); !s.ok()) return ToGrpcStatus(s);
+  if (token_.empty() && !AuthLimiter::IsLoopback(peer))
+    return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                        "Admin answers other hosts only with a token: serve with --admin-token-file "
+                        "(or --admin-token / SWITCHYARD_ADMIN_TOKEN), or call it from the daemon's "
+                        "host");
   if (!token_.empty()) {
     const auto& md = context->client_metadata();
     auto it = md.find("authorization");
@@ -30,9 +37,11 @@ grpc::Status AdminService::Admit(grpc::ServerContext* context, LivePlacement** l
         diff |= static_cast<unsigned>(want[i]) ^ static_cast<unsigned>(i < got.size() ? got[i] : 0);
       ok = diff == 0;
     }
-    if (!ok)
+    if (!ok) {
+      limiter_.Failed(peer);
       return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
                           "Admin needs metadata 'authorization: Bearer <--admin-token>'");
+    }
   }
   *live = live_.load();
   if (*live == nullptr)

@@ -4,8 +4,10 @@
 // port next to Inference (synchronous handlers: an apply or a rebalance waits for a step
 // boundary and the planner, seconds at most, on a gRPC sync thread).
 //
-// Auth: with a token (--admin-token, or SWITCHYARD_ADMIN_TOKEN when the flag is empty) every
-// call must carry `authorization: Bearer <token>`, else UNAUTHENTICATED. Until SetReady (model
+// Auth: with a token (--admin-token-file, --admin-token, or SWITCHYARD_ADMIN_TOKEN) every call
+// must carry `authorization: Bearer <token>`, else UNAUTHENTICATED; a peer that fails 10 times
+// in 10 s gets RESOURCE_EXHAUSTED for a while. Without a token Admin answers only callers on
+// the daemon's own host (loopback peers); others get PERMISSION_DENIED. Until SetReady (model
 // loading) and after SetReady(nullptr) (draining): UNAVAILABLE.
 //
 // Thread safety: handlers run on gRPC threads concurrently; SetReady from the daemon's thread.
@@ -19,6 +21,7 @@
 #include "grpcpp/server_context.h"
 #include "parallel/membership.h"
 #include "server/live_placement.h"
+#include "server/secrets.h"
 #include "switchyard/v1/admin.grpc.pb.h"
 
 namespace sy::server {
@@ -32,6 +35,7 @@ class AdminService final : public switchyard::v1::Admin::Service {
   // How long DrainRank with wait may block.
   void SetDrainWaitLimit(std::chrono::milliseconds limit) { wait_limit_ = limit; }
   bool has_token() const { return !token_.empty(); }
+  int64_t auth_failures() const { return limiter_.failures(); }
 
   grpc::Status GetExpertLoad(grpc::ServerContext* context,
                              const switchyard::v1::GetExpertLoadRequest* request,
@@ -57,6 +61,7 @@ class AdminService final : public switchyard::v1::Admin::Service {
   grpc::Status Admit(grpc::ServerContext* context, LivePlacement** live) const;
 
   std::string token_;
+  mutable AuthLimiter limiter_;
   std::atomic<LivePlacement*> live_{nullptr};
   std::atomic<parallel::Membership*> membership_{nullptr};
   std::chrono::milliseconds wait_limit_{90000};

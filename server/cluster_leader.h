@@ -49,12 +49,13 @@ struct ClusterOptions {
   int min_ranks = 1;            // elastic: SERVING once this many ranks (the leader included)
   int max_ranks = 0;            // elastic: most ranks; 0 = unlimited
   int local_ranks = 1;          // ranks as threads of this process (a fixed group)
-  std::string cluster_host = "0.0.0.0";  // where the Cluster service listens
+  std::string cluster_host;     // where the Cluster service listens; "": serve's --host
   int cluster_port = 50052;     // 0: the OS picks (see ClusterLeader::cluster_port())
   // Address rank 0's communicator listens on and announces; "": --host when that is one
   // address, else the address of this machine's host name.
   std::string rank_host;
-  std::string secret;           // joins need it; set (flag or env): the group is elastic
+  std::string secret;           // joins need it; set (flag, file or env): the group is elastic
+  std::string secret_file;      // read at start (keeps the secret out of `ps`)
   int64_t collective_timeout_ms = 30000;
   int64_t heartbeat_interval_ms = 200;
   int64_t heartbeat_timeout_ms = 1000;  // a rank silent this long is dead once its epoch broke

@@ -18,6 +18,9 @@ namespace {
 // this server shuts down) frees its handler thread soon: the server's shutdown waits for
 // every handler.
 constexpr milliseconds kSlice(100);
+// What the rendezvous store takes (Gloo keeps a few dozen bytes per rank there).
+constexpr size_t kMaxStoreKey = 256;
+constexpr size_t kMaxStoreValue = 64 << 10;
 
 std::string Describe(const v1::ModelFingerprint& m) {
   return absl::StrCat(m.model_type(), ", ", m.num_layers(), " layers, hidden ", m.hidden_size(),
@@ -58,18 +61,24 @@ parallel::EpochView FromProto(const v1::EpochAssignment& a) {
 ClusterService::ClusterService(ClusterServiceOptions options, parallel::Membership* membership)
     : options_(std::move(options)), membership_(membership) {}
 
-grpc::Status ClusterService::CheckSecret(const std::string& secret) const {
-  if (options_.secret.empty() || !ConstantTimeEquals(secret, options_.secret))
+grpc::Status ClusterService::CheckSecret(grpc::ServerContext* ctx, const std::string& secret) const {
+  const std::string peer = ctx != nullptr ? ctx->peer() : "";
+  if (absl::Status s = limiter_.Admit(peer); !s.ok()) return ToGrpcStatus(s);
+  if (options_.secret.empty() || !ConstantTimeEquals(secret, options_.secret)) {
+    limiter_.Failed(peer);
     return grpc::Status(grpc::StatusCode::PERMISSION_DENIED, "wrong cluster secret");
+  }
   return grpc::Status::OK;
 }
 
 grpc::Status ClusterService::Join(grpc::ServerContext* ctx, const v1::JoinRequest* req,
                                   v1::JoinReply* reply) {
-  if (grpc::Status s = CheckSecret(req->secret()); !s.ok()) {
+  if (grpc::Status s = CheckSecret(ctx, req->secret()); !s.ok()) {
     SY_LOG(WARNING) << "cluster: refused a join from " << req->host() << ": wrong secret";
     return s;
   }
+  if (req->host().size() > 255)
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "host: longer than 255 bytes");
   const v1::ModelFingerprint& m = req->model();
   const v1::ModelFingerprint& want = options_.model;
   if (m.model_type() != want.model_type() || m.num_layers() != want.num_layers() ||
@@ -115,7 +124,7 @@ grpc::Status ClusterService::Join(grpc::ServerContext* ctx, const v1::JoinReques
 grpc::Status ClusterService::AwaitRestart(grpc::ServerContext* ctx,
                                           const v1::AwaitRestartRequest* req,
                                           v1::EpochAssignment* reply) {
-  if (grpc::Status s = CheckSecret(req->secret()); !s.ok()) return s;
+  if (grpc::Status s = CheckSecret(ctx, req->secret()); !s.ok()) return s;
   if (absl::Status s = membership_->CheckInstance(req->rank(), req->instance()); !s.ok())
     return ToGrpcStatus(s);
   const auto deadline = std::chrono::steady_clock::now() +
@@ -133,9 +142,9 @@ grpc::Status ClusterService::AwaitRestart(grpc::ServerContext* ctx,
   }
 }
 
-grpc::Status ClusterService::Heartbeat(grpc::ServerContext*, const v1::HeartbeatRequest* req,
+grpc::Status ClusterService::Heartbeat(grpc::ServerContext* ctx, const v1::HeartbeatRequest* req,
                                        v1::HeartbeatReply* reply) {
-  if (grpc::Status s = CheckSecret(req->secret()); !s.ok()) return s;
+  if (grpc::Status s = CheckSecret(ctx, req->secret()); !s.ok()) return s;
   if (absl::Status s = membership_->CheckInstance(req->rank(), req->instance()); !s.ok())
     return ToGrpcStatus(s);
   absl::StatusOr<parallel::HeartbeatReply> r = membership_->Heartbeat(req->rank());
@@ -146,23 +155,27 @@ grpc::Status ClusterService::Heartbeat(grpc::ServerContext*, const v1::Heartbeat
   return grpc::Status::OK;
 }
 
-grpc::Status ClusterService::Leave(grpc::ServerContext*, const v1::LeaveRequest* req,
+grpc::Status ClusterService::Leave(grpc::ServerContext* ctx, const v1::LeaveRequest* req,
                                    v1::LeaveReply*) {
-  if (grpc::Status s = CheckSecret(req->secret()); !s.ok()) return s;
+  if (grpc::Status s = CheckSecret(ctx, req->secret()); !s.ok()) return s;
   if (absl::Status s = membership_->CheckInstance(req->rank(), req->instance()); !s.ok())
     return ToGrpcStatus(s);
   return ToGrpcStatus(membership_->RequestDrain(req->rank()));
 }
 
-grpc::Status ClusterService::StoreSet(grpc::ServerContext*, const v1::StoreSetRequest* req,
+grpc::Status ClusterService::StoreSet(grpc::ServerContext* ctx, const v1::StoreSetRequest* req,
                                       v1::StoreSetReply*) {
-  if (grpc::Status s = CheckSecret(req->secret()); !s.ok()) return s;
+  if (grpc::Status s = CheckSecret(ctx, req->secret()); !s.ok()) return s;
+  if (req->key().size() > kMaxStoreKey || req->value().size() > kMaxStoreValue)
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        absl::StrCat("rendezvous store: keys up to ", kMaxStoreKey,
+                                     " bytes and values up to ", kMaxStoreValue, " bytes"));
   return ToGrpcStatus(membership_->store()->Set(req->key(), req->value()));
 }
 
 grpc::Status ClusterService::StoreGet(grpc::ServerContext* ctx, const v1::StoreGetRequest* req,
                                       v1::StoreGetReply* reply) {
-  if (grpc::Status s = CheckSecret(req->secret()); !s.ok()) return s;
+  if (grpc::Status s = CheckSecret(ctx, req->secret()); !s.ok()) return s;
   const int64_t ms = std::clamp<int64_t>(req->timeout_ms(), 0, 600000);
   const auto deadline = std::chrono::steady_clock::now() + milliseconds(ms);
   for (;;) {

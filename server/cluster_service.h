@@ -3,7 +3,9 @@
 // through it (the leader places them in the next epoch), heartbeat, check in after a failure
 // (AwaitRestart), ask to leave, and meet through its rendezvous key-value store (the leader's
 // own communicators use Membership::store() directly). Every call must carry the cluster
-// secret (compared in constant time); a wrong one is PERMISSION_DENIED and changes nothing.
+// secret (compared in constant time); a wrong one is PERMISSION_DENIED and changes nothing, and
+// a peer that fails 10 times in 10 s is refused (RESOURCE_EXHAUSTED) for a while. Keys and
+// values of the rendezvous store are capped (256 bytes, 64 KiB).
 //
 // Runs on its own gRPC server (the --cluster-port), started by ClusterLeader.
 // Thread safety: thread-safe (gRPC sync handler threads call in concurrently).
@@ -16,6 +18,7 @@
 #include "absl/status/status.h"
 #include "grpcpp/server.h"
 #include "parallel/membership.h"
+#include "server/secrets.h"
 #include "switchyard/v1/cluster.grpc.pb.h"
 
 namespace sy::server {
@@ -53,11 +56,13 @@ class ClusterService final : public ::switchyard::v1::Cluster::Service {
                         ::switchyard::v1::StoreSetReply* reply) override;
   grpc::Status StoreGet(grpc::ServerContext* ctx, const ::switchyard::v1::StoreGetRequest* req,
                         ::switchyard::v1::StoreGetReply* reply) override;
+  int64_t auth_failures() const { return limiter_.failures(); }
 
  private:
-  grpc::Status CheckSecret(const std::string& secret) const;
+  grpc::Status CheckSecret(grpc::ServerContext* ctx, const std::string& secret) const;
 
   const ClusterServiceOptions options_;
+  mutable AuthLimiter limiter_;
   parallel::Membership* membership_;
 };
 

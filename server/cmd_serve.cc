@@ -86,6 +86,7 @@ int ServeCommand(int argc, char** argv) {
   flags.Add("host", &o.host, "address to listen on (gRPC and metrics)");
   flags.Add("port", &o.port, "gRPC port; 0 lets the OS pick (printed on stdout)");
   flags.Add("metrics-port", &o.metrics_port, "Prometheus /metrics port; 0: OS picks; -1: off");
+  flags.Add("metrics-host", &o.metrics_host, "address /metrics listens on; empty: --host");
   flags.Add("backend", &o.backend, "compute backend (auto, reference, cpu, cuda)");
   flags.Add("threads", &o.threads, "compute threads; 0: SWITCHYARD_THREADS or every core");
   flags.Add("kv-cache-bytes", &o.kv_cache_bytes, "bytes of paged KV cache (sets the block count)");
@@ -105,6 +106,10 @@ int ServeCommand(int argc, char** argv) {
   flags.Add("secret", &o.cluster.secret,
             "cluster secret workers must present (or env SWITCHYARD_CLUSTER_SECRET); with it the "
             "daemon serves an elastic rank group that `switchyard worker --join` joins at any time");
+  flags.Add("secret-file", &o.cluster.secret_file,
+            "read the cluster secret from this file (not visible in ps)");
+  flags.Add("cluster-host", &o.cluster.cluster_host,
+            "address the Cluster service listens on; empty: --host");
   flags.Add("cluster-port", &o.cluster.cluster_port,
             "port of the Cluster service workers join; 0: OS picks (printed)");
   flags.Add("min-ranks", &o.cluster.min_ranks,
@@ -159,7 +164,8 @@ int ServeCommand(int argc, char** argv) {
   Daemon* d = daemon->get();
   std::printf("listening on %s:%d\n", o.host.c_str(), d->port());
   if (d->metrics_port() >= 0)
-    std::printf("metrics on http://%s:%d/metrics\n", o.host.c_str(), d->metrics_port());
+    std::printf("metrics on http://%s:%d/metrics\n",
+                (o.metrics_host.empty() ? o.host : o.metrics_host).c_str(), d->metrics_port());
   std::fflush(stdout);
 
   std::atomic<int> signal_seen{0};

@@ -14,13 +14,14 @@
 #include "grpcpp/grpcpp.h"
 #include "server/commands.h"
 #include "server/flags.h"
+#include "server/secrets.h"
 #include "switchyard/v1/admin.grpc.pb.h"
 
 namespace sy::server {
 namespace v1 = ::switchyard::v1;
 
 int StatsCommand(int argc, char** argv) {
-  std::string addr = "127.0.0.1:50051", out, token, apply, rebalance;
+  std::string addr = "127.0.0.1:50051", out, token, token_file, apply, rebalance;
   bool no_paths = false, show_placement = false, dry_run = false;
   double timeout_s = 120, time_limit = 0;
   FlagSet flags("stats", "Expert-load statistics and placement of a running `switchyard serve`.\n"
@@ -28,6 +29,7 @@ int StatsCommand(int argc, char** argv) {
   flags.Add("addr", &addr, "server address HOST:PORT");
   flags.Add("out", &out, "write the trace JSON here (default: stdout)");
   flags.Add("admin-token", &token, "Admin bearer token (default: SWITCHYARD_ADMIN_TOKEN)");
+  flags.Add("admin-token-file", &token_file, "read the Admin bearer token from this file");
   flags.Add("no-paths", &no_paths, "counts only, no per-token routing paths");
   flags.Add("placement", &show_placement, "print the placement in force (JSON) instead");
   flags.Add("apply", &apply, "apply the placement JSON in this file");
@@ -37,8 +39,14 @@ int StatsCommand(int argc, char** argv) {
   flags.Add("timeout", &timeout_s, "deadline in seconds");
   if (int rc = flags.ParseOrExitCode(argc, argv); rc >= 0) return rc;
   absl::Status s;
-  if (token.empty())
-    if (const char* env = std::getenv("SWITCHYARD_ADMIN_TOKEN")) token = env;
+  {
+    auto t = ReadSecret(token, token_file, "admin-token-file", "SWITCHYARD_ADMIN_TOKEN");
+    if (!t.ok()) {
+      std::fprintf(stderr, "%s\n", std::string(t.status().message()).c_str());
+      return 2;
+    }
+    token = *t;
+  }
   auto stub = v1::Admin::NewStub(grpc::CreateChannel(addr, grpc::InsecureChannelCredentials()));
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() +

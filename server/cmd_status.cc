@@ -12,13 +12,14 @@
 #include "grpcpp/grpcpp.h"
 #include "server/commands.h"
 #include "server/flags.h"
+#include "server/secrets.h"
 #include "switchyard/v1/admin.grpc.pb.h"
 
 namespace sy::server {
 namespace v1 = ::switchyard::v1;
 
 int StatusCommand(int argc, char** argv) {
-  std::string addr = "127.0.0.1:50051", token;
+  std::string addr = "127.0.0.1:50051", token, token_file;
   int drain = -1;
   bool wait = false, json = false;
   double timeout_s = 10;
@@ -26,13 +27,20 @@ int StatusCommand(int argc, char** argv) {
                           "usage: switchyard status --addr HOST:PORT [--drain ID [--wait]]");
   flags.Add("addr", &addr, "server address HOST:PORT");
   flags.Add("admin-token", &token, "Admin bearer token (default: SWITCHYARD_ADMIN_TOKEN)");
+  flags.Add("admin-token-file", &token_file, "read the Admin bearer token from this file");
   flags.Add("drain", &drain, "drain this rank id out of the group first");
   flags.Add("wait", &wait, "--drain: return once the rank has left");
   flags.Add("json", &json, "print the membership as JSON");
   flags.Add("timeout", &timeout_s, "deadline in seconds (per call)");
   if (int rc = flags.ParseOrExitCode(argc, argv); rc >= 0) return rc;
-  if (token.empty())
-    if (const char* env = std::getenv("SWITCHYARD_ADMIN_TOKEN")) token = env;
+  {
+    auto t = ReadSecret(token, token_file, "admin-token-file", "SWITCHYARD_ADMIN_TOKEN");
+    if (!t.ok()) {
+      std::fprintf(stderr, "%s\n", std::string(t.status().message()).c_str());
+      return 2;
+    }
+    token = *t;
+  }
   auto stub = v1::Admin::NewStub(grpc::CreateChannel(addr, grpc::InsecureChannelCredentials()));
   auto context = [&](grpc::ClientContext* ctx) {
     ctx->set_deadline(std::chrono::system_clock::now() +

@@ -30,6 +30,7 @@ int WorkerCommand(int argc, char** argv) {
                 "rank out of the group (its sequences finish or move), then it exits 0.");
   flags.Add("join", &o.join, "the leader's Cluster service (serve --cluster-port), HOST:PORT");
   flags.Add("secret", &o.secret, "the cluster secret (serve --secret; or env SWITCHYARD_CLUSTER_SECRET)");
+  flags.Add("secret-file", &o.secret_file, "read the cluster secret from this file (not in ps)");
   flags.Add("model", &o.model, "checkpoint folder; empty or 'demo': the built-in demo model");
   flags.Add("host", &o.host,
             "address this rank listens on for the other ranks (announced); empty: the address "

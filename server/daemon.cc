@@ -15,6 +15,7 @@
 #include "model/synthetic.h"
 #include "scheduler/step_executor.h"
 #include "server/net_address.h"
+#include "server/secrets.h"
 
 namespace sy::server {
 namespace v1 = ::switchyard::v1;
@@ -41,9 +42,15 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const ServeOptions& option
   std::unique_ptr<Daemon> d(new Daemon(options));
   d->metrics_ = std::make_unique<ServerMetrics>();
   if (options.metrics_port >= 0)
-    SY_RETURN_IF_ERROR(d->metrics_->StartExposer(options.host, options.metrics_port));
-  if (d->options_.cluster.secret.empty())
-    if (const char* env = std::getenv("SWITCHYARD_CLUSTER_SECRET")) d->options_.cluster.secret = env;
+    SY_RETURN_IF_ERROR(d->metrics_->StartExposer(
+        options.metrics_host.empty() ? options.host : options.metrics_host, options.metrics_port));
+  SY_ASSIGN_OR_RETURN(d->options_.cluster.secret,
+                      ReadSecret(options.cluster.secret, options.cluster.secret_file, "secret-file",
+                                 "SWITCHYARD_CLUSTER_SECRET"));
+  SY_ASSIGN_OR_RETURN(const std::string admin_token,
+                      ReadSecret(options.admin.admin_token, options.admin.admin_token_file,
+                                 "admin-token-file", "SWITCHYARD_ADMIN_TOKEN"));
+  if (d->options_.cluster.cluster_host.empty()) d->options_.cluster.cluster_host = options.host;
   d->options_.cluster.drain_timeout_s = options.drain_timeout_s;
   if (d->options_.cluster.rank_host.empty())  // peers elsewhere must be able to reach rank 0
     d->options_.cluster.rank_host =
@@ -59,7 +66,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const ServeOptions& option
   builder.AddListeningPort(absl::StrCat(options.host, ":", options.port),
                            grpc::InsecureServerCredentials(), &d->port_);
   builder.RegisterService(d->service_.get());
-  d->admin_ = std::make_unique<AdminService>(options.admin.admin_token);
+  d->admin_ = std::make_unique<AdminService>(admin_token);
   d->admin_->SetDrainWaitLimit(std::chrono::milliseconds(
       static_cast<int64_t>((options.drain_timeout_s + 60) * 1000)));
   builder.RegisterService(d->admin_.get());

@@ -35,6 +35,7 @@ struct ServeOptions {
   std::string host = "0.0.0.0";
   int port = 50051;                  // 0: the OS picks (see Daemon::port())
   int metrics_port = 9400;           // 0: the OS picks; -1: no /metrics endpoint
+  std::string metrics_host;          // "": --host
   std::string backend = "auto";
   int threads = 0;                   // compute threads; 0 = SWITCHYARD_THREADS or all cores
   int64_t kv_cache_bytes = 512ll << 20;

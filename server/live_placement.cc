@@ -85,7 +85,9 @@ absl::StatusOr<ExpertPlacement> Expand(const ExpertPlacement& planned, const Exp
 void AddAdminFlags(FlagSet& flags, AdminOptions* o) {
   flags.Add("admin-token", &o->admin_token,
             "bearer token the Admin service requires (metadata authorization: Bearer T); "
-            "empty: no token (also SWITCHYARD_ADMIN_TOKEN)");
+            "empty: SWITCHYARD_ADMIN_TOKEN, else no token and Admin answers only this host");
+  flags.Add("admin-token-file", &o->admin_token_file,
+            "read the admin token from this file (not visible in ps)");
   flags.Add("rebalance-every", &o->rebalance_every,
             "check the expert balance every N engine steps and rebalance when it is under "
             "--rebalance-threshold; 0: never");

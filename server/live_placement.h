@@ -47,7 +47,8 @@ namespace sy::server {
 class FlagSet;
 
 struct AdminOptions {
-  std::string admin_token;        // "" = Admin needs no token
+  std::string admin_token;        // "": Admin answers only the daemon's own host
+  std::string admin_token_file;   // read at start (keeps the token out of `ps`)
   int64_t rebalance_every = 0;    // steps between periodic checks; 0 = off
   double rebalance_threshold = 0.9;  // rebalance when expected balancedness falls under it
   std::string rebalance_policy = "greedy";
@@ -56,7 +57,7 @@ struct AdminOptions {
   int switch_layers_per_plan = 4;  // layers whose gained experts one control plan maps
 };
 
-// --admin-token, --rebalance-every, --rebalance-threshold, --rebalance-policy,
+// --admin-token, --admin-token-file, --rebalance-every, --rebalance-threshold, --rebalance-policy,
 // --planner-time-limit, --load-window-steps, --switch-layers-per-plan.
 void AddAdminFlags(FlagSet& flags, AdminOptions* options);
 

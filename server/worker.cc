@@ -26,6 +26,7 @@
 #include "server/daemon.h"
 #include "server/grpc_status.h"
 #include "server/net_address.h"
+#include "server/secrets.h"
 #include "server/worker_metrics.h"
 #include "switchyard/v1/cluster.grpc.pb.h"
 
@@ -109,8 +110,8 @@ absl::Status RunWorker(const WorkerOptions& options,
                        const std::function<void(const std::string&)>& progress,
                        const std::atomic<bool>* leave) {
   WorkerOptions o = options;
-  if (o.secret.empty())
-    if (const char* env = std::getenv("SWITCHYARD_CLUSTER_SECRET")) o.secret = env;
+  SY_ASSIGN_OR_RETURN(o.secret, ReadSecret(o.secret, o.secret_file, "secret-file",
+                                            "SWITCHYARD_CLUSTER_SECRET"));
   auto say = [&](const std::string& s) {
     if (progress) progress(s);
   };

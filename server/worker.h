@@ -26,6 +26,7 @@ namespace sy::server {
 struct WorkerOptions {
   std::string join;                // leader's Cluster service, HOST:PORT
   std::string secret;
+  std::string secret_file;         // read at start (keeps the secret out of `ps`)
   std::string model = "demo";      // checkpoint folder ("" or "demo": the built-in demo model)
   // Address this rank's communicator listens on and announces; "": the address of the
   // interface that routes to the leader.

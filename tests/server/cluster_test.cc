@@ -235,6 +235,46 @@ TEST(ClusterJoinTest, SigtermWhileWaitingForRanksExitsPromptly) {
   EXPECT_EQ(g.leader().WaitExit(milliseconds(10000)), 0) << g.Logs();
 }
 
+TEST(ClusterSecurityTest, SecretsFromFilesStayOutOfPsAndGuessingIsSlowed) {
+  Watchdog dog(seconds(120));
+  const std::string tmp = sy::testing::MakeTempDir("secret-file");
+  std::ofstream(tmp + "/secret") << kSecret << "\n";
+  Child leader(tmp, "leader",
+               {"serve", "--model", TinyDir(), "--host", "127.0.0.1", "--port", "0",
+                "--metrics-port", "-1", "--cluster-port", "0", "--secret-file", tmp + "/secret",
+                "--kv-cache-bytes", absl::StrCat(kKvBytes)});
+  const int cluster_port = PortAfterColon(leader.WaitForLine("cluster service on ", milliseconds(30000)));
+  ASSERT_GT(cluster_port, 0) << leader.err();
+  Child worker(tmp, "worker",
+               {"worker", "--join", absl::StrCat("127.0.0.1:", cluster_port), "--secret-file",
+                tmp + "/secret", "--model", TinyDir(), "--kv-cache-bytes", absl::StrCat(kKvBytes)});
+  for (pid_t pid : {leader.pid(), worker.pid()}) {
+    const std::string cmdline = sy::testing::ReadFile(absl::StrCat("/proc/", pid, "/cmdline"));
+    EXPECT_EQ(cmdline.find(kSecret), std::string::npos) << "the secret shows in ps";
+  }
+  const auto until = std::chrono::steady_clock::now() + seconds(30);
+  while (worker.err().find("joined") == std::string::npos && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(milliseconds(20));
+  EXPECT_NE(worker.err().find("joined"), std::string::npos) << worker.err() << leader.err();
+  // Ten wrong guesses from one address, then even the right secret waits a while.
+  auto stub = v1::Cluster::NewStub(grpc::CreateChannel(absl::StrCat("127.0.0.1:", cluster_port),
+                                                       grpc::InsecureChannelCredentials()));
+  auto set = [&](const std::string& secret, const std::string& value) {
+    grpc::ClientContext ctx;
+    v1::StoreSetRequest req;
+    req.set_secret(secret);
+    req.set_key("k");
+    req.set_value(value);
+    v1::StoreSetReply reply;
+    return stub->StoreSet(&ctx, req, &reply).error_code();
+  };
+  EXPECT_EQ(set(kSecret, std::string(100 << 10, 'x')), grpc::StatusCode::INVALID_ARGUMENT);
+  for (int i = 0; i < 10; ++i) EXPECT_EQ(set("guess", "v"), grpc::StatusCode::PERMISSION_DENIED) << i;
+  EXPECT_EQ(set("guess", "v"), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_EQ(set(kSecret, "v"), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_FALSE(leader.Exited());
+}
+
 TEST(ClusterJoinTest, ConstantTimeEqualsComparesWholeStrings) {
   EXPECT_TRUE(ConstantTimeEquals("abc", "abc"));
   EXPECT_TRUE(ConstantTimeEquals("", ""));
