@@ -246,16 +246,22 @@ void Engine::Step() {
     return;
   }
   scheduler_.CommitStep(batch);
-  Postprocess(batch, &st);
+  const std::vector<Sequence*> finished = Postprocess(batch, &st);
 
+  // The step's figures are in before any client sees its request end (a scrape right after a
+  // completion counts every token).
   ++steps_;
   preemptions_ += st.num_preempted;
   st.seconds = Seconds(Clock::now() - start);
-  st.running = scheduler_.num_running();
+  st.running = scheduler_.num_running() - static_cast<int64_t>(finished.size());
   st.waiting = scheduler_.num_waiting();
+  int64_t freed = 0;  // blocks the finished sequences give back right after
+  for (const Sequence* seq : finished) freed += static_cast<int64_t>(seq->block_table.size());
   const int64_t total = pools_.num_blocks();
-  st.kv_usage = total > 0 ? 1.0 - static_cast<double>(pools_.num_free_blocks()) / total : 0.0;
+  st.kv_usage =
+      total > 0 ? 1.0 - static_cast<double>(pools_.num_free_blocks() + freed) / total : 0.0;
   if (observer_ != nullptr) observer_->OnStep(st);
+  for (Sequence* seq : finished) Finish(seq, seq->finish_reason, absl::OkStatus());
 }
 
 ScheduledBatch Engine::Schedule(StepStats* st) {
@@ -287,7 +293,7 @@ absl::Status Engine::Run(const ScheduledBatch& batch) {
   return executor_->Execute(inputs_, homes_, &logits_);
 }
 
-void Engine::Postprocess(const ScheduledBatch& batch, StepStats* st) {
+std::vector<Sequence*> Engine::Postprocess(const ScheduledBatch& batch, StepStats* st) {
   // Sample on the compute threads (each sequence has its own sampler; a vocabulary-wide scan
   // per sequence is a few percent of a batch-32 decode step), then append in order.
   const int64_t vocab = limits_.vocab_size;
@@ -306,7 +312,7 @@ void Engine::Postprocess(const ScheduledBatch& batch, StepStats* st) {
   for (int64_t i = 0; i < num_sampled; ++i)
     if (AppendToken(sampling_[i], sampled_[i], now)) finished.push_back(sampling_[i]);
   st->num_generated = num_sampled;
-  for (Sequence* seq : finished) Finish(seq, seq->finish_reason, absl::OkStatus());
+  return finished;
 }
 
 bool Engine::AppendToken(Sequence* seq, int32_t tok, Clock::time_point now) {

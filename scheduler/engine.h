@@ -123,8 +123,9 @@ class Engine {
   ScheduledBatch Schedule(StepStats* st);
   // The executor runs the batch: logits_ get a row per entry with compute_logits.
   absl::Status Run(const ScheduledBatch& batch);
-  // Samples, appends and streams one token per entry with compute_logits; finishes the done.
-  void Postprocess(const ScheduledBatch& batch, StepStats* st);
+  // Samples, appends and streams one token per entry with compute_logits; returns the
+  // sequences that are done (the caller finishes them once the step is counted).
+  std::vector<Sequence*> Postprocess(const ScheduledBatch& batch, StepStats* st);
   // Appends and streams the new token `tok` of `seq`; true when it finished.
   bool AppendToken(Sequence* seq, int32_t tok, Clock::time_point now);
   void Finish(Sequence* seq, FinishReason reason, absl::Status status);
