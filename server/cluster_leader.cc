@@ -266,8 +266,10 @@ absl::StatusOr<std::unique_ptr<ClusterLeader>> ClusterLeader::Start(
     so.kv_bytes_per_block = model::KvCache::BytesPerBlock(c->config_, block_size);
     so.heartbeat_interval_ms = options.heartbeat_interval_ms;
     c->service_ = std::make_unique<ClusterService>(so, c->membership_.get());
+    SY_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> creds,
+                        MakeServerCredentials(options.tls, "cluster-tls"));
     SY_ASSIGN_OR_RETURN(c->server_, StartClusterServer(options.cluster_host, options.cluster_port,
-                                                       c->service_.get(), &c->cluster_port_));
+                                                       c->service_.get(), &c->cluster_port_, creds));
     if (progress)
       progress(absl::StrCat("cluster service on ", options.cluster_host, ":", c->cluster_port_,
                             options.min_ranks > 1

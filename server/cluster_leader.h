@@ -42,6 +42,7 @@
 #include "scheduler/distributed_executor.h"
 #include "scheduler/rank_runner.h"
 #include "server/cluster_service.h"
+#include "server/tls.h"
 
 namespace sy::server {
 
@@ -65,6 +66,7 @@ struct ClusterOptions {
   // Expert slots per rank and MoE layer; 0: ceil(experts / ranks). Extra slots start empty
   // and let a rebalance add replicas of hot experts.
   int expert_slots_per_rank = 0;
+  TlsServerOptions tls;                // the Cluster service (mutual TLS with client_ca)
   std::string scale_policy = "ilp";    // planner for joins and drains (failures: repair)
   double scale_time_limit_s = 0.2;     // per layer
 

@@ -192,11 +192,12 @@ grpc::Status ClusterService::StoreGet(grpc::ServerContext* ctx, const v1::StoreG
   }
 }
 
-absl::StatusOr<std::unique_ptr<grpc::Server>> StartClusterServer(const std::string& host, int port,
-                                                                 ClusterService* service,
-                                                                 int* bound_port) {
+absl::StatusOr<std::unique_ptr<grpc::Server>> StartClusterServer(
+    const std::string& host, int port, ClusterService* service, int* bound_port,
+    std::shared_ptr<grpc::ServerCredentials> credentials) {
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(absl::StrCat(host, ":", port), grpc::InsecureServerCredentials(),
+  builder.AddListeningPort(absl::StrCat(host, ":", port),
+                           credentials != nullptr ? credentials : grpc::InsecureServerCredentials(),
                            bound_port);
   builder.RegisterService(service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();

@@ -16,6 +16,7 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server.h"
 #include "parallel/membership.h"
 #include "server/secrets.h"
@@ -71,8 +72,8 @@ void ToProto(const parallel::EpochView& view, ::switchyard::v1::EpochAssignment*
 parallel::EpochView FromProto(const ::switchyard::v1::EpochAssignment& a);
 
 // Starts a gRPC server for `service` on host:port (0: the OS picks; *bound_port gets it).
-absl::StatusOr<std::unique_ptr<grpc::Server>> StartClusterServer(const std::string& host, int port,
-                                                                 ClusterService* service,
-                                                                 int* bound_port);
+absl::StatusOr<std::unique_ptr<grpc::Server>> StartClusterServer(
+    const std::string& host, int port, ClusterService* service, int* bound_port,
+    std::shared_ptr<grpc::ServerCredentials> credentials = nullptr);
 
 }  // namespace sy::server

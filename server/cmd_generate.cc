@@ -9,6 +9,7 @@
 #include "grpcpp/grpcpp.h"
 #include "server/commands.h"
 #include "server/flags.h"
+#include "server/tls.h"
 #include "switchyard/v1/inference.grpc.pb.h"
 
 namespace sy::server {
@@ -33,6 +34,8 @@ int GenerateCommand(int argc, char** argv) {
   flags.Add("ids-only", &ids_only, "print token ids (space-separated) instead of text");
   flags.Add("no-stream", &no_stream, "ask for the completion only");
   flags.Add("timeout", &timeout_s, "deadline in seconds");
+  TlsClientOptions tls;
+  AddTlsClientFlags(flags, &tls);
   if (int rc = flags.ParseOrExitCode(argc, argv); rc >= 0) return rc;
   absl::Status s;
   v1::GenerateRequest req;
@@ -61,7 +64,12 @@ int GenerateCommand(int argc, char** argv) {
   sp->set_ignore_eos(ignore_eos);
   req.set_stream(!no_stream);
 
-  auto stub = v1::Inference::NewStub(grpc::CreateChannel(addr, grpc::InsecureChannelCredentials()));
+  auto channel = MakeChannel(addr, tls);
+  if (!channel.ok()) {
+    std::fprintf(stderr, "generate: %s\n", std::string(channel.status().message()).c_str());
+    return 2;
+  }
+  auto stub = v1::Inference::NewStub(*channel);
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() +
                    std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));

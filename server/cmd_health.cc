@@ -9,6 +9,7 @@
 #include "grpcpp/grpcpp.h"
 #include "server/commands.h"
 #include "server/flags.h"
+#include "server/tls.h"
 
 namespace sy::server {
 
@@ -23,9 +24,15 @@ int HealthCommand(int argc, char** argv) {
   flags.Add("service", &service, "service name to check (empty: the whole server)");
   flags.Add("timeout", &timeout_s, "deadline in seconds");
   flags.Add("quiet", &quiet, "print nothing");
+  TlsClientOptions tls;
+  AddTlsClientFlags(flags, &tls);
   if (int rc = flags.ParseOrExitCode(argc, argv); rc >= 0) return rc;
-  auto stub = grpc::health::v1::Health::NewStub(
-      grpc::CreateChannel(addr, grpc::InsecureChannelCredentials()));
+  auto channel = MakeChannel(addr, tls);
+  if (!channel.ok()) {
+    std::fprintf(stderr, "health: %s\n", std::string(channel.status().message()).c_str());
+    return 2;
+  }
+  auto stub = grpc::health::v1::Health::NewStub(*channel);
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() +
                    std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));

@@ -16,6 +16,7 @@ int LoadgenCommand(int argc, char** argv) {
                 "requests/s (Poisson, at most --concurrency in flight); print throughput, TTFT,\n"
                 "TPOT, ITL and E2E latency (mean, p50, p90, p99) and errors by code.");
   flags.Add("addr", &o.addr, "server address HOST:PORT");
+  AddTlsClientFlags(flags, &o.tls);
   flags.Add("concurrency", &o.concurrency, "streams in flight");
   flags.Add("requests", &o.requests, "requests to send");
   flags.Add("prompt-len", &o.prompt_len, "prompt tokens per request");

@@ -87,6 +87,15 @@ int ServeCommand(int argc, char** argv) {
   flags.Add("port", &o.port, "gRPC port; 0 lets the OS pick (printed on stdout)");
   flags.Add("metrics-port", &o.metrics_port, "Prometheus /metrics port; 0: OS picks; -1: off");
   flags.Add("metrics-host", &o.metrics_host, "address /metrics listens on; empty: --host");
+  flags.Add("tls-cert", &o.tls.cert, "PEM certificate chain: TLS on the gRPC port");
+  flags.Add("tls-key", &o.tls.key, "PEM private key of --tls-cert");
+  flags.Add("tls-client-ca", &o.tls.client_ca,
+            "PEM CA: clients must present a certificate it signed (mutual TLS)");
+  flags.Add("cluster-tls-cert", &o.cluster.tls.cert,
+            "PEM certificate of the Cluster service (with --cluster-tls-key, --cluster-tls-ca: "
+            "ranks need a certificate of that CA, mutual TLS)");
+  flags.Add("cluster-tls-key", &o.cluster.tls.key, "PEM key of --cluster-tls-cert");
+  flags.Add("cluster-tls-ca", &o.cluster.tls.client_ca, "PEM CA that signs the ranks' certificates");
   flags.Add("backend", &o.backend, "compute backend (auto, reference, cpu, cuda)");
   flags.Add("threads", &o.threads, "compute threads; 0: SWITCHYARD_THREADS or every core");
   flags.Add("kv-cache-bytes", &o.kv_cache_bytes, "bytes of paged KV cache (sets the block count)");

@@ -15,6 +15,7 @@
 #include "server/commands.h"
 #include "server/flags.h"
 #include "server/secrets.h"
+#include "server/tls.h"
 #include "switchyard/v1/admin.grpc.pb.h"
 
 namespace sy::server {
@@ -30,6 +31,8 @@ int StatsCommand(int argc, char** argv) {
   flags.Add("out", &out, "write the trace JSON here (default: stdout)");
   flags.Add("admin-token", &token, "Admin bearer token (default: SWITCHYARD_ADMIN_TOKEN)");
   flags.Add("admin-token-file", &token_file, "read the Admin bearer token from this file");
+  TlsClientOptions tls;
+  AddTlsClientFlags(flags, &tls);
   flags.Add("no-paths", &no_paths, "counts only, no per-token routing paths");
   flags.Add("placement", &show_placement, "print the placement in force (JSON) instead");
   flags.Add("apply", &apply, "apply the placement JSON in this file");
@@ -47,7 +50,12 @@ int StatsCommand(int argc, char** argv) {
     }
     token = *t;
   }
-  auto stub = v1::Admin::NewStub(grpc::CreateChannel(addr, grpc::InsecureChannelCredentials()));
+  auto channel = MakeChannel(addr, tls);
+  if (!channel.ok()) {
+    std::fprintf(stderr, "stats: %s\n", std::string(channel.status().message()).c_str());
+    return 2;
+  }
+  auto stub = v1::Admin::NewStub(*channel);
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() +
                    std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));

@@ -13,6 +13,7 @@
 #include "server/commands.h"
 #include "server/flags.h"
 #include "server/secrets.h"
+#include "server/tls.h"
 #include "switchyard/v1/admin.grpc.pb.h"
 
 namespace sy::server {
@@ -28,6 +29,8 @@ int StatusCommand(int argc, char** argv) {
   flags.Add("addr", &addr, "server address HOST:PORT");
   flags.Add("admin-token", &token, "Admin bearer token (default: SWITCHYARD_ADMIN_TOKEN)");
   flags.Add("admin-token-file", &token_file, "read the Admin bearer token from this file");
+  TlsClientOptions tls;
+  AddTlsClientFlags(flags, &tls);
   flags.Add("drain", &drain, "drain this rank id out of the group first");
   flags.Add("wait", &wait, "--drain: return once the rank has left");
   flags.Add("json", &json, "print the membership as JSON");
@@ -41,7 +44,12 @@ int StatusCommand(int argc, char** argv) {
     }
     token = *t;
   }
-  auto stub = v1::Admin::NewStub(grpc::CreateChannel(addr, grpc::InsecureChannelCredentials()));
+  auto channel = MakeChannel(addr, tls);
+  if (!channel.ok()) {
+    std::fprintf(stderr, "status: %s\n", std::string(channel.status().message()).c_str());
+    return 2;
+  }
+  auto stub = v1::Admin::NewStub(*channel);
   auto context = [&](grpc::ClientContext* ctx) {
     ctx->set_deadline(std::chrono::system_clock::now() +
                       std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));

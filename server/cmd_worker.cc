@@ -45,6 +45,10 @@ int WorkerCommand(int argc, char** argv) {
             "this rank's Prometheus /metrics port (its tokens, all-to-all seconds, KV use, "
             "state); -1: none, 0: the OS picks");
   flags.Add("metrics-host", &o.metrics_host, "address /metrics listens on");
+  flags.Add("tls-ca", &o.tls.ca, "PEM CA that verifies the leader's Cluster service (TLS)");
+  flags.Add("tls-cert", &o.tls.cert, "PEM certificate this rank presents (the leader's --cluster-tls-ca)");
+  flags.Add("tls-key", &o.tls.key, "PEM key of --tls-cert");
+  flags.Add("tls-server-name", &o.tls.server_name, "name to check in the leader's certificate");
   flags.Add("rejoin", &o.rejoin,
             "join again as a new rank when fenced (declared dead while stopped or cut off)");
   if (int rc = flags.ParseOrExitCode(argc, argv); rc >= 0) return rc;

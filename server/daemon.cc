@@ -63,8 +63,9 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const ServeOptions& option
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(absl::StrCat(options.host, ":", options.port),
-                           grpc::InsecureServerCredentials(), &d->port_);
+  SY_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> creds,
+                      MakeServerCredentials(options.tls));
+  builder.AddListeningPort(absl::StrCat(options.host, ":", options.port), creds, &d->port_);
   builder.RegisterService(d->service_.get());
   d->admin_ = std::make_unique<AdminService>(admin_token);
   d->admin_->SetDrainWaitLimit(std::chrono::milliseconds(

@@ -23,6 +23,7 @@
 #include "model/tokenizer.h"
 #include "scheduler/engine.h"
 #include "server/cluster_leader.h"
+#include "server/tls.h"
 #include "server/inference_service.h"
 #include "server/admin_service.h"
 #include "server/live_placement.h"
@@ -46,6 +47,7 @@ struct ServeOptions {
   int64_t default_max_new_tokens = 256;
   int64_t max_message_bytes = 4 << 20;  // larger requests get RESOURCE_EXHAUSTED
   double drain_timeout_s = 30;
+  TlsServerOptions tls;              // the public port (Inference, Admin, health); plaintext when unset
   ClusterOptions cluster;            // more than one rank (server/cluster_leader.h)
   AdminOptions admin;                // Admin service, load statistics, rebalancing (live_placement.h)
 };

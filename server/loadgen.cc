@@ -1,4 +1,5 @@
 #include "server/loadgen.h"
+#include "kernels/core/status.h"
 
 #include <algorithm>
 #include <atomic>
@@ -98,7 +99,7 @@ absl::StatusOr<LoadgenReport> RunLoadgen(const LoadgenOptions& o) {
   if (o.concurrency < 1 || o.requests < 1 || o.prompt_len < 1 || o.max_new_tokens < 1)
     return absl::InvalidArgumentError(
         "--concurrency, --requests, --prompt-len and --max-new-tokens must be >= 1");
-  auto channel = grpc::CreateChannel(o.addr, grpc::InsecureChannelCredentials());
+  SY_ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> channel, MakeChannel(o.addr, o.tls));
   // Wait for SERVING.
   auto health = grpc::health::v1::Health::NewStub(channel);
   const Clock::time_point ready_by =

@@ -15,11 +15,13 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "server/tls.h"
 
 namespace sy::server {
 
 struct LoadgenOptions {
   std::string addr = "127.0.0.1:50051";
+  TlsClientOptions tls;
   int concurrency = 8;
   int requests = 64;
   int prompt_len = 32;

@@ -140,8 +140,7 @@ absl::Status RunWorker(const WorkerOptions& options,
     say(absl::StrCat("metrics on http://", o.metrics_host, ":", metrics->port(), "/metrics"));
   }
 
-  std::shared_ptr<grpc::Channel> channel =
-      grpc::CreateChannel(o.join, grpc::InsecureChannelCredentials());
+  SY_ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> channel, MakeChannel(o.join, o.tls));
   auto stub = v1::Cluster::NewStub(channel);
   parallel::GrpcRendezvousStore store(channel, o.secret);
   GrpcMembershipClient client(channel, o.secret);

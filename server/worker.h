@@ -20,6 +20,7 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "server/tls.h"
 
 namespace sy::server {
 
@@ -38,6 +39,7 @@ struct WorkerOptions {
   std::string metrics_host = "0.0.0.0";
   int metrics_port = -1;           // this rank's /metrics (server/worker_metrics.h); -1: none
   bool rejoin = true;              // join again as a new rank when fenced
+  TlsClientOptions tls;            // to the Cluster service (the leader's --cluster-tls-*)
 };
 
 // OK when the leader shut the group down or drained this rank out; PERMISSION_DENIED /
