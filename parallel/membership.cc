@@ -56,7 +56,7 @@ absl::StatusOr<EpochView> DecodeEpochView(std::span<const int32_t> words) {
   auto bad = [](const char* what) {
     return absl::InvalidArgumentError(absl::StrCat("epoch view: bad ", what));
   };
-  if (words.size() < 3) return bad("header");
+  if (words.size() < 3 || words[0] < 0 || words[1] < 0) return bad("header");
   EpochView v;
   v.epoch = static_cast<int64_t>(words[0]) | (static_cast<int64_t>(words[1]) << 31);
   const int32_t n = words[2];

@@ -248,20 +248,21 @@ void Engine::Step() {
   scheduler_.CommitStep(batch);
   const std::vector<Sequence*> finished = Postprocess(batch, &st);
 
-  // The step's figures are in before any client sees its request end (a scrape right after a
-  // completion counts every token).
+  // Every figure (counters, gauges) shows the step and its finished requests gone before any
+  // client hears that its request ended: a scrape right after a completion adds up.
+  std::vector<Retired> retired;
+  retired.reserve(finished.size());
+  for (Sequence* seq : finished) retired.push_back(Retire(seq, seq->finish_reason, absl::OkStatus()));
   ++steps_;
   preemptions_ += st.num_preempted;
   st.seconds = Seconds(Clock::now() - start);
-  st.running = scheduler_.num_running() - static_cast<int64_t>(finished.size());
+  st.running = scheduler_.num_running();
   st.waiting = scheduler_.num_waiting();
-  int64_t freed = 0;  // blocks the finished sequences give back right after
-  for (const Sequence* seq : finished) freed += static_cast<int64_t>(seq->block_table.size());
   const int64_t total = pools_.num_blocks();
-  st.kv_usage =
-      total > 0 ? 1.0 - static_cast<double>(pools_.num_free_blocks() + freed) / total : 0.0;
+  st.kv_usage = total > 0 ? 1.0 - static_cast<double>(pools_.num_free_blocks()) / total : 0.0;
   if (observer_ != nullptr) observer_->OnStep(st);
-  for (Sequence* seq : finished) Finish(seq, seq->finish_reason, absl::OkStatus());
+  PublishStats();
+  for (Retired& r : retired) r.sink->OnFinish(r.completion);
 }
 
 ScheduledBatch Engine::Schedule(StepStats* st) {
@@ -368,6 +369,11 @@ bool Engine::AppendToken(Sequence* seq, int32_t tok, Clock::time_point now) {
 }
 
 void Engine::Finish(Sequence* seq, FinishReason reason, absl::Status status) {
+  Retired r = Retire(seq, reason, std::move(status));
+  r.sink->OnFinish(r.completion);
+}
+
+Engine::Retired Engine::Retire(Sequence* seq, FinishReason reason, absl::Status status) {
   std::unique_ptr<Sequence> owned = scheduler_.Remove(seq);
   Completion c;
   c.request_id = owned->request.id;
@@ -388,7 +394,7 @@ void Engine::Finish(Sequence* seq, FinishReason reason, absl::Status status) {
     rs.generation_tokens = owned->num_output_tokens();
     observer_->OnRequestDone(rs);
   }
-  owned->request.sink->OnFinish(c);
+  return {std::move(owned->request.sink), std::move(c)};
 }
 
 void Engine::PublishStats() {

@@ -129,6 +129,13 @@ class Engine {
   // Appends and streams the new token `tok` of `seq`; true when it finished.
   bool AppendToken(Sequence* seq, int32_t tok, Clock::time_point now);
   void Finish(Sequence* seq, FinishReason reason, absl::Status status);
+  // Finish in two halves: Retire removes the sequence (its blocks freed, the request counted)
+  // and returns what its sink is to be told.
+  struct Retired {
+    std::shared_ptr<RequestSink> sink;
+    Completion completion;
+  };
+  Retired Retire(Sequence* seq, FinishReason reason, absl::Status status);
   void PublishStats();
 
   std::unique_ptr<StepExecutor> executor_;

@@ -59,6 +59,11 @@ absl::StatusOr<DecodedPlan> DecodePlan(std::span<const int32_t> words) {
     plan.payload = words.subspan(at);
     return plan;
   }
+  // Every sequence takes at least five words: a count past that is a bad plan, not an
+  // allocation.
+  if (static_cast<size_t>(*n) > (words.size() - at) / 5)
+    return absl::InvalidArgumentError(
+        absl::StrCat("step plan: ", *n, " sequences cannot fit ", words.size() - at, " words"));
   plan.seqs.resize(*n);
   for (PlannedSequence& s : plan.seqs) {
     auto home = take("home_rank");

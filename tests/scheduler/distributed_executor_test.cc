@@ -189,5 +189,17 @@ TEST(StepPlanTest, RoundTripsAndRejectsTruncatedPlans) {
     EXPECT_FALSE(DecodePlan(std::span<const int32_t>(words.data(), n)).ok()) << n << " words";
 }
 
+TEST(StepPlanTest, ASequenceCountTheWordsCannotHoldIsRefusedWithoutAllocating) {
+  // Found by the cluster-messages fuzzer: a huge count used to size the vector first.
+  std::vector<int32_t> words;
+  EncodePlan(PlanKind::kStep, {}, &words);
+  ASSERT_EQ(words.size(), 3u);
+  words[2] = 0x7fffffff;
+  words.insert(words.end(), 10, 0);
+  const auto plan = DecodePlan(words);
+  EXPECT_EQ(plan.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(plan.status().message().find("cannot fit"), std::string::npos) << plan.status();
+}
+
 }  // namespace
 }  // namespace sy::scheduler
