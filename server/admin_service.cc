@@ -27,16 +27,8 @@ grpc::Status AdminService::Admit(grpc::ServerContext* context, LivePlacement** l
   if (!token_.empty()) {
     const auto& md = context->client_metadata();
     auto it = md.find("authorization");
-    const std::string want = "Bearer " + token_;
-    bool ok = false;
-    if (it != md.end()) {
-      const std::string got(it->second.data(), it->second.size());
-      // Compare every byte whatever the first mismatch (no early exit on the secret).
-      unsigned diff = got.size() == want.size() ? 0u : 1u;
-      for (size_t i = 0; i < want.size(); ++i)
-        diff |= static_cast<unsigned>(want[i]) ^ static_cast<unsigned>(i < got.size() ? got[i] : 0);
-      ok = diff == 0;
-    }
+    const bool ok = it != md.end() &&
+                    BearerMatches(absl::string_view(it->second.data(), it->second.size()), {token_});
     if (!ok) {
       limiter_.Failed(peer);
       return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,

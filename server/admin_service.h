@@ -36,6 +36,8 @@ class AdminService final : public switchyard::v1::Admin::Service {
   void SetDrainWaitLimit(std::chrono::milliseconds limit) { wait_limit_ = limit; }
   bool has_token() const { return !token_.empty(); }
   int64_t auth_failures() const { return limiter_.failures(); }
+  // Failed checks go to `f` too (a metric's counter).
+  void set_on_auth_failure(std::function<void()> f) { limiter_.set_on_failure(std::move(f)); }
 
   grpc::Status GetExpertLoad(grpc::ServerContext* context,
                              const switchyard::v1::GetExpertLoadRequest* request,

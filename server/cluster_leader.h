@@ -98,6 +98,9 @@ class ClusterLeader {
       const std::atomic<bool>* cancel = nullptr);
 
   void RegisterMetrics(prometheus::Registry& registry);
+  // The Cluster service ranks call (for its auth-failure hook); null when every rank is a
+  // thread of this process.
+  ClusterService* service() { return service_.get(); }
   // Recent tokens per expert [layers][experts] that membership plans balance (the leader's
   // load window); unset: even loads.
   void SetLoadSource(std::function<std::vector<std::vector<double>>()> source);

@@ -30,18 +30,6 @@ std::string Describe(const v1::ModelFingerprint& m) {
 
 }  // namespace
 
-bool ConstantTimeEquals(const std::string& a, const std::string& b) {
-  // Every byte of the longer string is read, so the time does not tell how many bytes match.
-  const size_t n = std::max(a.size(), b.size());
-  unsigned char diff = a.size() == b.size() ? 0 : 1;
-  for (size_t i = 0; i < n; ++i) {
-    const unsigned char x = i < a.size() ? static_cast<unsigned char>(a[i]) : 0;
-    const unsigned char y = i < b.size() ? static_cast<unsigned char>(b[i]) : 0;
-    diff |= x ^ y;
-  }
-  return diff == 0;
-}
-
 void ToProto(const parallel::EpochView& view, v1::EpochAssignment* out) {
   out->set_epoch(view.epoch);
   for (int32_t id : view.members) out->add_members(id);
@@ -59,22 +47,24 @@ parallel::EpochView FromProto(const v1::EpochAssignment& a) {
 }
 
 ClusterService::ClusterService(ClusterServiceOptions options, parallel::Membership* membership)
-    : options_(std::move(options)), membership_(membership) {}
+    : options_(std::move(options)), verifier_(options_.secret), membership_(membership) {}
 
-grpc::Status ClusterService::CheckSecret(grpc::ServerContext* ctx, const std::string& secret) const {
+grpc::Status ClusterService::CheckAuth(grpc::ServerContext* ctx, absl::string_view method,
+                                       const google::protobuf::Message& req,
+                                       const std::string& auth) const {
   const std::string peer = ctx != nullptr ? ctx->peer() : "";
   if (absl::Status s = limiter_.Admit(peer); !s.ok()) return ToGrpcStatus(s);
-  if (options_.secret.empty() || !ConstantTimeEquals(secret, options_.secret)) {
-    limiter_.Failed(peer);
-    return grpc::Status(grpc::StatusCode::PERMISSION_DENIED, "wrong cluster secret");
+  if (absl::Status s = verifier_.Verify(method, req, auth); !s.ok()) {
+    if (s.code() == absl::StatusCode::kPermissionDenied) limiter_.Failed(peer);
+    return ToGrpcStatus(s);
   }
   return grpc::Status::OK;
 }
 
 grpc::Status ClusterService::Join(grpc::ServerContext* ctx, const v1::JoinRequest* req,
                                   v1::JoinReply* reply) {
-  if (grpc::Status s = CheckSecret(ctx, req->secret()); !s.ok()) {
-    SY_LOG(WARNING) << "cluster: refused a join from " << req->host() << ": wrong secret";
+  if (grpc::Status s = CheckAuth(ctx, "Join", *req, req->auth()); !s.ok()) {
+    SY_LOG(WARNING) << "cluster: refused a join from " << ctx->peer() << ": " << s.error_message();
     return s;
   }
   if (req->host().size() > 255)
@@ -124,7 +114,7 @@ grpc::Status ClusterService::Join(grpc::ServerContext* ctx, const v1::JoinReques
 grpc::Status ClusterService::AwaitRestart(grpc::ServerContext* ctx,
                                           const v1::AwaitRestartRequest* req,
                                           v1::EpochAssignment* reply) {
-  if (grpc::Status s = CheckSecret(ctx, req->secret()); !s.ok()) return s;
+  if (grpc::Status s = CheckAuth(ctx, "AwaitRestart", *req, req->auth()); !s.ok()) return s;
   if (absl::Status s = membership_->CheckInstance(req->rank(), req->instance()); !s.ok())
     return ToGrpcStatus(s);
   const auto deadline = std::chrono::steady_clock::now() +
@@ -144,7 +134,7 @@ grpc::Status ClusterService::AwaitRestart(grpc::ServerContext* ctx,
 
 grpc::Status ClusterService::Heartbeat(grpc::ServerContext* ctx, const v1::HeartbeatRequest* req,
                                        v1::HeartbeatReply* reply) {
-  if (grpc::Status s = CheckSecret(ctx, req->secret()); !s.ok()) return s;
+  if (grpc::Status s = CheckAuth(ctx, "Heartbeat", *req, req->auth()); !s.ok()) return s;
   if (absl::Status s = membership_->CheckInstance(req->rank(), req->instance()); !s.ok())
     return ToGrpcStatus(s);
   absl::StatusOr<parallel::HeartbeatReply> r = membership_->Heartbeat(req->rank());
@@ -157,7 +147,7 @@ grpc::Status ClusterService::Heartbeat(grpc::ServerContext* ctx, const v1::Heart
 
 grpc::Status ClusterService::Leave(grpc::ServerContext* ctx, const v1::LeaveRequest* req,
                                    v1::LeaveReply*) {
-  if (grpc::Status s = CheckSecret(ctx, req->secret()); !s.ok()) return s;
+  if (grpc::Status s = CheckAuth(ctx, "Leave", *req, req->auth()); !s.ok()) return s;
   if (absl::Status s = membership_->CheckInstance(req->rank(), req->instance()); !s.ok())
     return ToGrpcStatus(s);
   return ToGrpcStatus(membership_->RequestDrain(req->rank()));
@@ -165,7 +155,7 @@ grpc::Status ClusterService::Leave(grpc::ServerContext* ctx, const v1::LeaveRequ
 
 grpc::Status ClusterService::StoreSet(grpc::ServerContext* ctx, const v1::StoreSetRequest* req,
                                       v1::StoreSetReply*) {
-  if (grpc::Status s = CheckSecret(ctx, req->secret()); !s.ok()) return s;
+  if (grpc::Status s = CheckAuth(ctx, "StoreSet", *req, req->auth()); !s.ok()) return s;
   if (req->key().size() > kMaxStoreKey || req->value().size() > kMaxStoreValue)
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                         absl::StrCat("rendezvous store: keys up to ", kMaxStoreKey,
@@ -175,7 +165,7 @@ grpc::Status ClusterService::StoreSet(grpc::ServerContext* ctx, const v1::StoreS
 
 grpc::Status ClusterService::StoreGet(grpc::ServerContext* ctx, const v1::StoreGetRequest* req,
                                       v1::StoreGetReply* reply) {
-  if (grpc::Status s = CheckSecret(ctx, req->secret()); !s.ok()) return s;
+  if (grpc::Status s = CheckAuth(ctx, "StoreGet", *req, req->auth()); !s.ok()) return s;
   const int64_t ms = std::clamp<int64_t>(req->timeout_ms(), 0, 600000);
   const auto deadline = std::chrono::steady_clock::now() + milliseconds(ms);
   for (;;) {

@@ -2,9 +2,10 @@
 // DESIGN.md §3 and §5): a thin gRPC face of the group's parallel::Membership. Workers join
 // through it (the leader places them in the next epoch), heartbeat, check in after a failure
 // (AwaitRestart), ask to leave, and meet through its rendezvous key-value store (the leader's
-// own communicators use Membership::store() directly). Every call must carry the cluster
-// secret (compared in constant time); a wrong one is PERMISSION_DENIED and changes nothing, and
-// a peer that fails 10 times in 10 s is refused (RESOURCE_EXHAUSTED) for a while. Keys and
+// own communicators use Membership::store() directly). Every call must be signed with the
+// cluster secret (cluster_auth.h: an HMAC, never the secret itself); a wrong, stale, replayed or
+// altered one is PERMISSION_DENIED and changes nothing, and a peer that fails 10 times in 10 s
+// is refused (RESOURCE_EXHAUSTED) for a while. Keys and
 // values of the rendezvous store are capped (256 bytes, 64 KiB).
 //
 // Runs on its own gRPC server (the --cluster-port), started by ClusterLeader.
@@ -12,6 +13,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -19,13 +21,11 @@
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server.h"
 #include "parallel/membership.h"
+#include "server/cluster_auth.h"
 #include "server/secrets.h"
 #include "switchyard/v1/cluster.grpc.pb.h"
 
 namespace sy::server {
-
-// True when a and b are equal; the time taken depends on their lengths only.
-bool ConstantTimeEquals(const std::string& a, const std::string& b);
 
 struct ClusterServiceOptions {
   std::string secret;
@@ -58,12 +58,16 @@ class ClusterService final : public ::switchyard::v1::Cluster::Service {
   grpc::Status StoreGet(grpc::ServerContext* ctx, const ::switchyard::v1::StoreGetRequest* req,
                         ::switchyard::v1::StoreGetReply* reply) override;
   int64_t auth_failures() const { return limiter_.failures(); }
+  // Failed checks go to `f` too (a metric's counter).
+  void set_on_auth_failure(std::function<void()> f) { limiter_.set_on_failure(std::move(f)); }
 
  private:
-  grpc::Status CheckSecret(grpc::ServerContext* ctx, const std::string& secret) const;
+  grpc::Status CheckAuth(grpc::ServerContext* ctx, absl::string_view method,
+                         const google::protobuf::Message& req, const std::string& auth) const;
 
   const ClusterServiceOptions options_;
   mutable AuthLimiter limiter_;
+  mutable ClusterCallVerifier verifier_;
   parallel::Membership* membership_;
 };
 

@@ -9,6 +9,7 @@
 #include "grpcpp/grpcpp.h"
 #include "server/commands.h"
 #include "server/flags.h"
+#include "server/secrets.h"
 #include "server/tls.h"
 #include "switchyard/v1/inference.grpc.pb.h"
 
@@ -36,7 +37,14 @@ int GenerateCommand(int argc, char** argv) {
   flags.Add("timeout", &timeout_s, "deadline in seconds");
   TlsClientOptions tls;
   AddTlsClientFlags(flags, &tls);
+  ApiKeyOption key;
+  AddApiKeyFlag(flags, &key);
   if (int rc = flags.ParseOrExitCode(argc, argv); rc >= 0) return rc;
+  absl::StatusOr<std::string> api_key = key.Read();
+  if (!api_key.ok()) {
+    std::fprintf(stderr, "generate: %s\n", std::string(api_key.status().message()).c_str());
+    return 2;
+  }
   absl::Status s;
   v1::GenerateRequest req;
   if (!prompt_ids.empty()) {
@@ -73,6 +81,7 @@ int GenerateCommand(int argc, char** argv) {
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() +
                    std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));
+  if (!api_key->empty()) ctx.AddMetadata("authorization", "Bearer " + *api_key);
   auto reader = stub->Generate(&ctx, req);
   v1::GenerateResponse resp;
   v1::GenerateCompletion done;

@@ -4,6 +4,7 @@
 #include "server/commands.h"
 #include "server/flags.h"
 #include "server/loadgen.h"
+#include "server/secrets.h"
 
 namespace sy::server {
 
@@ -17,6 +18,8 @@ int LoadgenCommand(int argc, char** argv) {
                 "TPOT, ITL and E2E latency (mean, p50, p90, p99) and errors by code.");
   flags.Add("addr", &o.addr, "server address HOST:PORT");
   AddTlsClientFlags(flags, &o.tls);
+  ApiKeyOption key;
+  AddApiKeyFlag(flags, &key);
   flags.Add("concurrency", &o.concurrency, "streams in flight");
   flags.Add("requests", &o.requests, "requests to send");
   flags.Add("prompt-len", &o.prompt_len, "prompt tokens per request");
@@ -28,6 +31,12 @@ int LoadgenCommand(int argc, char** argv) {
   if (int rc = flags.ParseOrExitCode(argc, argv); rc >= 0) return rc;
   absl::Status s;
   o.seed = static_cast<uint64_t>(seed);
+  absl::StatusOr<std::string> k = key.Read();
+  if (!k.ok()) {
+    std::fprintf(stderr, "loadgen: %s\n", std::string(k.status().message()).c_str());
+    return 2;
+  }
+  o.api_key = *k;
   auto rep = RunLoadgen(o);
   if (!rep.ok()) {
     std::fprintf(stderr, "loadgen: %s\n", rep.status().ToString().c_str());

@@ -89,6 +89,9 @@ int ServeCommand(int argc, char** argv) {
   flags.Add("metrics-host", &o.metrics_host, "address /metrics listens on; empty: --host");
   flags.Add("tls-cert", &o.tls.cert, "PEM certificate chain: TLS on the gRPC port");
   flags.Add("tls-key", &o.tls.key, "PEM private key of --tls-cert");
+  flags.Add("api-key-file", &o.api_key_file,
+            "file of API keys (one per line, 16+ bytes): Inference calls need metadata "
+            "'authorization: Bearer KEY'");
   flags.Add("tls-client-ca", &o.tls.client_ca,
             "PEM CA: clients must present a certificate it signed (mutual TLS)");
   flags.Add("cluster-tls-cert", &o.cluster.tls.cert,

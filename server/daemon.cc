@@ -58,7 +58,11 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const ServeOptions& option
                                                                                    : HostAddress();
   InferenceServiceOptions so;
   so.default_max_new_tokens = options.default_max_new_tokens;
+  if (!options.api_key_file.empty()) {
+    SY_ASSIGN_OR_RETURN(so.api_keys, ReadKeys(options.api_key_file, "api-key-file"));
+  }
   d->service_ = std::make_unique<InferenceService>(so, d->metrics_.get());
+  d->service_->set_on_auth_failure(d->metrics_->AuthFailureCounter("inference"));
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -68,6 +72,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const ServeOptions& option
   builder.AddListeningPort(absl::StrCat(options.host, ":", options.port), creds, &d->port_);
   builder.RegisterService(d->service_.get());
   d->admin_ = std::make_unique<AdminService>(admin_token);
+  d->admin_->set_on_auth_failure(d->metrics_->AuthFailureCounter("admin"));
   d->admin_->SetDrainWaitLimit(std::chrono::milliseconds(
       static_cast<int64_t>((options.drain_timeout_s + 60) * 1000)));
   builder.RegisterService(d->admin_.get());
@@ -127,6 +132,8 @@ absl::Status Daemon::Load(const std::function<void(const std::string&)>& progres
   std::unique_ptr<scheduler::StepExecutor> executor;
   if (cluster_ != nullptr) {  // waits for --min-ranks ranks; a failed group turns health off
     cluster_->RegisterMetrics(metrics_->registry());
+    if (ClusterService* service = cluster_->service())  // none with --local-ranks alone
+      service->set_on_auth_failure(metrics_->AuthFailureCounter("cluster"));
     SY_ASSIGN_OR_RETURN(executor, cluster_->MakeExecutor(
                                       model_.get(), [this](const absl::Status&) { SetHealth(false); },
                                       &cancel_load_));

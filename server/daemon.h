@@ -48,6 +48,7 @@ struct ServeOptions {
   int64_t max_message_bytes = 4 << 20;  // larger requests get RESOURCE_EXHAUSTED
   double drain_timeout_s = 30;
   TlsServerOptions tls;              // the public port (Inference, Admin, health); plaintext when unset
+  std::string api_key_file;          // keys Inference calls must bear (secrets.h ReadKeys); "": none
   ClusterOptions cluster;            // more than one rank (server/cluster_leader.h)
   AdminOptions admin;                // Admin service, load statistics, rebalancing (live_placement.h)
 };

@@ -15,11 +15,12 @@
 #include "parallel/rendezvous_store.h"
 #include "switchyard/v1/cluster.grpc.pb.h"
 
-namespace sy::parallel {
+namespace sy::server {
 
-class GrpcRendezvousStore final : public RendezvousStore {
+class GrpcRendezvousStore final : public parallel::RendezvousStore {
  public:
-  // channel: to the leader's Cluster service; secret: the cluster secret sent with each call.
+  // channel: to the leader's Cluster service; secret: the cluster secret that signs each call
+  // (cluster_auth.h; the secret itself is never sent).
   GrpcRendezvousStore(std::shared_ptr<grpc::Channel> channel, std::string secret);
 
   // gRPC errors keep their code (UNAVAILABLE when the leader is gone, PERMISSION_DENIED for
@@ -33,4 +34,4 @@ class GrpcRendezvousStore final : public RendezvousStore {
   std::string secret_;
 };
 
-}  // namespace sy::parallel
+}  // namespace sy::server

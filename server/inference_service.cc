@@ -5,7 +5,9 @@
 #include <memory>
 
 #include "absl/strings/str_cat.h"
+#include "grpcpp/impl/codegen/proto_utils.h"
 #include "kernels/core/logging.h"
+#include "kernels/core/status.h"
 #include "server/grpc_status.h"
 
 namespace sy::server {
@@ -22,10 +24,28 @@ v1::FinishReason ToProto(scheduler::FinishReason r) {
   return v1::FINISH_REASON_UNSPECIFIED;
 }
 
+// A request's bytes as M; INVALID_ARGUMENT when they are not one.
+template <typename M>
+absl::Status Parse(const grpc::ByteBuffer* in, M* out) {
+  grpc::ByteBuffer copy(*in);  // Deserialize consumes its buffer (the copy shares the slices)
+  if (grpc::SerializationTraits<M>::Deserialize(&copy, out).ok()) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("request: not a valid ", M::descriptor()->full_name(),
+                   " (malformed protobuf, or invalid UTF-8 in a string field)"));
+}
+
+template <typename M>
+grpc::Status Serialize(const M& msg, grpc::ByteBuffer* out) {
+  bool own = false;
+  return grpc::SerializationTraits<M>::Serialize(msg, out, &own);
+}
+
+}  // namespace
+
 // One Generate call: the engine's sink and the gRPC write reactor. Owned by shared_ptrs held
 // by itself (until OnDone) and by the engine (until OnFinish returns), so neither side can
 // see it destroyed. Writes: a queue and one write in flight; after Finish nothing is written.
-class GenerateStream final : public grpc::ServerWriteReactor<v1::GenerateResponse>,
+class GenerateStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
                              public scheduler::RequestSink {
  public:
   GenerateStream(bool stream, ServerMetrics* metrics, std::shared_ptr<std::atomic<int64_t>> active)
@@ -123,8 +143,15 @@ class GenerateStream final : public grpc::ServerWriteReactor<v1::GenerateRespons
   void PumpLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (write_in_flight_ || finish_called_) return;
     if (!queue_.empty()) {
-      current_ = std::move(queue_.front());
+      current_.Clear();
+      grpc::Status s = Serialize(queue_.front(), &current_);
       queue_.pop_front();
+      if (!s.ok()) {  // cannot happen for a message we built; end the call rather than hang
+        queue_.clear();
+        finish_called_ = true;
+        Finish(grpc::Status(grpc::StatusCode::INTERNAL, "could not serialize a response"));
+        return;
+      }
       write_in_flight_ = true;
       StartWrite(&current_);
     } else if (finish_pending_) {
@@ -140,14 +167,12 @@ class GenerateStream final : public grpc::ServerWriteReactor<v1::GenerateRespons
   std::shared_ptr<GenerateStream> self_;
   std::mutex mu_;
   std::deque<v1::GenerateResponse> queue_ ABSL_GUARDED_BY(mu_);
-  v1::GenerateResponse current_ ABSL_GUARDED_BY(mu_);
+  grpc::ByteBuffer current_ ABSL_GUARDED_BY(mu_);  // the write in flight
   bool write_in_flight_ ABSL_GUARDED_BY(mu_) = false;
   bool finish_pending_ ABSL_GUARDED_BY(mu_) = false;
   bool finish_called_ ABSL_GUARDED_BY(mu_) = false;
   grpc::Status final_ ABSL_GUARDED_BY(mu_);
 };
-
-}  // namespace
 
 InferenceService::InferenceService(const InferenceServiceOptions& options,
                                    ServerMetrics* metrics)
@@ -221,20 +246,49 @@ absl::Status InferenceService::ToRequest(const v1::GenerateRequest& in,
   return absl::OkStatus();
 }
 
-grpc::ServerWriteReactor<v1::GenerateResponse>* InferenceService::Generate(
-    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
-  auto stream = std::make_shared<GenerateStream>(!request->has_stream() || request->stream(),
+absl::Status InferenceService::CheckKey(grpc::CallbackServerContext* context) const {
+  if (options_.api_keys.empty()) return absl::OkStatus();
+  const std::string peer = context->peer();
+  SY_RETURN_IF_ERROR(limiter_.Admit(peer));
+  const auto& md = context->client_metadata();
+  auto it = md.find("authorization");
+  if (it != md.end() &&
+      BearerMatches(absl::string_view(it->second.data(), it->second.size()), options_.api_keys))
+    return absl::OkStatus();
+  limiter_.Failed(peer);
+  return absl::UnauthenticatedError(
+      "Inference needs metadata 'authorization: Bearer <API key>' with a key of the server's "
+      "--api-key-file");
+}
+
+grpc::ServerWriteReactor<grpc::ByteBuffer>* InferenceService::Generate(
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* bytes) {
+  v1::GenerateRequest request;
+  absl::Status s = CheckKey(context);
+  if (s.ok()) s = Parse(bytes, &request);
+  auto stream = std::make_shared<GenerateStream>(!request.has_stream() || request.stream(),
                                                  metrics_, active_streams_);
   stream->Bind(stream);
+  if (!s.ok()) {
+    stream->FailNow(s);
+    return stream.get();
+  }
+  Generate(context, request, stream);
+  return stream.get();
+}
+
+void InferenceService::Generate(grpc::CallbackServerContext* context,
+                                const v1::GenerateRequest& request,
+                                const std::shared_ptr<GenerateStream>& stream) {
   scheduler::Engine* engine = engine_.load();
   if (engine == nullptr || draining_.load()) {
     stream->FailNow(absl::UnavailableError(engine == nullptr
                                                ? "the model is still loading; retry shortly"
                                                : "the server is draining; retry elsewhere"));
-    return stream.get();
+    return;
   }
   scheduler::Request r;
-  absl::Status s = ToRequest(*request, engine, &r);
+  absl::Status s = ToRequest(request, engine, &r);
   if (s.ok()) {
     const auto deadline = context->deadline();
     if (deadline != std::chrono::system_clock::time_point::max()) {
@@ -246,22 +300,26 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* InferenceService::Generate(
     s = engine->Submit(std::move(r));
   }
   if (!s.ok()) stream->FailNow(s);
-  return stream.get();
 }
 
 grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerContext* context,
-                                                         const v1::GetModelInfoRequest*,
-                                                         v1::ModelInfo* response) {
+                                                         const grpc::ByteBuffer* bytes,
+                                                         grpc::ByteBuffer* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  if (engine_.load() == nullptr) {
-    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is still loading"));
+  v1::GetModelInfoRequest request;
+  absl::Status s = CheckKey(context);
+  if (s.ok()) s = Parse(bytes, &request);
+  if (s.ok() && engine_.load() == nullptr) s = absl::UnavailableError("the model is still loading");
+  if (!s.ok()) {
+    reactor->Finish(ToGrpcStatus(s));
     return reactor;
   }
+  v1::ModelInfo info;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    *response = model_info_;
+    info = model_info_;
   }
-  reactor->Finish(grpc::Status::OK);
+  reactor->Finish(Serialize(info, response));
   return reactor;
 }
 
@@ -271,9 +329,19 @@ void InferenceService::SetGroupInfo(std::function<GroupInfo()> info) {
 }
 
 grpc::ServerUnaryReactor* InferenceService::GetServerInfo(grpc::CallbackServerContext* context,
-                                                          const v1::GetServerInfoRequest*,
-                                                          v1::ServerInfo* response) {
+                                                          const grpc::ByteBuffer* bytes,
+                                                          grpc::ByteBuffer* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  v1::GetServerInfoRequest request;
+  absl::Status s = CheckKey(context);
+  if (s.ok()) s = Parse(bytes, &request);
+  reactor->Finish(s.ok() ? Serialize(CurrentServerInfo(), response) : ToGrpcStatus(s));
+  return reactor;
+}
+
+v1::ServerInfo InferenceService::CurrentServerInfo() const {
+  v1::ServerInfo info;
+  v1::ServerInfo* response = &info;
   response->set_version("switchyard 0.1");
   response->set_uptime_seconds(
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count());
@@ -297,8 +365,7 @@ grpc::ServerUnaryReactor* InferenceService::GetServerInfo(grpc::CallbackServerCo
     response->set_max_num_batched_tokens(e->options().scheduler.max_num_batched_tokens);
     response->set_requests_total(st.requests_total);
   }
-  reactor->Finish(grpc::Status::OK);
-  return reactor;
+  return info;
 }
 
 }  // namespace sy::server

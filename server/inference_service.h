@@ -1,10 +1,16 @@
 // InferenceService: switchyard.v1.Inference over gRPC's callback API (DESIGN.md §2 step 1, §6).
 //
-// Generate validates and converts the request (text is tokenized here, on the gRPC thread),
-// then hands it to Engine::Submit with a GenerateStream as its sink. GenerateStream is a
-// ServerWriteReactor with its own queue and at most one write in flight; the engine thread
-// pushes chunks into it and never waits on the network (a slow client's chunks are merged).
-// Until SetReady() (model loading) and after SetDraining(), Generate answers UNAVAILABLE.
+// Every method takes its request as raw bytes and parses it itself, so a request that is not
+// valid protobuf (or has invalid UTF-8 in a string) is INVALID_ARGUMENT, not gRPC's own
+// UNIMPLEMENTED. With API keys (`serve --api-key-file`) every call needs metadata
+// "authorization: Bearer KEY" (UNAUTHENTICATED otherwise; a peer that fails 10 times in 10 s is
+// refused for 10 s); health and reflection stay open.
+// Generate validates and converts the request (text is tokenized here, on the gRPC thread,
+// once its byte length shows it can fit the context), then hands it to Engine::Submit with a
+// GenerateStream as its sink. GenerateStream is a ServerWriteReactor with its own queue and at
+// most one write in flight; the engine thread pushes chunks into it and never waits on the
+// network (a slow client's chunks are merged). Until SetReady() (model loading) and after
+// SetDraining(), Generate answers UNAVAILABLE.
 //
 // Thread safety: all methods are called on gRPC threads concurrently; SetReady/SetDraining
 // from the daemon's thread. The engine and tokenizer must outlive the gRPC server.
@@ -17,17 +23,20 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "model/tokenizer.h"
 #include "scheduler/engine.h"
 #include "server/metrics.h"
+#include "server/secrets.h"
 #include "switchyard/v1/inference.grpc.pb.h"
 
 namespace sy::server {
 
 struct InferenceServiceOptions {
   int64_t default_max_new_tokens = 256;  // when a request leaves max_new_tokens unset
+  std::vector<std::string> api_keys;     // empty: no key needed
 };
 
 // What GetServerInfo reports of the rank group (ranks in the epoch in force, placement epoch).
@@ -36,7 +45,15 @@ struct GroupInfo {
   int64_t placement_epoch = 0;
 };
 
-class InferenceService final : public switchyard::v1::Inference::CallbackService {
+class GenerateStream;  // inference_service.cc: one Generate call's reactor and engine sink
+
+// Every method of Inference on the callback API, taking and giving raw bytes.
+using InferenceRawService = switchyard::v1::Inference::WithRawCallbackMethod_Generate<
+    switchyard::v1::Inference::WithRawCallbackMethod_GetModelInfo<
+        switchyard::v1::Inference::WithRawCallbackMethod_GetServerInfo<
+            switchyard::v1::Inference::Service>>>;
+
+class InferenceService final : public InferenceRawService {
  public:
   InferenceService(const InferenceServiceOptions& options, ServerMetrics* metrics);
 
@@ -51,23 +68,33 @@ class InferenceService final : public switchyard::v1::Inference::CallbackService
   int64_t active_streams() const { return active_streams_->load(); }
   bool serving() const { return engine_.load() != nullptr && !draining_.load(); }
 
-  grpc::ServerWriteReactor<switchyard::v1::GenerateResponse>* Generate(
-      grpc::CallbackServerContext* context,
-      const switchyard::v1::GenerateRequest* request) override;
+  // Failed API key checks go to `f` too (a metric's counter); call before serving.
+  void set_on_auth_failure(std::function<void()> f) { limiter_.set_on_failure(std::move(f)); }
+  int64_t auth_failures() const { return limiter_.failures(); }
+
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Generate(grpc::CallbackServerContext* context,
+                                                       const grpc::ByteBuffer* request) override;
   grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context,
-                                         const switchyard::v1::GetModelInfoRequest* request,
-                                         switchyard::v1::ModelInfo* response) override;
+                                         const grpc::ByteBuffer* request,
+                                         grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context,
-                                          const switchyard::v1::GetServerInfoRequest* request,
-                                          switchyard::v1::ServerInfo* response) override;
+                                          const grpc::ByteBuffer* request,
+                                          grpc::ByteBuffer* response) override;
 
  private:
+  // OK, or UNAUTHENTICATED / RESOURCE_EXHAUSTED when API keys are set and the call has none.
+  absl::Status CheckKey(grpc::CallbackServerContext* context) const;
+  void Generate(grpc::CallbackServerContext* context, const switchyard::v1::GenerateRequest& request,
+                const std::shared_ptr<GenerateStream>& stream);
+  switchyard::v1::ServerInfo CurrentServerInfo() const;
+
   // Builds the engine request from the proto (InvalidArgument naming the field).
   absl::Status ToRequest(const switchyard::v1::GenerateRequest& in, scheduler::Engine* engine,
                          scheduler::Request* out) const;
 
   InferenceServiceOptions options_;
   ServerMetrics* metrics_;
+  mutable AuthLimiter limiter_;
   std::atomic<scheduler::Engine*> engine_{nullptr};
   std::atomic<const model::Tokenizer*> tokenizer_{nullptr};
   // Longest text (bytes) that could fit the context; longer ones are refused untokenized.
@@ -79,7 +106,7 @@ class InferenceService final : public switchyard::v1::Inference::CallbackService
   std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
   mutable std::mutex mu_;
   switchyard::v1::ModelInfo model_info_ ABSL_GUARDED_BY(mu_);
-  std::mutex group_mu_;
+  mutable std::mutex group_mu_;
   std::function<GroupInfo()> group_info_ ABSL_GUARDED_BY(group_mu_);
 };
 

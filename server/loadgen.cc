@@ -120,6 +120,7 @@ absl::StatusOr<LoadgenReport> RunLoadgen(const LoadgenOptions& o) {
   v1::ModelInfo info;
   {
     grpc::ClientContext ctx;
+    if (!o.api_key.empty()) ctx.AddMetadata("authorization", "Bearer " + o.api_key);
     grpc::Status s = stub->GetModelInfo(&ctx, v1::GetModelInfoRequest(), &info);
     if (!s.ok()) return absl::UnavailableError(absl::StrCat("GetModelInfo: ", s.error_message()));
   }
@@ -157,6 +158,7 @@ absl::StatusOr<LoadgenReport> RunLoadgen(const LoadgenOptions& o) {
       grpc::ClientContext ctx;
       ctx.set_deadline(std::chrono::system_clock::now() +
                        std::chrono::milliseconds(static_cast<int64_t>(o.timeout_s * 1000)));
+      if (!o.api_key.empty()) ctx.AddMetadata("authorization", "Bearer " + o.api_key);
       rec.start = Clock::now();
       auto reader = stub->Generate(&ctx, reqs[i]);
       v1::GenerateResponse resp;

@@ -22,6 +22,7 @@ namespace sy::server {
 struct LoadgenOptions {
   std::string addr = "127.0.0.1:50051";
   TlsClientOptions tls;
+  std::string api_key;  // sent as "authorization: Bearer KEY" when set
   int concurrency = 8;
   int requests = 64;
   int prompt_len = 32;

@@ -98,6 +98,12 @@ ServerMetrics::ServerMetrics()
                .Name("switchyard_step_seconds")
                .Help("Duration of one engine step (schedule, forward, sample, postprocess).")
                .Register(r);
+  auth_failures_ = &prometheus::BuildCounter()
+                        .Name("switchyard_auth_failures_total")
+                        .Help("Calls refused for a missing or wrong API key, admin token or "
+                              "cluster signature, by service.")
+                        .Register(r);
+  for (const char* s : {"inference", "admin", "cluster"}) auth_failures_->Add({{"service", s}});
   step_prefill_ = &step_->Add({{"phase", "prefill"}}, kLatency);
   step_decode_ = &step_->Add({{"phase", "decode"}}, kLatency);
   step_mixed_ = &step_->Add({{"phase", "mixed"}}, kLatency);
@@ -138,6 +144,11 @@ absl::Status ServerMetrics::StartExposer(const std::string& host, int port) {
   exposer_ = std::move(*server);
   port_ = exposer_->port();
   return absl::OkStatus();
+}
+
+std::function<void()> ServerMetrics::AuthFailureCounter(const std::string& service) {
+  prometheus::Counter* c = &auth_failures_->Add({{"service", service}});
+  return [c] { c->Increment(); };
 }
 
 void ServerMetrics::RequestFailed(absl::StatusCode code) {

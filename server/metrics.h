@@ -15,6 +15,7 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -42,6 +43,9 @@ class ServerMetrics : public scheduler::EngineObserver {
   void SetEngine(const scheduler::Engine* engine) { engine_.store(engine); }
   // A call that ended with a non-OK status (validation, queue full, abort...).
   void RequestFailed(absl::StatusCode code);
+  // What counts one failed authentication of `service` ("inference", "admin", "cluster") in
+  // switchyard_auth_failures_total{service}; thread-safe.
+  std::function<void()> AuthFailureCounter(const std::string& service);
 
   // EngineObserver (engine thread).
   void OnStep(const scheduler::StepStats& step) override;
@@ -68,6 +72,7 @@ class ServerMetrics : public scheduler::EngineObserver {
   prometheus::Histogram* e2e_;
   prometheus::Histogram* queue_;
   prometheus::Family<prometheus::Histogram>* step_;
+  prometheus::Family<prometheus::Counter>* auth_failures_;
   prometheus::Histogram* step_prefill_;
   prometheus::Histogram* step_decode_;
   prometheus::Histogram* step_mixed_;

@@ -4,7 +4,11 @@
 #include <fstream>
 #include <sstream>
 
+#include <algorithm>
+
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "server/flags.h"
 
 namespace sy::server {
 
@@ -24,6 +28,57 @@ absl::StatusOr<std::string> ReadSecret(const std::string& value, const std::stri
   if (!value.empty()) return value;
   if (const char* e = std::getenv(env)) return std::string(e);
   return std::string();
+}
+
+bool ConstantTimeEquals(absl::string_view a, absl::string_view b) {
+  // Every byte of the longer string is read, so the time does not tell how many bytes match.
+  const size_t n = std::max(a.size(), b.size());
+  unsigned char diff = a.size() == b.size() ? 0 : 1;
+  for (size_t i = 0; i < n; ++i) {
+    const unsigned char x = i < a.size() ? static_cast<unsigned char>(a[i]) : 0;
+    const unsigned char y = i < b.size() ? static_cast<unsigned char>(b[i]) : 0;
+    diff |= x ^ y;
+  }
+  return diff == 0;
+}
+
+absl::StatusOr<std::vector<std::string>> ReadKeys(const std::string& file, const char* flag) {
+  std::ifstream in(file);
+  if (!in) return absl::NotFoundError(absl::StrCat("--", flag, ": cannot read ", file));
+  std::vector<std::string> keys;
+  std::string line;
+  int line_no = 0;
+  while (std::getline(in, line)) {
+    ++line_no;
+    const absl::string_view k = absl::StripAsciiWhitespace(line);
+    if (k.empty() || k.front() == '#') continue;
+    if (k.size() < 16)
+      return absl::InvalidArgumentError(absl::StrCat("--", flag, ": ", file, " line ", line_no,
+                                                     ": a key needs at least 16 bytes"));
+    keys.emplace_back(k);
+  }
+  if (keys.empty())
+    return absl::InvalidArgumentError(absl::StrCat("--", flag, ": ", file, " holds no key"));
+  return keys;
+}
+
+bool BearerMatches(absl::string_view header, const std::vector<std::string>& keys) {
+  constexpr absl::string_view kBearer = "Bearer ";
+  const bool scheme = header.substr(0, kBearer.size()) == kBearer;
+  const absl::string_view got = scheme ? header.substr(kBearer.size()) : header;
+  bool any = false;
+  for (const std::string& k : keys) any |= ConstantTimeEquals(got, k);
+  return scheme && any;
+}
+
+absl::StatusOr<std::string> ApiKeyOption::Read() const {
+  return ReadSecret("", file, "api-key-file", "SWITCHYARD_API_KEY");
+}
+
+void AddApiKeyFlag(FlagSet& flags, ApiKeyOption* o) {
+  flags.Add("api-key-file", &o->file,
+            "file holding the API key sent as 'authorization: Bearer KEY' (else "
+            "$SWITCHYARD_API_KEY)");
 }
 
 std::string AuthLimiter::AddressOf(const std::string& peer) {
@@ -66,6 +121,7 @@ void AuthLimiter::Failed(const std::string& peer) {
   const std::string a = AddressOf(peer);
   std::lock_guard<std::mutex> lock(mu_);
   ++total_;
+  if (on_failure_) on_failure_();
   Peer& p = peers_[a];
   const auto now = std::chrono::steady_clock::now();
   if (now - p.last > window_) p.failures = 0;

@@ -19,11 +19,12 @@
 #include "model/kv_cache.h"
 #include "model/moe_model.h"
 #include "parallel/gloo_communicator.h"
-#include "parallel/grpc_rendezvous_store.h"
 #include "parallel/membership.h"
 #include "scheduler/rank_runner.h"
+#include "server/cluster_auth.h"
 #include "server/cluster_service.h"
 #include "server/daemon.h"
+#include "server/grpc_rendezvous_store.h"
 #include "server/grpc_status.h"
 #include "server/net_address.h"
 #include "server/secrets.h"
@@ -49,11 +50,11 @@ class GrpcMembershipClient final : public parallel::MembershipClient {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + timeout + std::chrono::seconds(5));
     v1::AwaitRestartRequest req;
-    req.set_secret(secret_);
     req.set_rank(id);
     req.set_after_epoch(after_epoch);
     req.set_timeout_ms(timeout.count());
     req.set_instance(instance_);
+    SignRequest(secret_, "AwaitRestart", &req);
     v1::EpochAssignment reply;
     grpc::Status s = stub_->AwaitRestart(&ctx, req, &reply);
     if (!s.ok()) return FromGrpcStatus(s);
@@ -64,9 +65,9 @@ class GrpcMembershipClient final : public parallel::MembershipClient {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
     v1::HeartbeatRequest req;
-    req.set_secret(secret_);
     req.set_rank(id);
     req.set_instance(instance_);
+    SignRequest(secret_, "Heartbeat", &req);
     v1::HeartbeatReply reply;
     grpc::Status s = stub_->Heartbeat(&ctx, req, &reply);
     if (!s.ok()) return FromGrpcStatus(s);
@@ -81,9 +82,9 @@ class GrpcMembershipClient final : public parallel::MembershipClient {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
     v1::LeaveRequest req;
-    req.set_secret(secret_);
     req.set_rank(id);
     req.set_instance(instance_);
+    SignRequest(secret_, "Leave", &req);
     v1::LeaveReply reply;
     return FromGrpcStatus(stub_->Leave(&ctx, req, &reply));
   }
@@ -142,10 +143,9 @@ absl::Status RunWorker(const WorkerOptions& options,
 
   SY_ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> channel, MakeChannel(o.join, o.tls));
   auto stub = v1::Cluster::NewStub(channel);
-  parallel::GrpcRendezvousStore store(channel, o.secret);
+  GrpcRendezvousStore store(channel, o.secret);
   GrpcMembershipClient client(channel, o.secret);
   v1::JoinRequest req;
-  req.set_secret(o.secret);
   req.set_host(o.host);
   req.set_instance(RandomInstance());
   req.set_kv_cache_bytes(o.kv_cache_bytes);
@@ -178,6 +178,7 @@ absl::Status RunWorker(const WorkerOptions& options,
         o.host = *local;
         req.set_host(o.host);
       }
+      SignRequest(o.secret, "Join", &req);  // a fresh nonce and time for every attempt
       grpc::ClientContext ctx;
       ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
       grpc::Status s = stub->Join(&ctx, req, &reply);

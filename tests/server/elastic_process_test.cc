@@ -22,6 +22,7 @@
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "parallel/expert_placement.h"
+#include "server/cluster_auth.h"
 #include "switchyard/v1/cluster.grpc.pb.h"
 #include "tests/server/cluster_testing.h"
 #include "tests/server/server_fixture.h"
@@ -222,7 +223,6 @@ TEST(ElasticRefusalTest, RefusedRequestsChangeNothing) {
   auto cfg = model::ModelConfig::FromFile(dir + "/config.json");
   ASSERT_TRUE(cfg.ok());
   v1::JoinRequest req;
-  req.set_secret(kSecret);
   req.set_host("127.0.0.1");
   req.set_instance(4242);
   req.set_kv_cache_bytes(kKvBytes);
@@ -238,12 +238,14 @@ TEST(ElasticRefusalTest, RefusedRequestsChangeNothing) {
   {
     grpc::ClientContext ctx;
     v1::JoinReply reply;
+    SignRequest(kSecret, "Join", &req);
     ASSERT_TRUE(stub->Join(&ctx, req, &reply).ok());
     EXPECT_EQ(reply.epoch().members_size(), 2);
   }
   {
     grpc::ClientContext ctx;
     v1::JoinReply reply;
+    SignRequest(kSecret, "Join", &req);
     const grpc::Status s = stub->Join(&ctx, req, &reply);
     EXPECT_EQ(s.error_code(), grpc::StatusCode::ALREADY_EXISTS) << s.error_message();
   }

@@ -3,6 +3,8 @@
 // reflection and the /metrics counts.
 #include <atomic>
 #include <cmath>
+#include <fstream>
+#include <future>
 #include <limits>
 #include <thread>
 
@@ -379,6 +381,115 @@ TEST_F(InferenceServiceTest, BadInputGetsInvalidArgumentNamingTheFieldAndServing
   StreamResult big = RunGenerate(*stub_, IdsRequest(huge, 4));
   EXPECT_EQ(big.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << big.status.error_message();
   EXPECT_TRUE(RunGenerate(*stub_, base()).status.ok());
+}
+
+// Sends `bytes` as the request of `method` and returns the call's status (no response
+// message is expected: every case here is refused).
+grpc::Status RawCall(const std::shared_ptr<grpc::Channel>& channel, const std::string& method,
+                     const std::string& bytes) {
+  grpc::GenericStub stub(channel);
+  grpc::Slice slice(bytes);
+  grpc::ByteBuffer request(&slice, 1), response;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  std::promise<grpc::Status> done;
+  stub.UnaryCall(&ctx, method, grpc::StubOptions(), &request, &response,
+                 [&](grpc::Status s) { done.set_value(std::move(s)); });
+  return done.get_future().get();
+}
+
+TEST_F(InferenceServiceTest, BytesThatAreNotTheRequestMessageAreInvalidArgument) {
+  ServeOptions o = TestServeOptions(*model_dir_);
+  o.metrics_port = 0;
+  StartDaemon(o);
+  // (generate_only: the info requests have no field 1, so there it is an unknown field.)
+  struct Case {
+    std::string what, bytes;
+    bool generate_only = false;
+  };
+  const std::vector<Case> cases = {
+      {"a varint that never ends", std::string(11, '\xff')},
+      {"a length past the end", std::string("\x12\x7f\x08\x01", 4)},
+      {"invalid UTF-8 in text", std::string("\x0a\x03\xff\xfe\x41", 5), true},
+      {"a group that never closes", std::string("\x0b", 1)},
+  };
+  for (const auto& [what, bytes, generate_only] : cases) {
+    for (const char* method :
+         {"/switchyard.v1.Inference/Generate", "/switchyard.v1.Inference/GetModelInfo",
+          "/switchyard.v1.Inference/GetServerInfo"}) {
+      if (generate_only && std::string(method).find("Generate") == std::string::npos) continue;
+      const grpc::Status s = RawCall(channel_, method, bytes);
+      EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << what << " to " << method;
+      EXPECT_NE(s.error_message().find("not a valid switchyard.v1."), std::string::npos)
+          << s.error_message();
+    }
+    EXPECT_TRUE(RunGenerate(*stub_, IdsRequest({1, 2, 3}, 2)).status.ok()) << "after " << what;
+  }
+  const std::string text = HttpGet(daemon_->metrics_port(), "/metrics");
+  EXPECT_EQ(MetricValue(text, "switchyard_requests_failed_total{code=\"INVALID_ARGUMENT\"}"),
+            static_cast<double>(cases.size()));  // Generate's refusals are counted
+}
+
+TEST_F(InferenceServiceTest, WithApiKeysEveryCallNeedsOneAndGuessingIsSlowed) {
+  const std::string keys = dir_->path() + "/api-keys";
+  std::ofstream(keys) << "# two keys\nkey-one-0123456789abcdef\n\n  key-two-0123456789abcdef  \n";
+  ServeOptions o = TestServeOptions(*model_dir_);
+  o.metrics_port = 0;
+  o.api_key_file = keys;
+  StartDaemon(o);
+  auto generate = [&](const std::string& authorization) {
+    grpc::ClientContext ctx;
+    if (!authorization.empty()) ctx.AddMetadata("authorization", authorization);
+    auto reader = stub_->Generate(&ctx, IdsRequest({1, 2, 3}, 2));
+    v1::GenerateResponse r;
+    while (reader->Read(&r)) {
+    }
+    return reader->Finish();
+  };
+  EXPECT_TRUE(generate("Bearer key-one-0123456789abcdef").ok());
+  EXPECT_TRUE(generate("Bearer key-two-0123456789abcdef").ok());
+  int refused = 0;
+  for (const std::string bad : {"", "key-one-0123456789abcdef", "Bearer key-one-0123456789abcde",
+                                "Bearer key-one-0123456789abcdef0", "Bearer wrong",
+                                "bearer key-one-0123456789abcdef"}) {
+    const grpc::Status s = generate(bad);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << "'" << bad << "'";
+    EXPECT_NE(s.error_message().find("authorization: Bearer"), std::string::npos);
+    ++refused;
+  }
+  {  // the other methods too; health stays open for load balancers
+    grpc::ClientContext ctx;
+    v1::ModelInfo info;
+    EXPECT_EQ(stub_->GetModelInfo(&ctx, v1::GetModelInfoRequest(), &info).error_code(),
+              grpc::StatusCode::UNAUTHENTICATED);
+    ++refused;
+    EXPECT_EQ(CheckHealth(channel_), HealthStatus::SERVING);
+  }
+  // Ten failures in a row from this address: even the right key waits (RESOURCE_EXHAUSTED).
+  while (refused < 10) {
+    EXPECT_EQ(generate("Bearer guess").error_code(), grpc::StatusCode::UNAUTHENTICATED);
+    ++refused;
+  }
+  EXPECT_EQ(generate("Bearer key-one-0123456789abcdef").error_code(),
+            grpc::StatusCode::RESOURCE_EXHAUSTED);
+  const std::string text = HttpGet(daemon_->metrics_port(), "/metrics");
+  EXPECT_EQ(MetricValue(text, "switchyard_auth_failures_total{service=\"inference\"}"), 10);
+  EXPECT_EQ(MetricValue(text, "switchyard_auth_failures_total{service=\"admin\"}"), 0);
+}
+
+TEST_F(InferenceServiceTest, AnApiKeyFileThatCannotServeIsAnErrorAtStart) {
+  const std::string empty = dir_->path() + "/no-keys", short_key = dir_->path() + "/short-key";
+  std::ofstream(empty) << "# nothing\n\n";
+  std::ofstream(short_key) << "abc\n";
+  for (const auto& [file, says] : std::vector<std::pair<std::string, std::string>>{
+           {empty, "holds no key"}, {short_key, "at least 16 bytes"}, {dir_->path() + "/none", "cannot read"}}) {
+    ServeOptions o = TestServeOptions(*model_dir_);
+    o.api_key_file = file;
+    auto d = Daemon::Start(o);
+    ASSERT_FALSE(d.ok()) << file;
+    EXPECT_NE(d.status().message().find("--api-key-file"), std::string::npos) << d.status();
+    EXPECT_NE(d.status().message().find(says), std::string::npos) << d.status();
+  }
 }
 
 TEST_F(InferenceServiceTest, ModelAndServerInfoDescribeTheDaemon) {

@@ -55,5 +55,26 @@ TEST(AuthLimiterTest, PeerStringsGiveAddressesAndLoopbackIsRecognised) {
   EXPECT_FALSE(AuthLimiter::IsLoopback("ipv4:172.17.0.1:1"));
 }
 
+TEST(SecretsTest, ConstantTimeEqualsComparesWholeStrings) {
+  EXPECT_TRUE(ConstantTimeEquals("abc", "abc"));
+  EXPECT_TRUE(ConstantTimeEquals("", ""));
+  EXPECT_FALSE(ConstantTimeEquals("abc", "abd"));
+  EXPECT_FALSE(ConstantTimeEquals("abc", "abcd"));
+  EXPECT_FALSE(ConstantTimeEquals("abcd", "abc"));
+  EXPECT_FALSE(ConstantTimeEquals("", "a"));
+}
+
+TEST(SecretsTest, BearerMatchesOnlyTheWholeSchemeAndKey) {
+  const std::vector<std::string> keys = {"first-key-0123456789", "second-key-0123456789"};
+  EXPECT_TRUE(BearerMatches("Bearer first-key-0123456789", keys));
+  EXPECT_TRUE(BearerMatches("Bearer second-key-0123456789", keys));
+  EXPECT_FALSE(BearerMatches("first-key-0123456789", keys));
+  EXPECT_FALSE(BearerMatches("Bearer first-key-012345678", keys));
+  EXPECT_FALSE(BearerMatches("Bearer first-key-0123456789x", keys));
+  EXPECT_FALSE(BearerMatches("Basic first-key-0123456789", keys));
+  EXPECT_FALSE(BearerMatches("Bearer ", keys));
+  EXPECT_FALSE(BearerMatches("", {}));
+}
+
 }  // namespace
 }  // namespace sy::server
