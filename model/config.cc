@@ -18,9 +18,44 @@ using nlohmann::json;
 absl::StatusOr<int64_t> GetInt(const json& j, const char* key, int64_t def, const std::string& path) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) return def;
-  if (!it->is_number_integer() && !(it->is_number() && it->get<double>() == static_cast<int64_t>(it->get<double>())))
-    return absl::InvalidArgumentError(absl::StrCat(path, ": field '", key, "' must be an integer"));
-  return it->get<int64_t>();
+  auto bad = [&] {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": field '", key, "' must be an integer within 64 bits"));
+  };
+  if (it->is_number_unsigned()) {
+    if (it->get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)) return bad();
+    return static_cast<int64_t>(it->get<uint64_t>());
+  }
+  if (it->is_number_integer()) return it->get<int64_t>();
+  if (!it->is_number()) return bad();
+  // 4096.0 is 4096; the range check comes first (casting a larger double is undefined).
+  const double d = it->get<double>();
+  if (!(d >= -9.2e18 && d <= 9.2e18) || d != std::floor(d)) return bad();
+  return static_cast<int64_t>(d);
+}
+
+absl::StatusOr<std::string> GetString(const json& j, const char* key, const std::string& path) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return std::string();
+  if (!it->is_string())
+    return absl::InvalidArgumentError(absl::StrCat(path, ": field '", key, "' must be a string"));
+  return it->get<std::string>();
+}
+
+// A token id field (bos_token_id, eos_token_id and its list): integers in [0, 2^31).
+absl::Status AppendTokenIds(const json& v, const char* key, const std::string& path,
+                            std::vector<int32_t>* out) {
+  if (v.is_null()) return absl::OkStatus();
+  auto one = [&](const json& x) -> absl::Status {
+    if (!x.is_number_integer() || x.get<int64_t>() < 0 || x.get<int64_t>() > INT32_MAX)
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": ", key, " must be a token id (a non-negative integer), got ", x.dump()));
+    out->push_back(static_cast<int32_t>(x.get<int64_t>()));
+    return absl::OkStatus();
+  };
+  if (!v.is_array()) return one(v);
+  for (const json& x : v) SY_RETURN_IF_ERROR(one(x));
+  return absl::OkStatus();
 }
 
 absl::StatusOr<double> GetNum(const json& j, const char* key, double def, const std::string& path) {
@@ -59,6 +94,15 @@ bool ModelConfig::IsMoeLayer(int64_t layer) const {
 }
 
 absl::StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& text, const std::string& path) {
+  // Every field is read through a type check; this catches whatever one of them missed.
+  try {
+    return Parse(text, path);
+  } catch (const json::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": ", e.what()));
+  }
+}
+
+absl::StatusOr<ModelConfig> ModelConfig::Parse(const std::string& text, const std::string& path) {
   json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object())
     return absl::InvalidArgumentError(absl::StrCat(path, ": not a JSON object"));
@@ -69,7 +113,7 @@ absl::StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& text, const
       j["architectures"][0].is_string()) {
     arch_name = j["architectures"][0].get<std::string>();
   }
-  std::string model_type = j.value("model_type", std::string());
+  SY_ASSIGN_OR_RETURN(std::string model_type, GetString(j, "model_type", path));
   c.model_type = model_type;
   if (arch_name == "MixtralForCausalLM" || (arch_name.empty() && model_type == "mixtral")) {
     c.arch = Arch::kMixtral;
@@ -174,16 +218,16 @@ absl::StatusOr<ModelConfig> ModelConfig::FromJson(const std::string& text, const
     return absl::InvalidArgumentError(absl::StrCat(path, ": hidden_act '",
                                                    j["hidden_act"].get<std::string>(),
                                                    "' is not supported (only silu)"));
-  if (j.contains("bos_token_id") && j["bos_token_id"].is_number_integer())
-    c.bos_token_id = j["bos_token_id"].get<int32_t>();
-  if (j.contains("eos_token_id")) {
-    const auto& e = j["eos_token_id"];
-    if (e.is_number_integer()) c.eos_token_ids.push_back(e.get<int32_t>());
-    if (e.is_array())
-      for (const auto& v : e)
-        if (v.is_number_integer()) c.eos_token_ids.push_back(v.get<int32_t>());
+  if (j.contains("bos_token_id")) {
+    std::vector<int32_t> bos;
+    SY_RETURN_IF_ERROR(AppendTokenIds(j["bos_token_id"], "bos_token_id", path, &bos));
+    if (bos.size() > 1)
+      return absl::InvalidArgumentError(absl::StrCat(path, ": bos_token_id must be one id"));
+    if (!bos.empty()) c.bos_token_id = bos[0];
   }
-  c.torch_dtype = j.value("torch_dtype", std::string());
+  if (j.contains("eos_token_id"))
+    SY_RETURN_IF_ERROR(AppendTokenIds(j["eos_token_id"], "eos_token_id", path, &c.eos_token_ids));
+  SY_ASSIGN_OR_RETURN(c.torch_dtype, GetString(j, "torch_dtype", path));
 
   // Consistency.
   auto positive = [&](int64_t v, const char* name) -> absl::Status {

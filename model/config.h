@@ -56,6 +56,9 @@ struct ModelConfig {
   // unknown architecture, a missing required field, or inconsistent sizes.
   static absl::StatusOr<ModelConfig> FromJson(const std::string& text, const std::string& path);
   static absl::StatusOr<ModelConfig> FromFile(const std::string& path);
+
+ private:
+  static absl::StatusOr<ModelConfig> Parse(const std::string& text, const std::string& path);
 };
 
 const char* ArchName(Arch arch);  // "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"

@@ -261,7 +261,7 @@ void Engine::Step() {
   const int64_t total = pools_.num_blocks();
   st.kv_usage = total > 0 ? 1.0 - static_cast<double>(pools_.num_free_blocks()) / total : 0.0;
   if (observer_ != nullptr) observer_->OnStep(st);
-  PublishStats();
+  PublishStats(/*may_be_idle=*/false);  // idle only once the sinks below have their ends
   for (Retired& r : retired) r.sink->OnFinish(r.completion);
 }
 
@@ -397,7 +397,7 @@ Engine::Retired Engine::Retire(Sequence* seq, FinishReason reason, absl::Status 
   return {std::move(owned->request.sink), std::move(c)};
 }
 
-void Engine::PublishStats() {
+void Engine::PublishStats(bool may_be_idle) {
   num_running_ = scheduler_.num_running();
   kv_free_ = pools_.num_free_blocks();
   kv_total_ = pools_.num_blocks();
@@ -409,6 +409,7 @@ void Engine::PublishStats() {
   executor_->ReportPools(usage_);
   std::lock_guard<std::mutex> lock(mu_);
   num_waiting_ = scheduler_.num_waiting();
+  if (!may_be_idle) return;
   busy_ = !scheduler_.empty();
   if (!busy_ && intake_.empty()) idle_cv_.notify_all();
 }

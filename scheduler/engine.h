@@ -136,7 +136,9 @@ class Engine {
     Completion completion;
   };
   Retired Retire(Sequence* seq, FinishReason reason, absl::Status status);
-  void PublishStats();
+  // The gauges stats() reads; with may_be_idle, also whether the engine is idle (waking
+  // WaitIdle), which must wait until every finished request's sink has been told.
+  void PublishStats(bool may_be_idle = true);
 
   std::unique_ptr<StepExecutor> executor_;
   const model::Tokenizer* tokenizer_;

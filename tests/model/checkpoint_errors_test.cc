@@ -256,6 +256,13 @@ TEST(ConfigTest, OutOfRangeValuesAreRefusedNamingTheFileAndKeyBeforeAnyAllocatio
       {R"({"architectures":["MixtralForCausalLM"],"rope_theta":-5})", "rope_theta"},
       {R"({"architectures":["MixtralForCausalLM"],"rms_norm_eps":-1})", "rms_norm_eps"},
       {R"({"architectures":["MixtralForCausalLM"],"rms_norm_eps":0})", "rms_norm_eps"},
+      // Wrong types (found by the config.json fuzzer: these used to throw out of the parser).
+      {R"({"model_type":5})", "model_type"},
+      {R"({"architectures":["MixtralForCausalLM"],"torch_dtype":["bfloat16"]})", "torch_dtype"},
+      {R"({"architectures":["MixtralForCausalLM"],"num_hidden_layers":1e300})", "num_hidden_layers"},
+      {R"({"architectures":["MixtralForCausalLM"],"hidden_size":18446744073709551615})", "hidden_size"},
+      {R"({"architectures":["MixtralForCausalLM"],"eos_token_id":"</s>"})", "eos_token_id"},
+      {R"({"architectures":["MixtralForCausalLM"],"bos_token_id":4294967296})", "bos_token_id"},
   };
   for (const Case& c : cases) {
     auto r = ModelConfig::FromJson(c.json, "config.json");
