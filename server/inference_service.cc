@@ -8,6 +8,7 @@
 #include "grpcpp/impl/codegen/proto_utils.h"
 #include "kernels/core/logging.h"
 #include "kernels/core/status.h"
+#include "server/generate_request.h"
 #include "server/grpc_status.h"
 
 namespace sy::server {
@@ -184,18 +185,8 @@ void InferenceService::SetReady(scheduler::Engine* engine, const model::Tokenize
     std::lock_guard<std::mutex> lock(mu_);
     model_info_ = info;
   }
-  if (tokenizer != nullptr && engine != nullptr) {
-    // Every token covers at least one byte of (normalised) text and at most the longest
-    // token's bytes; normalisation shrinks text by at most 4x (one UTF-8 character to one
-    // byte). A text longer than this cannot fit the context, and is refused before the
-    // tokenizer spends time on it on a gRPC thread.
-    size_t longest = 1;
-    for (int64_t id = 0; id < tokenizer->vocab_size(); ++id) {
-      const int32_t one = static_cast<int32_t>(id);
-      longest = std::max(longest, tokenizer->DecodeBytes({&one, 1}, false, false).size());
-    }
-    max_prompt_bytes_ = 4 * longest * static_cast<size_t>(engine->limits().context_length + 1);
-  }
+  if (tokenizer != nullptr && engine != nullptr)
+    max_prompt_bytes_ = MaxPromptBytes(*tokenizer, engine->limits().context_length);
   tokenizer_.store(tokenizer);
   engine_.store(engine);
 }
@@ -205,42 +196,12 @@ void InferenceService::SetDraining() { draining_ = true; }
 absl::Status InferenceService::ToRequest(const v1::GenerateRequest& in,
                                          scheduler::Engine* engine,
                                          scheduler::Request* out) const {
-  switch (in.input_case()) {
-    case v1::GenerateRequest::kText: {
-      if (in.text().empty()) return absl::InvalidArgumentError("text: empty prompt");
-      if (in.text().size() > max_prompt_bytes_.load())
-        return absl::InvalidArgumentError(absl::StrCat(
-            "text: ", in.text().size(), " bytes cannot fit the context of ",
-            engine->limits().context_length, " tokens"));
-      const model::Tokenizer* tok = tokenizer_.load();
-      if (tok == nullptr)
-        return absl::InvalidArgumentError(
-            "text: this model has no tokenizer.json; send token_ids instead");
-      out->prompt = tok->Encode(in.text(), tok->bos_id().has_value());
-      if (out->prompt.empty()) return absl::InvalidArgumentError("text: no tokens");
-      break;
-    }
-    case v1::GenerateRequest::kTokenIds:
-      if (in.token_ids().ids_size() == 0)
-        return absl::InvalidArgumentError("token_ids: empty prompt");
-      out->prompt.assign(in.token_ids().ids().begin(), in.token_ids().ids().end());
-      break;
-    default:
-      return absl::InvalidArgumentError("input: set either text or token_ids");
-  }
-  const v1::SamplingParams& s = in.sampling();
-  scheduler::GenerationParams& p = out->params;
-  p.sampling.temperature = s.temperature();
-  p.sampling.top_p = s.has_top_p() ? s.top_p() : 1.f;
-  p.sampling.top_k = s.top_k();
-  p.sampling.seed = s.seed();
-  const int64_t room = engine->limits().context_length - static_cast<int64_t>(out->prompt.size());
-  p.max_new_tokens = s.has_max_new_tokens()
-                         ? s.max_new_tokens()
-                         : std::max<int64_t>(1, std::min(options_.default_max_new_tokens, room));
-  p.stop_token_ids.assign(s.stop_token_ids().begin(), s.stop_token_ids().end());
-  p.stop_strings.assign(s.stop().begin(), s.stop().end());
-  p.ignore_eos = s.ignore_eos();
+  GenerateRequestContext ctx;
+  ctx.tokenizer = tokenizer_.load();
+  ctx.max_prompt_bytes = max_prompt_bytes_.load();
+  ctx.context_length = engine->limits().context_length;
+  ctx.default_max_new_tokens = options_.default_max_new_tokens;
+  SY_RETURN_IF_ERROR(ToEngineRequest(in, ctx, out));
   out->id = in.request_id().empty() ? absl::StrCat("req-", next_request_id_.fetch_add(1) + 0)
                                     : in.request_id();
   return absl::OkStatus();
