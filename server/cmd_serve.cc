@@ -153,6 +153,8 @@ int ServeCommand(int argc, char** argv) {
             "expert slots per rank and MoE layer (0: ceil(experts / ranks)); extra slots start "
             "empty and let a rebalance replicate hot experts");
   AddAdminFlags(flags, &o.admin);
+  flags.MarkSecret("secret", "secret-file");
+  flags.MarkSecret("admin-token", "admin-token-file");
   if (int rc = flags.ParseOrExitCode(argc, argv); rc >= 0) return rc;
   absl::Status s;
 

@@ -51,6 +51,7 @@ int WorkerCommand(int argc, char** argv) {
   flags.Add("tls-server-name", &o.tls.server_name, "name to check in the leader's certificate");
   flags.Add("rejoin", &o.rejoin,
             "join again as a new rank when fenced (declared dead while stopped or cut off)");
+  flags.MarkSecret("secret", "secret-file");
   if (int rc = flags.ParseOrExitCode(argc, argv); rc >= 0) return rc;
   struct sigaction sa {};
   sa.sa_handler = OnWorkerSignal;

@@ -1,6 +1,7 @@
 #include "server/flags.h"
 
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 
@@ -163,19 +164,34 @@ absl::Status FlagSet::Parse(int argc, char** argv) {
     if (f == nullptr)
       return absl::InvalidArgumentError(
           absl::StrCat("unknown flag --", name, " for '", command_, "' (see --help)"));
+    char* value_bytes = nullptr;  // where the value sits in argv
     if (!has_value) {
       if (f->is_bool) {
         value = "true";
       } else if (i + 1 < argc) {
         value = argv[++i];
+        value_bytes = argv[i];
       } else {
         return absl::InvalidArgumentError(absl::StrCat("--", name, " needs a value"));
       }
+    } else {
+      value_bytes = argv[i] + 2 + eq + 1;
     }
     absl::Status s = Apply(f, value);
     if (!s.ok()) return s;
+    if (!f->secret_file_flag.empty() && value_bytes != nullptr && !value.empty()) {
+      std::memset(value_bytes, 'x', std::strlen(value_bytes));
+      std::fprintf(stderr,
+                   "%s: warning: --%s on the command line shows in ps until now; --%s keeps it "
+                   "out\n",
+                   command_.c_str(), name.c_str(), f->secret_file_flag.c_str());
+    }
   }
   return absl::OkStatus();
+}
+
+void FlagSet::MarkSecret(const std::string& name, const std::string& file_flag) {
+  if (Flag* f = Find(name)) f->secret_file_flag = file_flag;
 }
 
 int FlagSet::ParseOrExitCode(int argc, char** argv) {

@@ -26,6 +26,11 @@ class FlagSet {
   void Add(const std::string& name, double* value, const std::string& help);
   void Add(const std::string& name, bool* value, const std::string& help);
 
+  // A flag whose value is a secret: when it is given on the command line, Parse overwrites
+  // its bytes in argv (so /proc/PID/cmdline and ps show x's from then on) and warns on stderr
+  // that a file flag keeps it out of ps altogether.
+  void MarkSecret(const std::string& name, const std::string& file_flag);
+
   // InvalidArgument naming the flag on an unknown flag or bad value.
   absl::Status Parse(int argc, char** argv);
   // Parse for a subcommand: on --help prints the usage to stdout and returns 0; on a bad flag
@@ -43,6 +48,7 @@ class FlagSet {
     bool* bool_ptr = nullptr;
     std::function<absl::Status(const std::string&)> set;
     bool was_set = false;
+    std::string secret_file_flag;  // set: a secret (MarkSecret)
   };
   Flag* Find(const std::string& name);
   absl::Status Apply(Flag* f, const std::string& value);

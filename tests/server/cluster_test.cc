@@ -276,5 +276,35 @@ TEST(ClusterSecurityTest, SecretsFromFilesStayOutOfPsAndGuessingIsSlowed) {
   EXPECT_FALSE(leader.Exited());
 }
 
+TEST(ClusterSecurityTest, SecretsGivenOnTheCommandLineAreOverwrittenInPsWithAWarning) {
+  Watchdog dog(seconds(120));
+  const std::string tmp = sy::testing::MakeTempDir("secret-argv");
+  const std::string admin_token = "admin-token-0123456789";
+  Child leader(tmp, "leader",
+               {"serve", "--model", TinyDir(), "--host", "127.0.0.1", "--port", "0",
+                "--metrics-port", "-1", "--cluster-port", "0", "--secret", kSecret,
+                absl::StrCat("--admin-token=", admin_token), "--kv-cache-bytes",
+                absl::StrCat(kKvBytes)});
+  const int cluster_port = PortAfterColon(leader.WaitForLine("cluster service on ", milliseconds(30000)));
+  ASSERT_GT(cluster_port, 0) << leader.err();
+  Child worker(tmp, "worker",
+               {"worker", "--join", absl::StrCat("127.0.0.1:", cluster_port), "--secret", kSecret,
+                "--model", TinyDir(), "--kv-cache-bytes", absl::StrCat(kKvBytes)});
+  const auto until = std::chrono::steady_clock::now() + seconds(30);
+  while (worker.err().find("joined") == std::string::npos && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(milliseconds(20));
+  EXPECT_NE(worker.err().find("joined"), std::string::npos) << worker.err() << leader.err();
+  for (pid_t pid : {leader.pid(), worker.pid()}) {
+    const std::string cmdline = sy::testing::ReadFile(absl::StrCat("/proc/", pid, "/cmdline"));
+    EXPECT_EQ(cmdline.find(kSecret), std::string::npos) << "the secret shows in ps";
+    EXPECT_EQ(cmdline.find(admin_token), std::string::npos) << "the admin token shows in ps";
+    EXPECT_NE(cmdline.find("--secret"), std::string::npos);  // the flag itself stays
+  }
+  EXPECT_NE(leader.err().find("warning: --secret on the command line"), std::string::npos)
+      << leader.err();
+  EXPECT_NE(leader.err().find("--admin-token-file keeps it out"), std::string::npos) << leader.err();
+  EXPECT_NE(worker.err().find("--secret-file keeps it out"), std::string::npos) << worker.err();
+}
+
 }  // namespace
 }  // namespace sy::server
