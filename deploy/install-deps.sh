@@ -6,7 +6,7 @@ PKGS=(
   build-essential cmake ninja-build pkg-config git
   libgtest-dev libgmock-dev libbenchmark-dev
   libabsl-dev libprotobuf-dev protobuf-compiler libgrpc++-dev protobuf-compiler-grpc
-  prometheus-cpp-dev libgloo-dev coinor-libcbc-dev libopenblas-dev nlohmann-json3-dev
+  prometheus-cpp-dev libgloo-dev coinor-libcbc-dev nlohmann-json3-dev
   python3 python3-grpcio python3-protobuf libssl-dev
   clang libclang-rt-14-dev
 )

@@ -5,7 +5,8 @@
 //   LocalCommunicator  (local_communicator.h): N ranks as threads of one process;
 //   GlooCommunicator   (gloo_communicator.h):  ranks as processes over TCP (Gloo);
 //   NcclCommunicator   (nccl_communicator.h):  GPUs (NCCL), built with SY_HAVE_CUDA;
-//   FaultyCommunicator (faulty_communicator.h): a wrapper failing or stalling the Nth call.
+//   FaultyCommunicator (tests/testing/faulty_communicator.h, tests only): a wrapper failing
+//   or stalling the Nth call.
 //
 // Contract of every collective:
 //   * every rank of the group calls the same collectives in the same order, also a rank with

@@ -235,9 +235,8 @@ void SumRows(const RowSum& sum, int64_t n, float* out_f32, uint16_t* out_bf16) {
   }
 }
 
-const char* DispatchRowsLevel() { return kernels::cpu::CpuLevelName(Level()); }
 
-void TEST_SetDispatchRowsLevel(int level) {
+void OverrideDispatchRowsLevel(int level) {
   SY_CHECK_LE(level, static_cast<int>(kernels::cpu::DetectCpuLevel()));
   test_level.store(level, std::memory_order_relaxed);
 }

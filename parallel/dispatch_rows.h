@@ -41,10 +41,9 @@ struct RowSum {
 };
 void SumRows(const RowSum& sum, int64_t n, float* out_f32, uint16_t* out_bf16);
 
-// Which implementation the kernels above use ("avx512bf16", "avx512", "portable").
-const char* DispatchRowsLevel();
-// Tests: use `level` (0 portable, 1 AVX-512, 2 AVX-512-BF16, as kernels::cpu::CpuLevel)
-// from now on, or the detected level again for -1. A level above the detected one is a bug.
-void TEST_SetDispatchRowsLevel(int level);
+// Makes the kernels above use `level` (0 portable, 1 AVX-512, 2 AVX-512-BF16, as
+// kernels::cpu::CpuLevel) from now on, or the detected level again for -1, so that every path
+// can be checked on one machine. A level above the detected one is a bug.
+void OverrideDispatchRowsLevel(int level);
 
 }  // namespace sy::parallel

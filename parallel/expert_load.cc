@@ -75,15 +75,6 @@ planner::RoutingTrace ExpertLoadRecorder::Snapshot() const {
   return t;
 }
 
-void ExpertLoadRecorder::Reset() {
-  std::lock_guard<std::mutex> lock(mu_);
-  window_.clear();
-  window_tokens_.clear();
-  paths_.clear();
-  for (auto& c : totals_) std::fill(c.begin(), c.end(), 0);
-  total_tokens_ = 0;
-}
-
 int64_t ExpertLoadRecorder::steps_recorded() const {
   std::lock_guard<std::mutex> lock(mu_);
   return steps_;

@@ -11,7 +11,7 @@
 // Cost: O(tokens × k) counter increments and a copy of the ids per layer; measured under 1 %
 // of a decode step (bench/model_bench with --record-load).
 //
-// Thread safety: Record/EndStep from the engine thread; Snapshot/Reset from any thread
+// Thread safety: Record/EndStep from the engine thread; Snapshot from any thread
 // (one mutex; the engine holds it only for the O(T·k) update).
 #pragma once
 
@@ -48,7 +48,6 @@ class ExpertLoadRecorder {
   // The window as a trace: expert_counts [L][E] summed over the window, token_paths of the
   // last max_paths tokens, num_tokens = tokens in the window.
   planner::RoutingTrace Snapshot() const;
-  void Reset();
   int64_t steps_recorded() const;
 
  private:

@@ -1,6 +1,6 @@
 // The fast CPU backend ("cpu"): AVX-512-BF16 / AVX-512 kernels (kernels/cpu/cpu_kernels.h)
 // behind the Backend seam, parallelised on ThreadPool::Default() (one pool, no nested
-// parallel regions; OpenBLAS is held to one thread and called only inside our pool's tasks).
+// parallel regions).
 //
 // Created by MakeBackend("cpu") / MakeBackend("auto") (kernels/backend_registry.cc); the
 // tests build one per CPU level to check every path against the reference backend.

@@ -158,18 +158,9 @@ inline void RowsBf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t 
   }
 }
 
-#ifndef SY_TILE_TOKENS
-#define SY_TILE_TOKENS 8
-#endif
-constexpr int kTileTokens = SY_TILE_TOKENS;
-#ifndef SY_LARGE_TILE_MIN_TOKENS
-#define SY_LARGE_TILE_MIN_TOKENS 24
-#endif
-constexpr int64_t kLargeTileMinTokens = SY_LARGE_TILE_MIN_TOKENS;
-#ifndef SY_TILE_TOKENS_F32
-#define SY_TILE_TOKENS_F32 6
-#endif
-constexpr int kTileTokensF32 = SY_TILE_TOKENS_F32;
+constexpr int kTileTokens = 8;
+constexpr int64_t kLargeTileMinTokens = 24;
+constexpr int kTileTokensF32 = 6;
 
 // The last `mt` (< kTileTokens) tokens.
 template <int MT>

@@ -24,8 +24,8 @@ std::vector<int> Levels() {
 
 class DispatchRowsTest : public ::testing::TestWithParam<int> {
  protected:
-  void SetUp() override { TEST_SetDispatchRowsLevel(GetParam()); }
-  void TearDown() override { TEST_SetDispatchRowsLevel(-1); }
+  void SetUp() override { OverrideDispatchRowsLevel(GetParam()); }
+  void TearDown() override { OverrideDispatchRowsLevel(-1); }
 };
 
 // Normal values, ties of the rounding, NaN, ±inf, the largest finite float (rounds to inf),

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
-#include "parallel/faulty_communicator.h"
+#include "tests/testing/faulty_communicator.h"
 #include "parallel/local_communicator.h"
 #include "tests/parallel/multi_rank_testing.h"
 

@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
-#include "parallel/faulty_communicator.h"
+#include "tests/testing/faulty_communicator.h"
 #include "tests/parallel/multi_rank_testing.h"
 
 namespace sy::parallel {

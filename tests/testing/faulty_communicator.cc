@@ -1,4 +1,4 @@
-#include "parallel/faulty_communicator.h"
+#include "tests/testing/faulty_communicator.h"
 
 #include <thread>
 
