@@ -59,7 +59,7 @@ struct EpDispatchOptions {
   // (Communicator::StartAllToAllV), and add the returned partial sums after it. Hides the
   // own share behind the transfer or a slower peer, at the price of a second pass over the
   // tokens served both here and remotely. Off by default: on the 2-core test host it did not
-  // pay (parallel/README.md, dispatch overhead); it is meant for links slower than memory.
+  // pay (parallel/NOTES.md, dispatch overhead); it is meant for links slower than memory.
   bool overlap_combine = false;
 };
 

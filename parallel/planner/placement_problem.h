@@ -26,9 +26,10 @@ struct PlacementProblem {
   std::vector<double> loads;          // [E] assignments per token
   std::vector<CoActivation> pairs;    // co-activated pairs, by weight descending (may be empty)
   // Load scenarios: the loads of W time windows of the planning data ([W][E], each like
-  // `loads`), empty when only the mean is known. The straggler load M of the objective is the
-  // worst over `loads` and every scenario, so a plan is judged by how it copes with the load
-  // moving, not only by its fit to the mean.
+  // `loads`), empty when only the mean is known. The straggler load M of the objective is taken
+  // over `loads` and every scenario (their worst, or their mean with average_scenarios, see
+  // planner.h), so a plan is judged by how it copes with the load moving, not only by its fit
+  // to the mean.
   std::vector<std::vector<double>> scenario_loads;
   // Current placement of this layer: physical_to_logical over current_num_ranks *
   // current_slots_per_rank slots (the rank count may differ: scale-up/down). Empty: none.
