@@ -74,11 +74,15 @@ void SumRowsPortable(const RowSum& s, int64_t n, float* out_f32, uint16_t* out_b
 // ---- AVX-512 ---------------------------------------------------------------------------------
 // Per-function target (as kernels/cpu/gemm_avx512.cc): the binary still runs on CPUs without
 // AVX-512; these are only called when DetectCpuLevel() says the instructions exist.
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+#endif
 
 namespace sy::parallel {
 namespace {
@@ -187,8 +191,12 @@ void SumRowsAvx512(const RowSum& s, int64_t n, float* out_f32, uint16_t* out_bf1
 }  // namespace
 }  // namespace sy::parallel
 
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
+#endif
 
 namespace sy::parallel {
 namespace {

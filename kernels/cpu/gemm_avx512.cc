@@ -1,7 +1,7 @@
 // AVX-512 / AVX-512-BF16 kernels of the fast CPU backend (see cpu_kernels.h).
 //
-// Everything below the `#pragma GCC target` line is compiled for AVX-512 only (a per-function
-// target, not a global -march), so the rest of the binary keeps running on other CPUs; the
+// Everything below the target pragma (GCC's `target`, clang's `attribute push`) is compiled
+// for AVX-512 only (a per-function target, not a global -march), so the rest of the binary keeps running on other CPUs; the
 // backend calls these only when DetectCpuLevel() says the CPU has the instructions. All
 // standard headers are included above the pragma so no library inline code is compiled
 // with the AVX-512 target by accident.
@@ -15,13 +15,17 @@
 
 #include <immintrin.h>
 
-#pragma GCC push_options
 // GCC 12's intrinsic headers build casts and reductions from _mm512_undefined_*(), which
 // -Wuninitialized reports as uninitialised; the lanes are never read.
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")
+#endif
 
 namespace sy::kernels::cpu {
 namespace {
@@ -542,5 +546,9 @@ void AttendOneAvx512(const float* q, const float* const* k_rows, const float* co
 
 }  // namespace sy::kernels::cpu
 
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
+#endif

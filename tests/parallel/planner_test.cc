@@ -251,7 +251,8 @@ TEST(PlannerTest, IlpFindsTheBruteForceOptimumOfATinyInstanceAndBoundsItValidly)
 TEST(PlannerTest, IlpBoundIsAtMostTheBruteForceOptimumWithDenseCoActivation) {
   std::mt19937 rng(9);
   std::uniform_real_distribution<double> u(0, 1);
-  for (auto [E, R, S] : std::vector<std::tuple<int, int, int>>{{8, 4, 2}, {5, 3, 2}}) {
+  for (auto [e_, r_, s_] : std::vector<std::tuple<int, int, int>>{{8, 4, 2}, {5, 3, 2}}) {
+    const int E = e_, R = r_, S = s_;  // lambdas below capture these (C++17 bindings cannot be)
     for (int variant = 0; variant < 4; ++variant) {
       const bool average = variant % 2 == 0, capped = variant >= 2;
       PlacementProblem p = RandomProblem(rng, E, R, S, 2);
