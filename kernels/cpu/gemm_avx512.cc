@@ -1,10 +1,10 @@
 // AVX-512 / AVX-512-BF16 kernels of the fast CPU backend (see cpu_kernels.h).
 //
 // Everything below the target pragma (GCC's `target`, clang's `attribute push`) is compiled
-// for AVX-512 only (a per-function target, not a global -march), so the rest of the binary keeps running on other CPUs; the
-// backend calls these only when DetectCpuLevel() says the CPU has the instructions. All
-// standard headers are included above the pragma so no library inline code is compiled
-// with the AVX-512 target by accident.
+// for AVX-512 only (a per-function target, not a global -march), so the rest of the binary
+// keeps running on other CPUs; the backend calls these only when DetectCpuLevel() says the
+// CPU has the instructions. All standard headers are included above the pragma so no library
+// inline code is compiled with the AVX-512 target by accident.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
