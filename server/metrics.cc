@@ -131,6 +131,14 @@ ServerMetrics::ServerMetrics()
                  .Name("switchyard_requests_failed_total")
                  .Help("Calls that ended with a gRPC error, by status code.")
                  .Register(r);
+  // The codes a serving daemon gives, at zero from the start (a rate() needs the zero); others
+  // appear when they first occur.
+  for (absl::StatusCode c :
+       {absl::StatusCode::kInvalidArgument, absl::StatusCode::kResourceExhausted,
+        absl::StatusCode::kUnavailable, absl::StatusCode::kDeadlineExceeded,
+        absl::StatusCode::kCancelled, absl::StatusCode::kUnauthenticated,
+        absl::StatusCode::kAborted, absl::StatusCode::kInternal})
+    failed_->Add({{"code", CodeName(c)}});
 }
 
 ServerMetrics::~ServerMetrics() { exposer_.reset(); }
