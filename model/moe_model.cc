@@ -39,15 +39,19 @@ std::vector<float> ToF32(const TensorView& t) {
   return out;
 }
 
+// One decoder layer's weights, views into the memory-mapped checkpoint in its dtype (bf16,
+// f16 or f32). H = hidden_size, hd = head_dim, nh / nkv = attention / KV heads, E = experts,
+// I = the expert's (or dense MLP's) intermediate size.
 struct LayerWeights {
-  WeightView input_norm, post_norm;
-  WeightView q, k, v, o;
-  std::vector<float> q_bias, k_bias, v_bias;  // f32, empty when absent
-  WeightView q_norm, k_norm;                  // QkNorm::kPerHead / kFull
+  WeightView input_norm, post_norm;           // [H]
+  WeightView q, k, v;                         // [nh * hd, H], [nkv * hd, H], [nkv * hd, H]
+  WeightView o;                               // [H, nh * hd]
+  std::vector<float> q_bias, k_bias, v_bias;  // [nh * hd], [nkv * hd] x 2, f32; empty when absent
+  WeightView q_norm, k_norm;                  // [hd] (kPerHead) or [nh * hd] / [nkv * hd] (kFull)
   bool is_moe = true;
   WeightView router;                          // [E, H]
-  std::vector<ExpertWeights> experts;         // [E], w1.data == nullptr when not loaded
-  ExpertWeights shared;                       // Qwen2-MoE shared expert / dense MLP
+  std::vector<ExpertWeights> experts;         // [E]: w1, w3 [I, H], w2 [H, I]; w1.data null: not loaded
+  ExpertWeights shared;                       // Qwen2-MoE shared expert, or the dense MLP
   bool has_shared = false;
   WeightView shared_gate;                     // [1, H] (Qwen2-MoE)
 };
@@ -128,16 +132,8 @@ class MoeModelImpl final : public MoeModel {
           wanted[e] = true;
         }
       }
-      for (int64_t e = 0; e < c.num_experts; ++e) {
-        if (!wanted[e]) continue;
-        const std::string ep = absl::StrCat(moe, "experts.", e, ".");
-        if (mixtral) {
-          SY_RETURN_IF_ERROR(LoadFfn(ep, "w1", "w3", "w2", c.moe_intermediate_size, &L.experts[e], get));
-        } else {
-          SY_RETURN_IF_ERROR(LoadFfn(ep, "gate_proj", "up_proj", "down_proj", c.moe_intermediate_size,
-                                     &L.experts[e], get));
-        }
-      }
+      for (int64_t e = 0; e < c.num_experts; ++e)
+        if (wanted[e]) SY_RETURN_IF_ERROR(LoadExpert(l, e, &L.experts[e], get));
       if (c.arch == Arch::kQwen2Moe && c.shared_expert_intermediate_size > 0) {
         SY_RETURN_IF_ERROR(LoadFfn(moe + "shared_expert.", "gate_proj", "up_proj", "down_proj",
                                    c.shared_expert_intermediate_size, &L.shared, get));
@@ -153,6 +149,17 @@ class MoeModelImpl final : public MoeModel {
     for (int64_t i = 0; i < hd / 2; ++i)
       inv_freq_[i] = std::pow(c.rope_theta, -2.0 * static_cast<double>(i) / static_cast<double>(hd));
     return absl::OkStatus();
+  }
+
+  // Expert e of layer l, named as the architecture names it.
+  template <typename Get>
+  absl::Status LoadExpert(int64_t l, int64_t e, ExpertWeights* out, Get& get) {
+    const bool mixtral = config_.arch == Arch::kMixtral;
+    const std::string ep = absl::StrCat("model.layers.", l, ".",
+                                        mixtral ? "block_sparse_moe." : "mlp.", "experts.", e, ".");
+    return mixtral ? LoadFfn(ep, "w1", "w3", "w2", config_.moe_intermediate_size, out, get)
+                   : LoadFfn(ep, "gate_proj", "up_proj", "down_proj", config_.moe_intermediate_size,
+                             out, get);
   }
 
   template <typename Get>
@@ -221,25 +228,17 @@ class MoeModelImpl final : public MoeModel {
   }
   absl::StatusOr<int64_t> AddExperts(const std::vector<std::vector<int32_t>>& experts) override {
     SY_RETURN_IF_ERROR(CheckExpertLists(experts));
-    const bool mixtral = config_.arch == Arch::kMixtral;
     auto get = [&](const std::string& name, std::vector<int64_t> shape) {
       return reader_->Get(name, shape);
     };
     int64_t added = 0;
     for (size_t l = 0; l < experts.size(); ++l) {
       if (!layers_[l].is_moe) continue;  // dense layer: nothing to load
-      const std::string moe = absl::StrCat("model.layers.", l, ".", mixtral ? "block_sparse_moe." : "mlp.");
       for (int32_t e : experts[l]) {
         ExpertWeights& w = layers_[l].experts[e];
         if (w.w1.data != nullptr) continue;
-        const std::string ep = absl::StrCat(moe, "experts.", e, ".");
         ExpertWeights loaded;
-        if (mixtral) {
-          SY_RETURN_IF_ERROR(LoadFfn(ep, "w1", "w3", "w2", config_.moe_intermediate_size, &loaded, get));
-        } else {
-          SY_RETURN_IF_ERROR(LoadFfn(ep, "gate_proj", "up_proj", "down_proj",
-                                     config_.moe_intermediate_size, &loaded, get));
-        }
+        SY_RETURN_IF_ERROR(LoadExpert(static_cast<int64_t>(l), e, &loaded, get));
         w = loaded;
         added += ExpertBytes(w);
         // Ask the kernel to read the pages in now (asynchronous read-ahead), so the first
@@ -283,6 +282,15 @@ class MoeModelImpl final : public MoeModel {
                        std::vector<float>* logits) override;
 
  private:
+  // The parts of Forward, in order.
+  absl::Status CheckBatch(std::span<const SequenceInput> batch, KvCache& cache,
+                          int64_t* num_tokens, int64_t* num_logits) const;
+  void Embed(std::span<const SequenceInput> batch, int64_t T);
+  void Attention(int64_t l, std::span<const SequenceInput> batch, int64_t T,
+                 const kernels::PagedKv& kv);
+  absl::Status MoeBlock(int64_t l, int64_t T, int* moe_index);
+  void LmHead(std::span<const SequenceInput> batch, int64_t num_logits, float* logits);
+
   void ApplyRope(float* x, int64_t num_heads, int64_t pos) const {
     const int64_t hd = config_.head_dim, half = hd / 2;
     for (int64_t i = 0; i < half; ++i) {
@@ -314,21 +322,49 @@ class MoeModelImpl final : public MoeModel {
   parallel::MoeDispatcher* dispatcher_ = nullptr;
   parallel::ExpertLoadRecorder* recorder_ = nullptr;
   int64_t params_ = 0;
-  // Scratch, reused across steps.
-  std::vector<float> x_, h_, q_, k_, v_, attn_, o_, router_logits_, moe_out_, shared_out_, gate_;
-  std::vector<kernels::AttentionSeq> attn_seqs_;  // one layer's batched attention call
-  std::vector<int32_t> topk_ids_;
-  std::vector<float> topk_w_;
-  std::vector<const ExpertWeights*> slot_experts_;
+  // Scratch, grown and reused across steps, all f32 (T = tokens of the step, L = sequences
+  // that want logits; H, hd, nh, nkv, E, K as in LayerWeights).
+  std::vector<float> x_;              // [T, H] the residual stream
+  std::vector<float> h_;              // [T, H] x_ after the layer's RMSNorm
+  std::vector<float> q_;              // [T, nh * hd]
+  std::vector<float> k_, v_;          // [T, nkv * hd] this step's K and V (then in the cache)
+  std::vector<float> attn_;           // [T, nh * hd] attention output, before o
+  std::vector<float> o_;              // [T, H]
+  std::vector<float> router_logits_;  // [T, E]
+  std::vector<int32_t> topk_ids_;     // [T, K]
+  std::vector<float> topk_w_;         // [T, K]
+  std::vector<float> moe_out_;        // [T, H] the MoE (or MLP) output
+  std::vector<float> shared_out_;     // [T, H] the shared expert's output (Qwen2-MoE)
+  std::vector<float> gate_;           // [T] the shared expert's gate logit
+  std::vector<float> last_;           // [L, H] the last hidden state of each such sequence
+  std::vector<kernels::AttentionSeq> attn_seqs_;    // one layer's batched attention call
+  std::vector<const ExpertWeights*> slot_experts_;  // [local slots] of the layer
 };
 
+// The forward pass over a batch of sequences, flattened to T tokens: embed, then per layer
+// Attention and MoeBlock (each adds its output to the residual stream x_), then LmHead on
+// the last token of each sequence that wants logits.
 absl::Status MoeModelImpl::Forward(std::span<const SequenceInput> batch, KvCache& cache,
                                    std::vector<float>* logits) {
   const ModelConfig& c = config_;
-  const int64_t H = c.hidden_size, hd = c.head_dim, nh = c.num_heads, nkv = c.num_kv_heads;
-  const int64_t qdim = nh * hd, kvdim = nkv * hd;
-  // Validate and lay out the flattened tokens.
   int64_t T = 0, num_logits = 0;
+  SY_RETURN_IF_ERROR(CheckBatch(batch, cache, &T, &num_logits));
+  logits->assign(num_logits * c.vocab_size, 0.f);
+  Embed(batch, T);
+  int moe_index = 0;  // index of this MoE layer among the MoE layers (load statistics)
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    Attention(l, batch, T, cache.layer(l));
+    SY_RETURN_IF_ERROR(MoeBlock(l, T, &moe_index));
+  }
+  if (recorder_ != nullptr) recorder_->EndStep();
+  LmHead(batch, num_logits, logits->data());
+  return absl::OkStatus();
+}
+
+absl::Status MoeModelImpl::CheckBatch(std::span<const SequenceInput> batch, KvCache& cache,
+                                      int64_t* num_tokens, int64_t* num_logits) const {
+  const ModelConfig& c = config_;
+  int64_t T = 0, n_logits = 0;
   for (size_t s = 0; s < batch.size(); ++s) {
     const SequenceInput& in = batch[s];
     const int64_t end = in.start_pos + static_cast<int64_t>(in.tokens.size());
@@ -350,10 +386,17 @@ absl::Status MoeModelImpl::Forward(std::span<const SequenceInput> batch, KvCache
         return absl::InvalidArgumentError(absl::StrCat("token id ", t, " is outside the vocabulary [0, ",
                                                        c.vocab_size, ")"));
     T += static_cast<int64_t>(in.tokens.size());
-    if (in.compute_logits && !in.tokens.empty()) ++num_logits;
+    if (in.compute_logits && !in.tokens.empty()) ++n_logits;
   }
-  logits->assign(num_logits * c.vocab_size, 0.f);
+  *num_tokens = T;
+  *num_logits = n_logits;
+  return absl::OkStatus();
+}
 
+void MoeModelImpl::Embed(std::span<const SequenceInput> batch, int64_t T) {
+  const int64_t H = config_.hidden_size;
+  const int64_t qdim = config_.num_heads * config_.head_dim;
+  const int64_t kvdim = config_.num_kv_heads * config_.head_dim;
   x_.resize(T * H);
   h_.resize(T * H);
   q_.resize(T * qdim);
@@ -362,118 +405,136 @@ absl::Status MoeModelImpl::Forward(std::span<const SequenceInput> batch, KvCache
   attn_.resize(T * qdim);
   o_.resize(T * H);
   moe_out_.resize(T * H);
-  {
-    int64_t t = 0;
-    for (const auto& in : batch)
-      for (int32_t id : in.tokens) {
-        ConvertToF32(embed_.dtype, embed_.row(id), H, &x_[t * H]);
-        ++t;
-      }
+  int64_t t = 0;
+  for (const auto& in : batch)
+    for (int32_t id : in.tokens) {
+      ConvertToF32(embed_.dtype, embed_.row(id), H, &x_[t * H]);
+      ++t;
+    }
+}
+
+void MoeModelImpl::Attention(int64_t l, std::span<const SequenceInput> batch, int64_t T,
+                             const kernels::PagedKv& kv) {
+  const ModelConfig& c = config_;
+  const LayerWeights& L = layers_[l];
+  const int64_t H = c.hidden_size, hd = c.head_dim, nh = c.num_heads, nkv = c.num_kv_heads;
+  const int64_t qdim = nh * hd, kvdim = nkv * hd;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  backend_->RmsNorm(x_.data(), T, H, L.input_norm, eps, h_.data());
+  backend_->MatMul(h_.data(), T, L.q, q_.data(), L.q_bias.empty() ? nullptr : L.q_bias.data());
+  backend_->MatMul(h_.data(), T, L.k, k_.data(), L.k_bias.empty() ? nullptr : L.k_bias.data());
+  backend_->MatMul(h_.data(), T, L.v, v_.data(), L.v_bias.empty() ? nullptr : L.v_bias.data());
+  if (c.qk_norm == QkNorm::kFull) {
+    backend_->RmsNorm(q_.data(), T, qdim, L.q_norm, eps, q_.data());
+    backend_->RmsNorm(k_.data(), T, kvdim, L.k_norm, eps, k_.data());
+  } else if (c.qk_norm == QkNorm::kPerHead) {
+    backend_->RmsNorm(q_.data(), T * nh, hd, L.q_norm, eps, q_.data());
+    backend_->RmsNorm(k_.data(), T * nkv, hd, L.k_norm, eps, k_.data());
   }
+  if (c.clip_qkv > 0) {
+    const float lim = static_cast<float>(c.clip_qkv);
+    for (auto* buf : {&q_, &k_, &v_})
+      for (float& f : *buf) f = std::clamp(f, -lim, lim);
+  }
+  // RoPE on q and k, and this layer's K/V of every new token into the paged cache.
+  int64_t t0 = 0;
+  for (const auto& in : batch) {
+    const int64_t n = static_cast<int64_t>(in.tokens.size());
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t pos = in.start_pos + i, t = t0 + i;
+      ApplyRope(&q_[t * qdim], nh, pos);
+      ApplyRope(&k_[t * kvdim], nkv, pos);
+      const int64_t block = in.block_table[pos / kv.block_size], row = pos % kv.block_size;
+      const int64_t off = (block * kv.block_size + row) * kvdim;
+      std::memcpy(kv.k + off, &k_[t * kvdim], kvdim * sizeof(float));
+      std::memcpy(kv.v + off, &v_[t * kvdim], kvdim * sizeof(float));
+    }
+    if (n > 0)
+      attn_seqs_.push_back({&q_[t0 * qdim], n, in.start_pos, in.block_table.data(), &attn_[t0 * qdim]});
+    t0 += n;
+  }
+  // Every sequence's K/V of this layer is written: one attention call for the batch.
+  backend_->AttentionBatch(attn_seqs_.data(), static_cast<int64_t>(attn_seqs_.size()), nh, kv,
+                           static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd))));
+  attn_seqs_.clear();
+  backend_->MatMul(attn_.data(), T, L.o, o_.data());
+  for (int64_t i = 0; i < T * H; ++i) x_[i] += o_[i];
+}
 
-  int moe_index = 0;  // index of this MoE layer among the MoE layers (load statistics)
-  for (int64_t l = 0; l < c.num_layers; ++l) {
-    LayerWeights& L = layers_[l];
-    kernels::PagedKv kv = cache.layer(l);
-    // --- attention ---
-    backend_->RmsNorm(x_.data(), T, H, L.input_norm, static_cast<float>(c.rms_norm_eps), h_.data());
-    backend_->MatMul(h_.data(), T, L.q, q_.data(), L.q_bias.empty() ? nullptr : L.q_bias.data());
-    backend_->MatMul(h_.data(), T, L.k, k_.data(), L.k_bias.empty() ? nullptr : L.k_bias.data());
-    backend_->MatMul(h_.data(), T, L.v, v_.data(), L.v_bias.empty() ? nullptr : L.v_bias.data());
-    if (c.qk_norm == QkNorm::kFull) {
-      backend_->RmsNorm(q_.data(), T, qdim, L.q_norm, static_cast<float>(c.rms_norm_eps), q_.data());
-      backend_->RmsNorm(k_.data(), T, kvdim, L.k_norm, static_cast<float>(c.rms_norm_eps), k_.data());
-    } else if (c.qk_norm == QkNorm::kPerHead) {
-      backend_->RmsNorm(q_.data(), T * nh, hd, L.q_norm, static_cast<float>(c.rms_norm_eps), q_.data());
-      backend_->RmsNorm(k_.data(), T * nkv, hd, L.k_norm, static_cast<float>(c.rms_norm_eps), k_.data());
-    }
-    if (c.clip_qkv > 0) {
-      const float lim = static_cast<float>(c.clip_qkv);
-      for (auto* buf : {&q_, &k_, &v_})
-        for (float& f : *buf) f = std::clamp(f, -lim, lim);
-    }
-    int64_t t0 = 0;
-    for (const auto& in : batch) {
-      const int64_t n = static_cast<int64_t>(in.tokens.size());
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t pos = in.start_pos + i, t = t0 + i;
-        ApplyRope(&q_[t * qdim], nh, pos);
-        ApplyRope(&k_[t * kvdim], nkv, pos);
-        const int64_t block = in.block_table[pos / kv.block_size], row = pos % kv.block_size;
-        const int64_t off = (block * kv.block_size + row) * kvdim;
-        std::memcpy(kv.k + off, &k_[t * kvdim], kvdim * sizeof(float));
-        std::memcpy(kv.v + off, &v_[t * kvdim], kvdim * sizeof(float));
-      }
-      if (n > 0)
-        attn_seqs_.push_back({&q_[t0 * qdim], n, in.start_pos, in.block_table.data(), &attn_[t0 * qdim]});
-      t0 += n;
-    }
-    // Every sequence's K/V of this layer is written: one attention call for the batch.
-    backend_->AttentionBatch(attn_seqs_.data(), static_cast<int64_t>(attn_seqs_.size()), nh, kv,
-                             static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd))));
-    attn_seqs_.clear();
-    backend_->MatMul(attn_.data(), T, L.o, o_.data());
-    for (int64_t i = 0; i < T * H; ++i) x_[i] += o_[i];
-
-    // --- MoE / MLP ---
-    backend_->RmsNorm(x_.data(), T, H, L.post_norm, static_cast<float>(c.rms_norm_eps), h_.data());
-    if (!L.is_moe) {
-      Ffn(L.shared, h_.data(), T, moe_out_.data());
-      for (int64_t i = 0; i < T * H; ++i) x_[i] += moe_out_[i];
-      continue;
-    }
-    const int64_t E = c.num_experts, K = c.num_experts_per_tok;
-    router_logits_.resize(T * E);
-    topk_ids_.resize(T * K);
-    topk_w_.resize(T * K);
-    backend_->MatMul(h_.data(), T, L.router, router_logits_.data());
-    RouteTopK(router_logits_.data(), T, E, K, c.norm_topk_prob, topk_ids_.data(), topk_w_.data());
-    if (recorder_ != nullptr) recorder_->Record(moe_index, topk_ids_.data(), T);
-    ++moe_index;
-    auto compute = [this](int layer, const float* rows, const int64_t* slot_offsets, float* out) {
-      LayerWeights& LL = layers_[layer];
-      const int64_t slots = dispatcher_->num_local_slots(layer);
-      slot_experts_.assign(slots, nullptr);
-      for (int64_t s = 0; s < slots; ++s) {
-        const int32_t e = dispatcher_->local_slot_expert(layer, s);
-        if (e >= 0 && LL.experts[e].w1.data != nullptr) slot_experts_[s] = &LL.experts[e];
-        SY_CHECK(slot_experts_[s] != nullptr || slot_offsets[s + 1] == slot_offsets[s])
-            << "layer " << layer << " slot " << s << " (expert " << e << ") has rows but is not loaded";
-      }
-      backend_->GroupedExpertFfn(rows, slot_offsets, slots, slot_experts_.data(), config_.hidden_size, out);
-    };
-    SY_RETURN_IF_ERROR(dispatcher_->DispatchCombine(static_cast<int>(l), h_.data(), T, H, topk_ids_.data(),
-                                                    topk_w_.data(), K, compute, moe_out_.data()));
-    if (L.has_shared) {
-      shared_out_.resize(T * H);
-      gate_.resize(T);
-      Ffn(L.shared, h_.data(), T, shared_out_.data());
-      backend_->MatMul(h_.data(), T, L.shared_gate, gate_.data());
-      for (int64_t t = 0; t < T; ++t) {
-        const float g = 1.f / (1.f + std::exp(-gate_[t]));
-        for (int64_t d = 0; d < H; ++d) moe_out_[t * H + d] += g * shared_out_[t * H + d];
-      }
-    }
+absl::Status MoeModelImpl::MoeBlock(int64_t l, int64_t T, int* moe_index) {
+  const ModelConfig& c = config_;
+  const LayerWeights& L = layers_[l];
+  const int64_t H = c.hidden_size;
+  backend_->RmsNorm(x_.data(), T, H, L.post_norm, static_cast<float>(c.rms_norm_eps), h_.data());
+  if (!L.is_moe) {  // a dense MLP layer
+    Ffn(L.shared, h_.data(), T, moe_out_.data());
     for (int64_t i = 0; i < T * H; ++i) x_[i] += moe_out_[i];
+    return absl::OkStatus();
   }
-
-  if (recorder_ != nullptr) recorder_->EndStep();
-  // Final norm and LM head on the last token of each sequence that wants logits.
-  if (num_logits > 0) {
-    std::vector<float> last(num_logits * H);
-    int64_t t = 0, j = 0;
-    for (const auto& in : batch) {
-      const int64_t n = static_cast<int64_t>(in.tokens.size());
-      if (in.compute_logits && n > 0) {
-        std::memcpy(&last[j * H], &x_[(t + n - 1) * H], H * sizeof(float));
-        ++j;
-      }
-      t += n;
+  // Router: the top-k experts of each token and their weights.
+  const int64_t E = c.num_experts, K = c.num_experts_per_tok;
+  router_logits_.resize(T * E);
+  topk_ids_.resize(T * K);
+  topk_w_.resize(T * K);
+  backend_->MatMul(h_.data(), T, L.router, router_logits_.data());
+  RouteTopK(router_logits_.data(), T, E, K, c.norm_topk_prob, topk_ids_.data(), topk_w_.data());
+  if (recorder_ != nullptr) recorder_->Record(*moe_index, topk_ids_.data(), T);
+  ++*moe_index;
+  // Dispatch, the local experts on the rows this rank received, combine. A slot with rows
+  // whose expert is not loaded is an error of the placement, reported after the combine (the
+  // other ranks still finish the step's collectives).
+  absl::Status missing;
+  auto compute = [this, &missing](int layer, const float* rows, const int64_t* slot_offsets,
+                                  float* out) {
+    const LayerWeights& LL = layers_[layer];
+    const int64_t slots = dispatcher_->num_local_slots(layer);
+    slot_experts_.assign(slots, nullptr);
+    for (int64_t s = 0; s < slots; ++s) {
+      const int32_t e = dispatcher_->local_slot_expert(layer, s);
+      if (e >= 0 && LL.experts[e].w1.data != nullptr) slot_experts_[s] = &LL.experts[e];
+      if (slot_experts_[s] == nullptr && slot_offsets[s + 1] > slot_offsets[s] && missing.ok())
+        missing = absl::FailedPreconditionError(absl::StrCat(
+            "layer ", layer, " slot ", s, " (expert ", e, ") has rows but is not loaded"));
     }
-    backend_->RmsNorm(last.data(), num_logits, H, final_norm_, static_cast<float>(c.rms_norm_eps), last.data());
-    backend_->MatMul(last.data(), num_logits, lm_head_, logits->data());
+    if (!missing.ok()) {  // zeros: the step fails, but this rank's part of it completes
+      std::fill(out, out + slot_offsets[slots] * config_.hidden_size, 0.f);
+      return;
+    }
+    backend_->GroupedExpertFfn(rows, slot_offsets, slots, slot_experts_.data(), config_.hidden_size, out);
+  };
+  SY_RETURN_IF_ERROR(dispatcher_->DispatchCombine(static_cast<int>(l), h_.data(), T, H, topk_ids_.data(),
+                                                  topk_w_.data(), K, compute, moe_out_.data()));
+  SY_RETURN_IF_ERROR(missing);
+  if (L.has_shared) {  // Qwen2-MoE: + sigmoid(gate . h) * shared_expert(h)
+    shared_out_.resize(T * H);
+    gate_.resize(T);
+    Ffn(L.shared, h_.data(), T, shared_out_.data());
+    backend_->MatMul(h_.data(), T, L.shared_gate, gate_.data());
+    for (int64_t t = 0; t < T; ++t) {
+      const float g = 1.f / (1.f + std::exp(-gate_[t]));
+      for (int64_t d = 0; d < H; ++d) moe_out_[t * H + d] += g * shared_out_[t * H + d];
+    }
   }
+  for (int64_t i = 0; i < T * H; ++i) x_[i] += moe_out_[i];
   return absl::OkStatus();
+}
+
+void MoeModelImpl::LmHead(std::span<const SequenceInput> batch, int64_t num_logits, float* logits) {
+  if (num_logits == 0) return;
+  const int64_t H = config_.hidden_size;
+  last_.resize(num_logits * H);
+  int64_t t = 0, j = 0;
+  for (const auto& in : batch) {
+    const int64_t n = static_cast<int64_t>(in.tokens.size());
+    if (in.compute_logits && n > 0) {
+      std::memcpy(&last_[j * H], &x_[(t + n - 1) * H], H * sizeof(float));
+      ++j;
+    }
+    t += n;
+  }
+  backend_->RmsNorm(last_.data(), num_logits, H, final_norm_, static_cast<float>(config_.rms_norm_eps),
+                    last_.data());
+  backend_->MatMul(last_.data(), num_logits, lm_head_, logits);
 }
 
 }  // namespace
