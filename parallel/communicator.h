@@ -98,6 +98,23 @@ class Communicator {
   virtual absl::Status Barrier() = 0;
 };
 
+// The base of an engine whose exchanges are naturally started and then waited for (Gloo's
+// unbound buffers, the local group's posted buffers): it implements StartAllToAllV, and
+// AllToAllV is that, waited for at once.
+class OverlappingCommunicator : public Communicator {
+ public:
+  absl::Status AllToAllV(const void* send, absl::Span<const int64_t> send_counts,
+                         absl::Span<const int64_t> send_offsets, void* recv,
+                         absl::Span<const int64_t> recv_counts,
+                         absl::Span<const int64_t> recv_offsets) final {
+    return StartAllToAllV(send, send_counts, send_offsets, recv, recv_counts, recv_offsets)->Wait();
+  }
+  std::unique_ptr<PendingAllToAllV> StartAllToAllV(
+      const void* send, absl::Span<const int64_t> send_counts,
+      absl::Span<const int64_t> send_offsets, void* recv, absl::Span<const int64_t> recv_counts,
+      absl::Span<const int64_t> recv_offsets) override = 0;
+};
+
 // Checks the shape of AllToAllV arguments: spans of world_size entries, counts >= 0,
 // offsets >= 0. INVALID_ARGUMENT naming the bad argument.
 absl::Status ValidateAllToAllV(int world_size, absl::Span<const int64_t> send_counts,

@@ -60,7 +60,7 @@ std::chrono::milliseconds Left(std::chrono::steady_clock::time_point deadline) {
   return std::max(left, std::chrono::milliseconds(1));
 }
 
-class GlooCommunicator final : public Communicator {
+class GlooCommunicator final : public OverlappingCommunicator {
  public:
   GlooCommunicator(std::shared_ptr<gloo::transport::Device> device,
                    std::shared_ptr<gloo::rendezvous::Context> context,
@@ -88,14 +88,6 @@ class GlooCommunicator final : public Communicator {
       if (inflight_->rbuf) inflight_->rbuf->abortWaitRecv();
       if (inflight_->sbuf) inflight_->sbuf->abortWaitSend();
     }
-  }
-
-  absl::Status AllToAllV(const void* send, absl::Span<const int64_t> send_counts,
-                         absl::Span<const int64_t> send_offsets, void* recv,
-                         absl::Span<const int64_t> recv_counts,
-                         absl::Span<const int64_t> recv_offsets) override {
-    return StartAllToAllV(send, send_counts, send_offsets, recv, recv_counts, recv_offsets)
-        ->Wait();
   }
 
   // Posts every receive and send on Gloo's unbound buffers and returns: Gloo's device thread

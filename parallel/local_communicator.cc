@@ -9,7 +9,7 @@
 
 namespace sy::parallel {
 
-class LocalCommunicator final : public Communicator {
+class LocalCommunicator final : public OverlappingCommunicator {
  public:
   LocalCommunicator(LocalCommunicatorGroup* group, int rank) : group_(group), rank_(rank) {}
 
@@ -19,14 +19,6 @@ class LocalCommunicator final : public Communicator {
   bool broken() const override { return group_->broken(); }
   void Abort() override { group_->Break(); }
   std::string name() const override { return "local"; }
-
-  absl::Status AllToAllV(const void* send, absl::Span<const int64_t> send_counts,
-                         absl::Span<const int64_t> send_offsets, void* recv,
-                         absl::Span<const int64_t> recv_counts,
-                         absl::Span<const int64_t> recv_offsets) override {
-    return StartAllToAllV(send, send_counts, send_offsets, recv, recv_counts, recv_offsets)
-        ->Wait();
-  }
 
   // Start posts the send buffer and arrives at the first barrier without waiting; Wait()
   // waits for the peers' posts, copies, and meets them at the second barrier. So a rank that
