@@ -232,35 +232,43 @@ void Engine::Step() {
   const Clock::time_point start = Clock::now();
   StepStats st;
   ScheduledBatch batch = Schedule(&st);
-  if (batch.empty()) return;
-  absl::Status status = Run(batch);
+  if (batch.empty() || !RunBatch(batch)) return;
+  scheduler_.CommitStep(batch);
+  const std::vector<Sequence*> finished = Postprocess(batch, &st);
+  EndStep(finished, start, &st);
+}
+
+bool Engine::RunBatch(const ScheduledBatch& batch) {
+  const absl::Status status = Run(batch);
   if (status.code() == absl::StatusCode::kAborted) {
     // The group changed under the step: nothing ran. The pool events say what moved.
     SY_LOG(WARNING) << "step not run, scheduling again: " << status;
-    return;
+    return false;
   }
   if (!status.ok()) {
     SY_LOG(ERROR) << "step failed: " << status;
     for (const ScheduledSequence& e : batch.entries)
       Finish(e.seq, FinishReason::kAbort, sy::Annotate(status, "model step"));
-    return;
+    return false;
   }
-  scheduler_.CommitStep(batch);
-  const std::vector<Sequence*> finished = Postprocess(batch, &st);
+  return true;
+}
 
+void Engine::EndStep(const std::vector<Sequence*>& finished, Clock::time_point start,
+                     StepStats* st) {
   // Every figure (counters, gauges) shows the step and its finished requests gone before any
   // client hears that its request ended: a scrape right after a completion adds up.
   std::vector<Retired> retired;
   retired.reserve(finished.size());
   for (Sequence* seq : finished) retired.push_back(Retire(seq, seq->finish_reason, absl::OkStatus()));
   ++steps_;
-  preemptions_ += st.num_preempted;
-  st.seconds = Seconds(Clock::now() - start);
-  st.running = scheduler_.num_running();
-  st.waiting = scheduler_.num_waiting();
+  preemptions_ += st->num_preempted;
+  st->seconds = Seconds(Clock::now() - start);
+  st->running = scheduler_.num_running();
+  st->waiting = scheduler_.num_waiting();
   const int64_t total = pools_.num_blocks();
-  st.kv_usage = total > 0 ? 1.0 - static_cast<double>(pools_.num_free_blocks()) / total : 0.0;
-  if (observer_ != nullptr) observer_->OnStep(st);
+  st->kv_usage = total > 0 ? 1.0 - static_cast<double>(pools_.num_free_blocks()) / total : 0.0;
+  if (observer_ != nullptr) observer_->OnStep(*st);
   PublishStats(/*may_be_idle=*/false);  // idle only once the sinks below have their ends
   for (Retired& r : retired) r.sink->OnFinish(r.completion);
 }

@@ -3,8 +3,9 @@
 // executor (which runs the model, here or on a rank group), and loops:
 //
 //   apply pool events (ranks joined, draining, lost) → drain intake → drop cancelled /
-//   past-deadline sequences → Step: batch = Schedule(); Run(batch) (the executor);
-//   Postprocess(batch) (sample, stop tokens, EOS, stop strings, length; stream to sinks).
+//   past-deadline sequences → Step: batch = Schedule(); RunBatch(batch) (the executor);
+//   Postprocess(batch) (sample, stop tokens, EOS, stop strings, length; stream to sinks);
+//   EndStep (retire the finished, count the step, then tell their sinks).
 //
 // A step the executor ABORTED (the rank group re-formed under it) counts for nothing: the
 // lost ranks' sequences are preempted by their pool events and prefilled again elsewhere from
@@ -121,6 +122,13 @@ class Engine {
   void Step();
   // The step's batch (and its counts into *st).
   ScheduledBatch Schedule(StepStats* st);
+  // Run, and on failure end the batch's requests (or, when the group changed under the step
+  // and nothing ran, leave them to be scheduled again). True when there is output to
+  // postprocess.
+  bool RunBatch(const ScheduledBatch& batch);
+  // Retires the finished sequences, counts the step, publishes the gauges, then tells the
+  // finished requests' sinks.
+  void EndStep(const std::vector<Sequence*>& finished, Clock::time_point start, StepStats* st);
   // The executor runs the batch: logits_ get a row per entry with compute_logits.
   absl::Status Run(const ScheduledBatch& batch);
   // Samples, appends and streams one token per entry with compute_logits; returns the
