@@ -12,58 +12,35 @@
 #include <sstream>
 
 #include "grpcpp/grpcpp.h"
+#include "server/admin_client.h"
 #include "server/commands.h"
 #include "server/flags.h"
-#include "server/secrets.h"
-#include "server/tls.h"
 #include "switchyard/v1/admin.grpc.pb.h"
 
 namespace sy::server {
 namespace v1 = ::switchyard::v1;
 
 int StatsCommand(int argc, char** argv) {
-  std::string addr = "127.0.0.1:50051", out, token, token_file, apply, rebalance;
+  std::string out, apply, rebalance;
   bool no_paths = false, show_placement = false, dry_run = false;
-  double timeout_s = 120, time_limit = 0;
+  double time_limit = 0;
   FlagSet flags("stats", "Expert-load statistics and placement of a running `switchyard serve`.\n"
                          "usage: switchyard stats --addr HOST:PORT [--out trace.json]");
-  flags.Add("addr", &addr, "server address HOST:PORT");
+  AdminClient admin("stats", 120);
+  admin.AddFlags(flags);
   flags.Add("out", &out, "write the trace JSON here (default: stdout)");
-  flags.Add("admin-token", &token, "Admin bearer token (default: SWITCHYARD_ADMIN_TOKEN)");
-  flags.Add("admin-token-file", &token_file, "read the Admin bearer token from this file");
-  TlsClientOptions tls;
-  AddTlsClientFlags(flags, &tls);
   flags.Add("no-paths", &no_paths, "counts only, no per-token routing paths");
   flags.Add("placement", &show_placement, "print the placement in force (JSON) instead");
   flags.Add("apply", &apply, "apply the placement JSON in this file");
   flags.Add("rebalance", &rebalance, "plan with this policy (greedy, ilp) on the live load and apply");
   flags.Add("dry-run", &dry_run, "--rebalance: plan only");
   flags.Add("time-limit", &time_limit, "--rebalance ilp: seconds per layer (0: the server's)");
-  flags.Add("timeout", &timeout_s, "deadline in seconds");
   if (int rc = flags.ParseOrExitCode(argc, argv); rc >= 0) return rc;
-  absl::Status s;
-  {
-    auto t = ReadSecret(token, token_file, "admin-token-file", "SWITCHYARD_ADMIN_TOKEN");
-    if (!t.ok()) {
-      std::fprintf(stderr, "%s\n", std::string(t.status().message()).c_str());
-      return 2;
-    }
-    token = *t;
-  }
-  auto channel = MakeChannel(addr, tls);
-  if (!channel.ok()) {
-    std::fprintf(stderr, "stats: %s\n", std::string(channel.status().message()).c_str());
-    return 2;
-  }
-  auto stub = v1::Admin::NewStub(*channel);
+  if (!admin.Connect()) return 2;
+  auto* stub = &admin.stub();
   grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() +
-                   std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));
-  if (!token.empty()) ctx.AddMetadata("authorization", "Bearer " + token);
-  auto fail = [&](const grpc::Status& st) {
-    std::fprintf(stderr, "stats: %s: %s\n", addr.c_str(), st.error_message().c_str());
-    return st.error_code() == grpc::StatusCode::UNAUTHENTICATED ? 3 : 1;
-  };
+  admin.Prepare(&ctx);
+  auto fail = [&](const grpc::Status& st) { return admin.Fail(st); };
   std::string text;  // what goes to --out / stdout
   if (!apply.empty()) {
     std::ifstream f(apply);

@@ -10,55 +10,29 @@
 
 #include "google/protobuf/util/json_util.h"
 #include "grpcpp/grpcpp.h"
+#include "server/admin_client.h"
 #include "server/commands.h"
 #include "server/flags.h"
-#include "server/secrets.h"
-#include "server/tls.h"
 #include "switchyard/v1/admin.grpc.pb.h"
 
 namespace sy::server {
 namespace v1 = ::switchyard::v1;
 
 int StatusCommand(int argc, char** argv) {
-  std::string addr = "127.0.0.1:50051", token, token_file;
   int drain = -1;
   bool wait = false, json = false;
-  double timeout_s = 10;
   FlagSet flags("status", "The rank group of a running `switchyard serve` (Admin.GetMembership).\n"
                           "usage: switchyard status --addr HOST:PORT [--drain ID [--wait]]");
-  flags.Add("addr", &addr, "server address HOST:PORT");
-  flags.Add("admin-token", &token, "Admin bearer token (default: SWITCHYARD_ADMIN_TOKEN)");
-  flags.Add("admin-token-file", &token_file, "read the Admin bearer token from this file");
-  TlsClientOptions tls;
-  AddTlsClientFlags(flags, &tls);
+  AdminClient admin("status", 10);
+  admin.AddFlags(flags);
   flags.Add("drain", &drain, "drain this rank id out of the group first");
   flags.Add("wait", &wait, "--drain: return once the rank has left");
   flags.Add("json", &json, "print the membership as JSON");
-  flags.Add("timeout", &timeout_s, "deadline in seconds (per call)");
   if (int rc = flags.ParseOrExitCode(argc, argv); rc >= 0) return rc;
-  {
-    auto t = ReadSecret(token, token_file, "admin-token-file", "SWITCHYARD_ADMIN_TOKEN");
-    if (!t.ok()) {
-      std::fprintf(stderr, "%s\n", std::string(t.status().message()).c_str());
-      return 2;
-    }
-    token = *t;
-  }
-  auto channel = MakeChannel(addr, tls);
-  if (!channel.ok()) {
-    std::fprintf(stderr, "status: %s\n", std::string(channel.status().message()).c_str());
-    return 2;
-  }
-  auto stub = v1::Admin::NewStub(*channel);
-  auto context = [&](grpc::ClientContext* ctx) {
-    ctx->set_deadline(std::chrono::system_clock::now() +
-                      std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));
-    if (!token.empty()) ctx->AddMetadata("authorization", "Bearer " + token);
-  };
-  auto fail = [&](const grpc::Status& st) {
-    std::fprintf(stderr, "status: %s: %s\n", addr.c_str(), st.error_message().c_str());
-    return st.error_code() == grpc::StatusCode::UNAUTHENTICATED ? 3 : 1;
-  };
+  if (!admin.Connect()) return 2;
+  auto* stub = &admin.stub();
+  auto context = [&](grpc::ClientContext* ctx) { admin.Prepare(ctx); };
+  auto fail = [&](const grpc::Status& st) { return admin.Fail(st); };
   if (drain >= 0) {
     grpc::ClientContext ctx;
     context(&ctx);
