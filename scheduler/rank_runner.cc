@@ -114,6 +114,7 @@ RankStats RankRunner::stats() const {
 
 void RankRunner::Heartbeats() {
   auto last_ok = std::chrono::steady_clock::now();
+  auto last_said = std::chrono::steady_clock::time_point{};
   std::unique_lock<std::mutex> lock(hb_mu_);
   while (!stop_.load() && exit_.load() == RankExit::kRunning) {
     hb_cv_.wait_for(lock, o_.heartbeat_interval, [&] { return stop_.load(); });
@@ -135,7 +136,16 @@ void RankRunner::Heartbeats() {
     } else if (r.status().code() == absl::StatusCode::kNotFound) {
       fenced_ = true;
       AbortComm();
-    } else if (now - last_ok > o_.restart_timeout) {
+    } else {
+      // Said the first time after an answer and then every 5 s, so that a rank that cannot
+      // reach the leader says why long before restart_timeout.
+      if (now - last_said > std::chrono::seconds(5) || last_said < last_ok) {
+        SY_LOG(WARNING) << "rank " << o_.id << ": heartbeat failed: " << r.status();
+        last_said = now;
+      }
+    }
+    if (!r.ok() && r.status().code() != absl::StatusCode::kNotFound &&
+        now - last_ok > o_.restart_timeout) {
       if (!leader_gone_.exchange(true))
         SY_LOG(WARNING) << "rank " << o_.id << ": no heartbeat answer for "
                         << o_.restart_timeout.count() << " ms: " << r.status();

@@ -56,6 +56,12 @@ grpc::Status ClusterService::CheckAuth(grpc::ServerContext* ctx, absl::string_vi
   if (absl::Status s = limiter_.Admit(peer); !s.ok()) return ToGrpcStatus(s);
   if (absl::Status s = verifier_.Verify(method, req, auth); !s.ok()) {
     if (s.code() == absl::StatusCode::kPermissionDenied) limiter_.Failed(peer);
+    // At most one line per 5 s: a wrong secret is said, a flood is not.
+    const int64_t now = std::chrono::duration_cast<milliseconds>(
+                            std::chrono::steady_clock::now().time_since_epoch()).count();
+    int64_t last = last_refusal_log_ms_.load();
+    if (now - last > 5000 && last_refusal_log_ms_.compare_exchange_strong(last, now))
+      SY_LOG(WARNING) << "cluster: refused " << method << " from " << peer << ": " << s.message();
     return ToGrpcStatus(s);
   }
   return grpc::Status::OK;
@@ -63,10 +69,7 @@ grpc::Status ClusterService::CheckAuth(grpc::ServerContext* ctx, absl::string_vi
 
 grpc::Status ClusterService::Join(grpc::ServerContext* ctx, const v1::JoinRequest* req,
                                   v1::JoinReply* reply) {
-  if (grpc::Status s = CheckAuth(ctx, "Join", *req, req->auth()); !s.ok()) {
-    SY_LOG(WARNING) << "cluster: refused a join from " << ctx->peer() << ": " << s.error_message();
-    return s;
-  }
+  if (grpc::Status s = CheckAuth(ctx, "Join", *req, req->auth()); !s.ok()) return s;
   if (req->host().size() > 255)
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "host: longer than 255 bytes");
   const v1::ModelFingerprint& m = req->model();

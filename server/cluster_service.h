@@ -12,6 +12,7 @@
 // Thread safety: thread-safe (gRPC sync handler threads call in concurrently).
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <functional>
 #include <memory>
@@ -68,6 +69,7 @@ class ClusterService final : public ::switchyard::v1::Cluster::Service {
   const ClusterServiceOptions options_;
   mutable AuthLimiter limiter_;
   mutable ClusterCallVerifier verifier_;
+  mutable std::atomic<int64_t> last_refusal_log_ms_{-10000};
   parallel::Membership* membership_;
 };
 
