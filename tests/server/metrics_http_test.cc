@@ -58,22 +58,9 @@ TEST(MetricsHttpRouteTest, OnlyGetOrHeadOfMetricsIsServed) {
   EXPECT_TRUE(RouteMetricsRequest("HEAD /metrics HTTP/1.1\r\n\r\n").head);
 }
 
-int Connect(int port) {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    close(fd);
-    return -1;
-  }
-  return fd;
-}
-
 // Sends `raw` and returns the status code of the answer (0: none).
 int Exchange(int port, const std::string& raw) {
-  const int fd = Connect(port);
+  const int fd = testing::ConnectTcp(port);
   if (fd < 0) return 0;
   if (!raw.empty() && write(fd, raw.data(), raw.size()) < 0) {
     close(fd);
@@ -125,7 +112,7 @@ TEST_F(MetricsHttpServerTest, ClientsThatNeverFinishDoNotBlockAScrapeAndAreDropp
   const int port = server_->port();
   std::vector<int> stalled;
   for (int i = 0; i < 5; ++i) {
-    const int fd = Connect(port);
+    const int fd = testing::ConnectTcp(port);
     ASSERT_GE(fd, 0);
     ASSERT_GT(write(fd, "GET /met", 8), 0);
     stalled.push_back(fd);

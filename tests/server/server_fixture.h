@@ -182,8 +182,8 @@ inline v1::ServerInfo WaitForAllBlocksFree(v1::Inference::Stub& stub, double tim
   return info;
 }
 
-// Body of GET http://127.0.0.1:port/path ("" on failure).
-inline std::string HttpGet(int port, const std::string& path) {
+// A TCP connection to 127.0.0.1:port (-1 on failure).
+inline int ConnectTcp(int port) {
   int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
@@ -191,8 +191,15 @@ inline std::string HttpGet(int port, const std::string& path) {
   inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
   if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
     close(fd);
-    return "";
+    return -1;
   }
+  return fd;
+}
+
+// Body of GET http://127.0.0.1:port/path ("" on failure).
+inline std::string HttpGet(int port, const std::string& path) {
+  const int fd = ConnectTcp(port);
+  if (fd < 0) return "";
   const std::string req = "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
   if (write(fd, req.data(), req.size()) != static_cast<ssize_t>(req.size())) {
     close(fd);
