@@ -15,6 +15,7 @@
 #include "absl/strings/strip.h"
 #include "kernels/core/logging.h"
 #include "tests/server/server_fixture.h"
+#include "tests/testing/child_process.h"
 
 namespace sy::server::testing {
 namespace {
@@ -28,19 +29,15 @@ class ServeProcess {
                         std::vector<std::pair<std::string, std::string>> env = {}) {
     int out[2];
     SY_CHECK(pipe(out) == 0);
+    args.insert(args.begin(), kBinary);
+    sy::testing::ExecArgs exec(std::move(args), std::move(env));
     pid_ = fork();
     SY_CHECK(pid_ >= 0);
     if (pid_ == 0) {
-      for (const auto& [k, v] : env) setenv(k.c_str(), v.c_str(), 1);
       dup2(out[1], 1);
       close(out[0]);
       close(out[1]);
-      std::vector<char*> argv;
-      argv.push_back(const_cast<char*>(kBinary.c_str()));
-      for (auto& a : args) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      execv(kBinary.c_str(), argv.data());
-      _exit(127);
+      exec.Exec();
     }
     close(out[1]);
     fd_ = out[0];

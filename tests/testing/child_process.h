@@ -25,6 +25,36 @@ inline std::string ReadFile(const std::string& path) {
   return ss.str();
 }
 
+// argv and an environment (this process's, with `set` overriding) built BEFORE a fork: the
+// child of a multi-threaded process may only call async-signal-safe functions (another
+// thread may have held the allocator's lock at the fork), so it must not build them itself.
+class ExecArgs {
+ public:
+  ExecArgs(std::vector<std::string> args, std::vector<std::pair<std::string, std::string>> set)
+      : args_(std::move(args)) {
+    for (char** e = environ; *e != nullptr; ++e) {
+      const std::string kv = *e;
+      bool overridden = false;
+      for (const auto& [k, v] : set) overridden = overridden || kv.rfind(k + "=", 0) == 0;
+      if (!overridden) env_.push_back(kv);
+    }
+    for (const auto& [k, v] : set) env_.push_back(k + "=" + v);
+    for (auto& a : args_) argv_.push_back(a.data());
+    argv_.push_back(nullptr);
+    for (auto& kv : env_) envp_.push_back(kv.data());
+    envp_.push_back(nullptr);
+  }
+  // In the child: async-signal-safe.
+  [[noreturn]] void Exec() {
+    execve(argv_[0], argv_.data(), envp_.data());
+    _exit(127);
+  }
+
+ private:
+  std::vector<std::string> args_, env_;
+  std::vector<char*> argv_, envp_;
+};
+
 // A child process running the built `switchyard` binary; stdout and stderr go to files.
 // Killed (SIGKILL) and reaped when destroyed. Used by the process tests and bench/elastic_bench.
 class ChildProcess {
@@ -35,18 +65,16 @@ class ChildProcess {
     // Files of an earlier child of the same name must not be read as this one's.
     unlink(out_.c_str());
     unlink(err_.c_str());
+    ExecArgs exec(std::move(args), {{"SWITCHYARD_THREADS", "1"}});
+    const char* out = out_.c_str();
+    const char* err = err_.c_str();
     pid_ = fork();
     if (pid_ == 0) {
-      const int o = open(out_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      const int e = open(err_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      const int o = open(out, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      const int e = open(err, O_WRONLY | O_CREAT | O_TRUNC, 0644);
       dup2(o, 1);
       dup2(e, 2);
-      std::vector<char*> argv;
-      for (auto& a : args) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      setenv("SWITCHYARD_THREADS", "1", 1);
-      execv(argv[0], argv.data());
-      _exit(127);
+      exec.Exec();
     }
   }
   ~ChildProcess() {
