@@ -49,6 +49,7 @@
 #include "bench/bench_util.h"
 #include "parallel/ep_dispatch.h"
 #include "parallel/gloo_communicator.h"
+#include "parallel/tcp_communicator.h"
 #include "parallel/local_communicator.h"
 #include "parallel/nccl_communicator.h"
 #include "server/flags.h"
@@ -303,7 +304,8 @@ bool RunLocal(const Config& cfg) {
   return row.ok > 0;
 }
 
-bool RunGloo(const Config& cfg) {
+// Ranks as forked processes over 127.0.0.1 on the gloo or the tcp engine.
+bool RunProcesses(const Config& cfg, bool tcp) {
   char tmpl[] = "/tmp/sy-dispatch-bench-XXXXXX";
   const std::string dir = mkdtemp(tmpl);
   std::fflush(stdout);
@@ -312,11 +314,17 @@ bool RunGloo(const Config& cfg) {
     pid_t pid = fork();
     if (pid == 0) {
       parallel::FileRendezvousStore store(dir);
-      auto comm = parallel::CreateGlooCommunicator({.rank = r,
-                                                    .world_size = cfg.ranks,
-                                                    .store = &store,
-                                                    .prefix = "bench",
-                                                    .timeout = std::chrono::milliseconds(120000)});
+      const std::chrono::milliseconds timeout(120000);
+      auto comm = tcp ? parallel::CreateTcpCommunicator({.rank = r,
+                                                         .world_size = cfg.ranks,
+                                                         .store = &store,
+                                                         .prefix = "bench",
+                                                         .timeout = timeout})
+                      : parallel::CreateGlooCommunicator({.rank = r,
+                                                          .world_size = cfg.ranks,
+                                                          .store = &store,
+                                                          .prefix = "bench",
+                                                          .timeout = timeout});
       if (!comm.ok()) {
         std::fprintf(stderr, "rank %d: %s\n", r, comm.status().ToString().c_str());
         _exit(2);
@@ -397,7 +405,7 @@ int main(int argc, char** argv) {
   std::string stat = "median";
   bool overlap_combine = false;
   sy::server::FlagSet flags("dispatch_bench", "expert dispatch+combine vs bare all-to-all-v");
-  flags.Add("engines", &engines, "comma list of local, gloo, nccl");
+  flags.Add("engines", &engines, "comma list of local, gloo, tcp, nccl");
   flags.Add("tokens", &tokens, "comma list of tokens per rank");
   flags.Add("hidden", &hidden, "hidden size");
   flags.Add("experts", &experts, "logical experts (contiguous placement)");
@@ -412,7 +420,7 @@ int main(int argc, char** argv) {
   flags.Add("overlap_combine", &overlap_combine,
             "combine the own share while the return exchange is in flight");
   flags.Add("local_ranks", &local_ranks, "comma list of thread counts for the local engine");
-  flags.Add("gloo_ranks", &gloo_ranks, "comma list of process counts for the gloo engine");
+  flags.Add("gloo_ranks", &gloo_ranks, "comma list of process counts for the gloo and tcp engines");
   absl::Status s = flags.Parse(argc, argv);
   if (!s.ok()) {
     std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
@@ -443,10 +451,10 @@ int main(int argc, char** argv) {
             cfg.ranks = static_cast<int>(r);
             ok = RunLocal(cfg) && ok;
           }
-        } else if (engine == "gloo") {
+        } else if (engine == "gloo" || engine == "tcp") {
           for (int64_t r : ParseList(gloo_ranks)) {
             cfg.ranks = static_cast<int>(r);
-            ok = RunGloo(cfg) && ok;
+            ok = RunProcesses(cfg, engine == "tcp") && ok;
           }
         } else if (engine == "nccl") {
           ok = RunNccl(cfg) && ok;

@@ -3,6 +3,7 @@
 // The expert-parallel dispatcher (parallel/ep_dispatch.h), weight migration and the step
 // protocol move bytes between ranks only through this interface. Implementations:
 //   LocalCommunicator  (local_communicator.h): N ranks as threads of one process;
+//   TcpCommunicator    (tcp_communicator.h):   ranks as processes over TCP sockets;
 //   GlooCommunicator   (gloo_communicator.h):  ranks as processes over TCP (Gloo);
 //   NcclCommunicator   (nccl_communicator.h):  GPUs (NCCL), built with SY_HAVE_CUDA;
 //   FaultyCommunicator (tests/testing/faulty_communicator.h, tests only): a wrapper failing
@@ -60,7 +61,7 @@ class Communicator {
   // Breaks the communicator from any thread: the collective in flight (if any) and every later
   // one return UNAVAILABLE. Idempotent.
   virtual void Abort() = 0;
-  // "local", "gloo", "nccl", or a wrapper's name.
+  // "local", "tcp", "gloo", "nccl", or a wrapper's name.
   virtual std::string name() const = 0;
 
   // Fixed-size all-to-all: send holds world_size() blocks of bytes_per_rank (block p goes to

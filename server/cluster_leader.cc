@@ -8,7 +8,7 @@
 #include "kernels/core/logging.h"
 #include "kernels/core/status.h"
 #include "parallel/ep_dispatch.h"
-#include "parallel/gloo_communicator.h"
+#include "parallel/transport.h"
 #include "parallel/planner/membership_plan.h"
 #include "parallel/planner/planner.h"
 #include "prometheus/counter.h"
@@ -64,6 +64,10 @@ class ClusterLeader::Observer : public scheduler::GroupObserver {
     alltoall_seconds_ = &prometheus::BuildGauge().Name("switchyard_ep_alltoall_seconds_total")
                              .Help("Seconds the leader rank spent in all-to-alls in this epoch, by phase.")
                              .Register(r);
+    step_seconds_ = &prometheus::BuildGauge().Name("switchyard_rank_step_seconds_total")
+                         .Help("Seconds of this rank's steps by part: attention, experts, all_to_all "
+                               "(every collective of the step, waits included), other.")
+                         .Register(r);
     enabled_ = true;
   }
 
@@ -81,6 +85,10 @@ class ClusterLeader::Observer : public scheduler::GroupObserver {
     alltoall_seconds_->Add({{"phase", "counts"}}).Set(s.dispatch.counts_seconds);
     alltoall_seconds_->Add({{"phase", "dispatch"}}).Set(s.dispatch.dispatch_seconds);
     alltoall_seconds_->Add({{"phase", "combine"}}).Set(s.dispatch.combine_seconds);
+    step_seconds_->Add({{"rank", "0"}, {"phase", "attention"}}).Set(s.split.attention);
+    step_seconds_->Add({{"rank", "0"}, {"phase", "experts"}}).Set(s.split.experts);
+    step_seconds_->Add({{"rank", "0"}, {"phase", "all_to_all"}}).Set(s.split.all_to_all);
+    step_seconds_->Add({{"rank", "0"}, {"phase", "other"}}).Set(s.split.other);
     const auto now = std::chrono::steady_clock::now();
     bool publish = s.broken;
     {
@@ -138,6 +146,7 @@ class ClusterLeader::Observer : public scheduler::GroupObserver {
   prometheus::Family<prometheus::Gauge>* rank_kv_blocks_ = nullptr;
   prometheus::Family<prometheus::Gauge>* dispatch_bytes_ = nullptr;
   prometheus::Family<prometheus::Gauge>* alltoall_seconds_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* step_seconds_ = nullptr;
 };
 
 absl::StatusOr<std::unique_ptr<ClusterLeader>> ClusterLeader::Start(
@@ -160,6 +169,9 @@ absl::StatusOr<std::unique_ptr<ClusterLeader>> ClusterLeader::Start(
     return absl::InvalidArgumentError("--max-ranks: 0 (unlimited) or at least --min-ranks");
   if (options.collective_timeout_ms < 1)
     return absl::InvalidArgumentError("--collective-timeout-ms: must be >= 1");
+  if (options.transport != "tcp" && options.transport != "gloo")
+    return absl::InvalidArgumentError(
+        absl::StrCat("--transport: '", options.transport, "': expected tcp or gloo"));
   if (options.heartbeat_interval_ms < 1 || options.heartbeat_timeout_ms <= options.heartbeat_interval_ms)
     return absl::InvalidArgumentError(
         "--heartbeat-interval-ms must be >= 1 and below --heartbeat-timeout-ms");
@@ -265,6 +277,7 @@ absl::StatusOr<std::unique_ptr<ClusterLeader>> ClusterLeader::Start(
     so.kv_block_size = block_size;
     so.kv_bytes_per_block = model::KvCache::BytesPerBlock(c->config_, block_size);
     so.heartbeat_interval_ms = options.heartbeat_interval_ms;
+    so.transport = options.transport;
     c->service_ = std::make_unique<ClusterService>(so, c->membership_.get());
     SY_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> creds,
                         MakeServerCredentials(options.tls, "cluster-tls"));
@@ -339,11 +352,9 @@ absl::StatusOr<std::unique_ptr<scheduler::StepExecutor>> ClusterLeader::MakeExec
     };
     first_comm = rv->Join(first_.store_prefix, 0, first_.world_size());
   } else {
-    parallel::GlooOptions gloo;
-    gloo.store = membership_->store();
-    gloo.hostname = options_.rank_host;
-    gloo.timeout = timeout;
-    go.make_comm = parallel::GlooCommunicatorFactory(gloo);
+    SY_ASSIGN_OR_RETURN(go.make_comm,
+                        parallel::ProcessCommunicatorFactory(options_.transport, membership_->store(),
+                                                             options_.rank_host, timeout));
   }
   SY_ASSIGN_OR_RETURN(auto executor,
                       scheduler::DistributedStepExecutor::Create(model, membership_.get(), go, first_,

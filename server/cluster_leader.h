@@ -58,6 +58,7 @@ struct ClusterOptions {
   std::string secret;           // joins need it; set (flag, file or env): the group is elastic
   std::string secret_file;      // read at start (keeps the secret out of `ps`)
   int64_t collective_timeout_ms = 30000;
+  std::string transport = "tcp";  // rank processes' communicator engine: tcp | gloo
   int64_t heartbeat_interval_ms = 200;
   int64_t heartbeat_timeout_ms = 1000;  // a rank silent this long is dead once its epoch broke
   double rank_wait_timeout_s = 600;  // how long serve waits for --min-ranks ranks

@@ -111,6 +111,7 @@ grpc::Status ClusterService::Join(grpc::ServerContext* ctx, const v1::JoinReques
   reply->set_num_kv_blocks(blocks);
   reply->set_kv_block_size(options_.kv_block_size);
   reply->set_heartbeat_interval_ms(options_.heartbeat_interval_ms);
+  reply->set_transport(options_.transport);
   return grpc::Status::OK;
 }
 

@@ -132,6 +132,9 @@ int ServeCommand(int argc, char** argv) {
   flags.Add("rank-host", &o.cluster.rank_host,
             "address this rank announces to the other ranks; empty: --host when it is one "
             "address, else the address of this machine's host name");
+  flags.Add("transport", &o.cluster.transport,
+            "how rank processes exchange tokens: tcp (sockets, the calling thread does the I/O) "
+            "or gloo; workers use the leader's");
   flags.Add("collective-timeout-ms", &o.cluster.collective_timeout_ms,
             "a rank that does not answer a collective within this fails its epoch (the group "
             "re-forms without it)");

@@ -18,7 +18,7 @@
 #include "model/config.h"
 #include "model/kv_cache.h"
 #include "model/moe_model.h"
-#include "parallel/gloo_communicator.h"
+#include "parallel/transport.h"
 #include "parallel/membership.h"
 #include "scheduler/rank_runner.h"
 #include "server/cluster_auth.h"
@@ -199,11 +199,10 @@ absl::Status RunWorker(const WorkerOptions& options,
     ro.model = m.get();
     ro.num_blocks = reply.num_kv_blocks();
     ro.block_size = reply.kv_block_size();
-    parallel::GlooOptions gloo;
-    gloo.store = &store;
-    gloo.hostname = o.host;
-    gloo.timeout = milliseconds(reply.collective_timeout_ms());
-    ro.make_comm = parallel::GlooCommunicatorFactory(gloo);
+    SY_ASSIGN_OR_RETURN(
+        ro.make_comm,
+        parallel::ProcessCommunicatorFactory(reply.transport().empty() ? "gloo" : reply.transport(),
+                                             &store, o.host, milliseconds(reply.collective_timeout_ms())));
     ro.store = &store;
     ro.client = &client;
     ro.heartbeat_interval = milliseconds(std::max<int64_t>(1, reply.heartbeat_interval_ms()));

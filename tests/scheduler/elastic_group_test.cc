@@ -155,7 +155,7 @@ struct Served {
   std::unique_ptr<Engine> engine;
 };
 
-class ElasticGroupTest : public ::testing::TestWithParam<bool> {};  // param: gloo
+class ElasticGroupTest : public ::testing::TestWithParam<std::string> {};  // param: comm
 
 TEST_P(ElasticGroupTest, GrowsToFourRanksAndDrainsToTwoWithoutAFailedRequest) {
   sy::testing::Watchdog dog(seconds(240));
@@ -163,7 +163,7 @@ TEST_P(ElasticGroupTest, GrowsToFourRanksAndDrainsToTwoWithoutAFailedRequest) {
   const auto prompts = Prompts(16);
   const auto want = OneRank(dir, prompts, 0);
   RankGroup::Options o;
-  o.gloo = GetParam();
+  o.comm = GetParam();
   Served served(dir, o);
   RankGroup& g = served.group;
   DistributedStepExecutor* exec = served.exec;
@@ -205,7 +205,7 @@ TEST_P(ElasticGroupTest, AKilledRankCostsAPauseNotARequest) {
   const auto want = OneRank(dir, prompts, 0);
   RankGroup::Options o;
   o.world = 3;  // contiguous placement of 4 experts: every rank holds the only copy of some
-  o.gloo = GetParam();
+  o.comm = GetParam();
   Served served(dir, o);
   RankGroup& g = served.group;
   DistributedStepExecutor* exec = served.exec;
@@ -227,8 +227,8 @@ TEST_P(ElasticGroupTest, AKilledRankCostsAPauseNotARequest) {
   ExpectAllMatch(more, want);
 }
 
-INSTANTIATE_TEST_SUITE_P(Comm, ElasticGroupTest, ::testing::Values(false, true),
-                         [](const auto& info) { return info.param ? "gloo" : "local"; });
+INSTANTIATE_TEST_SUITE_P(Comm, ElasticGroupTest, ::testing::Values("local", "tcp", "gloo"),
+                         [](const auto& info) { return info.param; });
 
 TEST(ElasticGroupSamplingTest, TwoRanksKilledAtOnceAndSeededSamplingStillMatches) {
   sy::testing::Watchdog dog(seconds(240));

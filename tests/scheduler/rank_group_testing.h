@@ -16,7 +16,7 @@
 
 #include "kernels/core/logging.h"
 #include "model/moe_model.h"
-#include "parallel/gloo_communicator.h"
+#include "parallel/transport.h"
 #include "parallel/local_communicator.h"
 #include "parallel/membership.h"
 #include "scheduler/distributed_executor.h"
@@ -29,7 +29,7 @@ class RankGroup {
   struct Options {
     int world = 1;  // ranks at start, the leader included
     std::chrono::milliseconds timeout{10000};
-    bool gloo = false;
+    std::string comm = "local";  // local (threads), tcp or gloo (sockets on 127.0.0.1)
     int64_t num_blocks = 64;
     int64_t block_size = 4;
     std::chrono::milliseconds drain_timeout{10000};
@@ -47,12 +47,11 @@ class RankGroup {
     mo.leader_kv_blocks = o.num_blocks;
     membership_ = std::make_unique<parallel::Membership>(mo);
     client_ = std::make_unique<parallel::LocalMembershipClient>(membership_.get());
-    if (o.gloo) {
-      parallel::GlooOptions g;
-      g.store = membership_->store();
-      g.hostname = "127.0.0.1";
-      g.timeout = o.timeout;
-      factory_ = parallel::GlooCommunicatorFactory(g);
+    if (o.comm != "local") {
+      auto f = parallel::ProcessCommunicatorFactory(o.comm, membership_->store(), "127.0.0.1",
+                                                    o.timeout);
+      SY_CHECK(f.ok()) << f.status();
+      factory_ = *f;
     } else {
       factory_ = [this](const std::string& prefix, int rank, int world) {
         return absl::StatusOr<std::unique_ptr<parallel::Communicator>>(
