@@ -8,6 +8,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 
@@ -280,6 +282,16 @@ class MoeModelImpl final : public MoeModel {
 
   absl::Status Forward(std::span<const SequenceInput> batch, KvCache& cache,
                        std::vector<float>* logits) override;
+  ForwardTimes forward_times() const override {
+    auto sec = [](const std::atomic<int64_t>& ns) { return static_cast<double>(ns.load()) * 1e-9; };
+    ForwardTimes t;
+    t.calls = calls_.load();
+    t.total = sec(total_ns_);
+    t.attention = sec(attention_ns_);
+    t.moe = sec(moe_ns_);
+    t.lm_head = sec(lm_head_ns_);
+    return t;
+  }
 
  private:
   // The parts of Forward, in order.
@@ -339,6 +351,8 @@ class MoeModelImpl final : public MoeModel {
   std::vector<float> last_;           // [L, H] the last hidden state of each such sequence
   std::vector<kernels::AttentionSeq> attn_seqs_;    // one layer's batched attention call
   std::vector<const ExpertWeights*> slot_experts_;  // [local slots] of the layer
+  // forward_times(), in nanoseconds (written by Forward, read by any thread).
+  std::atomic<int64_t> calls_{0}, total_ns_{0}, attention_ns_{0}, moe_ns_{0}, lm_head_ns_{0};
 };
 
 // The forward pass over a batch of sequences, flattened to T tokens: embed, then per layer
@@ -349,15 +363,30 @@ absl::Status MoeModelImpl::Forward(std::span<const SequenceInput> batch, KvCache
   const ModelConfig& c = config_;
   int64_t T = 0, num_logits = 0;
   SY_RETURN_IF_ERROR(CheckBatch(batch, cache, &T, &num_logits));
+  using Clock = std::chrono::steady_clock;
+  auto add = [](std::atomic<int64_t>& to, Clock::time_point from, Clock::time_point until) {
+    to += std::chrono::duration_cast<std::chrono::nanoseconds>(until - from).count();
+  };
+  const Clock::time_point start = Clock::now();
   logits->assign(num_logits * c.vocab_size, 0.f);
   Embed(batch, T);
   int moe_index = 0;  // index of this MoE layer among the MoE layers (load statistics)
   for (int64_t l = 0; l < c.num_layers; ++l) {
+    const Clock::time_point t0 = Clock::now();
     Attention(l, batch, T, cache.layer(l));
-    SY_RETURN_IF_ERROR(MoeBlock(l, T, &moe_index));
+    const Clock::time_point t1 = Clock::now();
+    absl::Status moe = MoeBlock(l, T, &moe_index);
+    add(moe_ns_, t1, Clock::now());
+    add(attention_ns_, t0, t1);
+    SY_RETURN_IF_ERROR(moe);
   }
   if (recorder_ != nullptr) recorder_->EndStep();
+  const Clock::time_point head = Clock::now();
   LmHead(batch, num_logits, logits->data());
+  const Clock::time_point end = Clock::now();
+  add(lm_head_ns_, head, end);
+  add(total_ns_, start, end);
+  ++calls_;
   return absl::OkStatus();
 }
 

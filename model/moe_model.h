@@ -33,6 +33,15 @@ struct LoadOptions {
   std::vector<std::vector<int32_t>> experts_per_layer;
 };
 
+// Where the forward passes spent their time, cumulative since Load (wall seconds).
+struct ForwardTimes {
+  int64_t calls = 0;
+  double total = 0;      // whole Forward calls
+  double attention = 0;  // norms, q/k/v/o projections, RoPE, KV write, attention
+  double moe = 0;        // router + dispatcher (experts, and the all-to-alls with several ranks)
+  double lm_head = 0;    // final norm and the LM head
+};
+
 // One sequence's share of a step.
 struct SequenceInput {
   std::span<const int32_t> tokens;       // new tokens this step (prefill chunk or 1 decode)
@@ -80,6 +89,8 @@ class MoeModel {
   // dispatcher's peers fail.
   virtual absl::Status Forward(std::span<const SequenceInput> batch, KvCache& cache,
                                std::vector<float>* logits) = 0;
+  // Safe from any thread (metrics) while Forward runs.
+  virtual ForwardTimes forward_times() const = 0;
 };
 
 }  // namespace sy::model

@@ -13,6 +13,24 @@
 #include "parallel/dispatch_rows.h"
 
 namespace sy::parallel {
+
+void AddDispatchStats(EpDispatchStats* sum, const EpDispatchStats& d) {
+  sum->calls += d.calls;
+  sum->tokens += d.tokens;
+  sum->rows_sent += d.rows_sent;
+  sum->pairs_computed += d.pairs_computed;
+  sum->dispatch_bytes += d.dispatch_bytes;
+  sum->combine_bytes += d.combine_bytes;
+  sum->counts_seconds += d.counts_seconds;
+  sum->dispatch_seconds += d.dispatch_seconds;
+  sum->combine_seconds += d.combine_seconds;
+  sum->layout_seconds += d.layout_seconds;
+  sum->pack_seconds += d.pack_seconds;
+  sum->group_seconds += d.group_seconds;
+  sum->expert_seconds += d.expert_seconds;
+  sum->presum_seconds += d.presum_seconds;
+  sum->merge_seconds += d.merge_seconds;
+}
 namespace {
 
 // One (row, expert) entry on the wire; 12 bytes, read and written with memcpy because the

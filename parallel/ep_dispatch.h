@@ -91,6 +91,9 @@ struct EpDispatchStats {
   double balancedness = 1.0;
 };
 
+// sum += d for the cumulative counters and seconds (the loads and balancedness stay sum's).
+void AddDispatchStats(EpDispatchStats* sum, const EpDispatchStats& d);
+
 class ExpertParallelDispatcher : public MoeDispatcher {
  public:
   virtual EpDispatchStats stats() const = 0;

@@ -122,6 +122,8 @@ void DistributedStepExecutor::Install(RankEpoch next) {
     std::lock_guard<std::mutex> lock(stats_mu_);
     placement_ = next.placement;
     view_ = next.view;
+    if (stats_dispatcher_ != nullptr)
+      parallel::AddDispatchStats(&past_dispatch_, stats_dispatcher_->stats());
     stats_dispatcher_ = next.dispatcher.get();
     stats_.epoch = next.view.epoch;
     stats_.world_size = next.world_size();
@@ -201,9 +203,21 @@ absl::Status DistributedStepExecutor::Broadcast(PlanKind kind, std::span<const i
 }
 
 absl::Status DistributedStepExecutor::RunPlan(PlanKind kind, std::span<const int32_t> payload) {
+  if (kind != PlanKind::kStep) return cur_.world_size() > 1 ? Broadcast(kind, payload) : absl::OkStatus();
+  const Clock::time_point start = Clock::now();
+  double collective = 0;
+  absl::Status s = RunStep(&collective);
+  std::lock_guard<std::mutex> lock(stats_mu_);
+  step_seconds_ += std::chrono::duration<double>(Clock::now() - start).count();
+  collective_seconds_ += collective;
+  return s;
+}
+
+absl::Status DistributedStepExecutor::RunStep(double* collective_seconds) {
   const int world = cur_.world_size();
-  if (world > 1) SY_RETURN_IF_ERROR(Broadcast(kind, payload));
-  if (kind != PlanKind::kStep) return absl::OkStatus();
+  const Clock::time_point start = Clock::now();
+  if (world > 1) SY_RETURN_IF_ERROR(Broadcast(PlanKind::kStep, {}));
+  *collective_seconds += std::chrono::duration<double>(Clock::now() - start).count();
 
   own_inputs_.clear();
   for (const PlannedSequence& s : planned_)
@@ -222,8 +236,10 @@ absl::Status DistributedStepExecutor::RunPlan(PlanKind kind, std::span<const int
     total += rows[p];
   }
   gathered_.resize(total * vocab);
+  const Clock::time_point gather = Clock::now();
   SY_RETURN_IF_ERROR(
       GatherRowsToLeader(cur_.comm.get(), own_logits_.data(), vocab, rows, gathered_.data()));
+  *collective_seconds += std::chrono::duration<double>(Clock::now() - gather).count();
   // Back to input order: rank p's rows arrive in plan order of its sequences.
   job_logits_->resize(total * vocab);
   int64_t out_row = 0;
@@ -772,6 +788,9 @@ DistributedStats DistributedStepExecutor::stats() const {
   std::lock_guard<std::mutex> lock(stats_mu_);
   DistributedStats s = stats_;
   if (stats_dispatcher_ != nullptr) s.dispatch = stats_dispatcher_->stats();
+  parallel::EpDispatchStats all = past_dispatch_;
+  parallel::AddDispatchStats(&all, s.dispatch);
+  s.split = SplitSteps(s.steps, step_seconds_, collective_seconds_, model_->forward_times(), &all);
   return s;
 }
 

@@ -59,6 +59,7 @@
 #include "scheduler/rank_epoch.h"
 #include "scheduler/step_executor.h"
 #include "scheduler/step_plan.h"
+#include "scheduler/step_split.h"
 
 namespace sy::scheduler {
 
@@ -89,6 +90,7 @@ struct DistributedStats {
   std::map<int32_t, int64_t> rank_tokens;     // by rank id: tokens run there, cumulative
   std::map<int32_t, int64_t> rank_kv_blocks;  // by rank id: KV blocks its sequences hold
   parallel::EpDispatchStats dispatch;         // the leader's dispatcher in this epoch
+  StepSplit split;                            // where the leader's steps went (all epochs)
   int64_t joins = 0, drains = 0, failures = 0;  // membership changes by reason
   int64_t migrated_bytes = 0;  // expert bytes ranks mapped for membership changes
 };
@@ -173,6 +175,8 @@ class DistributedStepExecutor : public StepExecutor {
   void Pump();
   absl::Status RunStepJob();
   absl::Status RunPlan(PlanKind kind, std::span<const int32_t> payload = {});
+  // A step plan: broadcast, the leader's own forward pass, the results gathered.
+  absl::Status RunStep(double* collective_seconds);
   absl::Status Broadcast(PlanKind kind, std::span<const int32_t> payload);
   absl::Status PrepareEpoch(const parallel::EpochView& view, int64_t based_on,
                             const std::vector<int32_t>& joiners,
@@ -271,6 +275,9 @@ class DistributedStepExecutor : public StepExecutor {
   std::map<int32_t, int64_t> rate_tokens_ ABSL_GUARDED_BY(stats_mu_);
   std::map<int32_t, double> rate_ ABSL_GUARDED_BY(stats_mu_);
   const parallel::ExpertParallelDispatcher* stats_dispatcher_ ABSL_GUARDED_BY(stats_mu_) = nullptr;
+  parallel::EpDispatchStats past_dispatch_ ABSL_GUARDED_BY(stats_mu_);  // epochs gone by
+  double step_seconds_ ABSL_GUARDED_BY(stats_mu_) = 0;        // the leader's steps
+  double collective_seconds_ ABSL_GUARDED_BY(stats_mu_) = 0;  // of which plan and results
 
   std::thread pump_, controller_;
 };

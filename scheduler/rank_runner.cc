@@ -13,18 +13,6 @@ namespace {
 // Largest plan accepted by a rank (words); guards against a desynchronised size broadcast.
 constexpr int64_t kMaxPlanWords = int64_t{1} << 28;
 
-void AddDispatch(parallel::EpDispatchStats* sum, const parallel::EpDispatchStats& d) {
-  sum->calls += d.calls;
-  sum->tokens += d.tokens;
-  sum->rows_sent += d.rows_sent;
-  sum->pairs_computed += d.pairs_computed;
-  sum->dispatch_bytes += d.dispatch_bytes;
-  sum->combine_bytes += d.combine_bytes;
-  sum->counts_seconds += d.counts_seconds;
-  sum->dispatch_seconds += d.dispatch_seconds;
-  sum->combine_seconds += d.combine_seconds;
-}
-
 }  // namespace
 
 const char* RankExitName(RankExit e) {
@@ -73,7 +61,7 @@ void RankRunner::SetEpoch(RankEpoch next) {
   }
   {
     std::lock_guard<std::mutex> lock(stats_mu_);
-    if (dispatcher_ != nullptr) AddDispatch(&past_, dispatcher_->stats());
+    if (dispatcher_ != nullptr) parallel::AddDispatchStats(&past_, dispatcher_->stats());
     dispatcher_ = next.dispatcher.get();
     stats_.epoch = next.view.epoch;
     stats_.comm_rank = next.comm_rank;
@@ -108,7 +96,9 @@ RankStats RankRunner::stats() const {
   s.leaving = leaving_.load();
   s.kv_blocks = o_.num_blocks;
   s.dispatch = past_;
-  if (dispatcher_ != nullptr) AddDispatch(&s.dispatch, dispatcher_->stats());
+  if (dispatcher_ != nullptr) parallel::AddDispatchStats(&s.dispatch, dispatcher_->stats());
+  s.split = SplitSteps(s.steps, step_seconds_, collective_seconds_, o_.model->forward_times(),
+                       &s.dispatch);
   return s;
 }
 
@@ -245,6 +235,7 @@ absl::Status RankRunner::Serve() {
     if (n < 3 || n > kMaxPlanWords)
       return absl::InternalError(absl::StrCat("rank ", o_.id, ": bad step plan size ", n));
     words.resize(n);
+    const auto plan_start = std::chrono::steady_clock::now();  // the wait for a plan is not step time
     SY_RETURN_IF_ERROR(sy::Annotate(comm->Broadcast(words.data(), n * sizeof(int32_t), 0),
                                     "receiving a step plan"));
     SY_ASSIGN_OR_RETURN(DecodedPlan plan, DecodePlan(words));
@@ -286,11 +277,20 @@ absl::Status RankRunner::Serve() {
       stats_.tokens += tokens;
       stats_.kv_blocks_used = used;
     }
+    const auto forward_start = std::chrono::steady_clock::now();
     SY_RETURN_IF_ERROR(sy::Annotate(o_.model->Forward(inputs, cache_, &logits),
                                     absl::StrCat("rank ", o_.id, " step")));
+    const auto gather_start = std::chrono::steady_clock::now();
     const std::vector<int64_t> rows = LogitRowsPerRank(plan.seqs, world);
     SY_RETURN_IF_ERROR(sy::Annotate(GatherRowsToLeader(comm, logits.data(), vocab, rows, nullptr),
                                     "sending logits to rank 0"));
+    const auto end = std::chrono::steady_clock::now();
+    {
+      std::lock_guard<std::mutex> lock(stats_mu_);
+      step_seconds_ += std::chrono::duration<double>(end - plan_start).count();
+      collective_seconds_ += std::chrono::duration<double>(end - gather_start).count() +
+                             std::chrono::duration<double>(forward_start - plan_start).count();
+    }
   }
 }
 

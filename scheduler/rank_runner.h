@@ -42,6 +42,7 @@
 #include "parallel/expert_load.h"
 #include "parallel/membership.h"
 #include "scheduler/rank_epoch.h"
+#include "scheduler/step_split.h"
 #include "scheduler/step_plan.h"
 
 namespace sy::scheduler {
@@ -83,6 +84,7 @@ struct RankStats {
   int64_t kv_blocks = 0;    // its KV pool
   int64_t kv_blocks_used = 0;  // blocks its sequences of the latest step hold
   parallel::EpDispatchStats dispatch;  // bytes and seconds summed over its epochs
+  StepSplit split;                     // where its steps went
 };
 
 class RankRunner {
@@ -132,6 +134,8 @@ class RankRunner {
   mutable std::mutex stats_mu_;
   RankStats stats_ ABSL_GUARDED_BY(stats_mu_);
   parallel::EpDispatchStats past_ ABSL_GUARDED_BY(stats_mu_);  // epochs gone by
+  double step_seconds_ ABSL_GUARDED_BY(stats_mu_) = 0;        // plan received → results sent
+  double collective_seconds_ ABSL_GUARDED_BY(stats_mu_) = 0;  // of which plan and results
   const parallel::ExpertParallelDispatcher* dispatcher_ ABSL_GUARDED_BY(stats_mu_) = nullptr;
   std::atomic<bool> stop_{false};
   std::atomic<bool> fenced_{false};

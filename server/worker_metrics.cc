@@ -81,6 +81,18 @@ class WorkerMetrics::Collector : public prometheus::Collectable {
       out.push_back(std::move(f));
     }
     {
+      prometheus::MetricFamily f = Family(
+          "switchyard_rank_step_seconds_total",
+          "Seconds of this rank's steps by part: attention, experts, all_to_all (every "
+          "collective of the step, waits included), other.",
+          true);
+      f.metric.push_back(Sample(s.split.attention, true, {rank, {"phase", "attention"}}));
+      f.metric.push_back(Sample(s.split.experts, true, {rank, {"phase", "experts"}}));
+      f.metric.push_back(Sample(s.split.all_to_all, true, {rank, {"phase", "all_to_all"}}));
+      f.metric.push_back(Sample(s.split.other, true, {rank, {"phase", "other"}}));
+      out.push_back(std::move(f));
+    }
+    {
       prometheus::MetricFamily f = Family("switchyard_ep_dispatch_bytes_total",
                                           "Bytes this rank sent to other ranks, by phase.", true);
       f.metric.push_back(Sample(static_cast<double>(s.dispatch.dispatch_bytes), true, {rank, {"phase", "dispatch"}}));
