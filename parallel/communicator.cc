@@ -1,8 +1,10 @@
 #include "parallel/communicator.h"
 
+#include <algorithm>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/core/status.h"
 
 namespace sy::parallel {
 
@@ -58,6 +60,30 @@ std::unique_ptr<PendingAllToAllV> Communicator::StartAllToAllV(
     absl::Span<const int64_t> recv_offsets) {
   return std::make_unique<FinishedAllToAllV>(
       AllToAllV(send, send_counts, send_offsets, recv, recv_counts, recv_offsets));
+}
+
+absl::Status Communicator::AllToAllVDynamic(const void* send, absl::Span<const int64_t> send_counts,
+                                            absl::Span<const int64_t> send_offsets,
+                                            std::vector<char>* recv,
+                                            std::vector<int64_t>* recv_counts,
+                                            std::vector<int64_t>* recv_offsets) {
+  const int n = world_size();
+  if (static_cast<int>(send_counts.size()) != n)
+    return absl::InvalidArgumentError(absl::StrCat("AllToAllVDynamic: send_counts has ",
+                                                   send_counts.size(), " entries, world size ", n));
+  recv_counts->assign(n, 0);
+  recv_offsets->assign(n, 0);
+  SY_RETURN_IF_ERROR(AllToAll(send_counts.data(), recv_counts->data(), sizeof(int64_t)));
+  int64_t total = 0;
+  for (int p = 0; p < n; ++p) {
+    if ((*recv_counts)[p] < 0)
+      return absl::InternalError(absl::StrCat("AllToAllVDynamic: rank ", p, " sends ",
+                                              (*recv_counts)[p], " bytes"));
+    (*recv_offsets)[p] = total;
+    total += (*recv_counts)[p];
+  }
+  recv->resize(std::max<int64_t>(total, 1));
+  return AllToAllV(send, send_counts, send_offsets, recv->data(), *recv_counts, *recv_offsets);
 }
 
 absl::Status Communicator::AllGather(const void* send, size_t bytes, void* recv) {

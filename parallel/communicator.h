@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/types/span.h"
@@ -87,6 +88,17 @@ class Communicator {
       const void* send, absl::Span<const int64_t> send_counts,
       absl::Span<const int64_t> send_offsets, void* recv, absl::Span<const int64_t> recv_counts,
       absl::Span<const int64_t> recv_offsets);
+
+  // An all-to-all-v whose receive sizes only the senders know: send as in AllToAllV (a rank
+  // may send a peer 0 bytes). recv is resized to hold what every rank sent this rank, rank p's
+  // (*recv_counts)[p] bytes at (*recv_offsets)[p], back to back in rank order (the own block
+  // included). Default: the counts with AllToAll, then AllToAllV; an engine whose messages
+  // carry their size (tcp) does it in one exchange.
+  virtual absl::Status AllToAllVDynamic(const void* send, absl::Span<const int64_t> send_counts,
+                                        absl::Span<const int64_t> send_offsets,
+                                        std::vector<char>* recv,
+                                        std::vector<int64_t>* recv_counts,
+                                        std::vector<int64_t>* recv_offsets);
 
   // recv: [world_size() * bytes], block p from rank p.
   virtual absl::Status AllGather(const void* send, size_t bytes, void* recv);

@@ -252,7 +252,10 @@ absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t nu
     }
   }
 
-  // 3. Counts.
+  // 3. Counts, rows and pairs in one exchange: the message to rank d is its WireCounts, then
+  // its rows, then its pairs. The rows for this rank's own experts never touch the wire: they
+  // are read from x (f32, no bf16 rounding) in step 5 and their results summed in f32 in
+  // step 7.
   send_counts_.resize(n);
   recv_counts_.resize(n);
   for (int d = 0; d < n; ++d)
@@ -260,43 +263,22 @@ absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t nu
                        static_cast<int64_t>(pairs_to_[d].size()), last_load_,
                        placement.epoch()};
   const double layout_s = Lap(&t0);
-  SY_RETURN_IF_ERROR(sy::Annotate(
-      comm_->AllToAll(send_counts_.data(), recv_counts_.data(), sizeof(WireCounts)),
-      absl::StrCat("expert dispatch layer ", layer, ": counts")));
-  const double counts_s = Lap(&t0);
-  // Every rank sees every rank's epoch here, so all take the same decision: on a mismatch
-  // (a placement switch applied on some ranks only) nobody ships rows to slots that mean
-  // different experts on the two sides; the group stays usable.
-  for (int s = 0; s < n; ++s)
-    if (recv_counts_[s].placement_epoch != placement.epoch()) {
-      std::fill(out, out + num_tokens * hidden, 0.f);
-      return absl::FailedPreconditionError(absl::StrCat(
-          "expert dispatch layer ", layer, ": placement epoch ", placement.epoch(),
-          " on rank ", me, " but ", recv_counts_[s].placement_epoch, " on rank ", s));
-    }
-
-  // 4. Rows and pairs. The rows for this rank's own experts never touch the wire: they are
-  // read from x (f32, no bf16 rounding) in step 5 and their results summed in f32 in step 7.
   s_cnt_.assign(n, 0);
   s_off_.assign(n, 0);
-  r_cnt_.assign(n, 0);
-  r_off_.assign(n, 0);
-  int64_t send_total = 0, recv_total = 0;
+  int64_t send_total = 0;
   for (int d = 0; d < n; ++d) {
     s_off_[d] = send_total;
     if (d != me)
-      s_cnt_[d] = send_counts_[d].rows * row_bytes + send_counts_[d].pairs * sizeof(WirePair);
+      s_cnt_[d] = static_cast<int64_t>(sizeof(WireCounts)) + send_counts_[d].rows * row_bytes +
+                  send_counts_[d].pairs * static_cast<int64_t>(sizeof(WirePair));
     send_total += s_cnt_[d];
-    r_off_[d] = recv_total;
-    if (d != me)
-      r_cnt_[d] = recv_counts_[d].rows * row_bytes + recv_counts_[d].pairs * sizeof(WirePair);
-    recv_total += r_cnt_[d];
   }
   send_buf_.resize(std::max<int64_t>(send_total, 1));
-  recv_buf_.resize(std::max<int64_t>(recv_total, 1));
   for (int d = 0; d < n; ++d) {
     if (d == me) continue;
     char* seg = send_buf_.data() + s_off_[d];
+    std::memcpy(seg, &send_counts_[d], sizeof(WireCounts));
+    seg += sizeof(WireCounts);
     const std::vector<int32_t>& toks = tokens_to_[d];
     For(static_cast<int64_t>(toks.size()), grain, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i)
@@ -307,11 +289,43 @@ absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t nu
                   pairs_to_[d].size() * sizeof(WirePair));
   }
   const double pack_s = Lap(&t0);
-  SY_RETURN_IF_ERROR(sy::Annotate(comm_->AllToAllV(send_buf_.data(), s_cnt_, s_off_,
-                                                   recv_buf_.data(), r_cnt_, r_off_),
-                                  absl::StrCat("expert dispatch layer ", layer, ": rows")));
+  SY_RETURN_IF_ERROR(sy::Annotate(
+      comm_->AllToAllVDynamic(send_buf_.data(), s_cnt_, s_off_, &recv_buf_, &r_cnt_, &r_off_),
+      absl::StrCat("expert dispatch layer ", layer, ": rows")));
   const double dispatch_s = Lap(&t0);
+  const double counts_s = 0;  // the counts travel with the rows
   dispatch_sent_ = s_cnt_;
+  // Each message's WireCounts; r_off_[s] then points at rank s's rows.
+  for (int s = 0; s < n; ++s) {
+    if (s == me) {
+      recv_counts_[me] = send_counts_[me];
+      continue;
+    }
+    WireCounts c{};
+    bool ok = r_cnt_[s] >= static_cast<int64_t>(sizeof(WireCounts));
+    if (ok) {
+      std::memcpy(&c, recv_buf_.data() + r_off_[s], sizeof(WireCounts));
+      ok = c.rows >= 0 && c.pairs >= 0 && c.rows <= r_cnt_[s] && c.pairs <= r_cnt_[s] &&
+           r_cnt_[s] == static_cast<int64_t>(sizeof(WireCounts)) + c.rows * row_bytes +
+                            c.pairs * static_cast<int64_t>(sizeof(WirePair));
+    }
+    if (!ok)
+      return absl::InternalError(absl::StrCat("expert dispatch layer ", layer, ": rank ", s,
+                                              " sent a malformed message of ", r_cnt_[s],
+                                              " bytes"));
+    recv_counts_[s] = c;
+    r_off_[s] += static_cast<int64_t>(sizeof(WireCounts));
+  }
+  // Every rank sees every rank's epoch here, so all take the same decision: on a mismatch
+  // (a placement switch applied on some ranks only) nobody computes rows for slots that mean
+  // different experts on the two sides, and nothing returns; the group stays usable.
+  for (int s = 0; s < n; ++s)
+    if (recv_counts_[s].placement_epoch != placement.epoch()) {
+      std::fill(out, out + num_tokens * hidden, 0.f);
+      return absl::FailedPreconditionError(absl::StrCat(
+          "expert dispatch layer ", layer, ": placement epoch ", placement.epoch(),
+          " on rank ", me, " but ", recv_counts_[s].placement_epoch, " on rank ", s));
+    }
 
   // 5. Group received pairs by local slot (counting sort), widen rows to f32, compute.
   src_row_base_.assign(n + 1, 0);

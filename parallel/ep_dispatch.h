@@ -6,11 +6,12 @@
 //   1. route: each (token, k) picks a physical slot of its logical expert (ChooseSlots);
 //   2. layout: per destination rank, the tokens it needs, ONE row per token even when several
 //      of its experts live there, plus per (row, expert) a pair {row, local slot, weight};
-//   3. counts all-to-all (rows, pairs per destination; plus each rank's previous load, which
-//      gives every rank the load of all ranks for balancedness at no extra collective, and
-//      its placement epoch: on a mismatch every rank returns FAILED_PRECONDITION before any
-//      row moves, and the communicator stays usable);
-//   4. all-to-all-v of the rows and pairs (rows in f32 or bf16 on the wire);
+//   3-4. one all-to-all-v whose sizes travel with it (Communicator::AllToAllVDynamic: one
+//      exchange on tcp, counts then rows elsewhere): per destination a WireCounts header
+//      (rows, pairs; this rank's previous load, which gives every rank the load of all ranks
+//      for balancedness at no extra collective; its placement epoch: on a mismatch every rank
+//      returns FAILED_PRECONDITION before any expert runs or anything returns, and the
+//      communicator stays usable), then the rows (f32 or bf16 on the wire) and the pairs;
 //   5. the receiver groups the pairs by local slot (a row needed by two local experts is
 //      copied into both groups) and calls GroupedExpertFn once;
 //   6. the receiver pre-sums Σ weight · y per received row straight into the return buffer
@@ -23,6 +24,7 @@
 // no packing, no copy through the communicator, no bf16 rounding. The row loops are the
 // one-pass kernels of dispatch_rows.h.
 // Wire segment from rank a to rank b (bytes, back to back):
+//   counts WireCounts {int64 rows, int64 pairs, int64 previous load, int64 placement epoch}
 //   rows  [num_rows, hidden] wire dtype, row-major
 //   pairs [num_pairs] of {int32 row, int32 local_slot, f32 weight}
 // Return segment from b to a: [num_rows, hidden] wire dtype, in a's row order.
@@ -72,7 +74,8 @@ struct EpDispatchStats {
   int64_t pairs_computed = 0;  // (token, expert) rows this rank's experts computed
   int64_t dispatch_bytes = 0;  // bytes this rank sent to other ranks, dispatch phase
   int64_t combine_bytes = 0;   // bytes this rank sent to other ranks, combine phase
-  double counts_seconds = 0;    // wall time in the counts all-to-all
+  double counts_seconds = 0;    // wall time in a separate counts exchange (0: none; the counts
+                                // travel with the rows)
   double dispatch_seconds = 0;  // wall time in the rows all-to-all-v
   double combine_seconds = 0;   // wall time in the return all-to-all-v
   // Wall time of the phases outside the communicator (the dispatcher's own overhead, and

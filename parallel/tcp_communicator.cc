@@ -33,6 +33,8 @@ constexpr size_t kTokenBytes = 32;
 // magic, version, world size, rank, the listener's token
 constexpr size_t kHelloBytes = 4 + 4 + 4 + 4 + kTokenBytes;
 constexpr size_t kHeaderBytes = 16;  // uint64 sequence number, uint64 bytes
+// Largest message of a dynamic exchange: a header claiming more is a broken peer.
+constexpr uint64_t kMaxDynamicBytes = uint64_t{1} << 36;
 
 int LeftMs(Clock::time_point deadline) {
   const auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now()).count();
@@ -258,6 +260,55 @@ class TcpCommunicator final : public OverlappingCommunicator {
     return p;
   }
 
+  // One exchange: each message's header says its size, so no counts go first.
+  absl::Status AllToAllVDynamic(const void* send, absl::Span<const int64_t> send_counts,
+                                absl::Span<const int64_t> send_offsets, std::vector<char>* recv,
+                                std::vector<int64_t>* recv_counts,
+                                std::vector<int64_t>* recv_offsets) override {
+    Pending p(this);
+    const uint64_t seq = ++seq_;
+    if (broken_.load()) {
+      p.status = aborted_.load() ? absl::UnavailableError("tcp communicator aborted")
+                                 : absl::UnavailableError("tcp communicator is broken");
+      return p.Wait();
+    }
+    absl::Status valid;
+    if (static_cast<int>(send_counts.size()) != world_ ||
+        static_cast<int>(send_offsets.size()) != world_)
+      valid = absl::InvalidArgumentError("all-to-all-v dynamic: spans of world size expected");
+    for (int q = 0; valid.ok() && q < world_; ++q)
+      if (send_counts[q] < 0 || send_offsets[q] < 0)
+        valid = absl::InvalidArgumentError("all-to-all-v dynamic: negative count or offset");
+    if (!valid.ok()) {
+      p.status = Break(valid);
+      return p.Wait();
+    }
+    recv_counts->assign(world_, 0);
+    recv_offsets->assign(world_, 0);
+    p.dyn_recv = recv;
+    p.dyn_counts = recv_counts;
+    p.dyn_offsets = recv_offsets;
+    p.own = static_cast<const char*>(send) + send_offsets[rank_];
+    p.own_bytes = send_counts[rank_];
+    p.seq = seq;
+    p.peers.resize(world_);
+    for (int q = 0; q < world_; ++q) {
+      if (q == rank_) continue;
+      Peer& e = p.peers[q];
+      e.out = static_cast<const char*>(send) + send_offsets[q];
+      e.out_bytes = static_cast<uint64_t>(send_counts[q]);
+      std::memcpy(e.out_header, &seq, 8);
+      std::memcpy(e.out_header + 8, &e.out_bytes, 8);
+      e.out_left = kHeaderBytes + e.out_bytes;
+      e.awaiting_size = true;
+      e.in_left = kHeaderBytes;
+    }
+    for (int q = 0; q < world_ && p.status.ok(); ++q)
+      if (q != rank_) p.status = SendSome(q, &p.peers[q]);
+    if (!p.status.ok()) p.status = Break(p.status);
+    return p.Wait();
+  }
+
   absl::Status Barrier() override {
     std::vector<char> send(world_, 1), recv(world_, 0);
     return AllToAll(send.data(), recv.data(), 1);
@@ -270,10 +321,11 @@ class TcpCommunicator final : public OverlappingCommunicator {
     uint64_t out_bytes = 0;
     char out_header[kHeaderBytes] = {};
     uint64_t out_left = 0;  // header + bytes not yet sent
-    char* in = nullptr;
-    uint64_t in_bytes = 0;
+    char* in = nullptr;     // null in a dynamic exchange until every header is in
+    uint64_t in_bytes = 0;  // a dynamic exchange: learnt from the header
     char in_header[kHeaderBytes] = {};
     uint64_t in_left = 0;  // header + bytes not yet received
+    bool awaiting_size = false;  // dynamic: the header has not given the size yet
   };
 
   class Pending final : public PendingAllToAllV {
@@ -291,6 +343,13 @@ class TcpCommunicator final : public OverlappingCommunicator {
     absl::Status status;
     std::vector<Peer> peers;
     uint64_t seq = 0;
+    // A dynamic exchange: where the received bytes go once every size is known.
+    std::vector<char>* dyn_recv = nullptr;
+    std::vector<int64_t>* dyn_counts = nullptr;
+    std::vector<int64_t>* dyn_offsets = nullptr;
+    const char* own = nullptr;  // this rank's block to itself
+    int64_t own_bytes = 0;
+    bool placed = false;
 
    private:
     TcpCommunicator* c_;
@@ -323,9 +382,10 @@ class TcpCommunicator final : public OverlappingCommunicator {
   }
 
   absl::Status RecvSome(int q, Peer* e, uint64_t seq) {
-    const uint64_t total = kHeaderBytes + e->in_bytes;
     while (e->in_left > 0) {
+      const uint64_t total = kHeaderBytes + (e->awaiting_size ? 0 : e->in_bytes);
       const uint64_t done = total - e->in_left;
+      if (done >= kHeaderBytes && e->in == nullptr) return absl::OkStatus();  // no place yet
       char* dst;
       uint64_t want;
       if (done < kHeaderBytes) {
@@ -342,6 +402,12 @@ class TcpCommunicator final : public OverlappingCommunicator {
           uint64_t got_seq, got_bytes;
           std::memcpy(&got_seq, e->in_header, 8);
           std::memcpy(&got_bytes, e->in_header + 8, 8);
+          if (e->awaiting_size && got_seq == seq && got_bytes <= kMaxDynamicBytes) {
+            e->awaiting_size = false;
+            e->in_bytes = got_bytes;
+            e->in_left = got_bytes;
+            continue;
+          }
           if (got_seq != seq || got_bytes != e->in_bytes)
             return absl::InternalError(absl::StrCat(
                 "tcp all-to-all-v on rank ", rank_, ": rank ", q, " sent ", got_bytes,
@@ -384,10 +450,22 @@ class TcpCommunicator final : public OverlappingCommunicator {
           absl::Status s = SendSome(q, &e);
           if (!s.ok()) return Break(s);
         }
-        const short events = (e.in_left > 0 ? POLLIN : 0) | (e.out_left > 0 ? POLLOUT : 0);
+        // A dynamic receive whose header is in waits for its place, not for the socket.
+        const bool can_read = e.in_left > 0 && (e.awaiting_size || e.in != nullptr ||
+                                                 e.in_left > e.in_bytes);
+        const short events = (can_read ? POLLIN : 0) | (e.out_left > 0 ? POLLOUT : 0);
         if (events != 0) {
           pfds.push_back({fds_[q], events, 0});
           who.push_back(q);
+        }
+      }
+      if (p->dyn_recv != nullptr && !p->placed) {
+        bool all_sizes = true;
+        for (int q = 0; q < world_; ++q)
+          if (q != rank_ && p->peers[q].awaiting_size) all_sizes = false;
+        if (all_sizes) {
+          Place(p);
+          continue;  // read what already arrived
         }
       }
       if (pfds.empty()) return absl::OkStatus();
@@ -403,6 +481,24 @@ class TcpCommunicator final : public OverlappingCommunicator {
             " ms waiting for rank(s) ", waiting)));
       }
     }
+  }
+
+  // Every size of a dynamic exchange is known: lay the receive buffer out in rank order.
+  void Place(Pending* p) {
+    p->placed = true;
+    std::vector<int64_t>& counts = *p->dyn_counts;
+    std::vector<int64_t>& offsets = *p->dyn_offsets;
+    int64_t total = 0;
+    for (int q = 0; q < world_; ++q) {
+      counts[q] = q == rank_ ? p->own_bytes : static_cast<int64_t>(p->peers[q].in_bytes);
+      offsets[q] = total;
+      total += counts[q];
+    }
+    p->dyn_recv->resize(std::max<int64_t>(total, 1));
+    char* base = p->dyn_recv->data();
+    if (p->own_bytes > 0) std::memmove(base + offsets[rank_], p->own, p->own_bytes);
+    for (int q = 0; q < world_; ++q)
+      if (q != rank_) p->peers[q].in = base + offsets[q];
   }
 
   absl::Status Break(absl::Status status) {

@@ -197,9 +197,8 @@ absl::Status DistributedStepExecutor::Broadcast(PlanKind kind, std::span<const i
     EncodePlan(kind, {}, &words_);
   }
   last_plan_ = Clock::now();
-  int64_t n = static_cast<int64_t>(words_.size());
-  SY_RETURN_IF_ERROR(cur_.comm->Broadcast(&n, sizeof(n), 0));
-  return cur_.comm->Broadcast(words_.data(), n * sizeof(int32_t), 0);
+  // One message whose size the ranks learn from it (SendPlan).
+  return SendPlan(cur_.comm.get(), words_);
 }
 
 absl::Status DistributedStepExecutor::RunPlan(PlanKind kind, std::span<const int32_t> payload) {

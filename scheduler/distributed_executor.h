@@ -27,7 +27,7 @@
 //     checkpoint); the step returns ABORTED and kLost events make the engine prefill the dead
 //     ranks' sequences again elsewhere. UNAVAILABLE only when no group can be formed.
 //
-// Idle ranks wait inside a Broadcast with the collective time-out; a keep-alive plan every
+// Idle ranks wait for the next plan with the collective time-out; a keep-alive plan every
 // time-out/4 keeps them there and notices a dead rank while idle.
 //
 // Thread safety: Execute, TakePoolEvents, ReportPools on the engine thread; SwitchPlacement,

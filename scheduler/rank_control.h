@@ -12,7 +12,7 @@
 //       placement and drops the experts it no longer holds (MoeModel::RetainExperts).
 //     After each plan all ranks all-gather their counts (gained, released, bytes, ok). The
 //     plan stream is one ordered broadcast, so every rank switches between the same two
-//     steps; the dispatcher's epoch check in the counts all-to-all catches any that did not.
+//     steps; the dispatcher's epoch check in its first exchange catches any that did not.
 //   kLoadStats: every rank sends its ExpertLoadRecorder's window (trace JSON) to rank 0,
 //     which merges them (MergeTraces): the leader alone sees only its own sequences' tokens.
 //

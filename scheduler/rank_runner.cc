@@ -8,12 +8,6 @@
 #include "scheduler/rank_control.h"
 
 namespace sy::scheduler {
-namespace {
-
-// Largest plan accepted by a rank (words); guards against a desynchronised size broadcast.
-constexpr int64_t kMaxPlanWords = int64_t{1} << 28;
-
-}  // namespace
 
 const char* RankExitName(RankExit e) {
   switch (e) {
@@ -230,14 +224,8 @@ absl::Status RankRunner::Serve() {
     const int me = cur_.comm_rank, world = cur_.world_size();
     if (comm == nullptr)  // an epoch of the leader alone has no other rank
       return absl::InternalError("a rank other than the leader in a one-rank epoch");
-    int64_t n = 0;
-    SY_RETURN_IF_ERROR(sy::Annotate(comm->Broadcast(&n, sizeof(n), 0), "waiting for a step plan"));
-    if (n < 3 || n > kMaxPlanWords)
-      return absl::InternalError(absl::StrCat("rank ", o_.id, ": bad step plan size ", n));
-    words.resize(n);
+    SY_RETURN_IF_ERROR(sy::Annotate(ReceivePlan(comm, &plan_bytes_, &words), "waiting for a step plan"));
     const auto plan_start = std::chrono::steady_clock::now();  // the wait for a plan is not step time
-    SY_RETURN_IF_ERROR(sy::Annotate(comm->Broadcast(words.data(), n * sizeof(int32_t), 0),
-                                    "receiving a step plan"));
     SY_ASSIGN_OR_RETURN(DecodedPlan plan, DecodePlan(words));
     switch (plan.kind) {
       case PlanKind::kShutdown:

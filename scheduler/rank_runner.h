@@ -134,6 +134,7 @@ class RankRunner {
   mutable std::mutex stats_mu_;
   RankStats stats_ ABSL_GUARDED_BY(stats_mu_);
   parallel::EpDispatchStats past_ ABSL_GUARDED_BY(stats_mu_);  // epochs gone by
+  std::vector<char> plan_bytes_;  // ReceivePlan's scratch (the serving thread)
   double step_seconds_ ABSL_GUARDED_BY(stats_mu_) = 0;        // plan received → results sent
   double collective_seconds_ ABSL_GUARDED_BY(stats_mu_) = 0;  // of which plan and results
   const parallel::ExpertParallelDispatcher* dispatcher_ ABSL_GUARDED_BY(stats_mu_) = nullptr;

@@ -1,6 +1,9 @@
 #include "scheduler/step_plan.h"
 
+#include <cstring>
+
 #include "absl/strings/str_cat.h"
+#include "kernels/core/status.h"
 
 namespace sy::scheduler {
 namespace {
@@ -96,6 +99,37 @@ std::vector<int64_t> LogitRowsPerRank(std::span<const PlannedSequence> seqs, int
         s.home_rank < world_size)
       ++rows[s.home_rank];
   return rows;
+}
+
+namespace {
+// Largest plan accepted by a rank (words); guards against a desynchronised sender.
+constexpr int64_t kMaxPlanWords = int64_t{1} << 28;
+}  // namespace
+
+absl::Status SendPlan(parallel::Communicator* comm, std::span<const int32_t> words) {
+  const int world = comm->world_size();
+  const int64_t bytes = static_cast<int64_t>(words.size() * sizeof(int32_t));
+  std::vector<int64_t> counts(world, bytes), offsets(world, 0), rcounts, roffsets;
+  counts[comm->rank()] = 0;
+  std::vector<char> none;
+  return comm->AllToAllVDynamic(words.data(), counts, offsets, &none, &rcounts, &roffsets);
+}
+
+absl::Status ReceivePlan(parallel::Communicator* comm, std::vector<char>* bytes,
+                         std::vector<int32_t>* words) {
+  const int world = comm->world_size();
+  std::vector<int64_t> zeros(world, 0), counts, offsets;
+  const int32_t dummy = 0;
+  SY_RETURN_IF_ERROR(comm->AllToAllVDynamic(&dummy, zeros, zeros, bytes, &counts, &offsets));
+  const int64_t n = counts[0] / static_cast<int64_t>(sizeof(int32_t));
+  if (counts[0] % static_cast<int64_t>(sizeof(int32_t)) != 0 || n < 3 || n > kMaxPlanWords)
+    return absl::InternalError(absl::StrCat("a step plan of ", counts[0], " bytes"));
+  for (int p = 1; p < world; ++p)
+    if (counts[p] != 0)
+      return absl::InternalError(absl::StrCat("rank ", p, " sent ", counts[p], " bytes of a step plan"));
+  words->resize(n);
+  std::memcpy(words->data(), bytes->data() + offsets[0], counts[0]);
+  return absl::OkStatus();
 }
 
 absl::Status GatherRowsToLeader(parallel::Communicator* comm, const float* own, int64_t vocab,

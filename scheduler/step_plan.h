@@ -7,8 +7,9 @@
 //   per seq [home_rank, start_pos, compute_logits (0/1), num_tokens, tokens...,
 //            num_blocks, block ids...]
 //   control kinds only (kPlacement and later): [payload words...] after the header
-// A rank runs the sequences whose home_rank is its own, in plan order, and sends back one
-// logits row per such sequence that has compute_logits and at least one token.
+// It travels as one message whose size comes with it (SendPlan / ReceivePlan). A rank runs
+// the sequences whose home_rank is its own, in plan order, and sends back one logits row per
+// such sequence that has compute_logits and at least one token.
 //
 // Thread safety: plain values.
 #pragma once
@@ -55,6 +56,14 @@ struct DecodedPlan {
 
 // INVALID_ARGUMENT on a malformed plan (wrong magic, lengths past the end, unknown kind).
 absl::StatusOr<DecodedPlan> DecodePlan(std::span<const int32_t> words);
+
+// The plan's words from rank 0 to every other rank, as one message whose size travels with it
+// (Communicator::AllToAllVDynamic: one exchange on tcp).
+absl::Status SendPlan(parallel::Communicator* comm, std::span<const int32_t> words);
+// On the other ranks: `bytes` is scratch; `words` gets the plan. INTERNAL for a size that is
+// not whole words or is past the largest plan.
+absl::Status ReceivePlan(parallel::Communicator* comm, std::vector<char>* bytes,
+                         std::vector<int32_t>* words);
 
 // Logits rows each rank returns for `seqs`: [world_size].
 std::vector<int64_t> LogitRowsPerRank(std::span<const PlannedSequence> seqs, int world_size);

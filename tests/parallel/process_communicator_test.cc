@@ -134,6 +134,17 @@ TEST_P(ProcessesTest, AllToAllVAndOtherCollectivesMatchReferences) {
       std::this_thread::sleep_for(milliseconds(3 * r));
       CHILD_EXPECT(r, pending->Wait().ok());
       CHILD_EXPECT(r, recv == expected);
+      // The same bytes with sizes only the senders know: back to back in rank order.
+      std::vector<char> dyn(3, 'z');
+      std::vector<int64_t> dcnt, doff;
+      CHILD_EXPECT(r, c->AllToAllVDynamic(send.data(), sc, so, &dyn, &dcnt, &doff).ok());
+      int64_t at = 0;
+      for (int p = 0; p < n; ++p) {
+        CHILD_EXPECT(r, dcnt[p] == rcnt[p] && doff[p] == at);
+        for (int64_t b = 0; b < rcnt[p]; ++b)
+          CHILD_EXPECT(r, static_cast<uint8_t>(dyn[at + b]) == MessageByte(p, r, b));
+        at += rcnt[p];
+      }
     }
     std::vector<int32_t> all(n, -1);
     int32_t mine = 500 + r;
