@@ -12,11 +12,22 @@ int32_t Greedy(const float* logits, int64_t vocab_size) {
   return best;
 }
 
-Sampler::Sampler(const SamplingParams& params) : params_(params), rng_(params.seed) {}
+namespace {
 
-int32_t Sampler::Sample(const float* logits, int64_t vocab_size) {
+// splitmix64's finaliser: a bijection that spreads every input bit over the output.
+uint64_t Mix(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+}  // namespace
+
+int32_t SampleToken(const SamplingParams& params_, uint64_t draw, const float* logits,
+                    int64_t vocab_size, SampleScratch* scratch) {
   if (params_.temperature <= 0.f) return Greedy(logits, vocab_size);
   const double inv_t = 1.0 / params_.temperature;
+  SampleScratch& scratch_ = *scratch;
   scratch_.resize(vocab_size);
   for (int64_t i = 0; i < vocab_size; ++i) scratch_[i] = {logits[i], static_cast<int32_t>(i)};
   auto better = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
@@ -49,7 +60,8 @@ int32_t Sampler::Sample(const float* logits, int64_t vocab_size) {
   double mass = 0;
   for (int64_t i = 0; i < n; ++i) mass += p[i];
   // 53 random bits -> uniform in [0, mass).
-  double u = static_cast<double>(rng_() >> 11) * (1.0 / 9007199254740992.0) * mass;
+  const uint64_t bits = Mix(params_.seed + 0x9E3779B97F4A7C15ull * Mix(draw + 0x632BE59BD9B4E019ull));
+  double u = static_cast<double>(bits >> 11) * (1.0 / 9007199254740992.0) * mass;
   for (int64_t i = 0; i < n; ++i) {
     u -= p[i];
     if (u < 0) return scratch_[i].second;

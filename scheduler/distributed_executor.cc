@@ -219,35 +219,35 @@ absl::Status DistributedStepExecutor::RunStep(double* collective_seconds) {
   *collective_seconds += std::chrono::duration<double>(Clock::now() - start).count();
 
   own_inputs_.clear();
+  own_specs_.clear();
   for (const PlannedSequence& s : planned_)
-    if (s.home_rank == 0) own_inputs_.push_back(s.input);
+    if (s.home_rank == 0) {
+      own_inputs_.push_back(s.input);
+      if (WantsToken(s.input)) own_specs_.push_back(s.sample);
+    }
   SY_RETURN_IF_ERROR(model_->Forward(own_inputs_, cache_, &own_logits_));
+  own_tokens_.resize(own_specs_.size());
+  SampleRows(own_specs_, own_logits_.data(), model_->config().vocab_size, own_tokens_.data());
   if (world == 1) {
-    job_logits_->swap(own_logits_);
+    job_tokens_->swap(own_tokens_);
     return absl::OkStatus();
   }
-  const int64_t vocab = model_->config().vocab_size;
-  const std::vector<int64_t> rows = LogitRowsPerRank(planned_, world);
+  const std::vector<int64_t> rows = TokensPerRank(planned_, world);
   int64_t total = 0;
   std::vector<int64_t> next_row(world, 0);
   for (int p = 0; p < world; ++p) {
     next_row[p] = total;
     total += rows[p];
   }
-  gathered_.resize(total * vocab);
+  gathered_.resize(total);
   const Clock::time_point gather = Clock::now();
-  SY_RETURN_IF_ERROR(
-      GatherRowsToLeader(cur_.comm.get(), own_logits_.data(), vocab, rows, gathered_.data()));
+  SY_RETURN_IF_ERROR(GatherRowsToLeader(cur_.comm.get(), own_tokens_.data(), sizeof(int32_t), rows,
+                                        gathered_.data()));
   *collective_seconds += std::chrono::duration<double>(Clock::now() - gather).count();
-  // Back to input order: rank p's rows arrive in plan order of its sequences.
-  job_logits_->resize(total * vocab);
-  int64_t out_row = 0;
-  for (const PlannedSequence& s : planned_) {
-    if (!s.input.compute_logits || s.input.tokens.empty()) continue;
-    const int64_t src = next_row[s.home_rank]++;
-    std::copy_n(gathered_.data() + src * vocab, vocab, job_logits_->data() + out_row * vocab);
-    ++out_row;
-  }
+  // Back to input order: rank p's tokens arrive in plan order of its sequences.
+  job_tokens_->clear();
+  for (const PlannedSequence& s : planned_)
+    if (WantsToken(s.input)) job_tokens_->push_back(gathered_[next_row[s.home_rank]++]);
   return absl::OkStatus();
 }
 
@@ -304,7 +304,8 @@ absl::Status DistributedStepExecutor::RunStepJob() {
 
 absl::Status DistributedStepExecutor::Execute(std::span<const model::SequenceInput> batch,
                                               std::span<const int32_t> homes,
-                                              std::vector<float>* logits) {
+                                              std::span<const SampleSpec> samples,
+                                              std::vector<int32_t>* tokens) {
   if (broken_.load()) {
     std::lock_guard<std::mutex> lock(stats_mu_);
     return absl::UnavailableError(
@@ -313,13 +314,13 @@ absl::Status DistributedStepExecutor::Execute(std::span<const model::SequenceInp
   planned_.clear();
   planned_ids_.clear();
   for (size_t i = 0; i < batch.size(); ++i) {
-    planned_.push_back(PlannedSequence{0, batch[i]});
+    planned_.push_back(PlannedSequence{0, batch[i], i < samples.size() ? samples[i] : SampleSpec{}});
     planned_ids_.push_back(i < homes.size() ? homes[i] : 0);
   }
   absl::Status status;
   {
     std::unique_lock<std::mutex> lock(mu_);
-    job_logits_ = logits;
+    job_tokens_ = tokens;
     job_ = true;
     done_ = false;
     cv_.notify_all();

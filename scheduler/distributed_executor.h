@@ -5,9 +5,10 @@
 // join, drain or die.
 //
 // Per step (the pump thread): the StepPlan (step_plan.h) is broadcast on the epoch's
-// communicator, rank 0 runs its own sequences through the leader's model (whose MoE layers
-// dispatch over the same communicator), the other ranks send their logits rows back. With the
-// leader alone (an epoch of one rank) the step is a plain forward pass.
+// communicator, every rank runs its own sequences through its model (whose MoE layers
+// dispatch over the same communicator) and samples them, and the other ranks send their token
+// ids back (4 bytes per sequence, not a logits row). With the leader alone (an epoch of one
+// rank) the step is a plain forward pass and sampling.
 //
 // Membership, one change at a time, at step boundaries:
 //   * join / drain (the controller thread plans, the pump applies): the new epoch's placement
@@ -141,7 +142,8 @@ class DistributedStepExecutor : public StepExecutor {
 
   const model::ModelConfig& config() const override { return model_->config(); }
   absl::Status Execute(std::span<const model::SequenceInput> batch,
-                       std::span<const int32_t> homes, std::vector<float>* logits) override;
+                       std::span<const int32_t> homes, std::span<const SampleSpec> samples,
+                       std::vector<int32_t>* tokens) override;
   std::vector<PoolEvent> TakePoolEvents() override;
   void ReportPools(std::span<const PoolUsage> usage) override;
   void SetWakeup(std::function<void()> wake) override;
@@ -221,7 +223,9 @@ class DistributedStepExecutor : public StepExecutor {
   std::deque<Retired> retired_;  // old epochs' communicators, closed a little later
   std::vector<int32_t> words_;
   std::vector<model::SequenceInput> own_inputs_;
-  std::vector<float> own_logits_, gathered_;
+  std::vector<float> own_logits_;
+  std::vector<SampleSpec> own_specs_;
+  std::vector<int32_t> own_tokens_, gathered_;
   std::chrono::steady_clock::time_point last_plan_{};
   int reforms_without_step_ = 0;
   std::optional<std::chrono::steady_clock::time_point> recovering_since_;
@@ -238,7 +242,7 @@ class DistributedStepExecutor : public StepExecutor {
   bool done_ ABSL_GUARDED_BY(mu_) = false;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   absl::Status job_status_ ABSL_GUARDED_BY(mu_);
-  std::vector<float>* job_logits_ = nullptr;
+  std::vector<int32_t>* job_tokens_ = nullptr;
   std::deque<std::function<void(bool run)>> controls_ ABSL_GUARDED_BY(mu_);
   std::mutex switch_mu_;  // one SwitchPlacement at a time
   std::atomic<bool> switching_placement_{false};

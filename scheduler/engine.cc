@@ -289,6 +289,7 @@ ScheduledBatch Engine::Schedule(StepStats* st) {
 absl::Status Engine::Run(const ScheduledBatch& batch) {
   inputs_.clear();
   homes_.clear();
+  samples_.clear();
   for (const ScheduledSequence& e : batch.entries) {
     Sequence* s = e.seq;
     model::SequenceInput in;
@@ -298,24 +299,19 @@ absl::Status Engine::Run(const ScheduledBatch& batch) {
     in.compute_logits = e.compute_logits;
     inputs_.push_back(in);
     homes_.push_back(s->home);
+    samples_.push_back(SampleSpec{s->request.params.sampling,
+                                  static_cast<uint64_t>(s->num_output_tokens())});
   }
-  return executor_->Execute(inputs_, homes_, &logits_);
+  return executor_->Execute(inputs_, homes_, samples_, &sampled_);
 }
 
 std::vector<Sequence*> Engine::Postprocess(const ScheduledBatch& batch, StepStats* st) {
-  // Sample on the compute threads (each sequence has its own sampler; a vocabulary-wide scan
-  // per sequence is a few percent of a batch-32 decode step), then append in order.
-  const int64_t vocab = limits_.vocab_size;
+  // The executor sampled where the logits were: one token per entry that wants one.
   sampling_.clear();
-  for (const ScheduledSequence& e : batch.entries)
-    if (e.compute_logits) sampling_.push_back(e.seq);
+  for (size_t i = 0; i < batch.entries.size(); ++i)
+    if (WantsToken(inputs_[i])) sampling_.push_back(batch.entries[i].seq);
   const int64_t num_sampled = static_cast<int64_t>(sampling_.size());
-  SY_CHECK_LE(num_sampled * vocab, static_cast<int64_t>(logits_.size()));
-  sampled_.resize(num_sampled);
-  ThreadPool::Default().ParallelFor(num_sampled, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      sampled_[i] = sampling_[i]->sampler.Sample(logits_.data() + i * vocab, vocab);
-  });
+  SY_CHECK_EQ(num_sampled, static_cast<int64_t>(sampled_.size()));
   const Clock::time_point now = Clock::now();
   std::vector<Sequence*> finished;
   for (int64_t i = 0; i < num_sampled; ++i)

@@ -9,8 +9,8 @@
 //
 // A step the executor ABORTED (the rank group re-formed under it) counts for nothing: the
 // lost ranks' sequences are preempted by their pool events and prefilled again elsewhere from
-// prompt + output so far; their samplers have not moved, so the tokens are those they would
-// have been.
+// prompt + output so far; a draw is a function of (seed, tokens generated so far), so the
+// tokens are those they would have been.
 //
 // A cancelled request or one past its deadline is removed, and its KV blocks freed, at the
 // next step boundary. Drain (graceful shutdown): StopAccepting, then WaitIdle, then Stop.
@@ -129,7 +129,7 @@ class Engine {
   // Retires the finished sequences, counts the step, publishes the gauges, then tells the
   // finished requests' sinks.
   void EndStep(const std::vector<Sequence*>& finished, Clock::time_point start, StepStats* st);
-  // The executor runs the batch: logits_ get a row per entry with compute_logits.
+  // The executor runs and samples the batch: sampled_ gets a token per entry that wants one.
   absl::Status Run(const ScheduledBatch& batch);
   // Samples, appends and streams one token per entry with compute_logits; returns the
   // sequences that are done (the caller finishes them once the step is counted).
@@ -162,8 +162,8 @@ class Engine {
   std::vector<model::SequenceInput> inputs_;
   std::vector<int32_t> homes_;
   std::vector<PoolUsage> usage_;
-  std::vector<float> logits_;
-  std::vector<Sequence*> sampling_;  // sequences sampled this step, in logits row order
+  std::vector<SampleSpec> samples_;  // per entry of inputs_
+  std::vector<Sequence*> sampling_;  // sequences sampled this step, in sampled_ order
   std::vector<int32_t> sampled_;
 
   mutable std::mutex mu_;

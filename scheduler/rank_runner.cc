@@ -214,7 +214,8 @@ absl::Status RankRunner::Serve() {
   std::vector<int32_t> words;
   std::vector<model::SequenceInput> inputs;
   std::vector<float> logits;
-  std::vector<int32_t> blocks;
+  std::vector<SampleSpec> specs;
+  std::vector<int32_t> blocks, sampled;
   for (;;) {
     if (stop_.load()) return absl::CancelledError("rank stopped");
     while (!retired_.empty() &&
@@ -249,11 +250,13 @@ absl::Status RankRunner::Serve() {
         break;
     }
     inputs.clear();
+    specs.clear();
     int64_t tokens = 0;
     blocks.clear();
     for (const PlannedSequence& s : plan.seqs)
       if (s.home_rank == me) {
         inputs.push_back(s.input);
+        if (WantsToken(s.input)) specs.push_back(s.sample);
         tokens += static_cast<int64_t>(s.input.tokens.size());
         blocks.insert(blocks.end(), s.input.block_table.begin(), s.input.block_table.end());
       }
@@ -265,19 +268,20 @@ absl::Status RankRunner::Serve() {
       stats_.tokens += tokens;
       stats_.kv_blocks_used = used;
     }
-    const auto forward_start = std::chrono::steady_clock::now();
     SY_RETURN_IF_ERROR(sy::Annotate(o_.model->Forward(inputs, cache_, &logits),
                                     absl::StrCat("rank ", o_.id, " step")));
+    sampled.resize(specs.size());
+    SampleRows(specs, logits.data(), vocab, sampled.data());
     const auto gather_start = std::chrono::steady_clock::now();
-    const std::vector<int64_t> rows = LogitRowsPerRank(plan.seqs, world);
-    SY_RETURN_IF_ERROR(sy::Annotate(GatherRowsToLeader(comm, logits.data(), vocab, rows, nullptr),
-                                    "sending logits to rank 0"));
+    const std::vector<int64_t> rows = TokensPerRank(plan.seqs, world);
+    SY_RETURN_IF_ERROR(sy::Annotate(
+        GatherRowsToLeader(comm, sampled.data(), sizeof(int32_t), rows, nullptr),
+        "sending tokens to rank 0"));
     const auto end = std::chrono::steady_clock::now();
     {
       std::lock_guard<std::mutex> lock(stats_mu_);
       step_seconds_ += std::chrono::duration<double>(end - plan_start).count();
-      collective_seconds_ += std::chrono::duration<double>(end - gather_start).count() +
-                             std::chrono::duration<double>(forward_start - plan_start).count();
+      collective_seconds_ += std::chrono::duration<double>(end - gather_start).count();
     }
   }
 }

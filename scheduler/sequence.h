@@ -1,5 +1,6 @@
 // Sequence: one request's state inside the engine — its tokens (prompt, then output), how many
-// of them are in the KV cache, its block table, its sampler and its streaming detokenizer.
+// of them are in the KV cache, its block table and its streaming detokenizer. Its next token is
+// draw num_output_tokens() of its sampling parameters (model/sampler.h), wherever it runs.
 //
 // Owned by BatchScheduler (created from a Request when the engine drains its intake queue);
 // touched only by the engine thread.
@@ -29,8 +30,7 @@ struct Sequence {
       : id(seq_id),
         request(std::move(req)),
         tokens(request.prompt),
-        num_prompt_tokens(static_cast<int64_t>(request.prompt.size())),
-        sampler(request.params.sampling) {
+        num_prompt_tokens(static_cast<int64_t>(request.prompt.size())) {
     if (tokenizer != nullptr) decoder.emplace(tokenizer);
   }
 
@@ -49,7 +49,6 @@ struct Sequence {
   SequenceStatus status = SequenceStatus::kWaiting;
   int64_t num_preemptions = 0;
 
-  model::Sampler sampler;
   std::optional<model::Tokenizer::StreamDecoder> decoder;
   std::string text;           // detokenized output so far
   size_t text_sent = 0;       // bytes of `text` already given to the sink

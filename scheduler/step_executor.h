@@ -31,8 +31,25 @@
 #include "model/config.h"
 #include "model/kv_cache.h"
 #include "model/moe_model.h"
+#include "model/sampler.h"
 
 namespace sy::scheduler {
+
+// How to pick the next token of an input that wants one (model/sampler.h).
+struct SampleSpec {
+  model::SamplingParams params;
+  uint64_t draw = 0;  // the sequence's tokens generated so far
+};
+
+// An input wants a token when it asks for logits and has tokens this step.
+inline bool WantsToken(const model::SequenceInput& in) {
+  return in.compute_logits && !in.tokens.empty();
+}
+
+// tokens[i] = the token that row i of `logits` ([rows, vocab] f32) gives under specs[i], on
+// the default thread pool.
+void SampleRows(std::span<const SampleSpec> specs, const float* logits, int64_t vocab,
+                int32_t* tokens);
 
 // A change to the engine's KV pools, in the order the executor decided them.
 struct PoolEvent {
@@ -60,10 +77,13 @@ class StepExecutor {
  public:
   virtual ~StepExecutor() = default;
   virtual const model::ModelConfig& config() const = 0;
-  // batch[i] is homed in pool homes[i]. logits: resized to [inputs with compute_logits,
-  // vocab_size], row-major f32, input order.
+  // batch[i] is homed in pool homes[i] and, when it wants a token, is sampled with samples[i]
+  // where its logits are (the home rank: only token ids travel). tokens: resized to one per
+  // input that wants a token, in input order.
   virtual absl::Status Execute(std::span<const model::SequenceInput> batch,
-                               std::span<const int32_t> homes, std::vector<float>* logits) = 0;
+                               std::span<const int32_t> homes,
+                               std::span<const SampleSpec> samples,
+                               std::vector<int32_t>* tokens) = 0;
 
   // Pool changes since the last call, to apply before the next Schedule.
   virtual std::vector<PoolEvent> TakePoolEvents() { return {}; }
@@ -82,11 +102,14 @@ class LocalStepExecutor : public StepExecutor {
   LocalStepExecutor(model::MoeModel* model, int64_t num_blocks, int64_t block_size);
   const model::ModelConfig& config() const override { return model_->config(); }
   absl::Status Execute(std::span<const model::SequenceInput> batch,
-                       std::span<const int32_t> homes, std::vector<float>* logits) override;
+                       std::span<const int32_t> homes, std::span<const SampleSpec> samples,
+                       std::vector<int32_t>* tokens) override;
 
  private:
   model::MoeModel* model_;
   model::KvCache cache_;
+  std::vector<float> logits_;
+  std::vector<SampleSpec> specs_;
 };
 
 }  // namespace sy::scheduler

@@ -1,5 +1,7 @@
 #include "scheduler/step_plan.h"
 
+#include <bit>
+#include <cmath>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -23,6 +25,16 @@ void EncodePlan(PlanKind kind, std::span<const PlannedSequence> seqs, std::vecto
     words->insert(words->end(), s.input.tokens.begin(), s.input.tokens.end());
     words->push_back(static_cast<int32_t>(s.input.block_table.size()));
     words->insert(words->end(), s.input.block_table.begin(), s.input.block_table.end());
+    if (s.input.compute_logits) {
+      const model::SamplingParams& p = s.sample.params;
+      words->push_back(std::bit_cast<int32_t>(p.temperature));
+      words->push_back(std::bit_cast<int32_t>(p.top_p));
+      words->push_back(p.top_k);
+      words->push_back(static_cast<int32_t>(p.seed & 0xFFFFFFFFu));
+      words->push_back(static_cast<int32_t>(p.seed >> 32));
+      words->push_back(static_cast<int32_t>(s.sample.draw & 0xFFFFFFFFu));
+      words->push_back(static_cast<int32_t>(s.sample.draw >> 32));
+    }
   }
 }
 
@@ -87,16 +99,30 @@ absl::StatusOr<DecodedPlan> DecodePlan(std::span<const int32_t> words) {
     auto blocks = take_span(*nb, "block table");
     if (!blocks.ok()) return blocks.status();
     s.input.block_table = *blocks;
+    if (s.input.compute_logits) {
+      auto sample = take_span(7, "sampling parameters");
+      if (!sample.ok()) return sample.status();
+      const std::span<const int32_t> w = *sample;
+      auto u32 = [](int32_t v) { return static_cast<uint64_t>(static_cast<uint32_t>(v)); };
+      model::SamplingParams& p = s.sample.params;
+      p.temperature = std::bit_cast<float>(w[0]);
+      p.top_p = std::bit_cast<float>(w[1]);
+      p.top_k = w[2];
+      p.seed = u32(w[3]) | (u32(w[4]) << 32);
+      s.sample.draw = u32(w[5]) | (u32(w[6]) << 32);
+      if (!std::isfinite(p.temperature) || p.temperature < 0 || !(p.top_p > 0 && p.top_p <= 1) ||
+          p.top_k < 0)
+        return absl::InvalidArgumentError("step plan: bad sampling parameters");
+    }
   }
   if (at != words.size()) return absl::InvalidArgumentError("step plan: trailing words");
   return plan;
 }
 
-std::vector<int64_t> LogitRowsPerRank(std::span<const PlannedSequence> seqs, int world_size) {
+std::vector<int64_t> TokensPerRank(std::span<const PlannedSequence> seqs, int world_size) {
   std::vector<int64_t> rows(world_size, 0);
   for (const PlannedSequence& s : seqs)
-    if (s.input.compute_logits && !s.input.tokens.empty() && s.home_rank >= 0 &&
-        s.home_rank < world_size)
+    if (WantsToken(s.input) && s.home_rank >= 0 && s.home_rank < world_size)
       ++rows[s.home_rank];
   return rows;
 }
@@ -132,10 +158,9 @@ absl::Status ReceivePlan(parallel::Communicator* comm, std::vector<char>* bytes,
   return absl::OkStatus();
 }
 
-absl::Status GatherRowsToLeader(parallel::Communicator* comm, const float* own, int64_t vocab,
-                                std::span<const int64_t> rows_per_rank, float* recv) {
+absl::Status GatherRowsToLeader(parallel::Communicator* comm, const void* own, int64_t row_bytes,
+                                std::span<const int64_t> rows_per_rank, void* recv) {
   const int world = comm->world_size(), rank = comm->rank();
-  const int64_t row_bytes = vocab * static_cast<int64_t>(sizeof(float));
   std::vector<int64_t> send_counts(world, 0), zeros(world, 0), recv_counts(world, 0),
       recv_offsets(world, 0);
   send_counts[0] = rows_per_rank[rank] * row_bytes;
@@ -147,10 +172,9 @@ absl::Status GatherRowsToLeader(parallel::Communicator* comm, const float* own, 
       off += recv_counts[p];
     }
   }
-  float dummy = 0;
-  return comm->AllToAllV(own != nullptr ? static_cast<const void*>(own) : &dummy, send_counts,
-                         zeros, recv != nullptr ? static_cast<void*>(recv) : &dummy,
-                         recv_counts, recv_offsets);
+  int64_t dummy = 0;
+  return comm->AllToAllV(own != nullptr ? own : &dummy, send_counts, zeros,
+                         recv != nullptr ? recv : &dummy, recv_counts, recv_offsets);
 }
 
 }  // namespace sy::scheduler

@@ -5,11 +5,13 @@
 // Wire form: little-endian int32 words, back to back:
 //   header  [magic 0x53595031 "SYP1", kind, num_seqs]
 //   per seq [home_rank, start_pos, compute_logits (0/1), num_tokens, tokens...,
-//            num_blocks, block ids...]
+//            num_blocks, block ids...,
+//            with compute_logits: temperature (f32 bits), top_p (f32 bits), top_k,
+//            seed low, seed high, draw low, draw high]
 //   control kinds only (kPlacement and later): [payload words...] after the header
 // It travels as one message whose size comes with it (SendPlan / ReceivePlan). A rank runs
-// the sequences whose home_rank is its own, in plan order, and sends back one logits row per
-// such sequence that has compute_logits and at least one token.
+// the sequences whose home_rank is its own, in plan order, samples each that wants a token
+// (compute_logits and at least one token) and sends back the token ids.
 //
 // Thread safety: plain values.
 #pragma once
@@ -21,6 +23,7 @@
 #include "absl/status/statusor.h"
 #include "model/moe_model.h"
 #include "parallel/communicator.h"
+#include "scheduler/step_executor.h"
 
 namespace sy::scheduler {
 
@@ -41,6 +44,7 @@ inline bool IsControlPlan(PlanKind kind) { return static_cast<int32_t>(kind) >= 
 struct PlannedSequence {
   int32_t home_rank = 0;
   model::SequenceInput input;  // spans point into the plan's words (decoded) or the engine's
+  SampleSpec sample;           // with compute_logits: how its home rank picks the token
 };
 
 // Appends the wire form of a plan to `words` (cleared first).
@@ -65,13 +69,13 @@ absl::Status SendPlan(parallel::Communicator* comm, std::span<const int32_t> wor
 absl::Status ReceivePlan(parallel::Communicator* comm, std::vector<char>* bytes,
                          std::vector<int32_t>* words);
 
-// Logits rows each rank returns for `seqs`: [world_size].
-std::vector<int64_t> LogitRowsPerRank(std::span<const PlannedSequence> seqs, int world_size);
+// Tokens each rank returns for `seqs` (its sequences that want one): [world_size].
+std::vector<int64_t> TokensPerRank(std::span<const PlannedSequence> seqs, int world_size);
 
-// Sends this rank's `rows_per_rank[rank]` logits rows (`own`, [rows, vocab] f32) to rank 0
-// (an all-to-all-v where only rank 0 receives). On rank 0, `recv` gets every rank's rows back
-// to back in rank order; elsewhere it may be null.
-absl::Status GatherRowsToLeader(parallel::Communicator* comm, const float* own, int64_t vocab,
-                                std::span<const int64_t> rows_per_rank, float* recv);
+// Sends this rank's `rows_per_rank[rank]` rows of `row_bytes` each (`own`) to rank 0 (an
+// all-to-all-v where only rank 0 receives). On rank 0, `recv` gets every rank's rows back to
+// back in rank order; elsewhere it may be null.
+absl::Status GatherRowsToLeader(parallel::Communicator* comm, const void* own, int64_t row_bytes,
+                                std::span<const int64_t> rows_per_rank, void* recv);
 
 }  // namespace sy::scheduler

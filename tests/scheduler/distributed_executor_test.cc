@@ -47,7 +47,7 @@ std::vector<std::vector<int32_t>> GenerateAll(StepExecutor& exec,
   for (size_t i = 0; i < prompts.size(); ++i)
     for (int b = 0; b < 8; ++b) blocks[i].push_back(static_cast<int32_t>(i * 8 + b));
   std::vector<int64_t> computed(prompts.size(), 0);
-  std::vector<float> logits;
+  std::vector<int32_t> next;
   for (int64_t step = 0; step < max_new; ++step) {
     std::vector<model::SequenceInput> batch;
     std::vector<int32_t> homes;
@@ -60,14 +60,13 @@ std::vector<std::vector<int32_t>> GenerateAll(StepExecutor& exec,
       in.block_table = blocks[i];
       batch.push_back(in);
     }
-    absl::Status s = exec.Execute(batch, homes, &logits);
+    absl::Status s = exec.Execute(batch, homes, {}, &next);  // no specs: greedy
     EXPECT_TRUE(s.ok()) << s;
     if (!s.ok()) return {};
-    EXPECT_EQ(logits.size(), prompts.size() * vocab);
+    EXPECT_EQ(next.size(), prompts.size());
     for (size_t i = 0; i < prompts.size(); ++i) {
       computed[i] = static_cast<int64_t>(tokens[i].size());
-      const float* row = logits.data() + i * vocab;
-      tokens[i].push_back(static_cast<int32_t>(std::max_element(row, row + vocab) - row));
+      tokens[i].push_back(next[i]);
     }
   }
   for (size_t i = 0; i < prompts.size(); ++i)
@@ -136,15 +135,15 @@ TEST(DistributedExecutorTest, AnAbortedCommunicatorReFormsTheGroupAndTheNextStep
   const std::vector<int32_t> toks = {1, 2, 3}, blocks = {60};
   model::SequenceInput in{toks, 0, blocks, true};
   const int32_t home = 1;
-  std::vector<float> logits;
+  std::vector<int32_t> next;
   absl::Status s;
   for (int i = 0; i < 50; ++i) {  // the next step fails once the ranks aborted, then re-forms
-    s = exec->Execute({&in, 1}, {&home, 1}, &logits);
+    s = exec->Execute({&in, 1}, {&home, 1}, {}, &next);
     if (!s.ok()) break;
     std::this_thread::sleep_for(milliseconds(20));
   }
   EXPECT_EQ(s.code(), absl::StatusCode::kAborted) << s;
-  EXPECT_TRUE(exec->Execute({&in, 1}, {&home, 1}, &logits).ok());
+  EXPECT_TRUE(exec->Execute({&in, 1}, {&home, 1}, {}, &next).ok());
   const DistributedStats st = exec->stats();
   EXPECT_EQ(st.world_size, 3);
   EXPECT_EQ(st.failures, 1);
@@ -170,6 +169,8 @@ TEST(StepPlanTest, RoundTripsAndRejectsTruncatedPlans) {
   std::vector<PlannedSequence> seqs(2);
   seqs[0].home_rank = 2;
   seqs[0].input = {t0, 0, b0, true};
+  seqs[0].sample.params = {0.7f, 0.9f, 5, (uint64_t{1} << 40) + 3};
+  seqs[0].sample.draw = (uint64_t{1} << 33) + 7;
   seqs[1].home_rank = 0;
   seqs[1].input = {t1, 12, b1, false};
   std::vector<int32_t> words;
@@ -184,9 +185,20 @@ TEST(StepPlanTest, RoundTripsAndRejectsTruncatedPlans) {
                                  plan->seqs[0].input.block_table.end()), b0);
   EXPECT_EQ(plan->seqs[1].input.start_pos, 12);
   EXPECT_FALSE(plan->seqs[1].input.compute_logits);
-  EXPECT_EQ(LogitRowsPerRank(plan->seqs, 3), (std::vector<int64_t>{0, 0, 1}));
+  EXPECT_EQ(TokensPerRank(plan->seqs, 3), (std::vector<int64_t>{0, 0, 1}));
+  // The home rank samples: the parameters and the draw index travel with the sequence.
+  const SampleSpec& got = plan->seqs[0].sample;
+  EXPECT_EQ(got.params.temperature, 0.7f);
+  EXPECT_EQ(got.params.top_p, 0.9f);
+  EXPECT_EQ(got.params.top_k, 5);
+  EXPECT_EQ(got.params.seed, (uint64_t{1} << 40) + 3);
+  EXPECT_EQ(got.draw, (uint64_t{1} << 33) + 7);
   for (size_t n = 0; n < words.size(); ++n)
     EXPECT_FALSE(DecodePlan(std::span<const int32_t>(words.data(), n)).ok()) << n << " words";
+  // Parameters no request could have (a corrupt plan) are refused.
+  seqs[0].sample.params.top_p = 0.f;
+  EncodePlan(PlanKind::kStep, seqs, &words);
+  EXPECT_EQ(DecodePlan(words).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST(StepPlanTest, ASequenceCountTheWordsCannotHoldIsRefusedWithoutAllocating) {

@@ -34,24 +34,30 @@ class PagedTokenModel : public StepExecutor {
   }
   const model::ModelConfig& config() const override { return config_; }
   absl::Status Execute(std::span<const model::SequenceInput> batch, std::span<const int32_t> homes,
-                       std::vector<float>* logits) override {
+                       std::span<const SampleSpec> samples, std::vector<int32_t>* tokens) override {
     ++steps;
     int64_t rows = 0;
-    for (const auto& in : batch) rows += in.compute_logits;
-    logits->assign(rows * kVocab, 0.f);
+    for (const auto& in : batch) rows += WantsToken(in);
+    std::vector<float> logits(rows * kVocab, 0.f);
+    std::vector<float>* logits_ptr = &logits;
+    std::vector<SampleSpec> specs;
     int64_t row = 0;
-    for (const auto& in : batch) {
+    for (size_t b = 0; b < batch.size(); ++b) {
+      const model::SequenceInput& in = batch[b];
       max_batch = std::max<int64_t>(max_batch, static_cast<int64_t>(batch.size()));
       const int64_t end = in.start_pos + static_cast<int64_t>(in.tokens.size());
       if (static_cast<int64_t>(in.block_table.size()) * block_size_ < end)
         return absl::InternalError("block table too short");
       for (size_t i = 0; i < in.tokens.size(); ++i) Slot(in.block_table, in.start_pos + i) = in.tokens[i];
-      if (!in.compute_logits) continue;
+      if (!WantsToken(in)) continue;
       std::vector<int32_t> seen;
       for (int64_t p = 0; p < end; ++p) seen.push_back(Slot(in.block_table, p));
-      (*logits)[row * kVocab + NextToken(seen)] = 1.f;
+      (*logits_ptr)[row * kVocab + NextToken(seen)] = 1.f;
+      specs.push_back(b < samples.size() ? samples[b] : SampleSpec{});
       ++row;
     }
+    tokens->resize(specs.size());
+    SampleRows(specs, logits.data(), kVocab, tokens->data());
     return absl::OkStatus();
   }
   std::atomic<int64_t> steps{0};
