@@ -10,9 +10,15 @@
 #include "kernels/core/dtype.h"
 #include "kernels/core/logging.h"
 #include "kernels/core/status.h"
-#include "parallel/dispatch_rows.h"
+#include "kernels/cpu/row_kernels.h"
 
 namespace sy::parallel {
+
+using kernels::cpu::RowCopyF32;
+using kernels::cpu::RowFromBf16;
+using kernels::cpu::RowSum;
+using kernels::cpu::RowToBf16;
+using kernels::cpu::SumRows;
 
 void AddDispatchStats(EpDispatchStats* sum, const EpDispatchStats& d) {
   sum->calls += d.calls;

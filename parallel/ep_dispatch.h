@@ -22,7 +22,7 @@
 //      (overlap_combine: the own share while the return is in flight, the rest after it).
 // Rows for this rank's own experts skip the wire both ways (read from x in f32, summed in f32):
 // no packing, no copy through the communicator, no bf16 rounding. The row loops are the
-// one-pass kernels of dispatch_rows.h.
+// one-pass kernels of kernels/cpu/row_kernels.h.
 // Wire segment from rank a to rank b (bytes, back to back):
 //   counts WireCounts {int64 rows, int64 pairs, int64 previous load, int64 placement epoch}
 //   rows  [num_rows, hidden] wire dtype, row-major

@@ -1,4 +1,4 @@
-#include "parallel/dispatch_rows.h"
+#include "kernels/cpu/row_kernels.h"
 
 #include <algorithm>
 #include <atomic>
@@ -9,10 +9,9 @@
 
 #include <immintrin.h>
 
-namespace sy::parallel {
+namespace sy::kernels::cpu {
 namespace {
 
-using kernels::cpu::CpuLevel;
 
 // ---- portable -------------------------------------------------------------------------------
 // Branch-free RNE so the loops vectorise; NaN stays (quiet) NaN.
@@ -69,7 +68,7 @@ void SumRowsPortable(const RowSum& s, int64_t n, float* out_f32, uint16_t* out_b
 }
 
 }  // namespace
-}  // namespace sy::parallel
+}  // namespace sy::kernels::cpu
 
 // ---- AVX-512 ---------------------------------------------------------------------------------
 // Per-function target (as kernels/cpu/gemm_avx512.cc): the binary still runs on CPUs without
@@ -84,7 +83,7 @@ void SumRowsPortable(const RowSum& s, int64_t n, float* out_f32, uint16_t* out_b
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 #endif
 
-namespace sy::parallel {
+namespace sy::kernels::cpu {
 namespace {
 
 // Software prefetch kAhead elements ahead in every input row. The rows the dispatcher reads
@@ -189,7 +188,7 @@ void SumRowsAvx512(const RowSum& s, int64_t n, float* out_f32, uint16_t* out_bf1
 }
 
 }  // namespace
-}  // namespace sy::parallel
+}  // namespace sy::kernels::cpu
 
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -198,13 +197,13 @@ void SumRowsAvx512(const RowSum& s, int64_t n, float* out_f32, uint16_t* out_bf1
 #pragma GCC pop_options
 #endif
 
-namespace sy::parallel {
+namespace sy::kernels::cpu {
 namespace {
 
 std::atomic<int> test_level{-1};
 
 CpuLevel Level() {
-  static const CpuLevel detected = kernels::cpu::DetectCpuLevel();
+  static const CpuLevel detected = DetectCpuLevel();
   const int forced = test_level.load(std::memory_order_relaxed);
   return forced >= 0 ? static_cast<CpuLevel>(forced) : detected;
 }
@@ -244,9 +243,9 @@ void SumRows(const RowSum& sum, int64_t n, float* out_f32, uint16_t* out_bf16) {
 }
 
 
-void OverrideDispatchRowsLevel(int level) {
-  SY_CHECK_LE(level, static_cast<int>(kernels::cpu::DetectCpuLevel()));
+void OverrideRowKernelsLevel(int level) {
+  SY_CHECK_LE(level, static_cast<int>(DetectCpuLevel()));
   test_level.store(level, std::memory_order_relaxed);
 }
 
-}  // namespace sy::parallel
+}  // namespace sy::kernels::cpu

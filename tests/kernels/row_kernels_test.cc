@@ -1,7 +1,7 @@
-// The dispatcher's row kernels (parallel/dispatch_rows.h) at every CPU level this machine
+// The dispatcher's row kernels (kernels/cpu/row_kernels.h) at every CPU level this machine
 // has, against plain references: kernels/core/dtype.h's F32ToBf16 / Bf16ToF32 and a double
 // accumulation for the fused weighted sums. Row lengths 1–70 cover the masked tails.
-#include "parallel/dispatch_rows.h"
+#include "kernels/cpu/row_kernels.h"
 
 #include <cmath>
 #include <cstring>
@@ -13,19 +13,19 @@
 #include "kernels/core/dtype.h"
 #include "kernels/cpu/cpu_kernels.h"
 
-namespace sy::parallel {
+namespace sy::kernels::cpu {
 namespace {
 
 std::vector<int> Levels() {
   std::vector<int> out;
-  for (int l = 0; l <= static_cast<int>(kernels::cpu::DetectCpuLevel()); ++l) out.push_back(l);
+  for (int l = 0; l <= static_cast<int>(DetectCpuLevel()); ++l) out.push_back(l);
   return out;
 }
 
 class DispatchRowsTest : public ::testing::TestWithParam<int> {
  protected:
-  void SetUp() override { OverrideDispatchRowsLevel(GetParam()); }
-  void TearDown() override { OverrideDispatchRowsLevel(-1); }
+  void SetUp() override { OverrideRowKernelsLevel(GetParam()); }
+  void TearDown() override { OverrideRowKernelsLevel(-1); }
 };
 
 // Normal values, ties of the rounding, NaN, ±inf, the largest finite float (rounds to inf),
@@ -135,9 +135,9 @@ TEST_P(DispatchRowsTest, SumRowsMatchesADoubleReferenceForEveryInputMix) {
 
 INSTANTIATE_TEST_SUITE_P(CpuLevels, DispatchRowsTest, ::testing::ValuesIn(Levels()),
                          [](const ::testing::TestParamInfo<int>& info) {
-                           return std::string(kernels::cpu::CpuLevelName(
-                               static_cast<kernels::cpu::CpuLevel>(info.param)));
+                           return std::string(CpuLevelName(
+                               static_cast<CpuLevel>(info.param)));
                          });
 
 }  // namespace
-}  // namespace sy::parallel
+}  // namespace sy::kernels::cpu

@@ -1,6 +1,6 @@
-// Row kernels of the expert-parallel dispatcher (ep_dispatch.cc): packing token rows into the
-// wire dtype, widening them back, and the fused weighted sums of the pre-sum and combine
-// steps. Each kernel makes one pass over its rows (read every input once, write the output
+// Row kernels of the expert-parallel dispatcher (parallel/ep_dispatch.cc), over raw pointers:
+// packing token rows into the wire dtype, widening them back, and the fused weighted sums of
+// the pre-sum and combine steps. Each kernel makes one pass over its rows (read every input once, write the output
 // once), so the dispatcher's memory traffic stays at the minimum its layout needs.
 //
 // The AVX-512 kernels prefetch (and prefetchw their output) a fixed distance ahead in every
@@ -16,7 +16,7 @@
 
 #include <cstdint>
 
-namespace sy::parallel {
+namespace sy::kernels::cpu {
 
 // dst: bf16 [n] = RNE(src: f32 [n]).
 void RowToBf16(const float* src, int64_t n, uint16_t* dst);
@@ -42,8 +42,8 @@ struct RowSum {
 void SumRows(const RowSum& sum, int64_t n, float* out_f32, uint16_t* out_bf16);
 
 // Makes the kernels above use `level` (0 portable, 1 AVX-512, 2 AVX-512-BF16, as
-// kernels::cpu::CpuLevel) from now on, or the detected level again for -1, so that every path
+// CpuLevel) from now on, or the detected level again for -1, so that every path
 // can be checked on one machine. A level above the detected one is a bug.
-void OverrideDispatchRowsLevel(int level);
+void OverrideRowKernelsLevel(int level);
 
-}  // namespace sy::parallel
+}  // namespace sy::kernels::cpu
