@@ -509,30 +509,30 @@ absl::Status MoeModelImpl::MoeBlock(int64_t l, int64_t T, int* moe_index) {
   RouteTopK(router_logits_.data(), T, E, K, c.norm_topk_prob, topk_ids_.data(), topk_w_.data());
   if (recorder_ != nullptr) recorder_->Record(*moe_index, topk_ids_.data(), T);
   ++*moe_index;
-  // Dispatch, the local experts on the rows this rank received, combine. A slot with rows
-  // whose expert is not loaded is an error of the placement, reported after the combine (the
-  // other ranks still finish the step's collectives).
+  // Dispatch: the rows this rank's experts compute, grouped by local slot.
+  parallel::ExpertRows rows;
+  SY_RETURN_IF_ERROR(dispatcher_->Dispatch(static_cast<int>(l), h_.data(), T, H, topk_ids_.data(),
+                                           topk_w_.data(), K, &rows));
+  // Experts: one grouped FFN over this rank's slots. A slot with rows whose expert is not
+  // loaded is an error of the placement, reported after the combine (the other ranks still
+  // finish the layer's collectives); its rows get zeros.
+  const int64_t slots = dispatcher_->num_local_slots(static_cast<int>(l));
+  slot_experts_.assign(slots, nullptr);
   absl::Status missing;
-  auto compute = [this, &missing](int layer, const float* rows, const int64_t* slot_offsets,
-                                  float* out) {
-    const LayerWeights& LL = layers_[layer];
-    const int64_t slots = dispatcher_->num_local_slots(layer);
-    slot_experts_.assign(slots, nullptr);
-    for (int64_t s = 0; s < slots; ++s) {
-      const int32_t e = dispatcher_->local_slot_expert(layer, s);
-      if (e >= 0 && LL.experts[e].w1.data != nullptr) slot_experts_[s] = &LL.experts[e];
-      if (slot_experts_[s] == nullptr && slot_offsets[s + 1] > slot_offsets[s] && missing.ok())
-        missing = absl::FailedPreconditionError(absl::StrCat(
-            "layer ", layer, " slot ", s, " (expert ", e, ") has rows but is not loaded"));
-    }
-    if (!missing.ok()) {  // zeros: the step fails, but this rank's part of it completes
-      std::fill(out, out + slot_offsets[slots] * config_.hidden_size, 0.f);
-      return;
-    }
-    backend_->GroupedExpertFfn(rows, slot_offsets, slots, slot_experts_.data(), config_.hidden_size, out);
-  };
-  SY_RETURN_IF_ERROR(dispatcher_->DispatchCombine(static_cast<int>(l), h_.data(), T, H, topk_ids_.data(),
-                                                  topk_w_.data(), K, compute, moe_out_.data()));
+  for (int64_t s = 0; s < slots; ++s) {
+    const int32_t e = dispatcher_->local_slot_expert(static_cast<int>(l), s);
+    if (e >= 0 && L.experts[e].w1.data != nullptr) slot_experts_[s] = &L.experts[e];
+    if (slot_experts_[s] == nullptr && rows.slot_offsets[s + 1] > rows.slot_offsets[s] && missing.ok())
+      missing = absl::FailedPreconditionError(absl::StrCat(
+          "layer ", l, " slot ", s, " (expert ", e, ") has rows but is not loaded"));
+  }
+  if (!missing.ok()) {
+    std::fill(rows.out, rows.out + rows.num_rows * H, 0.f);
+  } else if (rows.num_rows > 0) {
+    backend_->GroupedExpertFfn(rows.rows, rows.slot_offsets, slots, slot_experts_.data(), H, rows.out);
+  }
+  // Combine: Σ_k weight · expert output back into each token's row.
+  SY_RETURN_IF_ERROR(dispatcher_->Combine(static_cast<int>(l), moe_out_.data()));
   SY_RETURN_IF_ERROR(missing);
   if (L.has_shared) {  // Qwen2-MoE: + sigmoid(gate . h) * shared_expert(h)
     shared_out_.resize(T * H);

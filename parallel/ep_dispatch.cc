@@ -156,10 +156,10 @@ class EpDispatcher final : public ExpertParallelDispatcher {
     return absl::OkStatus();
   }
 
-  absl::Status DispatchCombine(int layer, const float* x, int64_t num_tokens, int64_t hidden,
-                               const int32_t* topk_ids, const float* topk_weights,
-                               int64_t num_topk, const GroupedExpertFn& compute,
-                               float* out) override;
+  absl::Status Dispatch(int layer, const float* x, int64_t num_tokens, int64_t hidden,
+                        const int32_t* topk_ids, const float* topk_weights, int64_t num_topk,
+                        ExpertRows* rows) override;
+  absl::Status Combine(int layer, float* out) override;
 
  private:
   bool bf16() const { return options_.wire_dtype == WireDType::kBF16; }
@@ -204,14 +204,26 @@ class EpDispatcher final : public ExpertParallelDispatcher {
   std::vector<int64_t> row_pairs_begin_, pairs_by_row_;  // CSR: received row → its pairs
   std::vector<float> grouped_, results_;
 
+  // The layer between Dispatch and Combine.
+  struct Call {
+    bool open = false;
+    int layer = -1;
+    int64_t num_tokens = 0, hidden = 0, K = 0, T = 0, num_pairs = 0, num_in_rows = 0;
+    absl::Status route, bad_pair;  // reported by Combine, after every exchange
+    double layout_s = 0, counts_s = 0, pack_s = 0, dispatch_s = 0, group_s = 0;
+    std::chrono::steady_clock::time_point dispatched;
+  };
+  Call call_;
+
   mutable std::mutex stats_mu_;
   EpDispatchStats stats_;
 };
 
-absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t num_tokens,
-                                           int64_t hidden, const int32_t* topk_ids,
-                                           const float* topk_weights, int64_t num_topk,
-                                           const GroupedExpertFn& compute, float* out) {
+absl::Status EpDispatcher::Dispatch(int layer, const float* x, int64_t num_tokens,
+                                    int64_t hidden, const int32_t* topk_ids,
+                                    const float* topk_weights, int64_t num_topk,
+                                    ExpertRows* expert_rows) {
+  call_.open = false;
   const int n = comm_->world_size();
   const int me = comm_->rank();
   const ExpertPlacement& placement = *placement_;
@@ -327,7 +339,6 @@ absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t nu
   // different experts on the two sides, and nothing returns; the group stays usable.
   for (int s = 0; s < n; ++s)
     if (recv_counts_[s].placement_epoch != placement.epoch()) {
-      std::fill(out, out + num_tokens * hidden, 0.f);
       return absl::FailedPreconditionError(absl::StrCat(
           "expert dispatch layer ", layer, ": placement epoch ", placement.epoch(),
           " on rank ", me, " but ", recv_counts_[s].placement_epoch, " on rank ", s));
@@ -412,8 +423,28 @@ absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t nu
   });
   const double group_s = Lap(&t0);
   results_.resize(num_pairs * hidden);
-  if (num_pairs > 0) compute(layer, grouped_.data(), slot_offsets_.data(), results_.data());
-  const double expert_s = Lap(&t0);
+  expert_rows->rows = grouped_.data();
+  expert_rows->slot_offsets = slot_offsets_.data();
+  expert_rows->num_rows = num_pairs;
+  expert_rows->out = results_.data();
+  call_ = Call{true,     layer,    num_tokens, hidden,  K,       T,       num_pairs, num_in_rows,
+               route,    bad_pair, layout_s,   counts_s, pack_s, dispatch_s, group_s, t0};
+  return absl::OkStatus();
+}
+
+absl::Status EpDispatcher::Combine(int layer, float* out) {
+  if (!call_.open || call_.layer != layer)
+    return absl::FailedPreconditionError(
+        absl::StrCat("expert combine layer ", layer, " without its dispatch"));
+  call_.open = false;
+  const int n = comm_->world_size();
+  const int me = comm_->rank();
+  const int64_t num_tokens = call_.num_tokens, hidden = call_.hidden, K = call_.K, T = call_.T;
+  const int64_t num_pairs = call_.num_pairs, num_in_rows = call_.num_in_rows;
+  const int64_t row_bytes = static_cast<int64_t>(ElemBytes()) * hidden;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, hidden * 4));
+  auto t0 = call_.dispatched;
+  const double expert_s = Lap(&t0);  // the caller's experts ran between the two phases
 
   // 6. Pre-sum Σ weight · y per received row straight into the return buffer in the wire
   // dtype (one pass: read each result once, write each returned row once). Its layout is
@@ -543,12 +574,12 @@ absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t nu
       stats_.dispatch_bytes += dispatch_sent_[d];
       stats_.combine_bytes += s_cnt_[d];
     }
-    stats_.counts_seconds += counts_s;
-    stats_.dispatch_seconds += dispatch_s;
+    stats_.counts_seconds += call_.counts_s;
+    stats_.dispatch_seconds += call_.dispatch_s;
     stats_.combine_seconds += combine_s;
-    stats_.layout_seconds += layout_s;
-    stats_.pack_seconds += pack_s;
-    stats_.group_seconds += group_s;
+    stats_.layout_seconds += call_.layout_s;
+    stats_.pack_seconds += call_.pack_s;
+    stats_.group_seconds += call_.group_s;
     stats_.expert_seconds += expert_s;
     stats_.presum_seconds += presum_s;
     stats_.merge_seconds += merge_s;
@@ -568,8 +599,9 @@ absl::Status EpDispatcher::DispatchCombine(int layer, const float* x, int64_t nu
     }
   }
   last_load_ = num_pairs;
-  if (!route.ok()) return sy::Annotate(route, absl::StrCat("expert dispatch layer ", layer));
-  return bad_pair;
+  if (!call_.route.ok())
+    return sy::Annotate(call_.route, absl::StrCat("expert dispatch layer ", layer));
+  return call_.bad_pair;
 }
 
 }  // namespace

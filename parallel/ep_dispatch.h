@@ -2,7 +2,7 @@
 // DeepEP's layout → notify → dispatch → combine). Called by the model's MoE layer on every
 // rank's engine thread, once per MoE layer per step, also when the rank has no tokens.
 //
-// One DispatchCombine:
+// Dispatch (steps 1-5), the model's experts, Combine (steps 6-7):
 //   1. route: each (token, k) picks a physical slot of its logical expert (ChooseSlots);
 //   2. layout: per destination rank, the tokens it needs, ONE row per token even when several
 //      of its experts live there, plus per (row, expert) a pair {row, local slot, weight};
@@ -13,7 +13,8 @@
 //      returns FAILED_PRECONDITION before any expert runs or anything returns, and the
 //      communicator stays usable), then the rows (f32 or bf16 on the wire) and the pairs;
 //   5. the receiver groups the pairs by local slot (a row needed by two local experts is
-//      copied into both groups) and calls GroupedExpertFn once;
+//      copied into both groups): Dispatch returns these rows (ExpertRows) and the model runs
+//      its grouped expert FFN over them;
 //   6. the receiver pre-sums Σ weight · y per received row straight into the return buffer
 //      (wire dtype), so the return all-to-all-v carries one row per (token, destination),
 //      not one per (token, expert): with top-k and k > 1 that is up to k× fewer bytes back;
@@ -31,7 +32,7 @@
 //
 // Empty slots (expert -1) get no rows. local_slot_expert() may return -1 for them.
 //
-// Thread safety: one engine thread calls DispatchCombine / SetPlacement; stats() may be called
+// Thread safety: one engine thread calls Dispatch / Combine / SetPlacement; stats() may be called
 // from any thread (metrics).
 #pragma once
 
@@ -83,7 +84,7 @@ struct EpDispatchStats {
   double layout_seconds = 0;  // routing and per-destination layout
   double pack_seconds = 0;    // rows into the send buffer (f32 → wire dtype)
   double group_seconds = 0;   // received pairs sorted by slot, rows widened into groups
-  double expert_seconds = 0;  // inside GroupedExpertFn
+  double expert_seconds = 0;  // the caller's experts: from Dispatch's return to Combine
   double presum_seconds = 0;  // Σ weight · y per received row into the return buffer
   double merge_seconds = 0;   // out = own weighted results + returned partial sums
   // Pairs computed per rank in the latest call whose loads are known (one call behind).

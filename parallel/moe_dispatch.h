@@ -1,12 +1,16 @@
 // MoeDispatcher: the seam through which every MoE layer moves tokens to their experts and the
 // results back (DESIGN.md §2 step 5b–f).
 //
-// The model computes the router (topk_ids / topk_weights over *logical* experts) and hands
-// the rest to a dispatcher: pick a replica (physical slot) per (token, expert), ship each
-// token once per destination rank, run the experts of this rank as one grouped computation,
-// ship results back, and combine Σ_k weight_k · y_k. The single-rank dispatcher does the
-// grouping in place; the expert-parallel dispatcher (all-to-all over a Communicator)
-// implements the same interface, so the model does not know how many ranks there are.
+// The model computes the router (topk_ids / topk_weights over *logical* experts), then:
+//   Dispatch  pick a replica (physical slot) per (token, expert), ship each token once per
+//             destination rank, and hand back the rows this rank's experts must compute,
+//             grouped by local slot (ExpertRows);
+//   (model)   run this rank's experts over those rows as one grouped computation (the
+//             backend's GroupedExpertFfn), writing ExpertRows::out;
+//   Combine   ship the results back and combine Σ_k weight_k · y_k into the token rows.
+// The single-rank dispatcher groups in place; the expert-parallel dispatcher (all-to-all over
+// a Communicator) implements the same phases, so the model does not know how many ranks
+// there are. DispatchCombine runs the three with a callback (tests, benchmarks).
 //
 // Thread safety: one engine thread per rank calls a dispatcher; not thread-safe.
 #pragma once
@@ -25,19 +29,37 @@ namespace sy::parallel {
 using GroupedExpertFn = std::function<void(int layer, const float* rows,
                                            const int64_t* slot_offsets, float* out)>;
 
+// What Dispatch hands the model: the rows this rank's experts compute in one MoE layer.
+struct ExpertRows {
+  const float* rows = nullptr;            // f32 [num_rows, hidden], grouped by local slot
+  const int64_t* slot_offsets = nullptr;  // [num_local_slots + 1]: slot s has rows
+                                          // [slot_offsets[s], slot_offsets[s + 1])
+  int64_t num_rows = 0;
+  float* out = nullptr;  // f32 [num_rows, hidden]: the caller writes each row's expert output
+};
+
 class MoeDispatcher {
  public:
   virtual ~MoeDispatcher() = default;
 
   // x: f32 [num_tokens, hidden] (this rank's tokens); topk_ids: [num_tokens, num_topk]
-  // logical expert ids; topk_weights: f32 [num_tokens, num_topk].
-  // out: f32 [num_tokens, hidden], overwritten with Σ_k topk_weights[t,k] · expert(x[t]).
-  // Must be called on every rank for every MoE layer, also with num_tokens == 0.
-  // UNAVAILABLE when a peer fails or times out.
-  virtual absl::Status DispatchCombine(int layer, const float* x, int64_t num_tokens,
-                                       int64_t hidden, const int32_t* topk_ids,
-                                       const float* topk_weights, int64_t num_topk,
-                                       const GroupedExpertFn& compute, float* out) = 0;
+  // logical expert ids; topk_weights: f32 [num_tokens, num_topk]. Called on every rank for
+  // every MoE layer, also with num_tokens == 0. On an error the layer is over for this rank
+  // (no Combine): UNAVAILABLE when a peer fails or times out, FAILED_PRECONDITION when the
+  // ranks' placements differ (every rank sees it). `rows` stays valid until Combine.
+  virtual absl::Status Dispatch(int layer, const float* x, int64_t num_tokens, int64_t hidden,
+                                const int32_t* topk_ids, const float* topk_weights,
+                                int64_t num_topk, ExpertRows* rows) = 0;
+  // After the caller wrote every row's expert output to rows->out; x, topk_ids and
+  // topk_weights unchanged since Dispatch. out: f32 [num_tokens, hidden], overwritten with
+  // Σ_k topk_weights[t,k] · expert(x[t]). Follows every successful Dispatch, on every rank.
+  virtual absl::Status Combine(int layer, float* out) = 0;
+
+  // Dispatch, compute(layer, rows, slot_offsets, rows out), Combine; on a Dispatch error, out
+  // is zeros.
+  absl::Status DispatchCombine(int layer, const float* x, int64_t num_tokens, int64_t hidden,
+                               const int32_t* topk_ids, const float* topk_weights,
+                               int64_t num_topk, const GroupedExpertFn& compute, float* out);
 
   // Number of local slots of `layer` on this rank (the groups GroupedExpertFn receives).
   virtual int64_t num_local_slots(int layer) const = 0;

@@ -8,17 +8,16 @@
 namespace sy::parallel {
 namespace {
 
-// Groups (token, k) pairs by expert with a counting sort, runs the experts once over the
-// grouped rows, and scatters the weighted results back. A token that picks the same expert
+// Groups (token, k) pairs by expert with a counting sort (Dispatch), and scatters the
+// weighted results of the grouped rows back (Combine). A token that picks the same expert
 // twice (never happens with top-k, but cheap to allow) contributes twice.
 class SingleRankDispatcher final : public MoeDispatcher {
  public:
   explicit SingleRankDispatcher(int64_t num_experts) : num_experts_(num_experts) {}
 
-  absl::Status DispatchCombine(int layer, const float* x, int64_t num_tokens, int64_t hidden,
-                               const int32_t* topk_ids, const float* topk_weights,
-                               int64_t num_topk, const GroupedExpertFn& compute,
-                               float* out) override {
+  absl::Status Dispatch(int layer, const float* x, int64_t num_tokens, int64_t hidden,
+                        const int32_t* topk_ids, const float* topk_weights, int64_t num_topk,
+                        ExpertRows* rows) override {
     const int64_t n = num_tokens * num_topk;
     offsets_.assign(num_experts_ + 1, 0);
     for (int64_t i = 0; i < n; ++i) {
@@ -37,12 +36,24 @@ class SingleRankDispatcher final : public MoeDispatcher {
       std::memcpy(&rows_[r * hidden], x + (i / num_topk) * hidden, hidden * sizeof(float));
     }
     results_.resize(n * hidden);
-    if (n > 0) compute(layer, rows_.data(), offsets_.data(), results_.data());
-    std::fill(out, out + num_tokens * hidden, 0.f);
-    for (int64_t t = 0; t < num_tokens; ++t) {
+    num_tokens_ = num_tokens;
+    hidden_ = hidden;
+    num_topk_ = num_topk;
+    topk_weights_ = topk_weights;
+    rows->rows = rows_.data();
+    rows->slot_offsets = offsets_.data();
+    rows->num_rows = n;
+    rows->out = results_.data();
+    return absl::OkStatus();
+  }
+
+  absl::Status Combine(int layer, float* out) override {
+    const int64_t hidden = hidden_, num_topk = num_topk_;
+    std::fill(out, out + num_tokens_ * hidden, 0.f);
+    for (int64_t t = 0; t < num_tokens_; ++t) {
       float* o = out + t * hidden;
       for (int64_t k = 0; k < num_topk; ++k) {
-        const float w = topk_weights[t * num_topk + k];
+        const float w = topk_weights_[t * num_topk + k];
         const float* y = &results_[row_of_[t * num_topk + k] * hidden];
         for (int64_t d = 0; d < hidden; ++d) o[d] += w * y[d];
       }
@@ -59,6 +70,9 @@ class SingleRankDispatcher final : public MoeDispatcher {
   int64_t num_experts_;
   std::vector<int64_t> offsets_, cursor_, row_of_;
   std::vector<float> rows_, results_;
+  // The layer between Dispatch and Combine.
+  int64_t num_tokens_ = 0, hidden_ = 0, num_topk_ = 0;
+  const float* topk_weights_ = nullptr;
 };
 
 }  // namespace
