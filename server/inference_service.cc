@@ -234,13 +234,13 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* InferenceService::Generate(
     stream->FailNow(s);
     return stream.get();
   }
-  Generate(context, request, stream);
+  StartGeneration(context, request, stream);
   return stream.get();
 }
 
-void InferenceService::Generate(grpc::CallbackServerContext* context,
-                                const v1::GenerateRequest& request,
-                                const std::shared_ptr<GenerateStream>& stream) {
+void InferenceService::StartGeneration(grpc::CallbackServerContext* context,
+                                       const v1::GenerateRequest& request,
+                                       const std::shared_ptr<GenerateStream>& stream) {
   scheduler::Engine* engine = engine_.load();
   if (engine == nullptr || draining_.load()) {
     stream->FailNow(absl::UnavailableError(engine == nullptr

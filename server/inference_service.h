@@ -84,8 +84,9 @@ class InferenceService final : public InferenceRawService {
  private:
   // OK, or UNAUTHENTICATED / RESOURCE_EXHAUSTED when API keys are set and the call has none.
   absl::Status CheckKey(grpc::CallbackServerContext* context) const;
-  void Generate(grpc::CallbackServerContext* context, const switchyard::v1::GenerateRequest& request,
-                const std::shared_ptr<GenerateStream>& stream);
+  void StartGeneration(grpc::CallbackServerContext* context,
+                       const switchyard::v1::GenerateRequest& request,
+                       const std::shared_ptr<GenerateStream>& stream);
   switchyard::v1::ServerInfo CurrentServerInfo() const;
 
   // Builds the engine request from the proto (InvalidArgument naming the field).

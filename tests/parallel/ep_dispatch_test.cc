@@ -530,7 +530,7 @@ TEST(EpDispatchTest, OneRankMatchesTheSingleRankDispatcher) {
   ASSERT_TRUE(ep.ok());
   auto single = MakeSingleRankDispatcher(E);
   auto compute_for = [&](MoeDispatcher* d) {
-    return [d, H](int l, const float* rows, const int64_t* off, float* y) {
+    return [d](int l, const float* rows, const int64_t* off, float* y) {
       for (int64_t s = 0; s < d->num_local_slots(l); ++s)
         for (int64_t i = off[s]; i < off[s + 1]; ++i)
           ExpertFn(l, d->local_slot_expert(l, s), rows + i * H, H, y + i * H);

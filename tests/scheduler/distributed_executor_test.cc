@@ -42,7 +42,6 @@ using testing::RankGroup;
 std::vector<std::vector<int32_t>> GenerateAll(StepExecutor& exec,
                                               const std::vector<std::vector<int32_t>>& prompts,
                                               int64_t max_new, int world = 1) {
-  const int64_t vocab = exec.config().vocab_size;
   std::vector<std::vector<int32_t>> tokens = prompts, blocks(prompts.size());
   for (size_t i = 0; i < prompts.size(); ++i)
     for (int b = 0; b < 8; ++b) blocks[i].push_back(static_cast<int32_t>(i * 8 + b));

@@ -296,7 +296,7 @@ TEST(AdminApplyTest, BadPlacementsAreInvalidArgumentAndChangeNothing) {
   auto admin = v1::Admin::NewStub(Channel(*d));
   auto m = model::MoeModel::Load(TinyDir());
   ASSERT_TRUE(m.ok());
-  for (const std::string json : {std::string("{not json"), ShiftedPlacement((*m)->config(), 4, 1)}) {
+  for (const std::string& json : {std::string("{not json"), ShiftedPlacement((*m)->config(), 4, 1)}) {
     grpc::ClientContext ctx;
     Deadline(&ctx);
     v1::ApplyPlacementRequest req;
@@ -412,7 +412,9 @@ TEST(LiveRebalanceTest, ExtraExpertSlotsLetARebalanceReplicateExperts) {
   for (int l = 0; l < planned->num_layers(); ++l) {
     int used = 0;
     for (int32_t e : planned->physical_to_logical(l)) used += e >= 0;
-    if (used > 0) EXPECT_EQ(used, 6) << "layer " << l << ": greedy fills every slot with a replica";
+    if (used > 0) {
+      EXPECT_EQ(used, 6) << "layer " << l << ": greedy fills every slot with a replica";
+    }
   }
   for (size_t i = 0; i < Prompts().size(); ++i) {
     std::atomic<int> chunks{0};

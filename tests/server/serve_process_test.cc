@@ -225,7 +225,9 @@ TEST_F(ServeProcessTest, LoadgenReportsEveryRequest) {
   int64_t ok = -1, output = -1;
   while (std::getline(lines, line)) {
     auto value = [&](const std::string& key, int64_t* v) {
-      if (line.rfind(key, 0) == 0) absl::SimpleAtoi(absl::StripAsciiWhitespace(line.substr(key.size())), v);
+      if (line.rfind(key, 0) == 0 &&
+          !absl::SimpleAtoi(absl::StripAsciiWhitespace(line.substr(key.size())), v))
+        *v = -1;
     };
     value("successful requests", &ok);
     value("output tokens", &output);
