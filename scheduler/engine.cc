@@ -149,8 +149,11 @@ void Engine::Loop() {
     ApplyPoolEvents();
     DrainIntake();
     AbortCancelled();
-    if (!scheduler_.empty()) Step();
-    PublishStats();
+    if (!scheduler_.empty() && Step()) {
+      PublishIdleness();  // EndStep published the gauges, before the sinks heard
+    } else {
+      PublishStats();
+    }
   }
   for (Sequence* seq : scheduler_.AllSequences())
     Finish(seq, FinishReason::kAbort, absl::UnavailableError("the server shut down"));
@@ -228,14 +231,15 @@ void Engine::ApplyPoolEvents() {
   }
 }
 
-void Engine::Step() {
+bool Engine::Step() {
   const Clock::time_point start = Clock::now();
   StepStats st;
   ScheduledBatch batch = Schedule(&st);
-  if (batch.empty() || !RunBatch(batch)) return;
+  if (batch.empty() || !RunBatch(batch)) return false;
   scheduler_.CommitStep(batch);
   const std::vector<Sequence*> finished = Postprocess(batch, &st);
   EndStep(finished, start, &st);
+  return true;
 }
 
 bool Engine::RunBatch(const ScheduledBatch& batch) {
@@ -411,9 +415,15 @@ void Engine::PublishStats(bool may_be_idle) {
     usage_.push_back({id, load.num_seqs, load.used_blocks, pools_.pool(id).num_blocks()});
   }
   executor_->ReportPools(usage_);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    num_waiting_ = scheduler_.num_waiting();
+  }
+  if (may_be_idle) PublishIdleness();
+}
+
+void Engine::PublishIdleness() {
   std::lock_guard<std::mutex> lock(mu_);
-  num_waiting_ = scheduler_.num_waiting();
-  if (!may_be_idle) return;
   busy_ = !scheduler_.empty();
   if (!busy_ && intake_.empty()) idle_cv_.notify_all();
 }

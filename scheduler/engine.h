@@ -119,7 +119,8 @@ class Engine {
   void ApplyPoolEvents();
   void DrainIntake();
   void AbortCancelled();
-  void Step();
+  // One step; true when it ran to its end (EndStep published the gauges).
+  bool Step();
   // The step's batch (and its counts into *st).
   ScheduledBatch Schedule(StepStats* st);
   // Run, and on failure end the batch's requests (or, when the group changed under the step
@@ -147,6 +148,8 @@ class Engine {
   // The gauges stats() reads; with may_be_idle, also whether the engine is idle (waking
   // WaitIdle), which must wait until every finished request's sink has been told.
   void PublishStats(bool may_be_idle = true);
+  // Whether the engine is idle (wakes WaitIdle), after a step's sinks heard their ends.
+  void PublishIdleness();
 
   std::unique_ptr<StepExecutor> executor_;
   const model::Tokenizer* tokenizer_;
