@@ -121,9 +121,11 @@ done
 log "greedy tokens match the host's one-process run"
 
 # ---- scale up under load --------------------------------------------------------------------
-REQUESTS=${SWITCHYARD_TEST_REQUESTS:-1000}  # long enough to outlast the scale-up
-"$HOST_BIN" loadgen --addr "$ADDR" --concurrency 16 --requests "$REQUESTS" --prompt-len 16 \
-  --max-new-tokens 24 >"$WORK/loadgen.log" 2>&1 &
+# At a fixed rate, so the load lasts about 40 s however fast the group serves: longer than
+# a scale-up takes.
+REQUESTS=${SWITCHYARD_TEST_REQUESTS:-800}
+"$HOST_BIN" loadgen --addr "$ADDR" --concurrency 16 --rate 20 --requests "$REQUESTS" \
+  --prompt-len 16 --max-new-tokens 24 >"$WORK/loadgen.log" 2>&1 &
 LOADGEN_PID=$!
 sleep 2
 "${COMPOSE[@]}" up -d --no-recreate --scale worker=3 >"$WORK/scale.log" 2>&1 || fail "scale: $(cat "$WORK/scale.log")"
