@@ -90,6 +90,26 @@ class Backend {
                          const PagedKv& kv, const int32_t* block_table, float scale,
                          float* out) = 0;
 
+  // Rotary position embedding, rotate-half (HF `rotate_half`), in place on q and k: for pair
+  // i < head_dim / 2 of every head of token t, angle = positions[t] · theta^(-2i / head_dim)
+  // (in double), v[i] = v[i]·cos − v[i+half]·sin, v[i+half] = v[i+half]·cos + v[i]·sin.
+  //   q: f32 [num_tokens, num_heads, head_dim]; k: f32 [num_tokens, num_kv_heads, head_dim].
+  // Default: plain loops on the calling thread (kernels/backend.cc).
+  virtual void ApplyRope(float* q, float* k, int64_t num_tokens, int64_t num_heads,
+                         int64_t num_kv_heads, int64_t head_dim, const int32_t* positions,
+                         double theta);
+
+  // This step's K and V rows into the paged cache (vLLM's slot mapping): token t's rows go to
+  // slot slots[t] = block · block_size + row. k, v: f32 [num_tokens, num_kv_heads · head_dim].
+  // Default: copies on the calling thread.
+  virtual void WriteKv(const float* k, const float* v, int64_t num_tokens, const int64_t* slots,
+                       const PagedKv& kv);
+
+  // y[t] += sigmoid(gate[t]) · x[t] for rows of `dim` (Qwen2-MoE's gated shared expert).
+  // x, y: f32 [num_rows, dim]; gate: f32 [num_rows]. Default: loops on the calling thread.
+  virtual void AddGated(const float* x, const float* gate, int64_t num_rows, int64_t dim,
+                        float* y);
+
   // Attention for several sequences of one layer's cache at once: the same results as
   // Attention on each. A threaded backend runs them as one parallel region (a decode step of
   // 32 sequences is otherwise 32 small regions per layer). Default: Attention per sequence.

@@ -146,10 +146,6 @@ class MoeModelImpl final : public MoeModel {
     }
     single_rank_ = parallel::MakeSingleRankDispatcher(c.num_experts);
     dispatcher_ = single_rank_.get();
-    // RoPE inverse frequencies, in double (HF: theta^(-2i/d)).
-    inv_freq_.resize(hd / 2);
-    for (int64_t i = 0; i < hd / 2; ++i)
-      inv_freq_[i] = std::pow(c.rope_theta, -2.0 * static_cast<double>(i) / static_cast<double>(hd));
     return absl::OkStatus();
   }
 
@@ -297,25 +293,12 @@ class MoeModelImpl final : public MoeModel {
   // The parts of Forward, in order.
   absl::Status CheckBatch(std::span<const SequenceInput> batch, KvCache& cache,
                           int64_t* num_tokens, int64_t* num_logits) const;
-  void Embed(std::span<const SequenceInput> batch, int64_t T);
+  // The token rows into x_, and each token's position and KV cache slot.
+  void Embed(std::span<const SequenceInput> batch, int64_t T, int64_t block_size);
   void Attention(int64_t l, std::span<const SequenceInput> batch, int64_t T,
                  const kernels::PagedKv& kv);
   absl::Status MoeBlock(int64_t l, int64_t T, int* moe_index);
   void LmHead(std::span<const SequenceInput> batch, int64_t num_logits, float* logits);
-
-  void ApplyRope(float* x, int64_t num_heads, int64_t pos) const {
-    const int64_t hd = config_.head_dim, half = hd / 2;
-    for (int64_t i = 0; i < half; ++i) {
-      const double a = static_cast<double>(pos) * inv_freq_[i];
-      const float c = static_cast<float>(std::cos(a)), s = static_cast<float>(std::sin(a));
-      for (int64_t h = 0; h < num_heads; ++h) {
-        float* v = x + h * hd;
-        const float x1 = v[i], x2 = v[i + half];
-        v[i] = x1 * c - x2 * s;
-        v[i + half] = x2 * c + x1 * s;
-      }
-    }
-  }
 
   void Ffn(const ExpertWeights& w, const float* x, int64_t rows, float* y) {
     const int64_t offsets[2] = {0, rows};
@@ -329,7 +312,6 @@ class MoeModelImpl final : public MoeModel {
   std::unique_ptr<CheckpointReader> reader_;
   WeightView embed_, final_norm_, lm_head_;
   std::vector<LayerWeights> layers_;
-  std::vector<double> inv_freq_;
   std::unique_ptr<parallel::MoeDispatcher> single_rank_;
   parallel::MoeDispatcher* dispatcher_ = nullptr;
   parallel::ExpertLoadRecorder* recorder_ = nullptr;
@@ -348,6 +330,8 @@ class MoeModelImpl final : public MoeModel {
   std::vector<float> moe_out_;        // [T, H] the MoE (or MLP) output
   std::vector<float> shared_out_;     // [T, H] the shared expert's output (Qwen2-MoE)
   std::vector<float> gate_;           // [T] the shared expert's gate logit
+  std::vector<int32_t> positions_;    // [T] each token's position in its sequence
+  std::vector<int64_t> slots_;        // [T] each token's KV cache slot (block · block_size + row)
   std::vector<float> last_;           // [L, H] the last hidden state of each such sequence
   std::vector<kernels::AttentionSeq> attn_seqs_;    // one layer's batched attention call
   std::vector<const ExpertWeights*> slot_experts_;  // [local slots] of the layer
@@ -369,7 +353,7 @@ absl::Status MoeModelImpl::Forward(std::span<const SequenceInput> batch, KvCache
   };
   const Clock::time_point start = Clock::now();
   logits->assign(num_logits * c.vocab_size, 0.f);
-  Embed(batch, T);
+  Embed(batch, T, cache.block_size());
   int moe_index = 0;  // index of this MoE layer among the MoE layers (load statistics)
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const Clock::time_point t0 = Clock::now();
@@ -422,7 +406,7 @@ absl::Status MoeModelImpl::CheckBatch(std::span<const SequenceInput> batch, KvCa
   return absl::OkStatus();
 }
 
-void MoeModelImpl::Embed(std::span<const SequenceInput> batch, int64_t T) {
+void MoeModelImpl::Embed(std::span<const SequenceInput> batch, int64_t T, int64_t block_size) {
   const int64_t H = config_.hidden_size;
   const int64_t qdim = config_.num_heads * config_.head_dim;
   const int64_t kvdim = config_.num_kv_heads * config_.head_dim;
@@ -434,11 +418,15 @@ void MoeModelImpl::Embed(std::span<const SequenceInput> batch, int64_t T) {
   attn_.resize(T * qdim);
   o_.resize(T * H);
   moe_out_.resize(T * H);
+  positions_.resize(T);
+  slots_.resize(T);
   int64_t t = 0;
   for (const auto& in : batch)
-    for (int32_t id : in.tokens) {
-      ConvertToF32(embed_.dtype, embed_.row(id), H, &x_[t * H]);
-      ++t;
+    for (size_t i = 0; i < in.tokens.size(); ++i, ++t) {
+      ConvertToF32(embed_.dtype, embed_.row(in.tokens[i]), H, &x_[t * H]);
+      const int64_t pos = in.start_pos + static_cast<int64_t>(i);
+      positions_[t] = static_cast<int32_t>(pos);
+      slots_[t] = static_cast<int64_t>(in.block_table[pos / block_size]) * block_size + pos % block_size;
     }
 }
 
@@ -466,18 +454,11 @@ void MoeModelImpl::Attention(int64_t l, std::span<const SequenceInput> batch, in
       for (float& f : *buf) f = std::clamp(f, -lim, lim);
   }
   // RoPE on q and k, and this layer's K/V of every new token into the paged cache.
+  backend_->ApplyRope(q_.data(), k_.data(), T, nh, nkv, hd, positions_.data(), c.rope_theta);
+  backend_->WriteKv(k_.data(), v_.data(), T, slots_.data(), kv);
   int64_t t0 = 0;
   for (const auto& in : batch) {
     const int64_t n = static_cast<int64_t>(in.tokens.size());
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t pos = in.start_pos + i, t = t0 + i;
-      ApplyRope(&q_[t * qdim], nh, pos);
-      ApplyRope(&k_[t * kvdim], nkv, pos);
-      const int64_t block = in.block_table[pos / kv.block_size], row = pos % kv.block_size;
-      const int64_t off = (block * kv.block_size + row) * kvdim;
-      std::memcpy(kv.k + off, &k_[t * kvdim], kvdim * sizeof(float));
-      std::memcpy(kv.v + off, &v_[t * kvdim], kvdim * sizeof(float));
-    }
     if (n > 0)
       attn_seqs_.push_back({&q_[t0 * qdim], n, in.start_pos, in.block_table.data(), &attn_[t0 * qdim]});
     t0 += n;
@@ -539,10 +520,7 @@ absl::Status MoeModelImpl::MoeBlock(int64_t l, int64_t T, int* moe_index) {
     gate_.resize(T);
     Ffn(L.shared, h_.data(), T, shared_out_.data());
     backend_->MatMul(h_.data(), T, L.shared_gate, gate_.data());
-    for (int64_t t = 0; t < T; ++t) {
-      const float g = 1.f / (1.f + std::exp(-gate_[t]));
-      for (int64_t d = 0; d < H; ++d) moe_out_[t * H + d] += g * shared_out_[t * H + d];
-    }
+    backend_->AddGated(shared_out_.data(), gate_.data(), T, H, moe_out_.data());
   }
   for (int64_t i = 0; i < T * H; ++i) x_[i] += moe_out_[i];
   return absl::OkStatus();
