@@ -237,8 +237,8 @@ int Main(int argc, char** argv) {
       std::string check = "-";
       if (T <= 4) {
         std::vector<float> want(T * n);
-        ref->MatMul(x.data(), T, d.w->view, want.data());
-        be.MatMul(x.data(), T, d.w->view, y.data());
+        SY_CHECK_OK(ref->MatMul(x.data(), T, d.w->view, want.data()));
+        SY_CHECK_OK(be.MatMul(x.data(), T, d.w->view, y.data()));
         const double err = MaxNormalisedError(y, want);
         check = err <= tol ? "ok" : "FAIL";
         failures += err > tol;
@@ -246,7 +246,7 @@ int Main(int argc, char** argv) {
       size_t next = 0;
       const double s = TimeIt(
           [&] {
-            be.MatMul(x.data(), T, d.w->views[next], y.data());
+            SY_CHECK_OK(be.MatMul(x.data(), T, d.w->views[next], y.data()));
             next = (next + 1) % d.w->views.size();
           },
           budget);
@@ -287,15 +287,15 @@ int Main(int argc, char** argv) {
     std::string check = "-";
     if (T <= 4) {
       std::vector<float> want(R * kHidden);
-      ref->GroupedExpertFfn(x.data(), offsets.data(), kExperts, ptrs.data(), kHidden, want.data());
-      be.GroupedExpertFfn(x.data(), offsets.data(), kExperts, ptrs.data(), kHidden, y.data());
+      SY_CHECK_OK(ref->GroupedExpertFfn(x.data(), offsets.data(), kExperts, ptrs.data(), kHidden, want.data()));
+      SY_CHECK_OK(be.GroupedExpertFfn(x.data(), offsets.data(), kExperts, ptrs.data(), kHidden, y.data()));
       const double err = MaxNormalisedError(y, want);
       const double ffn_tol = dtype == DType::kBF16 ? 3.0 / 256 : 1e-5;
       check = err <= ffn_tol ? "ok" : "FAIL";
       failures += err > ffn_tol;
     }
     const double s = TimeIt(
-        [&] { be.GroupedExpertFfn(x.data(), offsets.data(), kExperts, ptrs.data(), kHidden, y.data()); },
+        [&] { SY_CHECK_OK(be.GroupedExpertFfn(x.data(), offsets.data(), kExperts, ptrs.data(), kHidden, y.data())); },
         budget);
     ffn_time[T] = s;
     std::printf("%-28s %6ld %10.1f %9.1f %9.1f %11.1f %8s\n",
@@ -317,7 +317,8 @@ int Main(int argc, char** argv) {
     for (int64_t i = 0; i < ctx / block; ++i) table[i] = static_cast<int32_t>(i);
     PagedKv kv{k.data(), v.data(), block, kKvHeads, kHeadDim};
     const double s = TimeIt(
-        [&] { be.Attention(q.data(), 1, ctx - 1, kHeads, kv, table.data(), 0.125f, o.data()); }, budget);
+        [&] { SY_CHECK_OK(be.Attention(q.data(), 1, ctx - 1, kHeads, kv, table.data(), 0.125f, o.data())); },
+        budget);
     std::printf("\nattention decode, 256 keys, 16 heads: %.1f us/call\n", s * 1e6);
   }
 

@@ -6,7 +6,7 @@
 
 namespace sy::kernels {
 
-void Backend::ApplyRope(float* q, float* k, int64_t num_tokens, int64_t num_heads,
+absl::Status Backend::ApplyRope(float* q, float* k, int64_t num_tokens, int64_t num_heads,
                         int64_t num_kv_heads, int64_t head_dim, const int32_t* positions,
                         double theta) {
   const int64_t half = head_dim / 2;
@@ -30,23 +30,26 @@ void Backend::ApplyRope(float* q, float* k, int64_t num_tokens, int64_t num_head
     rotate(q + t * num_heads * head_dim, num_heads, pos);
     if (k != nullptr) rotate(k + t * num_kv_heads * head_dim, num_kv_heads, pos);
   }
+  return absl::OkStatus();
 }
 
-void Backend::WriteKv(const float* k, const float* v, int64_t num_tokens, const int64_t* slots,
+absl::Status Backend::WriteKv(const float* k, const float* v, int64_t num_tokens, const int64_t* slots,
                       const PagedKv& kv) {
   const int64_t row = kv.num_kv_heads * kv.head_dim;
   for (int64_t t = 0; t < num_tokens; ++t) {
     std::memcpy(kv.k + slots[t] * row, k + t * row, row * sizeof(float));
     std::memcpy(kv.v + slots[t] * row, v + t * row, row * sizeof(float));
   }
+  return absl::OkStatus();
 }
 
-void Backend::AddGated(const float* x, const float* gate, int64_t num_rows, int64_t dim,
+absl::Status Backend::AddGated(const float* x, const float* gate, int64_t num_rows, int64_t dim,
                        float* y) {
   for (int64_t t = 0; t < num_rows; ++t) {
     const float g = 1.f / (1.f + std::exp(-gate[t]));
     for (int64_t d = 0; d < dim; ++d) y[t * dim + d] += g * x[t * dim + d];
   }
+  return absl::OkStatus();
 }
 
 }  // namespace sy::kernels

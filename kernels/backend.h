@@ -2,9 +2,10 @@
 //
 // The model (model/) calls only these functions for its heavy math; `ReferenceBackend` is the
 // plain, obviously-correct implementation every fast kernel is tested against, and fast
-// backends (AVX-512 / BLAS on CPU, CUDA) implement the same interface. Activations are f32,
+// backends (AVX-512 on CPU, CUDA) implement the same interface. Activations are f32,
 // row-major; weights stay in their checkpoint dtype (memory-mapped, never copied) and are
-// described by WeightView.
+// described by WeightView. Every method returns a status: the CPU backends always succeed; a
+// device backend reports a failed launch or allocation, and the model fails the step.
 //
 // Thread safety: a Backend is stateless apart from scratch space; one engine thread calls it.
 // Implementations may parallelise internally on ThreadPool::Default().
@@ -68,25 +69,25 @@ class Backend {
 
   // y[T, N] = x[T, K] · W[N, K]^T  (x, y f32; W.cols == K, W.rows == N).
   // Overwrites y. If bias != nullptr (f32 [N]) it is added.
-  virtual void MatMul(const float* x, int64_t num_tokens, const WeightView& w, float* y,
+  virtual absl::Status MatMul(const float* x, int64_t num_tokens, const WeightView& w, float* y,
                       const float* bias = nullptr) = 0;
 
   // y[t] = x[t] / rms(x[t]) * weight, rms = sqrt(mean(x^2) + eps). x may equal y.
   // weight: [dim] in its dtype.
-  virtual void RmsNorm(const float* x, int64_t num_rows, int64_t dim, const WeightView& weight,
+  virtual absl::Status RmsNorm(const float* x, int64_t num_rows, int64_t dim, const WeightView& weight,
                        float eps, float* y) = 0;
 
   // Grouped expert FFN: rows [offsets[g], offsets[g+1]) of x (f32 [R, hidden]) go through
   // experts[g]; results to y (f32 [R, hidden], overwritten). num_groups experts; empty groups
   // allowed. experts[g] may be null only when its group is empty.
-  virtual void GroupedExpertFfn(const float* x, const int64_t* offsets, int64_t num_groups,
+  virtual absl::Status GroupedExpertFfn(const float* x, const int64_t* offsets, int64_t num_groups,
                                 const ExpertWeights* const* experts, int64_t hidden, float* y) = 0;
 
   // Causal attention for one sequence: q [num_new, num_heads, head_dim] f32 for positions
   // start_pos .. start_pos+num_new-1, whose K/V are already written in `kv`; keys 0 ..
   // start_pos+num_new-1. out [num_new, num_heads, head_dim]. GQA: head h reads KV head
   // h / (num_heads / num_kv_heads). scale = 1/sqrt(head_dim) unless given.
-  virtual void Attention(const float* q, int64_t num_new, int64_t start_pos, int64_t num_heads,
+  virtual absl::Status Attention(const float* q, int64_t num_new, int64_t start_pos, int64_t num_heads,
                          const PagedKv& kv, const int32_t* block_table, float scale,
                          float* out) = 0;
 
@@ -95,31 +96,34 @@ class Backend {
   // (in double), v[i] = v[i]·cos − v[i+half]·sin, v[i+half] = v[i+half]·cos + v[i]·sin.
   //   q: f32 [num_tokens, num_heads, head_dim]; k: f32 [num_tokens, num_kv_heads, head_dim].
   // Default: plain loops on the calling thread (kernels/backend.cc).
-  virtual void ApplyRope(float* q, float* k, int64_t num_tokens, int64_t num_heads,
+  virtual absl::Status ApplyRope(float* q, float* k, int64_t num_tokens, int64_t num_heads,
                          int64_t num_kv_heads, int64_t head_dim, const int32_t* positions,
                          double theta);
 
   // This step's K and V rows into the paged cache (vLLM's slot mapping): token t's rows go to
   // slot slots[t] = block · block_size + row. k, v: f32 [num_tokens, num_kv_heads · head_dim].
   // Default: copies on the calling thread.
-  virtual void WriteKv(const float* k, const float* v, int64_t num_tokens, const int64_t* slots,
+  virtual absl::Status WriteKv(const float* k, const float* v, int64_t num_tokens, const int64_t* slots,
                        const PagedKv& kv);
 
   // y[t] += sigmoid(gate[t]) · x[t] for rows of `dim` (Qwen2-MoE's gated shared expert).
   // x, y: f32 [num_rows, dim]; gate: f32 [num_rows]. Default: loops on the calling thread.
-  virtual void AddGated(const float* x, const float* gate, int64_t num_rows, int64_t dim,
+  virtual absl::Status AddGated(const float* x, const float* gate, int64_t num_rows, int64_t dim,
                         float* y);
 
   // Attention for several sequences of one layer's cache at once: the same results as
   // Attention on each. A threaded backend runs them as one parallel region (a decode step of
   // 32 sequences is otherwise 32 small regions per layer). Default: Attention per sequence.
-  virtual void AttentionBatch(const AttentionSeq* seqs, int64_t num_seqs, int64_t num_heads,
+  virtual absl::Status AttentionBatch(const AttentionSeq* seqs, int64_t num_seqs, int64_t num_heads,
                               const PagedKv& kv, float scale) {
     for (int64_t s = 0; s < num_seqs; ++s) {
       const AttentionSeq& a = seqs[s];
-      if (a.num_new > 0)
-        Attention(a.q, a.num_new, a.start_pos, num_heads, kv, a.block_table, scale, a.out);
+      if (a.num_new <= 0) continue;
+      absl::Status st =
+          Attention(a.q, a.num_new, a.start_pos, num_heads, kv, a.block_table, scale, a.out);
+      if (!st.ok()) return st;
     }
+    return absl::OkStatus();
   }
 };
 

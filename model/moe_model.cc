@@ -295,15 +295,15 @@ class MoeModelImpl final : public MoeModel {
                           int64_t* num_tokens, int64_t* num_logits) const;
   // The token rows into x_, and each token's position and KV cache slot.
   void Embed(std::span<const SequenceInput> batch, int64_t T, int64_t block_size);
-  void Attention(int64_t l, std::span<const SequenceInput> batch, int64_t T,
+  absl::Status Attention(int64_t l, std::span<const SequenceInput> batch, int64_t T,
                  const kernels::PagedKv& kv);
   absl::Status MoeBlock(int64_t l, int64_t T, int* moe_index);
-  void LmHead(std::span<const SequenceInput> batch, int64_t num_logits, float* logits);
+  absl::Status LmHead(std::span<const SequenceInput> batch, int64_t num_logits, float* logits);
 
-  void Ffn(const ExpertWeights& w, const float* x, int64_t rows, float* y) {
+  absl::Status Ffn(const ExpertWeights& w, const float* x, int64_t rows, float* y) {
     const int64_t offsets[2] = {0, rows};
     const ExpertWeights* e = &w;
-    backend_->GroupedExpertFfn(x, offsets, 1, &e, config_.hidden_size, y);
+    return backend_->GroupedExpertFfn(x, offsets, 1, &e, config_.hidden_size, y);
   }
 
   ModelConfig config_;
@@ -357,7 +357,7 @@ absl::Status MoeModelImpl::Forward(std::span<const SequenceInput> batch, KvCache
   int moe_index = 0;  // index of this MoE layer among the MoE layers (load statistics)
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const Clock::time_point t0 = Clock::now();
-    Attention(l, batch, T, cache.layer(l));
+    SY_RETURN_IF_ERROR(Attention(l, batch, T, cache.layer(l)));
     const Clock::time_point t1 = Clock::now();
     absl::Status moe = MoeBlock(l, T, &moe_index);
     add(moe_ns_, t1, Clock::now());
@@ -366,7 +366,7 @@ absl::Status MoeModelImpl::Forward(std::span<const SequenceInput> batch, KvCache
   }
   if (recorder_ != nullptr) recorder_->EndStep();
   const Clock::time_point head = Clock::now();
-  LmHead(batch, num_logits, logits->data());
+  SY_RETURN_IF_ERROR(LmHead(batch, num_logits, logits->data()));
   const Clock::time_point end = Clock::now();
   add(lm_head_ns_, head, end);
   add(total_ns_, start, end);
@@ -430,23 +430,26 @@ void MoeModelImpl::Embed(std::span<const SequenceInput> batch, int64_t T, int64_
     }
 }
 
-void MoeModelImpl::Attention(int64_t l, std::span<const SequenceInput> batch, int64_t T,
+absl::Status MoeModelImpl::Attention(int64_t l, std::span<const SequenceInput> batch, int64_t T,
                              const kernels::PagedKv& kv) {
   const ModelConfig& c = config_;
   const LayerWeights& L = layers_[l];
   const int64_t H = c.hidden_size, hd = c.head_dim, nh = c.num_heads, nkv = c.num_kv_heads;
   const int64_t qdim = nh * hd, kvdim = nkv * hd;
   const float eps = static_cast<float>(c.rms_norm_eps);
-  backend_->RmsNorm(x_.data(), T, H, L.input_norm, eps, h_.data());
-  backend_->MatMul(h_.data(), T, L.q, q_.data(), L.q_bias.empty() ? nullptr : L.q_bias.data());
-  backend_->MatMul(h_.data(), T, L.k, k_.data(), L.k_bias.empty() ? nullptr : L.k_bias.data());
-  backend_->MatMul(h_.data(), T, L.v, v_.data(), L.v_bias.empty() ? nullptr : L.v_bias.data());
+  SY_RETURN_IF_ERROR(backend_->RmsNorm(x_.data(), T, H, L.input_norm, eps, h_.data()));
+  SY_RETURN_IF_ERROR(backend_->MatMul(h_.data(), T, L.q, q_.data(),
+                                      L.q_bias.empty() ? nullptr : L.q_bias.data()));
+  SY_RETURN_IF_ERROR(backend_->MatMul(h_.data(), T, L.k, k_.data(),
+                                      L.k_bias.empty() ? nullptr : L.k_bias.data()));
+  SY_RETURN_IF_ERROR(backend_->MatMul(h_.data(), T, L.v, v_.data(),
+                                      L.v_bias.empty() ? nullptr : L.v_bias.data()));
   if (c.qk_norm == QkNorm::kFull) {
-    backend_->RmsNorm(q_.data(), T, qdim, L.q_norm, eps, q_.data());
-    backend_->RmsNorm(k_.data(), T, kvdim, L.k_norm, eps, k_.data());
+    SY_RETURN_IF_ERROR(backend_->RmsNorm(q_.data(), T, qdim, L.q_norm, eps, q_.data()));
+    SY_RETURN_IF_ERROR(backend_->RmsNorm(k_.data(), T, kvdim, L.k_norm, eps, k_.data()));
   } else if (c.qk_norm == QkNorm::kPerHead) {
-    backend_->RmsNorm(q_.data(), T * nh, hd, L.q_norm, eps, q_.data());
-    backend_->RmsNorm(k_.data(), T * nkv, hd, L.k_norm, eps, k_.data());
+    SY_RETURN_IF_ERROR(backend_->RmsNorm(q_.data(), T * nh, hd, L.q_norm, eps, q_.data()));
+    SY_RETURN_IF_ERROR(backend_->RmsNorm(k_.data(), T * nkv, hd, L.k_norm, eps, k_.data()));
   }
   if (c.clip_qkv > 0) {
     const float lim = static_cast<float>(c.clip_qkv);
@@ -454,8 +457,10 @@ void MoeModelImpl::Attention(int64_t l, std::span<const SequenceInput> batch, in
       for (float& f : *buf) f = std::clamp(f, -lim, lim);
   }
   // RoPE on q and k, and this layer's K/V of every new token into the paged cache.
-  backend_->ApplyRope(q_.data(), k_.data(), T, nh, nkv, hd, positions_.data(), c.rope_theta);
-  backend_->WriteKv(k_.data(), v_.data(), T, slots_.data(), kv);
+  SY_RETURN_IF_ERROR(
+      backend_->ApplyRope(q_.data(), k_.data(), T, nh, nkv, hd, positions_.data(), c.rope_theta));
+  SY_RETURN_IF_ERROR(backend_->WriteKv(k_.data(), v_.data(), T, slots_.data(), kv));
+  attn_seqs_.clear();
   int64_t t0 = 0;
   for (const auto& in : batch) {
     const int64_t n = static_cast<int64_t>(in.tokens.size());
@@ -464,20 +469,22 @@ void MoeModelImpl::Attention(int64_t l, std::span<const SequenceInput> batch, in
     t0 += n;
   }
   // Every sequence's K/V of this layer is written: one attention call for the batch.
-  backend_->AttentionBatch(attn_seqs_.data(), static_cast<int64_t>(attn_seqs_.size()), nh, kv,
-                           static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd))));
-  attn_seqs_.clear();
-  backend_->MatMul(attn_.data(), T, L.o, o_.data());
+  SY_RETURN_IF_ERROR(backend_->AttentionBatch(
+      attn_seqs_.data(), static_cast<int64_t>(attn_seqs_.size()), nh, kv,
+      static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)))));
+  SY_RETURN_IF_ERROR(backend_->MatMul(attn_.data(), T, L.o, o_.data()));
   for (int64_t i = 0; i < T * H; ++i) x_[i] += o_[i];
+  return absl::OkStatus();
 }
 
 absl::Status MoeModelImpl::MoeBlock(int64_t l, int64_t T, int* moe_index) {
   const ModelConfig& c = config_;
   const LayerWeights& L = layers_[l];
   const int64_t H = c.hidden_size;
-  backend_->RmsNorm(x_.data(), T, H, L.post_norm, static_cast<float>(c.rms_norm_eps), h_.data());
+  SY_RETURN_IF_ERROR(backend_->RmsNorm(x_.data(), T, H, L.post_norm,
+                                       static_cast<float>(c.rms_norm_eps), h_.data()));
   if (!L.is_moe) {  // a dense MLP layer
-    Ffn(L.shared, h_.data(), T, moe_out_.data());
+    SY_RETURN_IF_ERROR(Ffn(L.shared, h_.data(), T, moe_out_.data()));
     for (int64_t i = 0; i < T * H; ++i) x_[i] += moe_out_[i];
     return absl::OkStatus();
   }
@@ -486,7 +493,7 @@ absl::Status MoeModelImpl::MoeBlock(int64_t l, int64_t T, int* moe_index) {
   router_logits_.resize(T * E);
   topk_ids_.resize(T * K);
   topk_w_.resize(T * K);
-  backend_->MatMul(h_.data(), T, L.router, router_logits_.data());
+  SY_RETURN_IF_ERROR(backend_->MatMul(h_.data(), T, L.router, router_logits_.data()));
   RouteTopK(router_logits_.data(), T, E, K, c.norm_topk_prob, topk_ids_.data(), topk_w_.data());
   if (recorder_ != nullptr) recorder_->Record(*moe_index, topk_ids_.data(), T);
   ++*moe_index;
@@ -495,8 +502,8 @@ absl::Status MoeModelImpl::MoeBlock(int64_t l, int64_t T, int* moe_index) {
   SY_RETURN_IF_ERROR(dispatcher_->Dispatch(static_cast<int>(l), h_.data(), T, H, topk_ids_.data(),
                                            topk_w_.data(), K, &rows));
   // Experts: one grouped FFN over this rank's slots. A slot with rows whose expert is not
-  // loaded is an error of the placement, reported after the combine (the other ranks still
-  // finish the layer's collectives); its rows get zeros.
+  // loaded (an error of the placement), or a failed expert kernel, is reported after the
+  // combine (the other ranks still finish the layer's collectives); the rows get zeros.
   const int64_t slots = dispatcher_->num_local_slots(static_cast<int>(l));
   slot_experts_.assign(slots, nullptr);
   absl::Status missing;
@@ -507,27 +514,27 @@ absl::Status MoeModelImpl::MoeBlock(int64_t l, int64_t T, int* moe_index) {
       missing = absl::FailedPreconditionError(absl::StrCat(
           "layer ", l, " slot ", s, " (expert ", e, ") has rows but is not loaded"));
   }
-  if (!missing.ok()) {
-    std::fill(rows.out, rows.out + rows.num_rows * H, 0.f);
-  } else if (rows.num_rows > 0) {
-    backend_->GroupedExpertFfn(rows.rows, rows.slot_offsets, slots, slot_experts_.data(), H, rows.out);
-  }
+  if (missing.ok() && rows.num_rows > 0)
+    missing = backend_->GroupedExpertFfn(rows.rows, rows.slot_offsets, slots, slot_experts_.data(),
+                                         H, rows.out);
+  if (!missing.ok()) std::fill(rows.out, rows.out + rows.num_rows * H, 0.f);
   // Combine: Σ_k weight · expert output back into each token's row.
   SY_RETURN_IF_ERROR(dispatcher_->Combine(static_cast<int>(l), moe_out_.data()));
   SY_RETURN_IF_ERROR(missing);
   if (L.has_shared) {  // Qwen2-MoE: + sigmoid(gate . h) * shared_expert(h)
     shared_out_.resize(T * H);
     gate_.resize(T);
-    Ffn(L.shared, h_.data(), T, shared_out_.data());
-    backend_->MatMul(h_.data(), T, L.shared_gate, gate_.data());
-    backend_->AddGated(shared_out_.data(), gate_.data(), T, H, moe_out_.data());
+    SY_RETURN_IF_ERROR(Ffn(L.shared, h_.data(), T, shared_out_.data()));
+    SY_RETURN_IF_ERROR(backend_->MatMul(h_.data(), T, L.shared_gate, gate_.data()));
+    SY_RETURN_IF_ERROR(backend_->AddGated(shared_out_.data(), gate_.data(), T, H, moe_out_.data()));
   }
   for (int64_t i = 0; i < T * H; ++i) x_[i] += moe_out_[i];
   return absl::OkStatus();
 }
 
-void MoeModelImpl::LmHead(std::span<const SequenceInput> batch, int64_t num_logits, float* logits) {
-  if (num_logits == 0) return;
+absl::Status MoeModelImpl::LmHead(std::span<const SequenceInput> batch, int64_t num_logits,
+                                  float* logits) {
+  if (num_logits == 0) return absl::OkStatus();
   const int64_t H = config_.hidden_size;
   last_.resize(num_logits * H);
   int64_t t = 0, j = 0;
@@ -539,9 +546,9 @@ void MoeModelImpl::LmHead(std::span<const SequenceInput> batch, int64_t num_logi
     }
     t += n;
   }
-  backend_->RmsNorm(last_.data(), num_logits, H, final_norm_, static_cast<float>(config_.rms_norm_eps),
-                    last_.data());
-  backend_->MatMul(last_.data(), num_logits, lm_head_, logits);
+  SY_RETURN_IF_ERROR(backend_->RmsNorm(last_.data(), num_logits, H, final_norm_,
+                                       static_cast<float>(config_.rms_norm_eps), last_.data()));
+  return backend_->MatMul(last_.data(), num_logits, lm_head_, logits);
 }
 
 }  // namespace

@@ -155,10 +155,10 @@ class FastCpuBackend final : public Backend {
     return std::string("cpu(") + cpu::CpuLevelName(level_) + ")";
   }
 
-  void MatMul(const float* x, int64_t num_tokens, const WeightView& w, float* y,
+  absl::Status MatMul(const float* x, int64_t num_tokens, const WeightView& w, float* y,
               const float* bias) override {
     const int64_t n = w.rows, k = w.cols, T = num_tokens;
-    if (T <= 0 || n <= 0) return;
+    if (T <= 0 || n <= 0) return absl::OkStatus();
     ProfileScope prof(profile_, n >= 16384 ? "matmul(lm_head)" : "matmul", T);
     const uint16_t* xb = nullptr;
     int64_t ldxb = 0;
@@ -176,11 +176,12 @@ class FastCpuBackend final : public Backend {
       const int64_t r0 = g0 * 4, r1 = std::min(n, g1 * 4);
       DotRows(x, k, xb, ldxb, T, w, r0, r1, y + r0, n, bias ? bias + r0 : nullptr);
     });
+    return absl::OkStatus();
   }
 
-  void RmsNorm(const float* x, int64_t num_rows, int64_t dim, const WeightView& weight,
+  absl::Status RmsNorm(const float* x, int64_t num_rows, int64_t dim, const WeightView& weight,
                float eps, float* y) override {
-    if (num_rows <= 0) return;
+    if (num_rows <= 0) return absl::OkStatus();
     ProfileScope prof(profile_, "rmsnorm", num_rows);
     float* wf = Grow(norm_w_, dim);
     ConvertToF32(weight.dtype, weight.data, dim, wf);
@@ -192,13 +193,14 @@ class FastCpuBackend final : public Backend {
         cpu::RmsNormPortable(x + r0 * dim, r1 - r0, dim, wf, eps, y + r0 * dim);
       }
     });
+    return absl::OkStatus();
   }
 
-  void GroupedExpertFfn(const float* x, const int64_t* offsets, int64_t num_groups,
+  absl::Status GroupedExpertFfn(const float* x, const int64_t* offsets, int64_t num_groups,
                         const ExpertWeights* const* experts, int64_t hidden,
                         float* y) override {
     const int64_t R = offsets[num_groups] - offsets[0];
-    if (R <= 0) return;
+    if (R <= 0) return absl::OkStatus();
     const int64_t base = offsets[0];
     ProfileScope prof(profile_, "grouped_experts", R);
     // Shapes and activation format per group.
@@ -294,23 +296,24 @@ class FastCpuBackend final : public Backend {
                 e.w2, un.r0, un.r1, y + offsets[un.g] * hidden + un.r0, hidden, nullptr);
       }
     });
+    return absl::OkStatus();
   }
 
-  void Attention(const float* q, int64_t num_new, int64_t start_pos, int64_t num_heads,
+  absl::Status Attention(const float* q, int64_t num_new, int64_t start_pos, int64_t num_heads,
                  const PagedKv& kv, const int32_t* block_table, float scale,
                  float* out) override {
     const AttentionSeq one{q, num_new, start_pos, block_table, out};
-    AttentionBatch(&one, 1, num_heads, kv, scale);
+    return AttentionBatch(&one, 1, num_heads, kv, scale);
   }
 
-  void AttentionBatch(const AttentionSeq* seqs, int64_t num_seqs, int64_t num_heads,
+  absl::Status AttentionBatch(const AttentionSeq* seqs, int64_t num_seqs, int64_t num_heads,
                       const PagedKv& kv, float scale) override {
     int64_t new_tokens = 0, rows = 0;
     for (int64_t s = 0; s < num_seqs; ++s) {
       new_tokens += std::max<int64_t>(0, seqs[s].num_new);
       if (seqs[s].num_new > 0) rows += seqs[s].start_pos + seqs[s].num_new;
     }
-    if (new_tokens == 0) return;
+    if (new_tokens == 0) return absl::OkStatus();
     ProfileScope prof(profile_, "attention", new_tokens);
     const int64_t hd = kv.head_dim, nkv = kv.num_kv_heads;
     const int64_t group = num_heads / nkv;
@@ -368,6 +371,7 @@ class FastCpuBackend final : public Backend {
         }
       }
     });
+    return absl::OkStatus();
   }
 
  private:

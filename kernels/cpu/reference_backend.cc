@@ -7,6 +7,7 @@
 
 #include "kernels/backend.h"
 #include "kernels/core/logging.h"
+#include "kernels/core/status.h"
 #include "kernels/core/thread_pool.h"
 
 namespace sy::kernels {
@@ -44,7 +45,7 @@ class ReferenceBackend final : public Backend {
  public:
   std::string name() const override { return "reference"; }
 
-  void MatMul(const float* x, int64_t num_tokens, const WeightView& w, float* y,
+  absl::Status MatMul(const float* x, int64_t num_tokens, const WeightView& w, float* y,
               const float* bias) override {
     const int64_t n = w.rows, k = w.cols;
     ThreadPool::Default().ParallelFor(n, 16, [&](int64_t b, int64_t e) {
@@ -56,9 +57,10 @@ class ReferenceBackend final : public Backend {
         }
       }
     });
+    return absl::OkStatus();
   }
 
-  void RmsNorm(const float* x, int64_t num_rows, int64_t dim, const WeightView& weight,
+  absl::Status RmsNorm(const float* x, int64_t num_rows, int64_t dim, const WeightView& weight,
                float eps, float* y) override {
     const uint8_t* wb = static_cast<const uint8_t*>(weight.data);
     for (int64_t r = 0; r < num_rows; ++r) {
@@ -69,9 +71,10 @@ class ReferenceBackend final : public Backend {
         y[r * dim + i] = static_cast<float>(x[r * dim + i] * inv * Load(weight.dtype, wb, i));
       }
     }
+    return absl::OkStatus();
   }
 
-  void GroupedExpertFfn(const float* x, const int64_t* offsets, int64_t num_groups,
+  absl::Status GroupedExpertFfn(const float* x, const int64_t* offsets, int64_t num_groups,
                         const ExpertWeights* const* experts, int64_t hidden,
                         float* y) override {
     for (int64_t g = 0; g < num_groups; ++g) {
@@ -82,17 +85,18 @@ class ReferenceBackend final : public Backend {
       const int64_t inter = ew.w1.rows;
       std::vector<float> gate(rows * inter), up(rows * inter);
       const float* xg = x + offsets[g] * hidden;
-      MatMul(xg, rows, ew.w1, gate.data(), nullptr);
-      MatMul(xg, rows, ew.w3, up.data(), nullptr);
+      SY_RETURN_IF_ERROR(MatMul(xg, rows, ew.w1, gate.data(), nullptr));
+      SY_RETURN_IF_ERROR(MatMul(xg, rows, ew.w3, up.data(), nullptr));
       for (int64_t i = 0; i < rows * inter; ++i) {
         double a = gate[i];
         gate[i] = static_cast<float>(a / (1.0 + std::exp(-a)) * up[i]);
       }
-      MatMul(gate.data(), rows, ew.w2, y + offsets[g] * hidden, nullptr);
+      SY_RETURN_IF_ERROR(MatMul(gate.data(), rows, ew.w2, y + offsets[g] * hidden, nullptr));
     }
+    return absl::OkStatus();
   }
 
-  void Attention(const float* q, int64_t num_new, int64_t start_pos, int64_t num_heads,
+  absl::Status Attention(const float* q, int64_t num_new, int64_t start_pos, int64_t num_heads,
                  const PagedKv& kv, const int32_t* block_table, float scale,
                  float* out) override {
     const int64_t hd = kv.head_dim, nkv = kv.num_kv_heads;
@@ -129,6 +133,7 @@ class ReferenceBackend final : public Backend {
         for (int64_t d = 0; d < hd; ++d) o[d] = static_cast<float>(acc[d]);
       }
     });
+    return absl::OkStatus();
   }
 };
 

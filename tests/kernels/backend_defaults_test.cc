@@ -18,7 +18,7 @@ TEST(BackendDefaultsTest, RopeRotatesEachPairByPositionTimesItsFrequency) {
   for (size_t i = 0; i < k.size(); ++i) k[i] = -0.2f * static_cast<float>(i + 1);
   const std::vector<float> q0 = q, k0 = k;
   const int32_t positions[2] = {0, 7};
-  b->ApplyRope(q.data(), k.data(), 2, nh, nkv, hd, positions, theta);
+  EXPECT_TRUE(b->ApplyRope(q.data(), k.data(), 2, nh, nkv, hd, positions, theta).ok());
   auto expect_rotated = [&](const std::vector<float>& before, const std::vector<float>& after,
                             int64_t heads) {
     for (int t = 0; t < 2; ++t)
@@ -47,7 +47,7 @@ TEST(BackendDefaultsTest, WriteKvPutsEachTokenInItsSlot) {
     v[i] = -static_cast<float>(i + 1);
   }
   const int64_t slots[2] = {2 * block_size + 1, 5};  // block 2 row 1, block 1 row 1
-  b->WriteKv(k.data(), v.data(), 2, slots, kv);
+  EXPECT_TRUE(b->WriteKv(k.data(), v.data(), 2, slots, kv).ok());
   for (int t = 0; t < 2; ++t)
     for (int64_t j = 0; j < row; ++j) {
       EXPECT_EQ(kc[slots[t] * row + j], k[t * row + j]);
@@ -62,7 +62,7 @@ TEST(BackendDefaultsTest, AddGatedAddsTheSigmoidOfTheGateTimesTheRow) {
   auto b = MakeReferenceBackend();
   const std::vector<float> x = {1.f, 2.f, 3.f, 4.f}, gate = {0.f, -2.f};
   std::vector<float> y = {10.f, 10.f, 10.f, 10.f};
-  b->AddGated(x.data(), gate.data(), 2, 2, y.data());
+  EXPECT_TRUE(b->AddGated(x.data(), gate.data(), 2, 2, y.data()).ok());
   const float g1 = 1.f / (1.f + std::exp(2.f));
   EXPECT_FLOAT_EQ(y[0], 10.5f);
   EXPECT_FLOAT_EQ(y[1], 11.f);
