@@ -81,8 +81,13 @@ std::string LoadgenReport::Table() const {
   absl::StrAppendFormat(&t, "%-34s %12.2f\n", "request throughput (req/s)", request_throughput);
   absl::StrAppendFormat(&t, "%-34s %12.2f\n", "output token throughput (tok/s)", output_throughput);
   absl::StrAppendFormat(&t, "%-34s %12.2f\n", "total token throughput (tok/s)", total_throughput);
-  absl::StrAppendFormat(&t, "%-34s %12.2f\n", "steady decode throughput (tok/s)", steady_decode_throughput);
-  absl::StrAppendFormat(&t, "%-34s %12.3f\n", "steady window (s)", steady_window_s);
+  if (steady_window_s > 0) {
+    absl::StrAppendFormat(&t, "%-34s %12.2f\n", "steady decode throughput (tok/s)",
+                          steady_decode_throughput);
+    absl::StrAppendFormat(&t, "%-34s %12.3f\n", "steady window (s)", steady_window_s);
+  } else {  // the first wave never ran all at once (a --rate load, or failures)
+    absl::StrAppendFormat(&t, "%-34s %12s\n", "steady decode throughput (tok/s)", "-");
+  }
   absl::StrAppendFormat(&t, "%-10s %10s %10s %10s %10s\n", "(ms)", "mean", "p50", "p90", "p99");
   auto row = [&](const char* name, const LatencySummary& s) {
     absl::StrAppendFormat(&t, "%-10s %10.2f %10.2f %10.2f %10.2f\n", name, s.mean * 1e3,
