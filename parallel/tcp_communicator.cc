@@ -219,8 +219,7 @@ class TcpCommunicator final : public OverlappingCommunicator {
     auto p = std::make_unique<Pending>(this);
     const uint64_t seq = ++seq_;
     if (broken_.load()) {
-      p->status = aborted_.load() ? absl::UnavailableError("tcp communicator aborted")
-                                  : absl::UnavailableError("tcp communicator is broken");
+      p->status = BrokenStatus();
       return p;
     }
     absl::Status valid = ValidateAllToAllV(world_, send_counts, send_offsets, recv_counts, recv_offsets);
@@ -240,11 +239,8 @@ class TcpCommunicator final : public OverlappingCommunicator {
       if (q == rank_) continue;
       Peer& e = p->peers[q];
       if (send_counts[q] > 0) {
-        e.out = static_cast<const char*>(send) + send_offsets[q];
-        e.out_bytes = static_cast<uint64_t>(send_counts[q]);
-        std::memcpy(e.out_header, &seq, 8);
-        std::memcpy(e.out_header + 8, &e.out_bytes, 8);
-        e.out_left = kHeaderBytes + e.out_bytes;
+        e.SetOut(seq, static_cast<const char*>(send) + send_offsets[q],
+                 static_cast<uint64_t>(send_counts[q]));
       }
       if (recv_counts[q] > 0) {
         e.in = static_cast<char*>(recv) + recv_offsets[q];
@@ -268,8 +264,7 @@ class TcpCommunicator final : public OverlappingCommunicator {
     Pending p(this);
     const uint64_t seq = ++seq_;
     if (broken_.load()) {
-      p.status = aborted_.load() ? absl::UnavailableError("tcp communicator aborted")
-                                 : absl::UnavailableError("tcp communicator is broken");
+      p.status = BrokenStatus();
       return p.Wait();
     }
     absl::Status valid;
@@ -295,11 +290,8 @@ class TcpCommunicator final : public OverlappingCommunicator {
     for (int q = 0; q < world_; ++q) {
       if (q == rank_) continue;
       Peer& e = p.peers[q];
-      e.out = static_cast<const char*>(send) + send_offsets[q];
-      e.out_bytes = static_cast<uint64_t>(send_counts[q]);
-      std::memcpy(e.out_header, &seq, 8);
-      std::memcpy(e.out_header + 8, &e.out_bytes, 8);
-      e.out_left = kHeaderBytes + e.out_bytes;
+      e.SetOut(seq, static_cast<const char*>(send) + send_offsets[q],
+               static_cast<uint64_t>(send_counts[q]));
       e.awaiting_size = true;
       e.in_left = kHeaderBytes;
     }
@@ -325,6 +317,14 @@ class TcpCommunicator final : public OverlappingCommunicator {
     uint64_t in_bytes = 0;  // a dynamic exchange: learnt from the header
     char in_header[kHeaderBytes] = {};
     uint64_t in_left = 0;  // header + bytes not yet received
+    // The message to this peer: the header of collective `seq`, then `bytes` at `data`.
+    void SetOut(uint64_t seq, const char* data, uint64_t bytes) {
+      out = data;
+      out_bytes = bytes;
+      std::memcpy(out_header, &seq, 8);
+      std::memcpy(out_header + 8, &out_bytes, 8);
+      out_left = kHeaderBytes + out_bytes;
+    }
     bool awaiting_size = false;  // dynamic: the header has not given the size yet
   };
 
@@ -434,8 +434,8 @@ class TcpCommunicator final : public OverlappingCommunicator {
 
   absl::Status Finish(Pending* p) {
     const auto deadline = Clock::now() + timeout_;
-    std::vector<pollfd> pfds;
-    std::vector<int> who;
+    std::vector<pollfd>& pfds = pfds_;  // scratch kept across collectives (one thread)
+    std::vector<int>& who = who_;
     for (;;) {
       pfds.clear();
       who.clear();
@@ -483,6 +483,11 @@ class TcpCommunicator final : public OverlappingCommunicator {
     }
   }
 
+  absl::Status BrokenStatus() const {
+    return absl::UnavailableError(aborted_.load() ? "tcp communicator aborted"
+                                                  : "tcp communicator is broken");
+  }
+
   // Every size of a dynamic exchange is known: lay the receive buffer out in rank order.
   void Place(Pending* p) {
     p->placed = true;
@@ -516,6 +521,8 @@ class TcpCommunicator final : public OverlappingCommunicator {
   const std::vector<int> fds_;  // by peer rank; -1 for this rank
   const milliseconds timeout_;
   uint64_t seq_ = 0;  // collectives called (the same count on every rank)
+  std::vector<pollfd> pfds_;  // Finish's poll set
+  std::vector<int> who_;      // the peer of each entry of pfds_
   std::atomic<bool> broken_{false};
   std::atomic<bool> aborted_{false};
 };
