@@ -1,6 +1,7 @@
 #include "parallel/gloo_communicator.h"
 
 #include <atomic>
+#include <csignal>
 #include <cstring>
 #include <mutex>
 #include <exception>
@@ -244,6 +245,15 @@ class GlooCommunicator final : public OverlappingCommunicator {
   std::atomic<bool> aborted_{false};
 };
 
+// Gloo's TCP pairs write with writev(), which raises SIGPIPE when the peer has gone; the
+// default action would kill this process, where a dead peer must only break the group.
+// A handler the process installed itself is left alone.
+void IgnoreSigpipeUnlessHandled() {
+  struct sigaction old {};
+  if (sigaction(SIGPIPE, nullptr, &old) == 0 && old.sa_handler == SIG_DFL)
+    std::signal(SIGPIPE, SIG_IGN);
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Communicator>> CreateGlooCommunicator(const GlooOptions& options) {
@@ -251,6 +261,7 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateGlooCommunicator(const GlooO
   if (options.world_size < 1 || options.rank < 0 || options.rank >= options.world_size)
     return absl::InvalidArgumentError(
         absl::StrCat("gloo: rank ", options.rank, " of world size ", options.world_size));
+  IgnoreSigpipeUnlessHandled();
   try {
     gloo::transport::tcp::attr attr;
     if (!options.iface.empty()) {

@@ -1,4 +1,5 @@
 // `switchyard`: the one binary. Subcommands are listed in kCommands.
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -34,6 +35,9 @@ void PrintUsage() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // A network daemon: a write to a socket whose peer has gone must fail with EPIPE, not kill the
+  // process (gRPC and our own sockets use MSG_NOSIGNAL; Gloo's writev() does not).
+  std::signal(SIGPIPE, SIG_IGN);
   if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") ||
       !std::strcmp(argv[1], "help")) {
     PrintUsage();
