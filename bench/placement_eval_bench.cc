@@ -136,7 +136,7 @@ int main(int argc, char** argv) {
         if (S == last_s) continue;
         last_s = S;
         pl::EvalSetup setup;
-        setup.num_ranks = ranks;
+        setup.world_size = ranks;
         setup.slots_per_rank = S;
         setup.expert_bytes = 1.0;
         setup.options.time_limit_seconds = time_limit;

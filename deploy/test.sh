@@ -4,7 +4,9 @@
 #     deployment included (GPU tests carry the ctest label "gpu" and are left out here; run
 #     them with `ctest --test-dir build-test -L gpu` on a machine with a GPU);
 #  2. a ThreadSanitizer build of the concurrency suites (label "tsan");
-#  3. every libFuzzer target of a clang fuzz build, a few thousand inputs each.
+#  3. every libFuzzer target of a clang fuzz build, a few thousand inputs each; the same clang
+#     build compiles the `switchyard` binary, so clang's lock analysis (-Wthread-safety, an
+#     error) covers every library the daemon links.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=$(nproc)
@@ -24,5 +26,5 @@ CC=clang CXX=clang++ cmake -S . -B "$FUZZ" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDe
   -DSY_SANITIZE=OFF -DSY_BUILD_TESTS=OFF -DSY_BUILD_BENCH=OFF -DSY_ENABLE_CUDA=OFF >/dev/null
 targets=$(cd tests/fuzz && ls *_fuzz.cc | sed 's/\.cc$//')
 # shellcheck disable=SC2086
-cmake --build "$FUZZ" -j"$jobs" --target $targets
+cmake --build "$FUZZ" -j"$jobs" --target $targets switchyard
 bash tests/fuzz/run.sh "$FUZZ" -runs=3000

@@ -3,10 +3,10 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
-#include <mutex>
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/core/mutex.h"
 #include "kernels/core/dtype.h"
 #include "kernels/core/logging.h"
 #include "kernels/core/status.h"
@@ -143,14 +143,14 @@ class EpDispatcher final : public ExpertParallelDispatcher {
   }
 
   EpDispatchStats stats() const override {
-    std::lock_guard<std::mutex> lock(stats_mu_);
+    sy::MutexLock lock(&stats_mu_);
     return stats_;
   }
 
   absl::Status SetPlacement(std::shared_ptr<const ExpertPlacement> placement) override {
-    if (placement->num_ranks() != comm_->world_size())
+    if (placement->world_size() != comm_->world_size())
       return absl::InvalidArgumentError(
-          absl::StrCat("placement for ", placement->num_ranks(), " ranks, communicator has ",
+          absl::StrCat("placement for ", placement->world_size(), " ranks, communicator has ",
                        comm_->world_size()));
     placement_ = std::move(placement);
     return absl::OkStatus();
@@ -215,8 +215,8 @@ class EpDispatcher final : public ExpertParallelDispatcher {
   };
   Call call_;
 
-  mutable std::mutex stats_mu_;
-  EpDispatchStats stats_;
+  mutable sy::Mutex stats_mu_;
+  EpDispatchStats stats_ ABSL_GUARDED_BY(stats_mu_);
 };
 
 absl::Status EpDispatcher::Dispatch(int layer, const float* x, int64_t num_tokens,
@@ -564,7 +564,7 @@ absl::Status EpDispatcher::Combine(int layer, float* out) {
 
   // Counters.
   {
-    std::lock_guard<std::mutex> lock(stats_mu_);
+    sy::MutexLock lock(&stats_mu_);
     ++stats_.calls;
     stats_.tokens += T;
     stats_.pairs_computed += num_pairs;
@@ -611,9 +611,9 @@ absl::StatusOr<std::unique_ptr<ExpertParallelDispatcher>> MakeExpertParallelDisp
     EpDispatchOptions options) {
   if (comm == nullptr || placement == nullptr)
     return absl::InvalidArgumentError("expert-parallel dispatcher: null communicator or placement");
-  if (placement->num_ranks() != comm->world_size())
+  if (placement->world_size() != comm->world_size())
     return absl::InvalidArgumentError(
-        absl::StrCat("expert-parallel dispatcher: placement for ", placement->num_ranks(),
+        absl::StrCat("expert-parallel dispatcher: placement for ", placement->world_size(),
                      " ranks, communicator has ", comm->world_size()));
   return std::unique_ptr<ExpertParallelDispatcher>(
       new EpDispatcher(comm, std::move(placement), options));

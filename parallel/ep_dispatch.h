@@ -101,7 +101,7 @@ void AddDispatchStats(EpDispatchStats* sum, const EpDispatchStats& d);
 class ExpertParallelDispatcher : public MoeDispatcher {
  public:
   virtual EpDispatchStats stats() const = 0;
-  // Switches to a new placement (same num_ranks) at a step boundary, on every rank; until
+  // Switches to a new placement (same world_size) at a step boundary, on every rank; until
   // all ranks have switched, DispatchCombine fails with FAILED_PRECONDITION (epoch check).
   virtual absl::Status SetPlacement(std::shared_ptr<const ExpertPlacement> placement) = 0;
 };

@@ -2,6 +2,8 @@
 
 #include <numeric>
 
+#include "kernels/core/mutex.h"
+
 #include "nlohmann/json.hpp"
 
 namespace sy::parallel {
@@ -28,7 +30,7 @@ void ExpertLoadRecorder::Record(int layer, const int32_t* topk_ids, int64_t num_
 }
 
 void ExpertLoadRecorder::EndStep() {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   ++steps_;
   for (int l = 0; l < o_.num_layers; ++l)
     for (int e = 0; e < o_.num_experts; ++e) totals_[l][e] += step_counts_[l][e];
@@ -59,7 +61,7 @@ void ExpertLoadRecorder::EndStep() {
 }
 
 planner::RoutingTrace ExpertLoadRecorder::Snapshot() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   planner::RoutingTrace t;
   t.name = "live";
   t.model = o_.model;
@@ -76,7 +78,7 @@ planner::RoutingTrace ExpertLoadRecorder::Snapshot() const {
 }
 
 int64_t ExpertLoadRecorder::steps_recorded() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   return steps_;
 }
 

@@ -17,11 +17,11 @@
 
 #include <cstdint>
 #include <deque>
-#include <mutex>
 #include <string>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "kernels/core/mutex.h"
 #include "parallel/planner/trace.h"
 
 namespace sy::parallel {
@@ -57,7 +57,7 @@ class ExpertLoadRecorder {
   std::vector<std::vector<int32_t>> step_ids_;         // [L][T*k]
   int64_t step_tokens_ = 0;
 
-  mutable std::mutex mu_;
+  mutable sy::Mutex mu_;
   std::deque<std::vector<std::vector<int64_t>>> window_ ABSL_GUARDED_BY(mu_);  // per step [L][E]
   std::deque<int64_t> window_tokens_ ABSL_GUARDED_BY(mu_);
   std::vector<std::vector<int64_t>> totals_ ABSL_GUARDED_BY(mu_);  // [L][E] over the window

@@ -13,15 +13,15 @@
 namespace sy::parallel {
 
 absl::StatusOr<ExpertPlacement> ExpertPlacement::Create(
-    int num_ranks, int slots_per_rank, int num_experts,
+    int world_size, int slots_per_rank, int num_experts,
     std::vector<std::vector<int32_t>> physical_to_logical,
     std::vector<std::vector<float>> slot_share, int64_t epoch) {
-  if (num_ranks <= 0 || slots_per_rank <= 0 || num_experts <= 0) {
+  if (world_size <= 0 || slots_per_rank <= 0 || num_experts <= 0) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "expert placement: num_ranks, slots_per_rank and num_experts must be positive (got ",
-        num_ranks, ", ", slots_per_rank, ", ", num_experts, ")"));
+        "expert placement: world_size, slots_per_rank and num_experts must be positive (got ",
+        world_size, ", ", slots_per_rank, ", ", num_experts, ")"));
   }
-  const int num_slots = num_ranks * slots_per_rank;
+  const int num_slots = world_size * slots_per_rank;
   if (num_slots < num_experts) {
     return absl::InvalidArgumentError(absl::StrCat("expert placement: ", num_slots,
                                                    " slots cannot hold ", num_experts,
@@ -33,7 +33,7 @@ absl::StatusOr<ExpertPlacement> ExpertPlacement::Create(
                                                    physical_to_logical.size()));
   }
   ExpertPlacement p;
-  p.num_ranks_ = num_ranks;
+  p.world_size_ = world_size;
   p.slots_per_rank_ = slots_per_rank;
   p.num_experts_ = num_experts;
   p.epoch_ = epoch;
@@ -93,23 +93,23 @@ absl::StatusOr<ExpertPlacement> ExpertPlacement::Create(
   return p;
 }
 
-ExpertPlacement ExpertPlacement::Contiguous(int num_layers, int num_experts, int num_ranks) {
-  auto p = Contiguous(num_layers, num_experts, num_ranks, (num_experts + num_ranks - 1) / num_ranks);
+ExpertPlacement ExpertPlacement::Contiguous(int num_layers, int num_experts, int world_size) {
+  auto p = Contiguous(num_layers, num_experts, world_size, (num_experts + world_size - 1) / world_size);
   return std::move(p).value();  // valid by construction
 }
 
 absl::StatusOr<ExpertPlacement> ExpertPlacement::Contiguous(int num_layers, int num_experts,
-                                                            int num_ranks, int slots_per_rank) {
-  if (num_ranks < 1) return absl::InvalidArgumentError("expert placement: num_ranks must be >= 1");
-  const int per_rank = (num_experts + num_ranks - 1) / num_ranks;
+                                                            int world_size, int slots_per_rank) {
+  if (world_size < 1) return absl::InvalidArgumentError("expert placement: world_size must be >= 1");
+  const int per_rank = (num_experts + world_size - 1) / world_size;
   if (slots_per_rank < per_rank)
     return absl::InvalidArgumentError(absl::StrCat(
         "expert placement: ", slots_per_rank, " slots per rank cannot hold ", num_experts,
-        " experts on ", num_ranks, " ranks (at least ", per_rank, ")"));
+        " experts on ", world_size, " ranks (at least ", per_rank, ")"));
   // Expert e in slot e % per_rank of rank e / per_rank, as without extra slots.
-  std::vector<int32_t> map(static_cast<size_t>(slots_per_rank) * num_ranks, -1);
+  std::vector<int32_t> map(static_cast<size_t>(slots_per_rank) * world_size, -1);
   for (int e = 0; e < num_experts; ++e) map[(e / per_rank) * slots_per_rank + e % per_rank] = e;
-  return Create(num_ranks, slots_per_rank, num_experts,
+  return Create(world_size, slots_per_rank, num_experts,
                 std::vector<std::vector<int32_t>>(num_layers, map));
 }
 
@@ -126,8 +126,11 @@ absl::StatusOr<ExpertPlacement> ExpertPlacement::FromJson(const std::string& jso
     *out = j[key].get<int>();
     return absl::OkStatus();
   };
-  int num_ranks = 0, slots_per_rank = 0, num_experts = 0;
-  SY_RETURN_IF_ERROR(get_int("num_ranks", &num_ranks));
+  int world_size = 0, slots_per_rank = 0, num_experts = 0;
+  // Files written before the key was named world_size say num_ranks.
+  SY_RETURN_IF_ERROR(get_int(j.contains("world_size") || !j.contains("num_ranks") ? "world_size"
+                                                                                   : "num_ranks",
+                             &world_size));
   SY_RETURN_IF_ERROR(get_int("slots_per_rank", &slots_per_rank));
   SY_RETURN_IF_ERROR(get_int("num_experts", &num_experts));
   int64_t epoch = 0;
@@ -190,7 +193,7 @@ absl::StatusOr<ExpertPlacement> ExpertPlacement::FromJson(const std::string& jso
     }
   }
   if (!any_share) shares.clear();
-  return Create(num_ranks, slots_per_rank, num_experts, std::move(p2l), std::move(shares),
+  return Create(world_size, slots_per_rank, num_experts, std::move(p2l), std::move(shares),
                 epoch);
 }
 
@@ -206,7 +209,7 @@ absl::StatusOr<ExpertPlacement> ExpertPlacement::FromFile(const std::string& pat
 
 std::string ExpertPlacement::ToJson() const {
   nlohmann::json j;
-  j["num_ranks"] = num_ranks_;
+  j["world_size"] = world_size_;
   j["slots_per_rank"] = slots_per_rank_;
   j["num_experts"] = num_experts_;
   j["epoch"] = epoch_;
@@ -236,7 +239,7 @@ float ExpertPlacement::share_of(int layer, int slot) const {
 }
 
 bool ExpertPlacement::operator==(const ExpertPlacement& o) const {
-  if (num_ranks_ != o.num_ranks_ || slots_per_rank_ != o.slots_per_rank_ ||
+  if (world_size_ != o.world_size_ || slots_per_rank_ != o.slots_per_rank_ ||
       num_experts_ != o.num_experts_ || epoch_ != o.epoch_ ||
       physical_to_logical_ != o.physical_to_logical_) {
     return false;

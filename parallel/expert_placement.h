@@ -7,7 +7,7 @@
 // expert's replicas sum to 1); empty means even split over the replicas.
 //
 // JSON form (also written by `switchyard plan --out`):
-//   {"num_ranks": R, "slots_per_rank": S, "num_experts": E, "epoch": N (optional),
+//   {"world_size": R, "slots_per_rank": S, "num_experts": E, "epoch": N (optional),
 //    "layers": [{"layer": l, "physical_to_logical": [..R*S ints..],
 //                "slot_share": [optional, R*S floats]}]}
 //
@@ -25,19 +25,19 @@ namespace sy::parallel {
 
 class ExpertPlacement {
  public:
-  // physical_to_logical: [num_layers][num_ranks * slots_per_rank], -1 for an empty slot.
-  // slot_share: empty, or per layer empty / [num_ranks * slots_per_rank].
+  // physical_to_logical: [num_layers][world_size * slots_per_rank], -1 for an empty slot.
+  // slot_share: empty, or per layer empty / [world_size * slots_per_rank].
   // InvalidArgument when an expert has no replica, an id is out of range, or shapes differ.
   static absl::StatusOr<ExpertPlacement> Create(
-      int num_ranks, int slots_per_rank, int num_experts,
+      int world_size, int slots_per_rank, int num_experts,
       std::vector<std::vector<int32_t>> physical_to_logical,
       std::vector<std::vector<float>> slot_share = {}, int64_t epoch = 0);
 
   // Expert e of every layer on rank e / ceil(E / R) (slots_per_rank = ceil(E / R)).
-  static ExpertPlacement Contiguous(int num_layers, int num_experts, int num_ranks);
+  static ExpertPlacement Contiguous(int num_layers, int num_experts, int world_size);
   // The same with `slots_per_rank` (>= ceil(E / R)) slots per rank; the extra slots start
   // empty (-1), room for the replicas a later plan adds. INVALID_ARGUMENT when too few.
-  static absl::StatusOr<ExpertPlacement> Contiguous(int num_layers, int num_experts, int num_ranks,
+  static absl::StatusOr<ExpertPlacement> Contiguous(int num_layers, int num_experts, int world_size,
                                                     int slots_per_rank);
 
   static absl::StatusOr<ExpertPlacement> FromJson(const std::string& json_text);
@@ -45,9 +45,9 @@ class ExpertPlacement {
   std::string ToJson() const;
 
   int num_layers() const { return static_cast<int>(physical_to_logical_.size()); }
-  int num_ranks() const { return num_ranks_; }
+  int world_size() const { return world_size_; }
   int slots_per_rank() const { return slots_per_rank_; }
-  int num_slots() const { return num_ranks_ * slots_per_rank_; }
+  int num_slots() const { return world_size_ * slots_per_rank_; }
   int num_experts() const { return num_experts_; }
   int64_t epoch() const { return epoch_; }
   ExpertPlacement WithEpoch(int64_t epoch) const;
@@ -69,7 +69,7 @@ class ExpertPlacement {
   bool operator==(const ExpertPlacement& o) const;
 
  private:
-  int num_ranks_ = 0, slots_per_rank_ = 0, num_experts_ = 0;
+  int world_size_ = 0, slots_per_rank_ = 0, num_experts_ = 0;
   int64_t epoch_ = 0;
   std::vector<std::vector<int32_t>> physical_to_logical_;            // [L][R*S]
   std::vector<std::vector<std::vector<int32_t>>> logical_to_physical_;  // [L][E][replicas]

@@ -3,12 +3,12 @@
 #include <atomic>
 #include <csignal>
 #include <cstring>
-#include <mutex>
 #include <exception>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
+#include "kernels/core/mutex.h"
 #include "gloo/common/error.h"
 #include "gloo/rendezvous/context.h"
 #include "gloo/rendezvous/prefix_store.h"
@@ -83,7 +83,7 @@ class GlooCommunicator final : public OverlappingCommunicator {
   // Wakes the exchange in flight (gloo's abortWaitRecv/abortWaitSend, which make its waits
   // return false); the owning thread then breaks the communicator. Later calls fail at Start.
   void Abort() override {
-    std::lock_guard<std::mutex> lock(inflight_mu_);
+    sy::MutexLock lock(&inflight_mu_);
     aborted_ = true;
     if (inflight_ != nullptr) {
       if (inflight_->rbuf) inflight_->rbuf->abortWaitRecv();
@@ -155,7 +155,7 @@ class GlooCommunicator final : public OverlappingCommunicator {
           absl::StrCat("gloo all-to-all-v on rank ", me, ": ", e.what())));
     }
     if (pending->status.ok()) {
-      std::lock_guard<std::mutex> lock(inflight_mu_);
+      sy::MutexLock lock(&inflight_mu_);
       inflight_ = pending.get();
       if (aborted_) {  // an Abort that came while the exchange was being posted
         if (pending->rbuf) pending->rbuf->abortWaitRecv();
@@ -219,7 +219,7 @@ class GlooCommunicator final : public OverlappingCommunicator {
   };
 
   void Finished(Pending* p) {
-    std::lock_guard<std::mutex> lock(inflight_mu_);
+    sy::MutexLock lock(&inflight_mu_);
     if (inflight_ == p) inflight_ = nullptr;
   }
 
@@ -240,7 +240,7 @@ class GlooCommunicator final : public OverlappingCommunicator {
   std::chrono::milliseconds timeout_;
   std::atomic<bool> broken_{false};
   std::vector<std::unique_ptr<gloo::transport::UnboundBuffer>> orphans_;
-  std::mutex inflight_mu_;  // Abort (any thread) against the owning thread's exchange
+  sy::Mutex inflight_mu_;  // Abort (any thread) against the owning thread's exchange
   Pending* inflight_ ABSL_GUARDED_BY(inflight_mu_) = nullptr;
   std::atomic<bool> aborted_{false};
 };

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/core/mutex.h"
 #include "kernels/core/logging.h"
 #include "kernels/core/status.h"
 
@@ -125,18 +126,18 @@ LocalCommunicatorGroup::LocalCommunicatorGroup(int world_size, std::chrono::mill
 LocalCommunicatorGroup::~LocalCommunicatorGroup() = default;
 
 bool LocalCommunicatorGroup::broken() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   return broken_;
 }
 
 void LocalCommunicatorGroup::Break() {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   broken_ = true;
-  cv_.notify_all();
+  cv_.SignalAll();
 }
 
 absl::Status LocalCommunicatorGroup::BeginRead(const char* what) {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   if (broken_) return absl::UnavailableError(absl::StrCat("local communicator: ", what,
                                                           ": group is broken"));
   ++readers_;
@@ -144,14 +145,14 @@ absl::Status LocalCommunicatorGroup::BeginRead(const char* what) {
 }
 
 void LocalCommunicatorGroup::EndRead() {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   --readers_;
-  cv_.notify_all();
+  cv_.SignalAll();
 }
 
 void LocalCommunicatorGroup::WaitForReaders() {
-  std::unique_lock<std::mutex> lock(mu_);
-  cv_.wait(lock, [&] { return readers_ == 0; });
+  sy::MutexLock lock(&mu_);
+  while (readers_ != 0) cv_.Wait(&mu_);
 }
 
 absl::Status LocalCommunicatorGroup::Arrive(int rank, const char* what) {
@@ -161,29 +162,30 @@ absl::Status LocalCommunicatorGroup::Arrive(int rank, const char* what) {
 }
 
 absl::StatusOr<int64_t> LocalCommunicatorGroup::ArriveNoWait(const char* what) {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   if (broken_) return absl::UnavailableError(absl::StrCat("local communicator: ", what,
                                                           ": group is broken"));
   const int64_t gen = generation_;
   if (++arrived_ == world_size_) {
     arrived_ = 0;
     ++generation_;
-    cv_.notify_all();
+    cv_.SignalAll();
   }
   return gen;
 }
 
 absl::Status LocalCommunicatorGroup::WaitGeneration(int rank, int64_t gen, const char* what) {
-  std::unique_lock<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   if (generation_ != gen) return absl::OkStatus();
   if (broken_) return absl::UnavailableError(absl::StrCat("local communicator: ", what,
                                                           ": group is broken"));
   const auto deadline = std::chrono::steady_clock::now() + timeout_;
-  cv_.wait_until(lock, deadline, [&] { return broken_ || generation_ != gen; });
+  while (!broken_ && generation_ == gen && !cv_.WaitUntil(&mu_, deadline)) {
+  }
   if (generation_ != gen) return absl::OkStatus();
   const bool timed_out = !broken_;
   broken_ = true;
-  cv_.notify_all();
+  cv_.SignalAll();
   return absl::UnavailableError(
       timed_out ? absl::StrCat("local communicator: rank ", rank, " timed out after ",
                                timeout_.count(), " ms in ", what)
@@ -227,7 +229,7 @@ class SharedGroupCommunicator final : public Communicator {
 
 std::unique_ptr<Communicator> LocalRendezvous::Join(const std::string& key, int rank,
                                                     int world_size) {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   // Groups every rank has dropped are forgotten.
   for (auto it = groups_.begin(); it != groups_.end();)
     it = it->second.use_count() == 1 && it->first != key ? groups_.erase(it) : std::next(it);

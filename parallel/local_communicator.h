@@ -14,16 +14,15 @@
 #pragma once
 
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "kernels/core/mutex.h"
 #include "parallel/communicator.h"
 
 namespace sy::parallel {
@@ -69,8 +68,8 @@ class LocalCommunicatorGroup {
   std::vector<std::unique_ptr<Communicator>> comms_;
   std::vector<Posted> posted_;  // [world_size]; slot r written by rank r between barriers
 
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
+  mutable sy::Mutex mu_;
+  sy::CondVar cv_;
   int arrived_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
   int readers_ ABSL_GUARDED_BY(mu_) = 0;
@@ -88,7 +87,7 @@ class LocalRendezvous {
 
  private:
   const std::chrono::milliseconds timeout_;
-  std::mutex mu_;
+  sy::Mutex mu_;
   std::map<std::string, std::shared_ptr<LocalCommunicatorGroup>> groups_ ABSL_GUARDED_BY(mu_);
 };
 

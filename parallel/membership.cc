@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/core/mutex.h"
 #include "kernels/core/logging.h"
 
 namespace sy::parallel {
@@ -106,12 +107,12 @@ const Membership::Member* Membership::Find(int32_t id) const {
 
 void Membership::SetNotify(std::function<void()> notify) {
   // Held while a notification runs: once this returns, the old callback is not running.
-  std::lock_guard<std::mutex> lock(notify_mu_);
+  sy::MutexLock lock(&notify_mu_);
   notify_ = std::move(notify);
 }
 
 void Membership::Notify() {
-  std::lock_guard<std::mutex> lock(notify_mu_);
+  sy::MutexLock lock(&notify_mu_);
   if (notify_) notify_();
 }
 
@@ -119,7 +120,7 @@ absl::StatusOr<int32_t> Membership::AddJoining(const std::string& address, uint6
                                                int64_t kv_blocks) {
   int32_t id = 0;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    sy::MutexLock lock(&mu_);
     if (reforming_)
       return absl::AbortedError(absl::StrCat("the group is re-forming after the failure of epoch ",
                                              broken_epoch_, "; join again in a moment"));
@@ -149,13 +150,13 @@ absl::StatusOr<int32_t> Membership::AddJoining(const std::string& address, uint6
 }
 
 absl::StatusOr<EpochView> Membership::AwaitJoin(int32_t id, std::chrono::milliseconds timeout) {
-  std::unique_lock<std::mutex> lock(mu_);
-  const auto deadline = Clock::now() + timeout;
+  sy::MutexLock lock(&mu_);
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
   for (;;) {
     Member* m = Find(id);
     if (m == nullptr) return absl::NotFoundError(absl::StrCat("no rank ", id));
     if (m->join_result.has_value()) return *m->join_result;
-    if (cv_.wait_until(lock, deadline) == std::cv_status::timeout) {
+    if (cv_.WaitUntil(&mu_, deadline)) {
       m = Find(id);
       if (m != nullptr && m->join_result.has_value()) return *m->join_result;
       return absl::DeadlineExceededError("the leader has not placed the joining rank yet");
@@ -166,16 +167,16 @@ absl::StatusOr<EpochView> Membership::AwaitJoin(int32_t id, std::chrono::millise
 absl::StatusOr<EpochView> Membership::AwaitRestart(int32_t id, int64_t after_epoch,
                                                    std::chrono::milliseconds timeout) {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    sy::MutexLock lock(&mu_);
     Member* m = Find(id);
     if (m == nullptr) return absl::NotFoundError(absl::StrCat("no rank ", id));
     m->checked_in = std::max(m->checked_in, after_epoch);
     m->last_heartbeat = Clock::now();
-    cv_.notify_all();  // WaitForSurvivors
+    cv_.SignalAll();  // WaitForSurvivors
   }
   Notify();
-  std::unique_lock<std::mutex> lock(mu_);
-  const auto deadline = Clock::now() + timeout;
+  sy::MutexLock lock(&mu_);
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
   for (;;) {
     Member* m = Find(id);
     if (m == nullptr) return absl::NotFoundError(absl::StrCat("no rank ", id));
@@ -184,14 +185,14 @@ absl::StatusOr<EpochView> Membership::AwaitRestart(int32_t id, int64_t after_epo
           "fenced: rank ", id, " is ", RankStateName(m->state), " (epoch ", view_.epoch,
           "); join again as a new rank"));
     if (restart_.epoch > after_epoch && restart_.comm_rank_of(id) >= 0) return restart_;
-    if (cv_.wait_until(lock, deadline) == std::cv_status::timeout)
+    if (cv_.WaitUntil(&mu_, deadline))
       return absl::DeadlineExceededError(absl::StrCat(
           "no re-formed epoch after ", after_epoch, " within ", timeout.count(), " ms"));
   }
 }
 
 absl::StatusOr<HeartbeatReply> Membership::Heartbeat(int32_t id) {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   Member* m = Find(id);
   if (m == nullptr) return absl::NotFoundError(absl::StrCat("no rank ", id));
   m->last_heartbeat = Clock::now();
@@ -203,7 +204,7 @@ absl::StatusOr<HeartbeatReply> Membership::Heartbeat(int32_t id) {
 }
 
 absl::Status Membership::CheckInstance(int32_t id, uint64_t instance) const {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   const Member* m = Find(id);
   if (m == nullptr || (instance != 0 && m->instance != instance))
     return absl::NotFoundError(absl::StrCat("no rank ", id, " of this process in the group (the "
@@ -213,7 +214,7 @@ absl::Status Membership::CheckInstance(int32_t id, uint64_t instance) const {
 
 absl::Status Membership::RequestDrain(int32_t id) {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    sy::MutexLock lock(&mu_);
     Member* m = Find(id);
     if (m == nullptr) return absl::NotFoundError(absl::StrCat("no rank ", id, " in the group"));
     if (id == 0)
@@ -232,7 +233,7 @@ absl::Status Membership::RequestDrain(int32_t id) {
 }
 
 std::vector<std::pair<int32_t, int64_t>> Membership::PendingJoins() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   std::vector<std::pair<int32_t, int64_t>> out;
   for (const auto& [id, m] : members_)
     if (m.state == RankState::kJoining && !m.join_result.has_value())
@@ -241,7 +242,7 @@ std::vector<std::pair<int32_t, int64_t>> Membership::PendingJoins() const {
 }
 
 std::vector<int32_t> Membership::Draining() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   std::vector<int32_t> out;
   for (const auto& [id, m] : members_)
     if (m.state == RankState::kDraining) out.push_back(id);
@@ -249,14 +250,14 @@ std::vector<int32_t> Membership::Draining() const {
 }
 
 void Membership::PublishJoin(const std::vector<int32_t>& ids, const EpochView& view) {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   for (int32_t id : ids)
     if (Member* m = Find(id)) m->join_result = view;
-  cv_.notify_all();
+  cv_.SignalAll();
 }
 
 void Membership::RefuseJoin(const std::vector<int32_t>& ids, const absl::Status& status) {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   for (int32_t id : ids) {
     Member* m = Find(id);
     if (m == nullptr) continue;
@@ -264,11 +265,11 @@ void Membership::RefuseJoin(const std::vector<int32_t>& ids, const absl::Status&
     m->state = RankState::kGone;
     if (!m->join_result.has_value()) m->join_result = status;
   }
-  cv_.notify_all();
+  cv_.SignalAll();
 }
 
 void Membership::Commit(const EpochView& view) {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   for (auto& [id, m] : members_) {
     const bool member = view.comm_rank_of(id) >= 0;
     if (member && m.state == RankState::kJoining) m.state = RankState::kServing;
@@ -287,19 +288,19 @@ void Membership::Commit(const EpochView& view) {
   for (const auto& [id, m] : members_)
     if (m.state == RankState::kDead || m.state == RankState::kGone) former.push_back(id);
   for (size_t i = 0; i + kKeepFormer < former.size(); ++i) members_.erase(former[i]);
-  cv_.notify_all();
+  cv_.SignalAll();
 }
 
 void Membership::BreakEpoch(int64_t epoch) {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   broken_epoch_ = std::max(broken_epoch_, epoch);
   reforming_ = true;
-  cv_.notify_all();
+  cv_.SignalAll();
 }
 
 std::vector<int32_t> Membership::WaitForSurvivors(const EpochView& view,
                                                   std::chrono::milliseconds max_wait) {
-  std::unique_lock<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   const auto deadline = Clock::now() + max_wait;
   for (;;) {
     const auto now = Clock::now();
@@ -316,69 +317,69 @@ std::vector<int32_t> Membership::WaitForSurvivors(const EpochView& view,
       }
     }
     if (!waiting || now >= deadline) return in;
-    cv_.wait_until(lock, std::min(deadline, now + std::chrono::milliseconds(20)));
+    cv_.WaitUntil(&mu_, std::min(deadline, now + std::chrono::milliseconds(20)));
   }
 }
 
 void Membership::PublishRestart(const EpochView& view) {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   restart_ = view;
   next_epoch_ = std::max(next_epoch_, view.epoch + 1);
-  cv_.notify_all();
+  cv_.SignalAll();
 }
 
 void Membership::MarkDead(const std::vector<int32_t>& ids) {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   for (int32_t id : ids)
     if (Member* m = Find(id)) {
       m->state = RankState::kDead;
       m->home_seqs = m->kv_blocks_used = m->expert_slots = 0;
       m->tokens_per_second = 0;
     }
-  cv_.notify_all();
+  cv_.SignalAll();
 }
 
 int64_t Membership::NextEpoch() {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   return next_epoch_++;
 }
 
 int64_t Membership::epoch() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   return view_.epoch;
 }
 
 EpochView Membership::view() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   return view_;
 }
 
 std::chrono::steady_clock::time_point Membership::joined_at(int32_t id) const {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   const Member* m = Find(id);
   return m != nullptr ? m->joined_at : Clock::time_point{};
 }
 
 int64_t Membership::kv_blocks(int32_t id) const {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   const Member* m = Find(id);
   return m != nullptr ? m->kv_blocks : 0;
 }
 
 std::string Membership::address(int32_t id) const {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   const Member* m = Find(id);
   return m != nullptr ? m->address : "";
 }
 
 int Membership::serving_ranks() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   return view_.world_size();
 }
 
 void Membership::SetUsage(int32_t id, int64_t home_seqs, int64_t kv_blocks_used,
                           int64_t expert_slots, double tokens_per_second) {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   Member* m = Find(id);
   if (m == nullptr) return;
   m->home_seqs = home_seqs;
@@ -388,7 +389,7 @@ void Membership::SetUsage(int32_t id, int64_t home_seqs, int64_t kv_blocks_used,
 }
 
 MembershipSnapshot Membership::Snapshot() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   MembershipSnapshot s;
   s.epoch = view_.epoch;
   s.reforming = reforming_;

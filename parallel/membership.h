@@ -16,12 +16,10 @@
 #pragma once
 
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <span>
 #include <string>
@@ -30,6 +28,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kernels/core/mutex.h"
 #include "parallel/communicator.h"
 #include "parallel/rendezvous_store.h"
 
@@ -183,8 +182,8 @@ class Membership {
 
   const MembershipOptions options_;
   MemoryRendezvousStore store_;
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
+  mutable sy::Mutex mu_;
+  sy::CondVar cv_;
   std::map<int32_t, Member> members_ ABSL_GUARDED_BY(mu_);
   int32_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
   int64_t next_epoch_ ABSL_GUARDED_BY(mu_) = 2;
@@ -192,7 +191,7 @@ class Membership {
   EpochView restart_ ABSL_GUARDED_BY(mu_);       // the last re-formed epoch published
   int64_t broken_epoch_ ABSL_GUARDED_BY(mu_) = 0;
   bool reforming_ ABSL_GUARDED_BY(mu_) = false;
-  std::mutex notify_mu_;  // never held with mu_
+  sy::Mutex notify_mu_;  // never held with mu_
   std::function<void()> notify_ ABSL_GUARDED_BY(notify_mu_);
 };
 

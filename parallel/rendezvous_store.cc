@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/core/mutex.h"
 
 namespace sy::parallel {
 
@@ -58,16 +59,19 @@ absl::StatusOr<std::string> FileRendezvousStore::Get(const std::string& key,
 }
 
 absl::Status MemoryRendezvousStore::Set(const std::string& key, const std::string& value) {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   values_[key] = value;
-  cv_.notify_all();
+  cv_.SignalAll();
   return absl::OkStatus();
 }
 
 absl::StatusOr<std::string> MemoryRendezvousStore::Get(const std::string& key,
                                                        std::chrono::milliseconds timeout) {
-  std::unique_lock<std::mutex> lock(mu_);
-  if (!cv_.wait_for(lock, timeout, [&] { return values_.count(key) > 0; }))
+  sy::MutexLock lock(&mu_);
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (values_.count(key) == 0 && !cv_.WaitUntil(&mu_, deadline)) {
+  }
+  if (values_.count(key) == 0)
     return absl::DeadlineExceededError(
         absl::StrCat("rendezvous: key ", key, " not set within ", timeout.count(), " ms"));
   return values_[key];

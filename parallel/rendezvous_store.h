@@ -9,14 +9,13 @@
 #pragma once
 
 #include <chrono>
-#include <condition_variable>
 #include <map>
-#include <mutex>
 #include <string>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kernels/core/mutex.h"
 
 namespace sy::parallel {
 
@@ -52,8 +51,8 @@ class MemoryRendezvousStore final : public RendezvousStore {
                                   std::chrono::milliseconds timeout) override;
 
  private:
-  std::mutex mu_;
-  std::condition_variable cv_;
+  sy::Mutex mu_;
+  sy::CondVar cv_;
   std::map<std::string, std::string> values_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -5,6 +5,7 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/core/mutex.h"
 #include "kernels/core/logging.h"
 #include "kernels/core/status.h"
 #include "parallel/planner/membership_plan.h"
@@ -76,9 +77,9 @@ absl::StatusOr<std::unique_ptr<DistributedStepExecutor>> DistributedStepExecutor
   for (int32_t id : first.members)
     if (id != 0) e->QueueEvent({PoolEvent::Kind::kAdded, id, membership->kv_blocks(id)});
   membership->SetNotify([p = e.get()] {
-    std::lock_guard<std::mutex> lock(p->ctl_mu_);
+    sy::MutexLock lock(&p->ctl_mu_);
     p->ctl_work_ = true;
-    p->ctl_cv_.notify_all();
+    p->ctl_cv_.SignalAll();
   });
   e->pump_ = std::thread([p = e.get()] { p->Pump(); });
   e->controller_ = std::thread([p = e.get()] { p->Controller(); });
@@ -101,15 +102,15 @@ DistributedStepExecutor::DistributedStepExecutor(model::MoeModel* model,
 DistributedStepExecutor::~DistributedStepExecutor() {
   membership_->SetNotify(nullptr);
   {
-    std::lock_guard<std::mutex> lock(ctl_mu_);
+    sy::MutexLock lock(&ctl_mu_);
     ctl_stop_ = true;
-    ctl_cv_.notify_all();
+    ctl_cv_.SignalAll();
   }
   if (controller_.joinable()) controller_.join();
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    sy::MutexLock lock(&mu_);
     stop_ = true;
-    cv_.notify_all();
+    cv_.SignalAll();
   }
   if (pump_.joinable()) pump_.join();
   model_->SetDispatcher(nullptr);
@@ -119,7 +120,7 @@ DistributedStepExecutor::~DistributedStepExecutor() {
 
 void DistributedStepExecutor::Install(RankEpoch next) {
   {
-    std::lock_guard<std::mutex> lock(stats_mu_);
+    sy::MutexLock lock(&stats_mu_);
     placement_ = next.placement;
     view_ = next.view;
     if (stats_dispatcher_ != nullptr)
@@ -137,36 +138,38 @@ void DistributedStepExecutor::Install(RankEpoch next) {
 }
 
 void DistributedStepExecutor::Pump() {
-  std::unique_lock<std::mutex> lock(mu_);
+  mu_.Lock();
   for (;;) {
-    const auto wait = pending_ != nullptr ? std::chrono::milliseconds(5) : keepalive_;
-    cv_.wait_for(lock, wait, [&] { return stop_ || job_ || !controls_.empty(); });
+    const auto deadline = std::chrono::steady_clock::now() +
+                          (pending_ != nullptr ? std::chrono::milliseconds(5) : keepalive_);
+    while (!stop_ && !job_ && controls_.empty() && !cv_.WaitUntil(&mu_, deadline)) {
+    }
     // A waiting step goes first, then control plans (so the phases of a placement switch
     // interleave with the steps of a busy engine).
     if (job_) {
-      lock.unlock();
+      mu_.Unlock();
       absl::Status s = broken_.load() ? absl::UnavailableError("the rank group is down")
                                       : RunStepJob();
       CheckPending();
-      lock.lock();
+      mu_.Lock();
       job_status_ = s;
       job_ = false;
       done_ = true;
-      cv_.notify_all();
+      cv_.SignalAll();
       continue;
     }
     if (!controls_.empty()) {
       std::function<void(bool)> control = std::move(controls_.front());
       controls_.pop_front();
-      lock.unlock();
+      mu_.Unlock();
       control(!broken_.load());
-      lock.lock();
+      mu_.Lock();
       continue;
     }
     if (stop_) {
       for (auto& control : controls_) control(false);  // refused: shutting down
       controls_.clear();
-      lock.unlock();
+      mu_.Unlock();
       if (pending_ != nullptr) AbortPending(absl::UnavailableError("the leader is shutting down"));
       if (!broken_.load() && cur_.world_size() > 1) {
         absl::Status s = RunPlan(PlanKind::kShutdown);
@@ -174,7 +177,7 @@ void DistributedStepExecutor::Pump() {
       }
       return;
     }
-    lock.unlock();
+    mu_.Unlock();
     CheckPending();
     while (!retired_.empty() && Clock::now() - retired_.front().since > kRetireAfter)
       retired_.pop_front();
@@ -184,7 +187,7 @@ void DistributedStepExecutor::Pump() {
       absl::Status s = RunPlan(PlanKind::kKeepAlive);
       if (!s.ok()) Reform(AsUnavailable(s, "keep-alive to the ranks"));
     }
-    lock.lock();
+    mu_.Lock();
   }
 }
 
@@ -206,7 +209,7 @@ absl::Status DistributedStepExecutor::RunPlan(PlanKind kind, std::span<const int
   const Clock::time_point start = Clock::now();
   double collective = 0;
   absl::Status s = RunStep(&collective);
-  std::lock_guard<std::mutex> lock(stats_mu_);
+  sy::MutexLock lock(&stats_mu_);
   step_seconds_ += std::chrono::duration<double>(Clock::now() - start).count();
   collective_seconds_ += collective;
   return s;
@@ -296,7 +299,7 @@ absl::Status DistributedStepExecutor::RunStepJob() {
     if (GroupObserver* o = observer_.load()) o->OnFirstTokens(it->first, secs);
     it = awaiting_first_tokens_.erase(it);
   }
-  std::lock_guard<std::mutex> lock(stats_mu_);
+  sy::MutexLock lock(&stats_mu_);
   for (const auto& [id, n] : tokens) stats_.rank_tokens[id] += n;
   ++stats_.steps;
   return absl::OkStatus();
@@ -307,7 +310,7 @@ absl::Status DistributedStepExecutor::Execute(std::span<const model::SequenceInp
                                               std::span<const SampleSpec> samples,
                                               std::vector<int32_t>* tokens) {
   if (broken_.load()) {
-    std::lock_guard<std::mutex> lock(stats_mu_);
+    sy::MutexLock lock(&stats_mu_);
     return absl::UnavailableError(
         absl::StrCat("the rank group is down: ", broken_status_.message()));
   }
@@ -319,12 +322,12 @@ absl::Status DistributedStepExecutor::Execute(std::span<const model::SequenceInp
   }
   absl::Status status;
   {
-    std::unique_lock<std::mutex> lock(mu_);
+    sy::MutexLock lock(&mu_);
     job_tokens_ = tokens;
     job_ = true;
     done_ = false;
-    cv_.notify_all();
-    cv_.wait(lock, [&] { return done_; });
+    cv_.SignalAll();
+    while (!done_) cv_.Wait(&mu_);
     status = job_status_;
   }
   PublishStats();
@@ -447,7 +450,7 @@ void DistributedStepExecutor::CommitPending() {
   change.migrated_bytes = p->gained_bytes;
   change.seconds = std::chrono::duration<double>(now - p->started).count();
   {
-    std::lock_guard<std::mutex> lock(stats_mu_);
+    sy::MutexLock lock(&stats_mu_);
     if (!p->joiners.empty()) ++stats_.joins;
     if (!p->leavers.empty()) ++stats_.drains;
     stats_.migrated_bytes += p->gained_bytes;
@@ -457,9 +460,9 @@ void DistributedStepExecutor::CommitPending() {
                << p->gained_bytes << " expert bytes mapped, " << change.seconds << " s";
   if (GroupObserver* o = observer_.load()) o->OnMembershipChange(change);
   {
-    std::lock_guard<std::mutex> lock(ctl_mu_);  // the controller may plan the next change
+    sy::MutexLock lock(&ctl_mu_);  // the controller may plan the next change
     ctl_work_ = true;
-    ctl_cv_.notify_all();
+    ctl_cv_.SignalAll();
   }
 }
 
@@ -554,16 +557,16 @@ void DistributedStepExecutor::Reform(const absl::Status& cause) {
     change.lost = lost;
     change.seconds = Since(t0);
     {
-      std::lock_guard<std::mutex> lock(stats_mu_);
+      sy::MutexLock lock(&stats_mu_);
       ++stats_.failures;
     }
     SY_LOG(WARNING) << "the group re-formed as epoch " << next_view.epoch << " with "
                     << next_view.world_size() << " rank(s), " << lost.size() << " lost, in "
                     << change.seconds << " s";
     if (GroupObserver* o = observer_.load()) o->OnMembershipChange(change);
-    std::lock_guard<std::mutex> lock(ctl_mu_);
+    sy::MutexLock lock(&ctl_mu_);
     ctl_work_ = true;
-    ctl_cv_.notify_all();
+    ctl_cv_.SignalAll();
     return;
   }
   Fail(absl::UnavailableError(absl::StrCat("the rank group could not re-form after ",
@@ -574,7 +577,7 @@ absl::Status DistributedStepExecutor::RunControl(std::function<absl::Status()> f
   auto done = std::make_shared<std::promise<absl::Status>>();
   std::future<absl::Status> result = done->get_future();
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    sy::MutexLock lock(&mu_);
     if (stop_) return absl::UnavailableError("the rank group is shutting down");
     controls_.push_back([this, fn = std::move(fn), done](bool run) {
       if (!run) {
@@ -590,20 +593,22 @@ absl::Status DistributedStepExecutor::RunControl(std::function<absl::Status()> f
       }
       done->set_value(s);
     });
-    cv_.notify_all();
+    cv_.SignalAll();
   }
   return result.get();
 }
 
 void DistributedStepExecutor::Controller() {
-  std::unique_lock<std::mutex> lock(ctl_mu_);
+  sy::MutexLock lock(&ctl_mu_);
   while (!ctl_stop_) {
-    ctl_cv_.wait_for(lock, std::chrono::milliseconds(20), [&] { return ctl_stop_ || ctl_work_; });
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(20);
+    while (!ctl_stop_ && !ctl_work_ && !ctl_cv_.WaitUntil(&ctl_mu_, deadline)) {
+    }
     if (ctl_stop_) break;
     ctl_work_ = false;
-    lock.unlock();
+    ctl_mu_.Unlock();
     Reconcile();
-    lock.lock();
+    ctl_mu_.Lock();
   }
 }
 
@@ -622,7 +627,7 @@ void DistributedStepExecutor::Reconcile() {
       Drain d;
       d.deadline = now + options_.drain_timeout;
       {
-        std::lock_guard<std::mutex> lock(events_mu_);
+        sy::MutexLock lock(&events_mu_);
         d.event_seq = events_queued_ + 1;
       }
       QueueEvent({PoolEvent::Kind::kDraining, id, 0});
@@ -632,7 +637,7 @@ void DistributedStepExecutor::Reconcile() {
     Drain& d = it->second;
     bool empty = false;
     {
-      std::lock_guard<std::mutex> lock(events_mu_);
+      sy::MutexLock lock(&events_mu_);
       auto u = usage_.find(id);
       empty = events_reported_ >= d.event_seq && (u == usage_.end() || u->second.num_seqs == 0);
     }
@@ -642,7 +647,7 @@ void DistributedStepExecutor::Reconcile() {
       SY_LOG(INFO) << "rank " << id << " still holds sequences after the drain time-out; "
                    << "moving them to other ranks";
       {
-        std::lock_guard<std::mutex> lock(events_mu_);
+        sy::MutexLock lock(&events_mu_);
         d.event_seq = events_queued_ + 1;
       }
       QueueEvent({PoolEvent::Kind::kEvict, id, 0});
@@ -658,7 +663,7 @@ void DistributedStepExecutor::Reconcile() {
   parallel::EpochView cur;
   std::shared_ptr<const parallel::ExpertPlacement> placement;
   {
-    std::lock_guard<std::mutex> lock(stats_mu_);
+    sy::MutexLock lock(&stats_mu_);
     cur = view_;
     placement = placement_;
   }
@@ -699,7 +704,7 @@ void DistributedStepExecutor::Reconcile() {
 void DistributedStepExecutor::QueueEvent(PoolEvent event) {
   std::function<void()> wake;
   {
-    std::lock_guard<std::mutex> lock(events_mu_);
+    sy::MutexLock lock(&events_mu_);
     events_.push_back(event);
     ++events_queued_;
     wake = wake_;
@@ -708,25 +713,25 @@ void DistributedStepExecutor::QueueEvent(PoolEvent event) {
 }
 
 void DistributedStepExecutor::SetWakeup(std::function<void()> wake) {
-  std::lock_guard<std::mutex> lock(events_mu_);
+  sy::MutexLock lock(&events_mu_);
   wake_ = std::move(wake);
 }
 
 std::vector<PoolEvent> DistributedStepExecutor::TakePoolEvents() {
-  std::lock_guard<std::mutex> lock(events_mu_);
+  sy::MutexLock lock(&events_mu_);
   events_taken_ = events_queued_;
   return std::move(events_);
 }
 
 void DistributedStepExecutor::ReportPools(std::span<const PoolUsage> usage) {
   {
-    std::lock_guard<std::mutex> lock(events_mu_);
+    sy::MutexLock lock(&events_mu_);
     events_reported_ = events_taken_;
     usage_.clear();
     for (const PoolUsage& u : usage) usage_[u.pool] = u;
   }
   {
-    std::lock_guard<std::mutex> lock(stats_mu_);
+    sy::MutexLock lock(&stats_mu_);
     stats_.rank_kv_blocks.clear();
     for (const PoolUsage& u : usage) stats_.rank_kv_blocks[u.pool] = u.used_blocks;
     const double dt = Since(rate_since_);
@@ -742,14 +747,14 @@ void DistributedStepExecutor::ReportPools(std::span<const PoolUsage> usage) {
 void DistributedStepExecutor::PublishUsage() {
   std::map<int32_t, PoolUsage> usage;
   {
-    std::lock_guard<std::mutex> lock(events_mu_);
+    sy::MutexLock lock(&events_mu_);
     usage = usage_;
   }
   std::shared_ptr<const parallel::ExpertPlacement> placement;
   parallel::EpochView view;
   std::map<int32_t, double> rates;
   {
-    std::lock_guard<std::mutex> lock(stats_mu_);
+    sy::MutexLock lock(&stats_mu_);
     rates = rate_;
     placement = placement_;
     view = view_;
@@ -773,7 +778,7 @@ void DistributedStepExecutor::PublishStats() {
 
 void DistributedStepExecutor::Fail(const absl::Status& status) {
   {
-    std::lock_guard<std::mutex> lock(stats_mu_);
+    sy::MutexLock lock(&stats_mu_);
     if (broken_.load()) return;
     broken_status_ = status;
     stats_.broken = true;
@@ -785,7 +790,7 @@ void DistributedStepExecutor::Fail(const absl::Status& status) {
 }
 
 DistributedStats DistributedStepExecutor::stats() const {
-  std::lock_guard<std::mutex> lock(stats_mu_);
+  sy::MutexLock lock(&stats_mu_);
   DistributedStats s = stats_;
   if (stats_dispatcher_ != nullptr) s.dispatch = stats_dispatcher_->stats();
   parallel::EpDispatchStats all = past_dispatch_;

@@ -38,13 +38,11 @@
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <span>
 #include <thread>
@@ -52,6 +50,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
+#include "kernels/core/mutex.h"
 #include "model/kv_cache.h"
 #include "model/moe_model.h"
 #include "parallel/communicator.h"
@@ -236,20 +235,20 @@ class DistributedStepExecutor : public StepExecutor {
   std::vector<int32_t> planned_ids_;
 
   // Engine thread <-> pump thread.
-  std::mutex mu_;
-  std::condition_variable cv_;
+  sy::Mutex mu_;
+  sy::CondVar cv_;
   bool job_ ABSL_GUARDED_BY(mu_) = false;
   bool done_ ABSL_GUARDED_BY(mu_) = false;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   absl::Status job_status_ ABSL_GUARDED_BY(mu_);
   std::vector<int32_t>* job_tokens_ = nullptr;
   std::deque<std::function<void(bool run)>> controls_ ABSL_GUARDED_BY(mu_);
-  std::mutex switch_mu_;  // one SwitchPlacement at a time
+  sy::Mutex switch_mu_;  // one SwitchPlacement at a time
   std::atomic<bool> switching_placement_{false};
   std::atomic<bool> pending_epoch_{false};
 
   // Pool events (any thread -> engine thread) and the engine's reports.
-  mutable std::mutex events_mu_;
+  mutable sy::Mutex events_mu_;
   std::vector<PoolEvent> events_ ABSL_GUARDED_BY(events_mu_);
   int64_t events_queued_ ABSL_GUARDED_BY(events_mu_) = 0;
   int64_t events_taken_ ABSL_GUARDED_BY(events_mu_) = 0;
@@ -264,13 +263,13 @@ class DistributedStepExecutor : public StepExecutor {
     bool evicted = false;
   };
   std::map<int32_t, Drain> drains_;
-  std::mutex ctl_mu_;
-  std::condition_variable ctl_cv_;
+  sy::Mutex ctl_mu_;
+  sy::CondVar ctl_cv_;
   bool ctl_stop_ ABSL_GUARDED_BY(ctl_mu_) = false;
   bool ctl_work_ ABSL_GUARDED_BY(ctl_mu_) = false;
 
   std::atomic<bool> broken_{false};
-  mutable std::mutex stats_mu_;
+  mutable sy::Mutex stats_mu_;
   DistributedStats stats_ ABSL_GUARDED_BY(stats_mu_);
   absl::Status broken_status_ ABSL_GUARDED_BY(stats_mu_);
   std::shared_ptr<const parallel::ExpertPlacement> placement_ ABSL_GUARDED_BY(stats_mu_);

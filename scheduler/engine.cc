@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/core/mutex.h"
 #include "kernels/core/logging.h"
 #include "kernels/core/status.h"
 #include "kernels/core/thread_pool.h"
@@ -62,9 +63,9 @@ Engine::~Engine() { Stop(); }
 void Engine::Start() {
   SY_CHECK(!thread_.joinable());
   executor_->SetWakeup([this] {
-    std::lock_guard<std::mutex> lock(mu_);
+    sy::MutexLock lock(&mu_);
     wake_ = true;
-    cv_.notify_all();
+    cv_.SignalAll();
   });
   thread_ = std::thread([this] { Loop(); });
 }
@@ -72,7 +73,7 @@ void Engine::Start() {
 absl::Status Engine::Submit(Request request) {
   SY_RETURN_IF_ERROR(ValidateRequest(request, limits_));
   SY_CHECK(request.sink != nullptr);
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   if (!accepting_ || stopping_)
     return absl::UnavailableError("the server is shutting down and takes no new requests");
   if (static_cast<int64_t>(intake_.size()) + num_waiting_.load() >= options_.max_queue)
@@ -80,32 +81,35 @@ absl::Status Engine::Submit(Request request) {
         "the request queue is full (", options_.max_queue, " requests waiting); retry later"));
   intake_.push_back(std::move(request));
   ++requests_total_;
-  cv_.notify_one();
+  cv_.Signal();
   return absl::OkStatus();
 }
 
 void Engine::StopAccepting() {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   accepting_ = false;
 }
 
 bool Engine::WaitIdle(std::chrono::milliseconds timeout) {
-  std::unique_lock<std::mutex> lock(mu_);
-  return idle_cv_.wait_for(lock, timeout, [&] { return intake_.empty() && !busy_; });
+  sy::MutexLock lock(&mu_);
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (!(intake_.empty() && !busy_) && !idle_cv_.WaitUntil(&mu_, deadline)) {
+  }
+  return intake_.empty() && !busy_;
 }
 
 void Engine::Stop() {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    sy::MutexLock lock(&mu_);
     accepting_ = false;
     stopping_ = true;
-    cv_.notify_all();
+    cv_.SignalAll();
   }
   if (thread_.joinable()) thread_.join();
   // Anything the thread did not get to (or a never-started engine's intake).
   std::deque<Request> left;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    sy::MutexLock lock(&mu_);
     left.swap(intake_);
   }
   for (Request& r : left) {
@@ -122,7 +126,7 @@ EngineStats Engine::stats() const {
   EngineStats s;
   s.running = num_running_.load();
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    sy::MutexLock lock(&mu_);
     s.waiting = static_cast<int64_t>(intake_.size()) + num_waiting_.load();
   }
   s.kv_blocks_total = kv_total_.load();
@@ -137,12 +141,10 @@ EngineStats Engine::stats() const {
 void Engine::Loop() {
   for (;;) {
     {
-      std::unique_lock<std::mutex> lock(mu_);
+      sy::MutexLock lock(&mu_);
       busy_ = !scheduler_.empty();
-      if (!busy_) idle_cv_.notify_all();
-      cv_.wait(lock, [&] {
-        return stopping_ || wake_ || !intake_.empty() || !scheduler_.empty();
-      });
+      if (!busy_) idle_cv_.SignalAll();
+      while (!stopping_ && !wake_ && intake_.empty() && scheduler_.empty()) cv_.Wait(&mu_);
       if (stopping_) break;
       wake_ = false;
     }
@@ -158,15 +160,15 @@ void Engine::Loop() {
   for (Sequence* seq : scheduler_.AllSequences())
     Finish(seq, FinishReason::kAbort, absl::UnavailableError("the server shut down"));
   PublishStats();
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   busy_ = false;
-  idle_cv_.notify_all();
+  idle_cv_.SignalAll();
 }
 
 void Engine::DrainIntake() {
   std::deque<Request> batch;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    sy::MutexLock lock(&mu_);
     batch.swap(intake_);
     busy_ = true;
     // Counted as waiting from here until admitted, so the queue bound holds meanwhile.
@@ -416,16 +418,16 @@ void Engine::PublishStats(bool may_be_idle) {
   }
   executor_->ReportPools(usage_);
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    sy::MutexLock lock(&mu_);
     num_waiting_ = scheduler_.num_waiting();
   }
   if (may_be_idle) PublishIdleness();
 }
 
 void Engine::PublishIdleness() {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   busy_ = !scheduler_.empty();
-  if (!busy_ && intake_.empty()) idle_cv_.notify_all();
+  if (!busy_ && intake_.empty()) idle_cv_.SignalAll();
 }
 
 }  // namespace sy::scheduler

@@ -21,17 +21,16 @@
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
+#include "kernels/core/mutex.h"
 #include "model/tokenizer.h"
 #include "scheduler/batch_scheduler.h"
 #include "scheduler/kv_pools.h"
@@ -169,9 +168,9 @@ class Engine {
   std::vector<Sequence*> sampling_;  // sequences sampled this step, in sampled_ order
   std::vector<int32_t> sampled_;
 
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  std::condition_variable idle_cv_;
+  mutable sy::Mutex mu_;
+  sy::CondVar cv_;
+  sy::CondVar idle_cv_;
   std::deque<Request> intake_ ABSL_GUARDED_BY(mu_);
   bool accepting_ ABSL_GUARDED_BY(mu_) = true;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;

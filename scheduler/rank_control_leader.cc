@@ -5,6 +5,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/core/mutex.h"
 #include "kernels/core/logging.h"
 #include "kernels/core/status.h"
 #include "scheduler/distributed_executor.h"
@@ -13,7 +14,7 @@
 namespace sy::scheduler {
 
 std::shared_ptr<const parallel::ExpertPlacement> DistributedStepExecutor::placement() const {
-  std::lock_guard<std::mutex> lock(stats_mu_);
+  sy::MutexLock lock(&stats_mu_);
   return placement_;
 }
 
@@ -29,7 +30,7 @@ absl::StatusOr<PlacementSwitchReport> DistributedStepExecutor::SwitchPlacement(
   // Only this call and membership changes change placement_; one switch at a time, and no
   // membership change starts while it runs (a failure still may: the phases then see
   // another epoch and the switch ends ABORTED).
-  std::lock_guard<std::mutex> switching(switch_mu_);
+  sy::MutexLock switching(&switch_mu_);
   switching_placement_ = true;
   struct Clear {
     std::atomic<bool>* f;
@@ -39,13 +40,13 @@ absl::StatusOr<PlacementSwitchReport> DistributedStepExecutor::SwitchPlacement(
   std::shared_ptr<const parallel::ExpertPlacement> current;
   int64_t membership_epoch = 0;
   {
-    std::lock_guard<std::mutex> lock(stats_mu_);
+    sy::MutexLock lock(&stats_mu_);
     current = placement_;
     membership_epoch = view_.epoch;
   }
-  if (requested.num_ranks() != current->num_ranks())
-    return absl::InvalidArgumentError(absl::StrCat("placement: num_ranks is ", requested.num_ranks(),
-                                                   ", the group has ", current->num_ranks(),
+  if (requested.world_size() != current->world_size())
+    return absl::InvalidArgumentError(absl::StrCat("placement: world_size is ", requested.world_size(),
+                                                   ", the group has ", current->world_size(),
                                                    " ranks"));
   const int64_t epoch = current->epoch() + 1;
   const std::string json = requested.WithEpoch(epoch).ToJson();
@@ -91,7 +92,7 @@ absl::StatusOr<PlacementSwitchReport> DistributedStepExecutor::SwitchPlacement(
         parallel::EpochView view = cur_.view;
         view.placement_json = json;
         cur_.view = view;
-        std::lock_guard<std::mutex> lock(stats_mu_);
+        sy::MutexLock lock(&stats_mu_);
         placement_ = payload.placement;
         view_ = view;
       }
@@ -106,7 +107,7 @@ absl::StatusOr<PlacementSwitchReport> DistributedStepExecutor::SwitchPlacement(
   SY_RETURN_IF_ERROR(phase(PlacementPhase::kSwitch, 0, static_cast<int>(c.num_layers)));
   report.epoch = epoch;
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  SY_LOG(INFO) << "placement epoch " << report.epoch << " in force on " << current->num_ranks()
+  SY_LOG(INFO) << "placement epoch " << report.epoch << " in force on " << current->world_size()
                << " ranks: " << report.experts_gained << " experts gained ("
                << report.gained_bytes << " bytes), " << report.experts_released << " released, "
                << report.seconds << " s";

@@ -9,9 +9,9 @@ absl::StatusOr<std::shared_ptr<const parallel::ExpertPlacement>> PlacementOfView
     const parallel::EpochView& view, const model::ModelConfig& config) {
   SY_ASSIGN_OR_RETURN(parallel::ExpertPlacement p,
                       parallel::ExpertPlacement::FromJson(view.placement_json));
-  if (p.num_ranks() != view.world_size())
+  if (p.world_size() != view.world_size())
     return absl::InvalidArgumentError(absl::StrCat("epoch ", view.epoch, ": the placement has ",
-                                                   p.num_ranks(), " ranks, the epoch ",
+                                                   p.world_size(), " ranks, the epoch ",
                                                    view.world_size()));
   if (p.num_layers() != config.num_layers || p.num_experts() != config.num_experts)
     return absl::InvalidArgumentError(absl::StrCat(

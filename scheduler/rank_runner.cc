@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/core/mutex.h"
 #include "kernels/core/logging.h"
 #include "kernels/core/status.h"
 #include "scheduler/rank_control.h"
@@ -32,8 +33,8 @@ RankRunner::RankRunner(RankRunnerOptions options)
 RankRunner::~RankRunner() {
   stop_ = true;
   {
-    std::lock_guard<std::mutex> lock(hb_mu_);
-    hb_cv_.notify_all();
+    sy::MutexLock lock(&hb_mu_);
+    hb_cv_.SignalAll();
   }
   if (heartbeat_.joinable()) heartbeat_.join();
   o_.model->SetDispatcher(nullptr);
@@ -41,7 +42,7 @@ RankRunner::~RankRunner() {
 }
 
 void RankRunner::AbortComm() {
-  std::lock_guard<std::mutex> lock(comm_mu_);
+  sy::MutexLock lock(&comm_mu_);
   if (comm_ != nullptr) comm_->Abort();
 }
 
@@ -49,12 +50,12 @@ void RankRunner::SetEpoch(RankEpoch next) {
   {
     // The communicator and its epoch change together: the heartbeat thread must not abort
     // the new communicator for the old epoch's failure.
-    std::lock_guard<std::mutex> lock(comm_mu_);
+    sy::MutexLock lock(&comm_mu_);
     comm_ = next.comm.get();
     epoch_ = next.view.epoch;
   }
   {
-    std::lock_guard<std::mutex> lock(stats_mu_);
+    sy::MutexLock lock(&stats_mu_);
     if (dispatcher_ != nullptr) parallel::AddDispatchStats(&past_, dispatcher_->stats());
     dispatcher_ = next.dispatcher.get();
     stats_.epoch = next.view.epoch;
@@ -73,8 +74,8 @@ void RankRunner::Kill() {
   exit_ = RankExit::kKilled;
   stop_ = true;
   AbortComm();
-  std::lock_guard<std::mutex> lock(hb_mu_);
-  hb_cv_.notify_all();
+  sy::MutexLock lock(&hb_mu_);
+  hb_cv_.SignalAll();
 }
 
 absl::Status RankRunner::Leave() {
@@ -84,7 +85,7 @@ absl::Status RankRunner::Leave() {
 
 
 RankStats RankRunner::stats() const {
-  std::lock_guard<std::mutex> lock(stats_mu_);
+  sy::MutexLock lock(&stats_mu_);
   RankStats s = stats_;
   s.exit = exit_.load();
   s.leaving = leaving_.load();
@@ -99,11 +100,13 @@ RankStats RankRunner::stats() const {
 void RankRunner::Heartbeats() {
   auto last_ok = std::chrono::steady_clock::now();
   auto last_said = std::chrono::steady_clock::time_point{};
-  std::unique_lock<std::mutex> lock(hb_mu_);
+  hb_mu_.Lock();
   while (!stop_.load() && exit_.load() == RankExit::kRunning) {
-    hb_cv_.wait_for(lock, o_.heartbeat_interval, [&] { return stop_.load(); });
+    const auto deadline = std::chrono::steady_clock::now() + o_.heartbeat_interval;
+    while (!stop_.load() && !hb_cv_.WaitUntil(&hb_mu_, deadline)) {
+    }
     if (stop_.load() || exit_.load() != RankExit::kRunning) break;
-    lock.unlock();
+    hb_mu_.Unlock();
     absl::StatusOr<parallel::HeartbeatReply> r = o_.client->Heartbeat(o_.id);
     const auto now = std::chrono::steady_clock::now();
     if (r.ok()) {
@@ -114,7 +117,7 @@ void RankRunner::Heartbeats() {
         AbortComm();
       } else {
         // The leader re-forms the group: stop waiting for a dead peer.
-        std::lock_guard<std::mutex> lock(comm_mu_);
+        sy::MutexLock lock(&comm_mu_);
         if (r->broken_epoch >= epoch_.load() && comm_ != nullptr) comm_->Abort();
       }
     } else if (r.status().code() == absl::StatusCode::kNotFound) {
@@ -135,8 +138,9 @@ void RankRunner::Heartbeats() {
                         << o_.restart_timeout.count() << " ms: " << r.status();
       AbortComm();
     }
-    lock.lock();
+    hb_mu_.Lock();
   }
+  hb_mu_.Unlock();
 }
 
 absl::Status RankRunner::EnterView(const parallel::EpochView& view) {
@@ -185,7 +189,7 @@ absl::Status RankRunner::Run(const parallel::EpochView& first, bool joining) {
                     << ": " << s
                     << "; waiting for the re-formed group";
     {
-      std::lock_guard<std::mutex> lock(comm_mu_);
+      sy::MutexLock lock(&comm_mu_);
       if (comm_ != nullptr) comm_->Abort();
     }
     // A build of an epoch that will never form ends within its time-out; do not wait for it.
@@ -263,7 +267,7 @@ absl::Status RankRunner::Serve() {
     {
       std::sort(blocks.begin(), blocks.end());
       const int64_t used = std::unique(blocks.begin(), blocks.end()) - blocks.begin();
-      std::lock_guard<std::mutex> lock(stats_mu_);
+      sy::MutexLock lock(&stats_mu_);
       ++stats_.steps;
       stats_.tokens += tokens;
       stats_.kv_blocks_used = used;
@@ -279,7 +283,7 @@ absl::Status RankRunner::Serve() {
         "sending tokens to rank 0"));
     const auto end = std::chrono::steady_clock::now();
     {
-      std::lock_guard<std::mutex> lock(stats_mu_);
+      sy::MutexLock lock(&stats_mu_);
       step_seconds_ += std::chrono::duration<double>(end - plan_start).count();
       collective_seconds_ += std::chrono::duration<double>(end - gather_start).count();
     }

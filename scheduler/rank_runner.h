@@ -26,16 +26,15 @@
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <memory>
-#include <mutex>
 #include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
+#include "kernels/core/mutex.h"
 #include "model/kv_cache.h"
 #include "model/moe_model.h"
 #include "parallel/ep_dispatch.h"
@@ -126,12 +125,12 @@ class RankRunner {
   std::vector<std::unique_ptr<BackgroundComm>> graveyard_;
   std::deque<std::pair<RankEpoch, std::chrono::steady_clock::time_point>> retired_;
 
-  std::mutex comm_mu_;  // the heartbeat thread aborts the communicator in force
+  sy::Mutex comm_mu_;  // the heartbeat thread aborts the communicator in force
   parallel::Communicator* comm_ ABSL_GUARDED_BY(comm_mu_) = nullptr;
   std::atomic<int64_t> epoch_{0};
   std::atomic<RankExit> exit_{RankExit::kRunning};
   std::atomic<bool> leaving_{false};
-  mutable std::mutex stats_mu_;
+  mutable sy::Mutex stats_mu_;
   RankStats stats_ ABSL_GUARDED_BY(stats_mu_);
   parallel::EpDispatchStats past_ ABSL_GUARDED_BY(stats_mu_);  // epochs gone by
   std::vector<char> plan_bytes_;  // ReceivePlan's scratch (the serving thread)
@@ -141,8 +140,8 @@ class RankRunner {
   std::atomic<bool> stop_{false};
   std::atomic<bool> fenced_{false};
   std::atomic<bool> leader_gone_{false};
-  std::mutex hb_mu_;
-  std::condition_variable hb_cv_;
+  sy::Mutex hb_mu_;
+  sy::CondVar hb_cv_;
   std::thread heartbeat_;
 };
 

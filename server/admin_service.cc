@@ -74,7 +74,7 @@ grpc::Status AdminService::GetPlacement(grpc::ServerContext* context, const v1::
     return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "the model has no MoE layers");
   response->set_placement_json(p->ToJson());
   response->set_epoch(p->epoch());
-  response->set_num_ranks(p->num_ranks());
+  response->set_world_size(p->world_size());
   response->set_slots_per_rank(p->slots_per_rank());
   response->set_rank_balancedness(live->measured_balancedness());
   return grpc::Status::OK;

@@ -12,6 +12,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "kernels/core/mutex.h"
 #include "google/protobuf/descriptor.h"
 #include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/io/zero_copy_stream_impl_lite.h"
@@ -95,7 +96,7 @@ absl::Status ClusterCallVerifier::Verify(absl::string_view method,
   if (t < ms - window_.count() || t > ms + window_.count())
     return denied(absl::StrCat("signed ", (ms - t) / 1000, " s from this leader's clock (more than ",
                                window_.count() / 1000, " s: are the hosts' clocks set?)"));
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   while (!expiry_.empty() && expiry_.front().first < ms) {
     seen_.erase(expiry_.front().second);
     expiry_.pop_front();

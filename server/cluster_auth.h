@@ -15,7 +15,6 @@
 #include <chrono>
 #include <cstdint>
 #include <deque>
-#include <mutex>
 #include <string>
 #include "absl/strings/string_view.h"
 #include <utility>
@@ -23,6 +22,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
+#include "kernels/core/mutex.h"
 #include "google/protobuf/message.h"
 
 namespace sy::server {
@@ -57,7 +57,7 @@ class ClusterCallVerifier {
  private:
   const std::string secret_;
   const std::chrono::milliseconds window_;
-  std::mutex mu_;
+  sy::Mutex mu_;
   // Accepted nonces and when each may be forgotten (oldest first).
   absl::flat_hash_set<std::string> seen_ ABSL_GUARDED_BY(mu_);
   std::deque<std::pair<int64_t, std::string>> expiry_ ABSL_GUARDED_BY(mu_);

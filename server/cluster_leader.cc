@@ -5,6 +5,7 @@
 #include <map>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/core/mutex.h"
 #include "kernels/core/logging.h"
 #include "kernels/core/status.h"
 #include "parallel/ep_dispatch.h"
@@ -92,7 +93,7 @@ class ClusterLeader::Observer : public scheduler::GroupObserver {
     const auto now = std::chrono::steady_clock::now();
     bool publish = s.broken;
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      sy::MutexLock lock(&mu_);
       if (now - last_states_ > milliseconds(250)) {
         last_states_ = now;
         publish = true;
@@ -131,8 +132,8 @@ class ClusterLeader::Observer : public scheduler::GroupObserver {
 
   parallel::Membership* membership_;
   bool enabled_ = false;
-  std::mutex mu_;
-  std::chrono::steady_clock::time_point last_states_{};  // guarded by mu_
+  sy::Mutex mu_;
+  std::chrono::steady_clock::time_point last_states_ ABSL_GUARDED_BY(mu_){};
   prometheus::Gauge* world_size_ = nullptr;
   prometheus::Gauge* epoch_ = nullptr;
   prometheus::Family<prometheus::Counter>* changes_ = nullptr;
@@ -308,7 +309,7 @@ std::vector<std::vector<int32_t>> ClusterLeader::leader_experts() const {
 }
 
 void ClusterLeader::SetLoadSource(std::function<std::vector<std::vector<double>>()> source) {
-  std::lock_guard<std::mutex> lock(load_mu_);
+  sy::MutexLock lock(&load_mu_);
   load_source_ = std::move(source);
 }
 
@@ -317,7 +318,7 @@ absl::StatusOr<parallel::ExpertPlacement> ClusterLeader::PlanMembership(
     bool urgent) const {
   std::vector<std::vector<double>> loads;
   {
-    std::lock_guard<std::mutex> lock(load_mu_);
+    sy::MutexLock lock(&load_mu_);
     if (load_source_) loads = load_source_();
   }
   parallel::planner::MembershipPlanOptions o;

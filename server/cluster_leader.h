@@ -26,12 +26,12 @@
 #include <atomic>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "kernels/core/mutex.h"
 #include "grpcpp/server.h"
 #include "model/config.h"
 #include "model/moe_model.h"
@@ -134,8 +134,8 @@ class ClusterLeader {
   std::vector<std::unique_ptr<LocalRank>> local_ranks_;
 
   std::unique_ptr<Observer> observer_;
-  mutable std::mutex load_mu_;
-  std::function<std::vector<std::vector<double>>()> load_source_;
+  mutable sy::Mutex load_mu_;
+  std::function<std::vector<std::vector<double>>()> load_source_ ABSL_GUARDED_BY(load_mu_);
 };
 
 }  // namespace sy::server

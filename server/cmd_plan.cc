@@ -133,7 +133,7 @@ int PlanCommand(int argc, char** argv) {
   }
 
   pl::EvalSetup setup;
-  setup.num_ranks = ranks;
+  setup.world_size = ranks;
   setup.slots_per_rank = slots_per_rank;
   setup.current = current ? &*current : nullptr;
   setup.expert_bytes = expert_bytes;

@@ -6,10 +6,10 @@
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdio>
-#include <mutex>
 #include <thread>
+
+#include "kernels/core/mutex.h"
 
 #include "kernels/core/logging.h"
 #include "server/commands.h"
@@ -40,23 +40,26 @@ class ProgressLine {
       std::fprintf(stderr, "%s ...\n", what.c_str());
       return;
     }
-    running_ = true;
+    {
+      sy::MutexLock lock(&mu_);
+      running_ = true;
+    }
     thread_ = std::thread([this] {
-      std::unique_lock<std::mutex> lock(mu_);
+      sy::MutexLock lock(&mu_);
       while (running_) {
         const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
         std::fprintf(stderr, "\r%s ... %.1f s ", what_.c_str(), s);
         std::fflush(stderr);
-        cv_.wait_for(lock, std::chrono::milliseconds(250), [&] { return !running_; });
+        cv_.WaitFor(&mu_, std::chrono::milliseconds(250));
       }
       std::fprintf(stderr, "\n");
     });
   }
   void Stop() {
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      sy::MutexLock lock(&mu_);
       running_ = false;
-      cv_.notify_all();
+      cv_.SignalAll();
     }
     if (thread_.joinable()) thread_.join();
   }
@@ -66,9 +69,9 @@ class ProgressLine {
   std::string what_;
   std::chrono::steady_clock::time_point start_;
   bool tty_ = false;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool running_ = false;
+  sy::Mutex mu_;
+  sy::CondVar cv_;
+  bool running_ ABSL_GUARDED_BY(mu_) = false;
   std::thread thread_;
 };
 

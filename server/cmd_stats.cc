@@ -87,7 +87,7 @@ int StatsCommand(int argc, char** argv) {
     grpc::Status st = stub->GetPlacement(&ctx, v1::GetPlacementRequest(), &p);
     if (!st.ok()) return fail(st);
     std::fprintf(stderr, "placement epoch %lld, %d ranks x %d slots, measured balancedness %.4f\n",
-                 static_cast<long long>(p.epoch()), p.num_ranks(), p.slots_per_rank(),
+                 static_cast<long long>(p.epoch()), p.world_size(), p.slots_per_rank(),
                  p.rank_balancedness());
     text = p.placement_json();
   } else {

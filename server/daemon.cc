@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/core/mutex.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/server_builder.h"
@@ -93,7 +94,7 @@ void Daemon::SetHealth(bool serving) {
 }
 
 absl::Status Daemon::Load(const std::function<void(const std::string&)>& progress) {
-  std::lock_guard<std::mutex> lock(drain_mu_);
+  sy::MutexLock lock(&drain_mu_);
   if (drained_) return absl::CancelledError("the daemon was drained before the model loaded");
   if (options_.threads > 0) ThreadPool::SetDefaultThreads(options_.threads);
   SY_ASSIGN_OR_RETURN(model_dir_, ResolveModelDir(options_.model, progress));
@@ -150,7 +151,7 @@ absl::Status Daemon::Load(const std::function<void(const std::string&)>& progres
   }
   service_->SetGroupInfo([live = live_.get()] {
     GroupInfo g;
-    g.num_ranks = live->world_size();
+    g.world_size = live->world_size();
     if (auto p = live->placement()) g.placement_epoch = p->epoch();
     return g;
   });
@@ -191,7 +192,7 @@ absl::Status Daemon::Load(const std::function<void(const std::string&)>& progres
 
 void Daemon::Drain() {
   cancel_load_ = true;  // a Load waiting for --min-ranks ranks gives up (it holds drain_mu_)
-  std::lock_guard<std::mutex> lock(drain_mu_);
+  sy::MutexLock lock(&drain_mu_);
   if (drained_) return;
   drained_ = true;
   if (server_ == nullptr) return;

@@ -14,10 +14,10 @@
 #include <atomic>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "kernels/core/mutex.h"
 #include "grpcpp/server.h"
 #include "model/moe_model.h"
 #include "model/tokenizer.h"
@@ -86,8 +86,8 @@ class Daemon {
   std::unique_ptr<scheduler::Engine> engine_;
   std::unique_ptr<AdminService> admin_;
   std::unique_ptr<LivePlacement> live_;  // after engine_: destroyed before it
-  std::mutex drain_mu_;  // Drain waits for a Load in progress, and runs once
-  bool drained_ = false;
+  sy::Mutex drain_mu_;  // Drain waits for a Load in progress, and runs once
+  bool drained_ ABSL_GUARDED_BY(drain_mu_) = false;
   std::atomic<bool> cancel_load_{false};  // Drain during Load: stop waiting for ranks
 };
 

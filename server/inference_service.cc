@@ -5,6 +5,7 @@
 #include <memory>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/core/mutex.h"
 #include "grpcpp/impl/codegen/proto_utils.h"
 #include "kernels/core/logging.h"
 #include "kernels/core/status.h"
@@ -65,7 +66,7 @@ class GenerateStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
   // RequestSink (engine thread).
   void OnTokens(std::span<const int32_t> ids, const std::string& text) override {
     if (!stream_) return;
-    std::lock_guard<std::mutex> lock(mu_);
+    sy::MutexLock lock(&mu_);
     if (finish_called_ || finish_pending_) return;
     // A client that reads slower than we generate gets its chunks merged.
     if (!queue_.empty() && queue_.back().has_chunk()) {
@@ -100,7 +101,7 @@ class GenerateStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
 
   // Reactor (gRPC threads).
   void OnWriteDone(bool ok) override {
-    std::lock_guard<std::mutex> lock(mu_);
+    sy::MutexLock lock(&mu_);
     write_in_flight_ = false;
     if (!ok) {  // the stream broke: the client is gone
       cancelled_ = true;
@@ -114,7 +115,7 @@ class GenerateStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
   }
   void OnCancel() override {
     cancelled_ = true;
-    std::lock_guard<std::mutex> lock(mu_);
+    sy::MutexLock lock(&mu_);
     queue_.clear();
     if (!finish_pending_) {
       finish_pending_ = true;
@@ -130,7 +131,7 @@ class GenerateStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
 
  private:
   void Enqueue(std::unique_ptr<v1::GenerateResponse> last, grpc::Status status) {
-    std::lock_guard<std::mutex> lock(mu_);
+    sy::MutexLock lock(&mu_);
     if (finish_pending_) return;
     if (last) queue_.push_back(std::move(*last));
     finish_pending_ = true;
@@ -166,7 +167,7 @@ class GenerateStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
   std::shared_ptr<std::atomic<int64_t>> active_;
   std::atomic<bool> cancelled_{false};
   std::shared_ptr<GenerateStream> self_;
-  std::mutex mu_;
+  sy::Mutex mu_;
   std::deque<v1::GenerateResponse> queue_ ABSL_GUARDED_BY(mu_);
   grpc::ByteBuffer current_ ABSL_GUARDED_BY(mu_);  // the write in flight
   bool write_in_flight_ ABSL_GUARDED_BY(mu_) = false;
@@ -182,7 +183,7 @@ InferenceService::InferenceService(const InferenceServiceOptions& options,
 void InferenceService::SetReady(scheduler::Engine* engine, const model::Tokenizer* tokenizer,
                                 const v1::ModelInfo& info) {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    sy::MutexLock lock(&mu_);
     model_info_ = info;
   }
   if (tokenizer != nullptr && engine != nullptr)
@@ -277,7 +278,7 @@ grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerCon
   }
   v1::ModelInfo info;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    sy::MutexLock lock(&mu_);
     info = model_info_;
   }
   reactor->Finish(Serialize(info, response));
@@ -285,7 +286,7 @@ grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerCon
 }
 
 void InferenceService::SetGroupInfo(std::function<GroupInfo()> info) {
-  std::lock_guard<std::mutex> lock(group_mu_);
+  sy::MutexLock lock(&group_mu_);
   group_info_ = std::move(info);
 }
 
@@ -308,10 +309,10 @@ v1::ServerInfo InferenceService::CurrentServerInfo() const {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count());
   GroupInfo group;
   {
-    std::lock_guard<std::mutex> lock(group_mu_);
+    sy::MutexLock lock(&group_mu_);
     if (group_info_) group = group_info_();
   }
-  response->set_num_ranks(group.num_ranks);
+  response->set_world_size(group.world_size);
   response->set_placement_epoch(group.placement_epoch);
   response->set_serving(serving());
   if (const scheduler::Engine* e = engine_.load()) {

@@ -21,11 +21,11 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "kernels/core/mutex.h"
 #include "model/tokenizer.h"
 #include "scheduler/engine.h"
 #include "server/metrics.h"
@@ -41,7 +41,7 @@ struct InferenceServiceOptions {
 
 // What GetServerInfo reports of the rank group (ranks in the epoch in force, placement epoch).
 struct GroupInfo {
-  int32_t num_ranks = 1;
+  int32_t world_size = 1;
   int64_t placement_epoch = 0;
 };
 
@@ -105,9 +105,9 @@ class InferenceService final : public InferenceRawService {
   std::shared_ptr<std::atomic<int64_t>> active_streams_ = std::make_shared<std::atomic<int64_t>>(0);
   mutable std::atomic<int64_t> next_request_id_{0};
   std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
-  mutable std::mutex mu_;
+  mutable sy::Mutex mu_;
   switchyard::v1::ModelInfo model_info_ ABSL_GUARDED_BY(mu_);
-  mutable std::mutex group_mu_;
+  mutable sy::Mutex group_mu_;
   std::function<GroupInfo()> group_info_ ABSL_GUARDED_BY(group_mu_);
 };
 

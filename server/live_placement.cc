@@ -4,6 +4,7 @@
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/core/mutex.h"
 #include "kernels/core/dtype.h"
 #include "kernels/core/logging.h"
 #include "kernels/core/status.h"
@@ -51,7 +52,7 @@ absl::StatusOr<ExpertPlacement> Restrict(const ExpertPlacement& full, const Rout
     any_share = any_share || !shares.back().empty();
   }
   if (!any_share) shares.clear();
-  return ExpertPlacement::Create(full.num_ranks(), full.slots_per_rank(), full.num_experts(),
+  return ExpertPlacement::Create(full.world_size(), full.slots_per_rank(), full.num_experts(),
                                  std::move(rows), std::move(shares), full.epoch());
 }
 
@@ -59,7 +60,7 @@ absl::StatusOr<ExpertPlacement> Restrict(const ExpertPlacement& full, const Rout
 absl::StatusOr<ExpertPlacement> Expand(const ExpertPlacement& planned, const ExpertPlacement& current,
                                        const RoutingTrace& t) {
   if (planned.slots_per_rank() != current.slots_per_rank() ||
-      planned.num_ranks() != current.num_ranks())
+      planned.world_size() != current.world_size())
     return absl::InternalError("planned placement has another shape than the current one");
   std::vector<std::vector<int32_t>> rows;
   std::vector<std::vector<float>> shares;
@@ -75,7 +76,7 @@ absl::StatusOr<ExpertPlacement> Expand(const ExpertPlacement& planned, const Exp
   bool any_share = false;
   for (const auto& s : shares) any_share = any_share || !s.empty();
   if (!any_share) shares.clear();
-  return ExpertPlacement::Create(current.num_ranks(), current.slots_per_rank(),
+  return ExpertPlacement::Create(current.world_size(), current.slots_per_rank(),
                                  current.num_experts(), std::move(rows), std::move(shares),
                                  current.epoch());
 }
@@ -176,16 +177,16 @@ void LivePlacement::Start() {
 
 void LivePlacement::Stop() {
   {
-    std::lock_guard<std::mutex> lock(thread_mu_);
+    sy::MutexLock lock(&thread_mu_);
     stopped_ = true;
-    thread_cv_.notify_all();
+    thread_cv_.SignalAll();
   }
   if (thread_.joinable()) thread_.join();
-  std::lock_guard<std::mutex> lock(apply_mu_);  // an apply in flight finishes first
+  sy::MutexLock lock(&apply_mu_);  // an apply in flight finishes first
 }
 
 int LivePlacement::world_size() const {
-  return executor_ != nullptr ? executor_->placement()->num_ranks() : 1;
+  return executor_ != nullptr ? executor_->placement()->world_size() : 1;
 }
 
 std::shared_ptr<const ExpertPlacement> LivePlacement::placement() const {
@@ -221,7 +222,7 @@ double LivePlacement::ExpectedBalancedness(const ExpertPlacement& p, const Routi
   for (int l = 0; l < t.num_layers; ++l) {
     const int ml = ModelLayerOf(t, l);
     if (ml < 0 || ml >= p.num_layers()) continue;
-    std::vector<double> load(p.num_ranks(), 0);
+    std::vector<double> load(p.world_size(), 0);
     for (int slot = 0; slot < p.num_slots(); ++slot) {
       const int32_t e = p.expert_of(ml, slot);
       if (e < 0 || e >= static_cast<int>(t.expert_counts[l].size())) continue;
@@ -238,7 +239,7 @@ double LivePlacement::ExpectedBalancedness(const ExpertPlacement& p, const Routi
 }
 
 absl::StatusOr<v1::ApplyPlacementResponse> LivePlacement::Apply(const ExpertPlacement& p) {
-  std::lock_guard<std::mutex> lock(apply_mu_);
+  sy::MutexLock lock(&apply_mu_);
   return ApplyLocked(p);
 }
 
@@ -265,9 +266,15 @@ absl::StatusOr<v1::ApplyPlacementResponse> LivePlacement::ApplyLocked(const Expe
 }
 
 absl::StatusOr<v1::RebalanceReport> LivePlacement::Rebalance(const v1::RebalanceRequest& req) {
-  std::unique_lock<std::mutex> lock(apply_mu_, std::try_to_lock);
-  if (!lock.owns_lock())
+  if (!apply_mu_.TryLock())
     return absl::FailedPreconditionError("a placement change is already running");
+  absl::StatusOr<v1::RebalanceReport> report = RebalanceLocked(req);
+  apply_mu_.Unlock();
+  return report;
+}
+
+absl::StatusOr<v1::RebalanceReport> LivePlacement::RebalanceLocked(
+    const v1::RebalanceRequest& req) {
   if (stopped_.load()) return absl::UnavailableError("the daemon is draining");
   if (executor_ == nullptr)
     return absl::FailedPreconditionError(
@@ -300,7 +307,7 @@ absl::StatusOr<v1::RebalanceReport> LivePlacement::Rebalance(const v1::Rebalance
   const double expert_bytes = 3.0 * static_cast<double>(c.hidden_size) *
                               static_cast<double>(c.moe_intermediate_size) * 2.0;
   SY_ASSIGN_OR_RETURN(auto problems, parallel::planner::BuildProblems(
-                                         trace, current->num_ranks(), current->slots_per_rank(),
+                                         trace, current->world_size(), current->slots_per_rank(),
                                          &sub, expert_bytes));
   SY_ASSIGN_OR_RETURN(parallel::planner::PlanResult plan, (*planner)->Plan(problems));
   report.set_solve_seconds(plan.wall_seconds);
@@ -341,14 +348,14 @@ absl::StatusOr<v1::RebalanceReport> LivePlacement::Rebalance(const v1::Rebalance
 
 void LivePlacement::Periodic() {
   int64_t last = recorder_->steps_recorded();
-  std::unique_lock<std::mutex> lock(thread_mu_);
+  thread_mu_.Lock();
   while (!stopped_.load()) {
-    thread_cv_.wait_for(lock, std::chrono::milliseconds(20), [&] { return stopped_.load(); });
+    thread_cv_.WaitFor(&thread_mu_, std::chrono::milliseconds(20));
     if (stopped_.load()) break;
     const int64_t steps = recorder_->steps_recorded();
     if (steps - last < options_.rebalance_every) continue;
     last = steps;
-    lock.unlock();
+    thread_mu_.Unlock();
     auto trace = Snapshot(false);
     if (trace.ok() && trace->num_tokens > 0) {
       const double b = ExpectedBalancedness(*placement(), *trace);
@@ -367,8 +374,9 @@ void LivePlacement::Periodic() {
     } else if (!trace.ok()) {
       SY_LOG(WARNING) << "periodic rebalance: load snapshot: " << trace.status();
     }
-    lock.lock();
+    thread_mu_.Lock();
   }
+  thread_mu_.Unlock();
 }
 
 std::vector<std::vector<double>> LivePlacement::RecentLoads() const {

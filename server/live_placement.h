@@ -26,14 +26,13 @@
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 
 #include "absl/status/statusor.h"
+#include "kernels/core/mutex.h"
 #include "model/moe_model.h"
 #include "parallel/expert_load.h"
 #include "parallel/expert_placement.h"
@@ -96,7 +95,10 @@ class LivePlacement {
 
  private:
   struct Metrics;
-  absl::StatusOr<switchyard::v1::ApplyPlacementResponse> ApplyLocked(const parallel::ExpertPlacement& p);
+  absl::StatusOr<switchyard::v1::ApplyPlacementResponse> ApplyLocked(
+      const parallel::ExpertPlacement& p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(apply_mu_);
+  absl::StatusOr<switchyard::v1::RebalanceReport> RebalanceLocked(
+      const switchyard::v1::RebalanceRequest& r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(apply_mu_);
   void Periodic();
 
   model::MoeModel* model_;
@@ -105,11 +107,11 @@ class LivePlacement {
   std::unique_ptr<parallel::ExpertLoadRecorder> recorder_;
   std::shared_ptr<const parallel::ExpertPlacement> single_rank_placement_;
   std::shared_ptr<Metrics> metrics_;
-  std::mutex apply_mu_;  // one apply / rebalance at a time
+  sy::Mutex apply_mu_;  // one apply / rebalance at a time
   std::atomic<bool> stopped_{false};
   std::atomic<int64_t> rebalances_{0};
-  std::mutex thread_mu_;
-  std::condition_variable thread_cv_;
+  sy::Mutex thread_mu_;
+  sy::CondVar thread_cv_;
   std::thread thread_;
 };
 

@@ -8,6 +8,7 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "kernels/core/mutex.h"
 #include "server/flags.h"
 
 namespace sy::server {
@@ -102,7 +103,7 @@ bool AuthLimiter::IsLoopback(const std::string& peer) {
 
 absl::Status AuthLimiter::Admit(const std::string& peer) {
   const std::string a = AddressOf(peer);
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   auto it = peers_.find(a);
   if (it == peers_.end()) return absl::OkStatus();
   const auto now = std::chrono::steady_clock::now();
@@ -119,7 +120,7 @@ absl::Status AuthLimiter::Admit(const std::string& peer) {
 
 void AuthLimiter::Failed(const std::string& peer) {
   const std::string a = AddressOf(peer);
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   ++total_;
   if (on_failure_) on_failure_();
   Peer& p = peers_[a];
@@ -134,7 +135,7 @@ void AuthLimiter::Failed(const std::string& peer) {
 }
 
 int64_t AuthLimiter::failures() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  sy::MutexLock lock(&mu_);
   return total_;
 }
 

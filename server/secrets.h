@@ -11,13 +11,13 @@
 #include <cstdint>
 #include <functional>
 #include <map>
-#include <mutex>
 #include <string>
 #include "absl/strings/string_view.h"
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "kernels/core/mutex.h"
 
 namespace sy::server {
 
@@ -61,7 +61,7 @@ class AuthLimiter {
   int64_t failures() const;  // since start, every peer
   // Called on every Failed, under the limiter's lock (e.g. a metric's counter).
   void set_on_failure(std::function<void()> f) {
-    std::lock_guard<std::mutex> lock(mu_);
+    sy::MutexLock lock(&mu_);
     on_failure_ = std::move(f);
   }
 
@@ -76,7 +76,7 @@ class AuthLimiter {
   };
   const int max_failures_;
   const std::chrono::milliseconds window_;
-  mutable std::mutex mu_;
+  mutable sy::Mutex mu_;
   std::map<std::string, Peer> peers_ ABSL_GUARDED_BY(mu_);
   int64_t total_ ABSL_GUARDED_BY(mu_) = 0;
   std::function<void()> on_failure_ ABSL_GUARDED_BY(mu_);

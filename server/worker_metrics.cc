@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/core/mutex.h"
 #include "prometheus/collectable.h"
 #include "prometheus/metric_family.h"
 #include "kernels/core/status.h"
@@ -35,7 +36,7 @@ prometheus::MetricFamily Family(const std::string& name, const std::string& help
 class WorkerMetrics::Collector : public prometheus::Collectable {
  public:
   void Set(const scheduler::RankRunner* runner, int32_t id) {
-    std::lock_guard<std::mutex> lock(mu_);
+    sy::MutexLock lock(&mu_);
     runner_ = runner;
     if (runner != nullptr) id_ = id;
   }
@@ -45,7 +46,7 @@ class WorkerMetrics::Collector : public prometheus::Collectable {
     int32_t id = -1;
     bool running = false;
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      sy::MutexLock lock(&mu_);
       if (runner_ != nullptr) {
         s = runner_->stats();
         running = true;
@@ -115,9 +116,9 @@ class WorkerMetrics::Collector : public prometheus::Collectable {
   }
 
  private:
-  mutable std::mutex mu_;
-  const scheduler::RankRunner* runner_ = nullptr;
-  int32_t id_ = -1;
+  mutable sy::Mutex mu_;
+  const scheduler::RankRunner* runner_ ABSL_GUARDED_BY(mu_) = nullptr;
+  int32_t id_ ABSL_GUARDED_BY(mu_) = -1;
 };
 
 absl::StatusOr<std::unique_ptr<WorkerMetrics>> WorkerMetrics::Start(const std::string& host, int port) {

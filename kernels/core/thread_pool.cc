@@ -41,10 +41,10 @@ ThreadPool::ThreadPool(int num_threads) : num_threads_(std::max(1, num_threads))
 
 ThreadPool::~ThreadPool() {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    sy::MutexLock lock(&mu_);
     stop_.store(true);
   }
-  cv_work_.notify_all();
+  cv_work_.SignalAll();
   for (auto& t : workers_) t.join();
 }
 
@@ -62,8 +62,8 @@ void ThreadPool::RunRanges(uint32_t generation) {
     if (!claim_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel)) continue;
     (*fn)(index * chunk, std::min(n, (index + 1) * chunk));
     if (done_ranges_.fetch_add(1, std::memory_order_acq_rel) + 1 == ranges) {
-      std::lock_guard<std::mutex> lock(mu_);  // pairs with the caller's predicate check
-      cv_done_.notify_one();
+      sy::MutexLock lock(&mu_);  // pairs with the caller's predicate check
+      cv_done_.Signal();
     }
   }
 }
@@ -77,8 +77,8 @@ void ThreadPool::WorkerLoop() {
              generation_.load(std::memory_order_acquire) != seen;
     };
     if (!SpinFor(ready)) {
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_work_.wait(lock, ready);
+      sy::MutexLock lock(&mu_);
+      while (!ready()) cv_work_.Wait(&mu_);
     }
     if (stop_.load(std::memory_order_acquire)) return;
     seen = generation_.load(std::memory_order_acquire);
@@ -96,12 +96,12 @@ void ThreadPool::ParallelFor(int64_t n, int64_t min_grain,
     fn(0, n);
     return;
   }
-  std::lock_guard<std::mutex> run_lock(run_mu_);
+  sy::MutexLock run_lock(&run_mu_);
   const int64_t chunk = (n + ranges - 1) / ranges;
   ranges = (n + chunk - 1) / chunk;
   uint32_t generation;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    sy::MutexLock lock(&mu_);
     fn_.store(&fn, std::memory_order_relaxed);
     n_.store(n, std::memory_order_relaxed);
     chunk_.store(chunk, std::memory_order_relaxed);
@@ -111,14 +111,14 @@ void ThreadPool::ParallelFor(int64_t n, int64_t min_grain,
     claim_.store(static_cast<uint64_t>(generation) << 32, std::memory_order_release);
     generation_.store(generation, std::memory_order_release);
   }
-  cv_work_.notify_all();
+  cv_work_.SignalAll();
   tls_in_worker = true;
   RunRanges(generation);
   tls_in_worker = false;
   auto done = [&] { return done_ranges_.load(std::memory_order_acquire) == ranges; };
   if (!SpinFor(done)) {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_done_.wait(lock, done);
+    sy::MutexLock lock(&mu_);
+    while (!done()) cv_done_.Wait(&mu_);
   }
 }
 

@@ -18,12 +18,12 @@
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <functional>
-#include <mutex>
 #include <thread>
 #include <vector>
+
+#include "kernels/core/mutex.h"
 
 namespace sy {
 
@@ -57,10 +57,12 @@ class ThreadPool {
 
   int num_threads_;
   std::vector<std::thread> workers_;
-  std::mutex run_mu_;  // serialises ParallelFor callers
-  std::mutex mu_;      // for the condition variables only
-  std::condition_variable cv_work_;
-  std::condition_variable cv_done_;
+  // Neither mutex guards data: run_mu_ serialises ParallelFor callers, mu_ pairs the
+  // condition variables with the atomics below (which carry the region).
+  Mutex run_mu_;
+  Mutex mu_;
+  CondVar cv_work_;
+  CondVar cv_done_;
   // The current region. Written by the caller before it publishes `claim_`; atomics because
   // a late worker may read them while the next region is being set up (it then fails to
   // claim and drops what it read).

@@ -17,7 +17,7 @@ CreditBound::~CreditBound() = default;
 
 std::unique_ptr<CreditBound> CreditBound::Build(const PlacementProblem& p, int num_pairs,
                                                 int max_columns) {
-  const int E = p.num_experts, S = p.slots_per_rank, R = p.num_ranks;
+  const int E = p.num_experts, S = p.slots_per_rank, R = p.world_size;
   if (num_pairs <= 0 || S < 2) return nullptr;
   // The graph of credited pairs; pair_id[e * E + f]: its index among the distinct pairs.
   std::vector<int> pair_id(static_cast<size_t>(E) * E, -1);

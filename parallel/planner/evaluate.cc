@@ -18,7 +18,7 @@ absl::StatusOr<PolicyReport> EvaluatePolicy(const std::string& policy,
   }
   SY_ASSIGN_OR_RETURN(auto planner, CreatePlanner(policy, setup.options));
   SY_ASSIGN_OR_RETURN(auto problems,
-                      BuildProblems(plan_trace, setup.num_ranks, setup.slots_per_rank,
+                      BuildProblems(plan_trace, setup.world_size, setup.slots_per_rank,
                                     setup.current, setup.expert_bytes,
                                     setup.scenario_windows));
   PolicyReport report;
@@ -32,7 +32,7 @@ absl::StatusOr<PolicyReport> EvaluatePolicy(const std::string& policy,
   } else {
     report.moved = CountMoves(ExpertPlacement::Contiguous(plan_trace.num_layers,
                                                           plan_trace.num_experts,
-                                                          setup.num_ranks),
+                                                          setup.world_size),
                               report.plan.placement, setup.expert_bytes);
   }
   return report;

@@ -18,7 +18,7 @@
 namespace sy::parallel::planner {
 
 struct EvalSetup {
-  int num_ranks = 0;
+  int world_size = 0;
   int slots_per_rank = 0;
   const ExpertPlacement* current = nullptr;  // priced by the ILP; moves counted against it
   double expert_bytes = 0;                   // bytes of one expert's weights

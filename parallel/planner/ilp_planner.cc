@@ -89,7 +89,7 @@ std::vector<double> ScenarioWeights(const PlacementProblem& p, const PlannerOpti
 // Lower bound on M from replica counts alone (see the header comment), for one scenario's
 // loads.
 double ReplicaLowerBound(const PlacementProblem& p, const std::vector<double>& loads) {
-  const int E = p.num_experts, R = p.num_ranks;
+  const int E = p.num_experts, R = p.world_size;
   std::vector<int> c(E, 1);
   int spare = p.num_slots() - E;
   double total = 0;
@@ -142,7 +142,7 @@ std::vector<int32_t> SwapLocalSearch(const PlacementProblem& p, std::vector<int3
                                      const PlannerOptions& o, const std::vector<double>& cap,
                                      int num_pairs,
                                      std::chrono::steady_clock::time_point deadline) {
-  const int E = p.num_experts, R = p.num_ranks, S = p.slots_per_rank, W = p.num_scenarios();
+  const int E = p.num_experts, R = p.world_size, S = p.slots_per_rank, W = p.num_scenarios();
   const std::vector<double> sw = ScenarioWeights(p, o);
   std::vector<int> count(E, 0);
   for (int32_t e : p2l) {
@@ -258,7 +258,7 @@ std::vector<int32_t> SwapLocalSearch(const PlacementProblem& p, std::vector<int3
 std::vector<float> OptimalShares(const PlacementProblem& p, const std::vector<int32_t>& p2l,
                                  const std::vector<double>& cap, const PlannerOptions& o) {
   const std::vector<double> sw = ScenarioWeights(p, o);
-  const int E = p.num_experts, R = p.num_ranks, S = p.slots_per_rank, n = R * S,
+  const int E = p.num_experts, R = p.world_size, S = p.slots_per_rank, n = R * S,
             W = p.num_scenarios();
   std::vector<std::vector<int>> slots_of(E);
   for (int s = 0; s < n; ++s) {
@@ -341,7 +341,7 @@ absl::StatusOr<LayerPlan> IlpPlanner::PlanLayer(const PlacementProblem& p) const
   const double cpu_start = ThreadCpuSeconds();
   auto st = p.Validate();
   if (!st.ok()) return st;
-  const int E = p.num_experts, R = p.num_ranks, S = p.slots_per_rank;
+  const int E = p.num_experts, R = p.world_size, S = p.slots_per_rank;
   const double k = p.top_k;
 
   const int W = p.num_scenarios();

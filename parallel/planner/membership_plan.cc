@@ -127,7 +127,7 @@ absl::StatusOr<ExpertPlacement> PlanMembership(const ExpertPlacement& current,
   const int E = current.num_experts(), L = current.num_layers();
   if (R < 1) return absl::InvalidArgumentError("membership plan: no rank");
   for (int o : old_rank_of_new)
-    if (o < -1 || o >= current.num_ranks())
+    if (o < -1 || o >= current.world_size())
       return absl::InvalidArgumentError(absl::StrCat("membership plan: bad old rank ", o));
   if (!loads.empty() && static_cast<int>(loads.size()) != L)
     return absl::InvalidArgumentError("membership plan: loads for another layer count");
@@ -172,7 +172,7 @@ absl::StatusOr<ExpertPlacement> PlanMembership(const ExpertPlacement& current,
   for (int l = 0; l < L; ++l) {
     PlacementProblem& p = problems[l];
     p.layer = l;
-    p.num_ranks = R;
+    p.world_size = R;
     p.slots_per_rank = S;
     p.num_experts = E;
     p.top_k = std::max(1, options.top_k);

@@ -15,13 +15,13 @@ bool PlacementProblem::CurrentlyOn(int e, int r) const {
 }
 
 absl::Status PlacementProblem::Validate() const {
-  if (num_ranks <= 0 || slots_per_rank <= 0 || num_experts <= 0 || top_k <= 0) {
+  if (world_size <= 0 || slots_per_rank <= 0 || num_experts <= 0 || top_k <= 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "placement problem: ranks, slots per rank, experts and top_k must be positive"));
   }
   if (num_slots() < num_experts) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "placement problem: ", num_ranks, " ranks x ", slots_per_rank, " slots = ",
+        "placement problem: ", world_size, " ranks x ", slots_per_rank, " slots = ",
         num_slots(), " slots cannot hold ", num_experts, " experts"));
   }
   if (static_cast<int>(loads.size()) != num_experts ||
@@ -52,7 +52,7 @@ absl::Status PlacementProblem::Validate() const {
 }
 
 absl::StatusOr<std::vector<PlacementProblem>> BuildProblems(
-    const RoutingTrace& trace, int num_ranks, int slots_per_rank, const ExpertPlacement* current,
+    const RoutingTrace& trace, int world_size, int slots_per_rank, const ExpertPlacement* current,
     double expert_bytes, int scenario_windows) {
   if (current != nullptr && (current->num_experts() != trace.num_experts ||
                              current->num_layers() != trace.num_layers)) {
@@ -65,7 +65,7 @@ absl::StatusOr<std::vector<PlacementProblem>> BuildProblems(
     LayerStats st = ComputeLayerStats(trace, l);
     PlacementProblem& p = out[l];
     p.layer = l;
-    p.num_ranks = num_ranks;
+    p.world_size = world_size;
     p.slots_per_rank = slots_per_rank;
     p.num_experts = trace.num_experts;
     p.top_k = trace.top_k;

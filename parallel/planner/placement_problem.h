@@ -19,7 +19,7 @@ namespace sy::parallel::planner {
 
 struct PlacementProblem {
   int layer = 0;
-  int num_ranks = 0;
+  int world_size = 0;
   int slots_per_rank = 0;
   int num_experts = 0;
   int top_k = 1;
@@ -31,13 +31,13 @@ struct PlacementProblem {
   // planner.h), so a plan is judged by how it copes with the load moving, not only by its fit
   // to the mean.
   std::vector<std::vector<double>> scenario_loads;
-  // Current placement of this layer: physical_to_logical over current_num_ranks *
+  // Current placement of this layer: physical_to_logical over current_world_size *
   // current_slots_per_rank slots (the rank count may differ: scale-up/down). Empty: none.
   std::vector<int32_t> current;
   int current_slots_per_rank = 0;
   std::vector<double> expert_bytes;   // [E]
 
-  int num_slots() const { return num_ranks * slots_per_rank; }
+  int num_slots() const { return world_size * slots_per_rank; }
   // Scenario 0 is the mean (`loads`), 1..W the windows.
   int num_scenarios() const { return 1 + static_cast<int>(scenario_loads.size()); }
   const std::vector<double>& scenario(int w) const {
@@ -58,7 +58,7 @@ inline constexpr int kDefaultScenarioWindows = 8;
 // scenario_windows: with token paths, the loads of that many consecutive token windows
 // become the problem's scenarios (WindowLoads; 0 or 1: none).
 absl::StatusOr<std::vector<PlacementProblem>> BuildProblems(
-    const RoutingTrace& trace, int num_ranks, int slots_per_rank, const ExpertPlacement* current,
+    const RoutingTrace& trace, int world_size, int slots_per_rank, const ExpertPlacement* current,
     double expert_bytes, int scenario_windows = kDefaultScenarioWindows);
 
 }  // namespace sy::parallel::planner

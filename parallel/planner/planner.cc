@@ -19,7 +19,7 @@ ObjectiveTerms EvaluateObjective(const PlacementProblem& problem,
                                  const std::vector<int32_t>& physical_to_logical,
                                  const std::vector<float>& slot_share,
                                  const PlannerOptions& options) {
-  const int R = problem.num_ranks, S = problem.slots_per_rank, E = problem.num_experts;
+  const int R = problem.world_size, S = problem.slots_per_rank, E = problem.num_experts;
   std::vector<int> replicas(E, 0);
   for (int32_t e : physical_to_logical) {
     if (e >= 0) ++replicas[e];
@@ -132,7 +132,7 @@ absl::StatusOr<PlanResult> Planner::Plan(const std::vector<PlacementProblem>& pr
   }
   if (!any_share) shares.clear();
   const auto& p0 = problems[0];
-  auto placement = ExpertPlacement::Create(p0.num_ranks, p0.slots_per_rank, p0.num_experts,
+  auto placement = ExpertPlacement::Create(p0.world_size, p0.slots_per_rank, p0.num_experts,
                                            std::move(p2l), std::move(shares));
   if (!placement.ok()) {
     return absl::InternalError(absl::StrCat(name(), " planner produced an invalid placement: ",

@@ -8,7 +8,7 @@
 namespace sy::parallel::planner {
 
 LayerScore ScoreLayer(const ExpertPlacement& placement, int layer, const LayerStats& stats) {
-  const int R = placement.num_ranks(), E = placement.num_experts();
+  const int R = placement.world_size(), E = placement.num_experts();
   // rank_share[e][r]: the share of e's tokens served on rank r.
   std::vector<std::vector<std::pair<int, double>>> rank_share(E);
   std::vector<double> rank_load(R, 0.0);
@@ -100,9 +100,9 @@ MoveCount CountMoves(const ExpertPlacement& from, const ExpertPlacement& to,
   SY_CHECK_EQ(from.num_layers(), to.num_layers());
   MoveCount m;
   for (int l = 0; l < to.num_layers(); ++l) {
-    for (int r = 0; r < to.num_ranks(); ++r) {
+    for (int r = 0; r < to.world_size(); ++r) {
       std::vector<int32_t> had, has;
-      if (r < from.num_ranks()) {
+      if (r < from.world_size()) {
         for (int s = r * from.slots_per_rank(); s < (r + 1) * from.slots_per_rank(); ++s) {
           if (from.expert_of(l, s) >= 0) had.push_back(from.expert_of(l, s));
         }

@@ -29,7 +29,7 @@ class ContiguousPlanner : public Planner {
     const auto start = std::chrono::steady_clock::now();
     auto s = p.Validate();
     if (!s.ok()) return s;
-    const int per_rank = (p.num_experts + p.num_ranks - 1) / p.num_ranks;
+    const int per_rank = (p.num_experts + p.world_size - 1) / p.world_size;
     std::vector<int32_t> p2l(p.num_slots(), -1);
     for (int e = 0; e < p.num_experts; ++e) {
       p2l[(e / per_rank) * p.slots_per_rank + e % per_rank] = e;
@@ -52,7 +52,7 @@ class RoundRobinPlanner : public Planner {
     if (!s.ok()) return s;
     std::vector<int32_t> p2l(p.num_slots(), -1);
     for (int e = 0; e < p.num_experts; ++e) {
-      p2l[(e % p.num_ranks) * p.slots_per_rank + e / p.num_ranks] = e;
+      p2l[(e % p.world_size) * p.slots_per_rank + e / p.world_size] = e;
     }
     return Finish(p, std::move(p2l), options_, start);
   }
@@ -69,13 +69,13 @@ class GreedyPlanner : public Planner {
     const auto start = std::chrono::steady_clock::now();
     auto s = p.Validate();
     if (!s.ok()) return s;
-    if (options_.num_nodes > 1 && p.num_ranks % options_.num_nodes != 0) {
+    if (options_.num_nodes > 1 && p.world_size % options_.num_nodes != 0) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "greedy: ", p.num_ranks, " ranks do not split into ", options_.num_nodes, " nodes"));
+          "greedy: ", p.world_size, " ranks do not split into ", options_.num_nodes, " nodes"));
     }
     std::vector<int32_t> p2l =
         RebalanceExperts(p.loads, p.num_slots(), options_.num_groups, options_.num_nodes,
-                         p.num_ranks, options_.distinct_ranks);
+                         p.world_size, options_.distinct_ranks);
     return Finish(p, std::move(p2l), options_, start);
   }
 

@@ -16,7 +16,7 @@ namespace {
 PlacementProblem RandomLayer(std::mt19937& rng, int E, int R, int S) {
   PlacementProblem p;
   p.num_experts = E;
-  p.num_ranks = R;
+  p.world_size = R;
   p.slots_per_rank = S;
   p.top_k = 2;
   std::exponential_distribution<double> ex(1.0);
@@ -40,7 +40,7 @@ double Credit(const PlacementProblem& p, const std::vector<int32_t>& p2l) {
   double credit = 0;
   for (const auto& pr : p.pairs) {
     bool together = false;
-    for (int r = 0; r < p.num_ranks && !together; ++r) {
+    for (int r = 0; r < p.world_size && !together; ++r) {
       bool has_e = false, has_f = false;
       for (int s = r * S; s < (r + 1) * S; ++s) {
         has_e = has_e || p2l[s] == pr.e;
@@ -164,7 +164,7 @@ TEST(CreditBoundTest, ExactOnDisjointCliques) {
   // 8 experts in two cliques of 4 (ranks of 4 slots): the best placement credits every pair.
   PlacementProblem p;
   p.num_experts = 8;
-  p.num_ranks = 2;
+  p.world_size = 2;
   p.slots_per_rank = 4;
   p.top_k = 2;
   p.loads.assign(8, 0.25);

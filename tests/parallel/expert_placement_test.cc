@@ -79,7 +79,7 @@ TEST(ExpertPlacementTest, RoundTripsThroughJsonWithSharesAndEpoch) {
 }
 
 TEST(ExpertPlacementTest, ReadsTheDocumentedJsonFormWithLayersOutOfOrder) {
-  auto p = ExpertPlacement::FromJson(R"({"num_ranks": 2, "slots_per_rank": 1, "num_experts": 2,
+  auto p = ExpertPlacement::FromJson(R"({"world_size": 2, "slots_per_rank": 1, "num_experts": 2,
       "layers": [{"layer": 1, "physical_to_logical": [1, 0]},
                  {"layer": 0, "physical_to_logical": [0, 1]}]})");
   ASSERT_TRUE(p.ok()) << p.status();
@@ -87,8 +87,16 @@ TEST(ExpertPlacementTest, ReadsTheDocumentedJsonFormWithLayersOutOfOrder) {
   EXPECT_EQ(p->expert_of(1, 0), 1);
 }
 
+TEST(ExpertPlacementTest, ReadsFilesThatNameTheRankCountNumRanks) {
+  auto p = ExpertPlacement::FromJson(R"({"num_ranks": 2, "slots_per_rank": 1, "num_experts": 2,
+      "layers": [{"layer": 0, "physical_to_logical": [1, 0]}]})");
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_EQ(p->world_size(), 2);
+  EXPECT_EQ(p->expert_of(0, 0), 1);
+}
+
 TEST(ExpertPlacementTest, FromJsonNamesTheMissingField) {
-  auto p = ExpertPlacement::FromJson(R"({"num_ranks": 2, "num_experts": 2, "layers": []})");
+  auto p = ExpertPlacement::FromJson(R"({"world_size": 2, "num_experts": 2, "layers": []})");
   EXPECT_EQ(p.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(p.status().message().find("slots_per_rank"), std::string::npos);
   EXPECT_FALSE(ExpertPlacement::FromJson("not json").ok());

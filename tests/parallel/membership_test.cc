@@ -137,7 +137,9 @@ TEST(MembershipTest, AfterABrokenEpochTheSilentRanksAreDeadAndFencedForGood) {
   EXPECT_EQ(snap.epoch, 3);
   EXPECT_FALSE(snap.reforming);
   for (const RankInfo& r : snap.ranks)
-    if (r.id == ids[2]) EXPECT_EQ(r.state, RankState::kDead);
+    if (r.id == ids[2]) {
+      EXPECT_EQ(r.state, RankState::kDead);
+    }
 }
 
 TEST(MembershipTest, ARefusedJoinEndsTheJoinersWait) {
@@ -156,7 +158,7 @@ TEST(MembershipTest, ARefusedJoinEndsTheJoinersWait) {
 int Moved(const ExpertPlacement& from, const std::vector<int>& old_rank_of_new,
           const ExpertPlacement& to) {
   int gained = 0;
-  for (int j = 0; j < to.num_ranks(); ++j) {
+  for (int j = 0; j < to.world_size(); ++j) {
     const auto mine = ExpertsOfRank(to, j);
     std::vector<std::vector<int32_t>> had(to.num_layers());
     if (old_rank_of_new[j] >= 0) had = ExpertsOfRank(from, old_rank_of_new[j]);
@@ -175,7 +177,7 @@ TEST_P(PlanMembershipTest, AJoinerGetsAShareAndFewExpertsMove) {
   const std::vector<int> map = {0, 1, -1};
   auto next = planner::PlanMembership(cur, map, {}, o);
   ASSERT_TRUE(next.ok()) << next.status();
-  EXPECT_EQ(next->num_ranks(), 3);
+  EXPECT_EQ(next->world_size(), 3);
   EXPECT_EQ(next->slots_per_rank(), 3);
   for (int l = 0; l < 3; ++l) EXPECT_FALSE(ExpertsOfRank(*next, 2)[l].empty()) << "layer " << l;
   // The joiner needs at least 2 experts per layer for a fair share; nothing else should move.
@@ -189,7 +191,7 @@ TEST_P(PlanMembershipTest, ExpertsOfALostRankFindAHomeAndStayingRanksKeepTheirs)
   const std::vector<int> map = {0, 1, 3};  // rank 2 died
   auto next = planner::PlanMembership(cur, map, {}, o);
   ASSERT_TRUE(next.ok()) << next.status();
-  EXPECT_EQ(next->num_ranks(), 3);
+  EXPECT_EQ(next->world_size(), 3);
   for (int l = 0; l < 2; ++l) {
     for (int e = 0; e < 8; ++e) EXPECT_FALSE(next->replicas_of(l, e).empty()) << l << "/" << e;
     // Staying ranks keep what they had.
@@ -197,7 +199,9 @@ TEST_P(PlanMembershipTest, ExpertsOfALostRankFindAHomeAndStayingRanksKeepTheirs)
       const auto had = ExpertsOfRank(cur, map[j])[l];
       const auto mine = ExpertsOfRank(*next, j)[l];
       for (int32_t e : had) {
-        if (GetParam() == "repair") EXPECT_NE(std::find(mine.begin(), mine.end(), e), mine.end());
+        if (GetParam() == "repair") {
+          EXPECT_NE(std::find(mine.begin(), mine.end(), e), mine.end());
+        }
       }
     }
   }

@@ -17,7 +17,7 @@ namespace {
 PlacementProblem RandomProblem(std::mt19937& rng, int E, int R, int S, int k) {
   PlacementProblem p;
   p.num_experts = E;
-  p.num_ranks = R;
+  p.world_size = R;
   p.slots_per_rank = S;
   p.top_k = k;
   std::exponential_distribution<double> ex(1.0);
@@ -86,7 +86,7 @@ TEST(PlannerTest, FactoryRejectsAnUnknownPolicy) {
 TEST(PlannerTest, GreedyUsesExtraSlotsForReplicasOfTheHottestExpert) {
   PlacementProblem p;
   p.num_experts = 4;
-  p.num_ranks = 2;
+  p.world_size = 2;
   p.slots_per_rank = 3;
   p.top_k = 1;
   p.loads = {0.7, 0.1, 0.1, 0.1};
@@ -133,7 +133,7 @@ void AddScenarios(std::mt19937& rng, PlacementProblem* p, int W) {
 TEST(PlannerTest, ObjectiveAveragesTheStragglerLoadOverTheScenarios) {
   PlacementProblem p;
   p.num_experts = 4;
-  p.num_ranks = 2;
+  p.world_size = 2;
   p.slots_per_rank = 2;
   p.top_k = 1;
   p.loads = {0.25, 0.25, 0.25, 0.25};
@@ -182,7 +182,7 @@ TEST(PlannerTest, IlpProvesTheOptimumOfA64By16LayerWhoseHottestExpertSetsThePace
   // cut proves it exactly (without the cut CBC proves it only to within its allowable gap).
   PlacementProblem p;
   p.num_experts = 64;
-  p.num_ranks = 16;
+  p.world_size = 16;
   p.slots_per_rank = 4;
   p.top_k = 1;
   std::mt19937 rng(12);
@@ -207,7 +207,7 @@ TEST(PlannerTest, NoSpareSlotBoundCountsSeveralHotExperts) {
   // between them, at least 0.35 on one.
   PlacementProblem p;
   p.num_experts = 8;
-  p.num_ranks = 4;
+  p.world_size = 4;
   p.slots_per_rank = 2;
   p.top_k = 1;
   p.loads = {0.30, 0.29, 0.01, 0.1, 0.1, 0.1, 0.1, 0.1};
@@ -317,7 +317,9 @@ TEST(PlannerTest, IlpBoundIsAtMostTheBruteForceOptimumWithDenseCoActivation) {
       EXPECT_LE(ilp->best_bound, best + 1e-9)
           << "E=" << E << " average=" << average << " capped=" << capped;
       EXPECT_LE(ilp->best_bound, ilp->objective + 1e-9);
-      if (R * S == E) EXPECT_GE(ilp->objective, best - 1e-9);
+      if (R * S == E) {
+        EXPECT_GE(ilp->objective, best - 1e-9);
+      }
     }
   }
 }
@@ -343,7 +345,7 @@ TEST(PlannerTest, IlpMovesNothingWhenTheCurrentPlacementIsAlreadyBest) {
 TEST(PlannerTest, MigrationTermCountsExpertsARankGains) {
   PlacementProblem p;
   p.num_experts = 4;
-  p.num_ranks = 2;
+  p.world_size = 2;
   p.slots_per_rank = 2;
   p.loads = {0.25, 0.25, 0.25, 0.25};
   p.expert_bytes = {1, 1, 1, 3};  // mean 1.5

@@ -78,7 +78,7 @@ TEST(ScoringTest, ALocalReplicaServesTheTokenAtHome) {
 // Plain reference: enumerate every home rank and every replica choice of every remote
 // expert (drawn by share), and average the number of distinct remote ranks.
 double ReferenceTraffic(const ExpertPlacement& p, const std::vector<std::vector<int32_t>>& paths) {
-  const int R = p.num_ranks();
+  const int R = p.world_size();
   double total = 0;
   for (const auto& path : paths) {
     double token = 0;
@@ -149,7 +149,7 @@ TEST(ScoringTest, ObjectiveTrafficIsTheScoredTrafficForTopTwo) {
     }
     const LayerStats stats = Stats(paths, E);
     PlacementProblem problem;
-    problem.num_ranks = R;
+    problem.world_size = R;
     problem.slots_per_rank = S;
     problem.num_experts = E;
     problem.top_k = k;

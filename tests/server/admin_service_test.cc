@@ -223,7 +223,7 @@ TEST(AdminAuthTest, AdminNeedsTheBearerTokenWhenOneIsSet) {
   Deadline(&ctx, "s3cret");
   v1::Placement p;
   ASSERT_TRUE(admin->GetPlacement(&ctx, v1::GetPlacementRequest(), &p).ok());
-  EXPECT_EQ(p.num_ranks(), 2);
+  EXPECT_EQ(p.world_size(), 2);
   EXPECT_EQ(p.epoch(), 0);  // thread ranks: the first epoch's placement
   std::string addr = absl::StrCat("--addr=127.0.0.1:", d->port());
   char* argv[] = {addr.data()};
@@ -280,7 +280,7 @@ TEST(AdminSingleRankTest, ApplyPlacementOnOneRankIsAFailedPrecondition) {
     Deadline(&ctx);
     ASSERT_TRUE(admin->GetPlacement(&ctx, v1::GetPlacementRequest(), &p).ok());
   }
-  EXPECT_EQ(p.num_ranks(), 1);
+  EXPECT_EQ(p.world_size(), 1);
   grpc::ClientContext ctx;
   Deadline(&ctx);
   v1::ApplyPlacementRequest req;

@@ -503,7 +503,7 @@ TEST_F(InferenceServiceTest, ModelAndServerInfoDescribeTheDaemon) {
   EXPECT_EQ(info.context_length(), std::min<int64_t>(4096, GetServerInfo(*stub_).kv_blocks_total() * 16));
   v1::ServerInfo s = GetServerInfo(*stub_);
   EXPECT_TRUE(s.serving());
-  EXPECT_EQ(s.num_ranks(), 1);
+  EXPECT_EQ(s.world_size(), 1);
   EXPECT_EQ(s.kv_blocks_free(), s.kv_blocks_total());
 }
 
