@@ -243,7 +243,7 @@ class DistributedStepExecutor : public StepExecutor {
   absl::Status job_status_ ABSL_GUARDED_BY(mu_);
   std::vector<int32_t>* job_tokens_ = nullptr;
   std::deque<std::function<void(bool run)>> controls_ ABSL_GUARDED_BY(mu_);
-  sy::Mutex switch_mu_;  // one SwitchPlacement at a time
+  sy::Mutex switch_mu_;  // guards no data: one SwitchPlacement at a time
   std::atomic<bool> switching_placement_{false};
   std::atomic<bool> pending_epoch_{false};
 

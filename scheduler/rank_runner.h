@@ -140,6 +140,7 @@ class RankRunner {
   std::atomic<bool> stop_{false};
   std::atomic<bool> fenced_{false};
   std::atomic<bool> leader_gone_{false};
+  // Guards no data: pairs hb_cv_ with stop_ (an atomic), so Stop wakes the heartbeat thread.
   sy::Mutex hb_mu_;
   sy::CondVar hb_cv_;
   std::thread heartbeat_;

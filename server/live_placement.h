@@ -107,10 +107,10 @@ class LivePlacement {
   std::unique_ptr<parallel::ExpertLoadRecorder> recorder_;
   std::shared_ptr<const parallel::ExpertPlacement> single_rank_placement_;
   std::shared_ptr<Metrics> metrics_;
-  sy::Mutex apply_mu_;  // one apply / rebalance at a time
+  sy::Mutex apply_mu_;  // guards no data: one apply / rebalance at a time
   std::atomic<bool> stopped_{false};
   std::atomic<int64_t> rebalances_{0};
-  sy::Mutex thread_mu_;
+  sy::Mutex thread_mu_;  // guards no data: pairs thread_cv_ with stopped_ (an atomic)
   sy::CondVar thread_cv_;
   std::thread thread_;
 };
