@@ -347,12 +347,18 @@ bool RunProcesses(const Config& cfg, bool tcp) {
   return ok;
 }
 
+// SY_REQUIRE_GPU=1 (the GPU host's check): a skipped nccl row is a failure.
+bool GpuRequired() {
+  const char* v = std::getenv("SY_REQUIRE_GPU");
+  return v != nullptr && std::string(v) == "1";
+}
+
 bool RunNccl(Config cfg) {
 #ifdef SY_HAVE_CUDA
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::printf("# nccl: no CUDA device, skipped\n");
-    return true;
+    std::printf("# nccl: no CUDA device, %s\n", GpuRequired() ? "FAILED (SY_REQUIRE_GPU=1)" : "skipped");
+    return !GpuRequired();
   }
   cfg.ranks = devices;
   parallel::MemoryRendezvousStore store;
@@ -379,8 +385,9 @@ bool RunNccl(Config cfg) {
   PrintRow(cfg, row);
   return row.ok > 0;
 #else
-  std::printf("# nccl: built without CUDA, skipped\n");
-  return true;
+  std::printf("# nccl: built without CUDA, %s\n",
+              GpuRequired() ? "FAILED (SY_REQUIRE_GPU=1)" : "skipped");
+  return !GpuRequired();
 #endif
 }
 

@@ -1,5 +1,5 @@
 // NcclCommunicator on a GPU (label gpu; CI without a device leaves it out, and it skips when
-// cudaGetDeviceCount fails or finds none). One rank: all-to-all-v to itself through the host
+// cudaGetDeviceCount fails or finds none, unless SY_REQUIRE_GPU=1). One rank: all-to-all-v to itself through the host
 // and device entry points, the derived collectives, expert dispatch against the reference,
 // and a two-rank init whose peer never comes, which must time out as UNAVAILABLE.
 #include "parallel/nccl_communicator.h"
@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <future>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -27,8 +28,14 @@ bool HaveGpu() {
   return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
 
-#define SKIP_WITHOUT_GPU() \
-  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device"
+// Skips without a device; with SY_REQUIRE_GPU=1 (the GPU host's check) fails instead.
+#define SKIP_WITHOUT_GPU()                                                      \
+  if (!HaveGpu()) {                                                             \
+    const char* require = std::getenv("SY_REQUIRE_GPU");                        \
+    if (require != nullptr && std::string(require) == "1")                      \
+      FAIL() << "no usable CUDA device (SY_REQUIRE_GPU=1)";                     \
+    GTEST_SKIP() << "no CUDA device";                                           \
+  }
 
 std::unique_ptr<NcclCommunicator> OneRank(MemoryRendezvousStore* store) {
   auto c = CreateNcclCommunicator({.rank = 0, .world_size = 1, .store = store,
