@@ -1,7 +1,11 @@
 // Engine benchmark: the `bench` preset (Mixtral-shaped, ~0.64 B parameters)
 // on this machine: prefill tokens/s at 128 and 512 tokens, and decode tokens/s at batch 1, 4,
 // 16 and 32 after 128-token prompts, beside llama.cpp's figures on the same shapes and the
-// batch-1 memory roofline from the bandwidth measured in the same run.
+// batch-1 memory roofline from the bandwidth measured in the same run, and for every larger
+// batch the limit of that batch: per decode step, the bytes it must read (the weights every
+// token uses, each expert touched in the step once, the KV cache) over the same-run bandwidth,
+// or its FLOPs over the same-run rate of our GEMM on a compute-bound shape, whichever is
+// slower.
 //
 //   model_bench [--model DIR] [--dtype bf16|f32] [--threads 2] [--backend auto]
 //               [--reps 3] [--decode-steps 16] [--only prefill|decode]
@@ -15,10 +19,14 @@
 #include <fstream>
 #include <iostream>
 
+#include <set>
+
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "bench/bench_util.h"
+#include "kernels/backend.h"
 #include "kernels/core/thread_pool.h"
+#include "parallel/expert_load.h"
 #include "model/moe_model.h"
 #include "model/synthetic.h"
 #include "server/flags.h"
@@ -113,6 +121,60 @@ double TimeDecode(model::MoeModel& m, int64_t batch, int64_t steps, std::vector<
   return dt;
 }
 
+// FLOP/s of the backend's MatMul on a shape that is compute-bound here: 256 rows through a
+// 1024 x 1024 weight of `dtype` that stays in cache. The compute ceiling of the limit line.
+double MeasureGemmFlops(const std::string& backend_name, DType dtype) {
+  auto backend = kernels::MakeBackend(backend_name);
+  if (!backend.ok()) return 0;
+  const int64_t T = 256, N = 1024, K = 1024;
+  std::vector<float> x(T * K), y(T * N), wf(N * K);
+  std::vector<uint16_t> wb(N * K);
+  for (int64_t i = 0; i < T * K; ++i) x[i] = std::sin(0.01 * i);
+  for (int64_t i = 0; i < N * K; ++i) {
+    wf[i] = 0.01f * std::cos(0.37 * i);
+    wb[i] = F32ToBf16(wf[i]);
+  }
+  kernels::WeightView w;
+  w.dtype = dtype;
+  w.data = dtype == DType::kF32 ? static_cast<const void*>(wf.data()) : wb.data();
+  w.rows = N;
+  w.cols = K;
+  std::vector<double> t;
+  for (int r = 0; r < 13; ++r) {
+    const double t0 = Seconds();
+    if (!(*backend)->MatMul(x.data(), T, w, y.data()).ok()) return 0;
+    if (r >= 3) t.push_back(Seconds() - t0);
+  }
+  return 2.0 * T * N * K / Median(t);
+}
+
+// What one decode step at `batch` sequences must at least cost on this machine.
+struct StepLimit {
+  double bytes = 0, flops = 0, memory_s = 0, compute_s = 0;
+  double tokens_per_s(int64_t batch) const { return batch / std::max(memory_s, compute_s); }
+};
+
+// Distinct experts touched per MoE layer per step, summed over layers, mean over the steps of
+// a recorded decode run: the recorder's last batch * steps token paths are the decode tokens.
+double ExpertsTouchedPerStep(const parallel::ExpertLoadRecorder& recorder, int64_t batch,
+                             int64_t steps) {
+  const auto trace = recorder.Snapshot();
+  const auto& paths = trace.token_paths;
+  if (static_cast<int64_t>(paths.size()) < batch * steps) return 0;
+  double sum = 0;
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t first = static_cast<int64_t>(paths.size()) - (steps - s) * batch;
+    for (int l = 0; l < trace.num_layers; ++l) {
+      std::set<int32_t> touched;
+      for (int64_t t = first; t < first + batch; ++t)
+        if (l < static_cast<int>(paths[t].size()))
+          touched.insert(paths[t][l].begin(), paths[t][l].end());
+      sum += static_cast<double>(touched.size());
+    }
+  }
+  return sum / steps;
+}
+
 int Main(int argc, char** argv) {
   std::string model_dir, dtype = "bf16", backend = "auto", only;
   int64_t threads = 2, reps = 3, steps = 16;
@@ -167,13 +229,27 @@ int Main(int argc, char** argv) {
   const double bw = MeasureReadBandwidth();
   const double bytes_per_token = static_cast<double>(m.DecodeBytesPerToken());
   const double roofline = bw * 1e9 / bytes_per_token;
+  // The limit line's parts: the bytes every step reads whatever it routes (batch 1's bytes
+  // less its k experts per MoE layer), one routed expert's bytes, the FLOPs of one token's
+  // weights, and our GEMM's compute-bound rate.
+  const auto& c = m.config();
+  const auto weight_dtype = ParseDType(dtype);
+  const double wsize = weight_dtype.ok() ? DTypeSize(*weight_dtype) : 2;
+  const double expert_bytes = 3.0 * c.hidden_size * c.moe_intermediate_size * wsize;
+  const double moe_layers = static_cast<double>(m.MoeLayerIds().size());
+  const double shared_bytes = bytes_per_token - moe_layers * c.num_experts_per_tok * expert_bytes;
+  const double active_params = bytes_per_token / wsize;
+  const double gemm_flops =
+      MeasureGemmFlops(backend, weight_dtype.ok() ? *weight_dtype : DType::kBF16);
   auto llama = LlamaCppFigures(std::string(SY_SHARED_DIR) + "/reference/llamacpp-bench.md", dtype);
 
   std::printf("model: %s (%.3f B parameters, %s), backend %s, %lld threads\n", model_dir.c_str(),
               m.NumParameters() / 1e9, dtype.c_str(), backend.c_str(), static_cast<long long>(threads));
   std::printf("memory read bandwidth (same run, %lld threads): %.1f GB/s; batch-1 decode reads %.0f MB "
-              "of weights per token -> roofline %.1f tokens/s\n\n",
+              "of weights per token -> roofline %.1f tokens/s\n",
               static_cast<long long>(threads), bw, bytes_per_token / 1e6, roofline);
+  std::printf("GEMM rate (same run, %s weights, 256 x 1024 x 1024, in cache): %.1f GFLOP/s\n\n",
+              dtype.c_str(), gemm_flops / 1e9);
   std::printf("| test | ours (tokens/s) | llama.cpp (tokens/s) | ours / llama.cpp | note |\n");
   std::printf("|---|---|---|---|---|\n");
   std::vector<Failure> fails;
@@ -210,6 +286,35 @@ int Main(int argc, char** argv) {
       if (b == 1) {
         char buf[64];
         std::snprintf(buf, sizeof(buf), "%.0f %% of roofline", 100.0 * steps / Median(t) / roofline);
+        note = buf;
+      } else {
+        // One more (untimed) run with the routing recorded, for the experts each step touches.
+        parallel::ExpertLoadOptions ro;
+        ro.num_layers = static_cast<int>(m.MoeLayerIds().size());
+        ro.num_experts = static_cast<int>(c.num_experts);
+        ro.top_k = static_cast<int>(c.num_experts_per_tok);
+        ro.max_paths = static_cast<int>(b * (steps + 1));
+        parallel::ExpertLoadRecorder recorder(ro);
+        m.SetLoadRecorder(&recorder);
+        std::vector<float> unused;
+        TimeDecode(m, b, steps, &unused, &fails);
+        m.SetLoadRecorder(nullptr);
+        const double touched = ExpertsTouchedPerStep(recorder, b, steps);
+        StepLimit lim;
+        const double ctx = 128 + 1 + steps / 2.0;  // mean positions attended in a timed step
+        lim.bytes = shared_bytes + touched * expert_bytes +
+                    b * ctx * c.num_layers * 2.0 * c.num_kv_heads * c.head_dim * sizeof(float);
+        lim.flops = b * (2.0 * active_params +
+                         c.num_layers * 4.0 * ctx * c.num_heads * c.head_dim);
+        lim.memory_s = lim.bytes / (bw * 1e9);
+        lim.compute_s = gemm_flops > 0 ? lim.flops / gemm_flops : 0;
+        const double ours = b * steps / Median(t), limit = lim.tokens_per_s(b);
+        char buf[160];
+        std::snprintf(buf, sizeof(buf),
+                      "%.0f %% of the limit %.0f (%.0f experts/step: %.0f MB, %.2f ms read; "
+                      "%.2f GFLOP, %.2f ms compute)",
+                      100.0 * ours / limit, limit, touched, lim.bytes / 1e6, lim.memory_s * 1e3,
+                      lim.flops / 1e9, lim.compute_s * 1e3);
         note = buf;
       }
       if (b == batch_list.front()) {
