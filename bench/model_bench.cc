@@ -180,7 +180,9 @@ int Main(int argc, char** argv) {
   int64_t threads = 2, reps = 3, steps = 16;
   server::FlagSet flags("model_bench", "Engine benchmark on the bench preset.");
   flags.Add("model", &model_dir, "checkpoint folder (default: write the bench preset to the cache)");
-  flags.Add("dtype", &dtype, "dtype of the generated checkpoint: bf16 | f32");
+  flags.Add("dtype", &dtype,
+            "dtype of the weights: bf16 | f32 (the generated checkpoint's; with --model, name "
+            "the checkpoint's, which the limit line counts)");
   flags.Add("backend", &backend, "kernel backend");
   flags.Add("threads", &threads, "threads");
   flags.Add("reps", &reps, "repetitions per figure (median reported)");
