@@ -148,6 +148,16 @@ double MeasureGemmFlops(const std::string& backend_name, DType dtype) {
   return 2.0 * T * N * K / Median(t);
 }
 
+// A recorder of every MoE layer's routing, keeping the last `max_paths` token paths.
+parallel::ExpertLoadOptions RecorderOptions(const model::MoeModel& m, int max_paths) {
+  parallel::ExpertLoadOptions o;
+  o.num_layers = static_cast<int>(m.MoeLayerIds().size());
+  o.num_experts = static_cast<int>(m.config().num_experts);
+  o.top_k = static_cast<int>(m.config().num_experts_per_tok);
+  o.max_paths = max_paths;
+  return o;
+}
+
 // What one decode step at `batch` sequences must at least cost on this machine.
 struct StepLimit {
   double bytes = 0, flops = 0, memory_s = 0, compute_s = 0;
@@ -291,12 +301,7 @@ int Main(int argc, char** argv) {
         note = buf;
       } else {
         // One more (untimed) run with the routing recorded, for the experts each step touches.
-        parallel::ExpertLoadOptions ro;
-        ro.num_layers = static_cast<int>(m.MoeLayerIds().size());
-        ro.num_experts = static_cast<int>(c.num_experts);
-        ro.top_k = static_cast<int>(c.num_experts_per_tok);
-        ro.max_paths = static_cast<int>(b * (steps + 1));
-        parallel::ExpertLoadRecorder recorder(ro);
+        parallel::ExpertLoadRecorder recorder(RecorderOptions(m, static_cast<int>(b * (steps + 1))));
         m.SetLoadRecorder(&recorder);
         std::vector<float> unused;
         TimeDecode(m, b, steps, &unused, &fails);
@@ -338,10 +343,7 @@ int Main(int argc, char** argv) {
   if (only == "load-stats") {
     // Cost of the expert-load statistics (under 2 % of step time): decode at batch 32
     // with and without the recorder, alternated, medians.
-    parallel::ExpertLoadOptions lo;
-    lo.num_layers = static_cast<int>(m.MoeLayerIds().size());
-    lo.num_experts = static_cast<int>(m.config().num_experts);
-    lo.top_k = static_cast<int>(m.config().num_experts_per_tok);
+    const parallel::ExpertLoadOptions lo = RecorderOptions(m, parallel::ExpertLoadOptions().max_paths);
     parallel::ExpertLoadRecorder recorder(lo);
     std::vector<double> off, on;
     std::vector<float> seq0;

@@ -6,9 +6,9 @@
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/core/mutex.h"
 #include "kernels/core/dtype.h"
 #include "kernels/core/logging.h"
+#include "kernels/core/mutex.h"
 #include "kernels/core/status.h"
 #include "kernels/cpu/row_kernels.h"
 

@@ -128,9 +128,8 @@ absl::StatusOr<ExpertPlacement> ExpertPlacement::FromJson(const std::string& jso
   };
   int world_size = 0, slots_per_rank = 0, num_experts = 0;
   // Files written before the key was named world_size say num_ranks.
-  SY_RETURN_IF_ERROR(get_int(j.contains("world_size") || !j.contains("num_ranks") ? "world_size"
-                                                                                   : "num_ranks",
-                             &world_size));
+  const bool old_key = j.contains("num_ranks") && !j.contains("world_size");
+  SY_RETURN_IF_ERROR(get_int(old_key ? "num_ranks" : "world_size", &world_size));
   SY_RETURN_IF_ERROR(get_int("slots_per_rank", &slots_per_rank));
   SY_RETURN_IF_ERROR(get_int("num_experts", &num_experts));
   int64_t epoch = 0;

@@ -4,8 +4,8 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/core/mutex.h"
 #include "kernels/core/logging.h"
+#include "kernels/core/mutex.h"
 
 namespace sy::parallel {
 namespace {

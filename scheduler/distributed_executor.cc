@@ -5,8 +5,8 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/core/mutex.h"
 #include "kernels/core/logging.h"
+#include "kernels/core/mutex.h"
 #include "kernels/core/status.h"
 #include "parallel/planner/membership_plan.h"
 #include "scheduler/rank_control.h"

@@ -22,8 +22,8 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
-#include "kernels/core/mutex.h"
 #include "google/protobuf/message.h"
+#include "kernels/core/mutex.h"
 
 namespace sy::server {
 

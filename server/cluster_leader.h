@@ -31,8 +31,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "kernels/core/mutex.h"
 #include "grpcpp/server.h"
+#include "kernels/core/mutex.h"
 #include "model/config.h"
 #include "model/moe_model.h"
 #include "parallel/expert_placement.h"

@@ -6,11 +6,11 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/core/mutex.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/server_builder.h"
 #include "kernels/core/logging.h"
+#include "kernels/core/mutex.h"
 #include "kernels/core/status.h"
 #include "kernels/core/thread_pool.h"
 #include "model/synthetic.h"

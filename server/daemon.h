@@ -17,8 +17,8 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "kernels/core/mutex.h"
 #include "grpcpp/server.h"
+#include "kernels/core/mutex.h"
 #include "model/moe_model.h"
 #include "model/tokenizer.h"
 #include "scheduler/engine.h"

@@ -5,9 +5,9 @@
 #include <memory>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/core/mutex.h"
 #include "grpcpp/impl/codegen/proto_utils.h"
 #include "kernels/core/logging.h"
+#include "kernels/core/mutex.h"
 #include "kernels/core/status.h"
 #include "server/generate_request.h"
 #include "server/grpc_status.h"

@@ -4,9 +4,9 @@
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/core/mutex.h"
 #include "kernels/core/dtype.h"
 #include "kernels/core/logging.h"
+#include "kernels/core/mutex.h"
 #include "kernels/core/status.h"
 #include "parallel/planner/placement_problem.h"
 #include "parallel/planner/planner.h"
