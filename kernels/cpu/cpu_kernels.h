@@ -1,6 +1,9 @@
 // Building blocks of the fast CPU backend (kernels/cpu/fast_backend.cc): single-threaded
-// kernels over a slice of work, in three flavours chosen at run time by CpuLevel():
+// kernels over a slice of work, in four flavours chosen at run time by CpuLevel():
 //
+//   * kAmx: as kAvx512Bf16, and calls with enough tokens multiply on the AMX tile unit
+//     (gemm_amx.cc): weight rows are the A tiles, read row-major from the checkpoint; the
+//     bf16 activations are packed once per call into AMX's pair-interleaved B layout;
 //   * kAvx512Bf16: activations rounded to bf16 (RNE) once per call, weights read row-major
 //     straight from the checkpoint, multiplied with vdpbf16ps (f32 accumulation);
 //   * kAvx512: AVX-512F FMA in f32; bf16 / f16 weights widened to f32 on load;
@@ -26,10 +29,11 @@
 
 namespace sy::kernels::cpu {
 
-enum class CpuLevel { kPortable = 0, kAvx512 = 1, kAvx512Bf16 = 2 };
+enum class CpuLevel { kPortable = 0, kAvx512 = 1, kAvx512Bf16 = 2, kAmx = 3 };
 
-// What this CPU supports (checked once with __builtin_cpu_supports). SWITCHYARD_CPU_LEVEL
-// (portable, avx512, avx512bf16) can lower it for tests and comparisons, never raise it.
+// What this CPU supports (checked once with __builtin_cpu_supports / CPUID; kAmx also needs
+// Linux to grant the process the AMX tile state, asked for here). SWITCHYARD_CPU_LEVEL
+// (portable, avx512, avx512bf16, amx) can lower it for tests and comparisons, never raise it.
 CpuLevel DetectCpuLevel();
 const char* CpuLevelName(CpuLevel level);
 
@@ -46,6 +50,21 @@ void ConvertRowsToBf16Avx512(const float* src, int64_t rows, int64_t k, int64_t 
 void DotRowsBf16Avx512(const uint16_t* x, int64_t ldx, int64_t T, const uint16_t* w,
                        int64_t ldw, int64_t k, int64_t nrows, float* y, int64_t ldy,
                        const float* bias);
+
+// ---- kAmx -------------------------------------------------------------------------------
+// K granularity of the AMX kernels: one tile row is 32 bf16.
+inline constexpr int64_t kAmxK = 32;
+// u32 elements PackBf16ForAmx writes for T rows of kp (a multiple of kAmxK) columns.
+inline int64_t AmxPackedSize(int64_t T, int64_t kp) { return (T + 15) / 16 * 16 * (kp / 2); }
+// Packs bf16 rows x [T, ldx] (columns [0, kp) read; kp % kAmxK == 0, ldx >= kp) into blocks of
+// 16 rows, each [kp / 2][16] pairs: dst[(t / 16) * 16 * kp/2 + c * 16 + t % 16] = the pair of
+// columns 2c, 2c + 1 of row t; rows past T are zeros. dst 64-byte aligned.
+void PackBf16ForAmx(const uint16_t* x, int64_t ldx, int64_t T, int64_t kp, uint32_t* dst);
+// y[t * ldy + j] = sum_{c < k} x[t][c] * W[j * ldw + c] (+ bias[j]) for t < T, j < nrows, with
+// x packed by PackBf16ForAmx (kp >= k columns) and W bf16 row-major. k % kAmxK == 0 and
+// nrows % 16 == 0 (the caller runs the other rows with DotRowsBf16Avx512).
+void DotRowsBf16Amx(const uint32_t* xp, int64_t T, int64_t kp, const uint16_t* w, int64_t ldw,
+                    int64_t k, int64_t nrows, float* y, int64_t ldy, const float* bias);
 
 // ---- kAvx512 (also used on kAvx512Bf16 machines for f32 / f16 weights) -------------------
 // x: f32 [T, ldx]; W of dtype wdt (f32, bf16 or f16).

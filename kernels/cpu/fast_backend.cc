@@ -31,6 +31,10 @@ constexpr double kMinParallelMacs = 1 << 20;
 // (so decode k / v projections split too) measured no better on the loaded machine
 // (KERNEL_NOTES.md §8).
 constexpr double kMinMatMulRangeMacs = 1 << 20;
+// On the AMX tiles the multiply-adds are cheap next to streaming the weights, so MatMul ranges
+// are sized by weight bytes: 256 KiB splits a decode step's k / v projections (1.1x faster
+// batch-1 decode than 2 MiB ranges; bench/KERNEL_NOTES.md, AMX).
+constexpr double kMinAmxRangeBytes = 256 << 10;
 // Attention reads a cache-resident KV and has no weight streaming: a smaller call pays.
 constexpr double kMinParallelAttentionMacs = 1 << 18;
 
@@ -168,6 +172,25 @@ class FastCpuBackend final : public Backend {
       ConvertToBf16(x, T, k, k, buf, ldxb);
       xb = buf;
     }
+    if (UsesAmx(w)) {
+      uint32_t* xp = Grow(xp_, cpu::AmxPackedSize(T, k));
+      PackForAmx(xb, ldxb, T, k, xp);
+      // Groups of 16 output rows (the AMX tile); the rows past the last full tile run on the
+      // AVX-512 kernel.
+      const int64_t full = n / 16 * 16;
+      const int64_t groups = (n + 15) / 16;
+      const int64_t grain = std::max<int64_t>(
+          1, static_cast<int64_t>(kMinAmxRangeBytes / (16.0 * 2 * static_cast<double>(k))));
+      ThreadPool::Default().ParallelFor(groups, grain, [&](int64_t g0, int64_t g1) {
+        const int64_t r0 = g0 * 16, r1 = std::min(n, g1 * 16), rf = std::min(r1, full);
+        if (rf > r0)
+          cpu::DotRowsBf16Amx(xp, T, k, reinterpret_cast<const uint16_t*>(w.row(r0)),
+                              w.row_stride, k, rf - r0, y + r0, n, bias ? bias + r0 : nullptr);
+        DotRows(x, k, xb, ldxb, T, w, std::max(r0, rf), r1, y + std::max(r0, rf), n,
+                bias ? bias + std::max(r0, rf) : nullptr);
+      });
+      return absl::OkStatus();
+    }
     // Groups of 4 output rows (the register tile); ranges hold enough work to pay for a wake.
     const int64_t groups = (n + 3) / 4;
     const int64_t grain = std::max<int64_t>(
@@ -227,6 +250,37 @@ class FastCpuBackend final : public Backend {
       ConvertToBf16(x + base * hidden, R, hidden, hidden, xb, ldxb);
       hb = Grow(hb_, R * ldhb);
     }
+    // Groups on AMX: their rows packed once for the gate / up products
+    // (xp) and, after phase 1, their silu(g) * u rows for the down product (hp).
+    std::vector<int64_t>& xpo = xp_offset_;
+    std::vector<int64_t>& hpo = hp_offset_;
+    xpo.assign(num_groups, -1);
+    hpo.assign(num_groups, -1);
+    int64_t xp_size = 0, hp_size = 0;
+    for (int64_t g = 0; g < num_groups; ++g) {
+      const int64_t rows = offsets[g + 1] - offsets[g];
+      if (rows == 0 || !ExpertUsesBf16(*experts[g]) || !UsesAmx(experts[g]->w1) ||
+          !UsesAmx(experts[g]->w2))
+        continue;
+      xpo[g] = xp_size;
+      hpo[g] = hp_size;
+      xp_size += cpu::AmxPackedSize(rows, hidden);
+      hp_size += cpu::AmxPackedSize(rows, experts[g]->w1.rows);
+    }
+    uint32_t* xp = xp_size > 0 ? Grow(xp_, xp_size) : nullptr;
+    uint32_t* hp = hp_size > 0 ? Grow(hp_, hp_size) : nullptr;
+    // Packs the rows of every AMX group from `src` (ld) into dst at its offset.
+    auto pack_groups = [&](const uint16_t* src, int64_t ld, bool down, uint32_t* dst) {
+      ThreadPool::Default().ParallelFor(num_groups, 1, [&](int64_t g0, int64_t g1) {
+        for (int64_t g = g0; g < g1; ++g) {
+          if (xpo[g] < 0) continue;
+          const int64_t kp = down ? experts[g]->w1.rows : hidden;
+          cpu::PackBf16ForAmx(src + (offsets[g] - base) * ld, ld, offsets[g + 1] - offsets[g],
+                              kp, dst + (down ? hpo[g] : xpo[g]));
+        }
+      });
+    };
+    if (xp != nullptr) pack_groups(xb, ldxb, false, xp);
 
     // Phase 1: gate and up projections and silu(g) * u, by (expert, slice of kSlice rows).
     constexpr int64_t kSlice = 64;
@@ -265,8 +319,16 @@ class FastCpuBackend final : public Backend {
         const bool bf = ExpertUsesBf16(e);
         const float* xs = x + offsets[un.g] * hidden;
         const uint16_t* xbs = bf ? xb + first * ldxb : nullptr;
-        DotRows(xs, hidden, xbs, ldxb, rows, e.w1, un.r0, un.r1, gbuf, nn, nullptr);
-        DotRows(xs, hidden, xbs, ldxb, rows, e.w3, un.r0, un.r1, ubuf, nn, nullptr);
+        if (xpo[un.g] >= 0) {
+          const uint32_t* xpg = xp + xpo[un.g];
+          cpu::DotRowsBf16Amx(xpg, rows, hidden, BfRow(e.w1, un.r0), e.w1.row_stride, hidden, nn,
+                              gbuf, nn, nullptr);
+          cpu::DotRowsBf16Amx(xpg, rows, hidden, BfRow(e.w3, un.r0), e.w3.row_stride, hidden, nn,
+                              ubuf, nn, nullptr);
+        } else {
+          DotRows(xs, hidden, xbs, ldxb, rows, e.w1, un.r0, un.r1, gbuf, nn, nullptr);
+          DotRows(xs, hidden, xbs, ldxb, rows, e.w3, un.r0, un.r1, ubuf, nn, nullptr);
+        }
         for (int64_t t = 0; t < rows; ++t) {
           if (bf) {
             cpu::SiluMulAvx512(gbuf + t * nn, ubuf + t * nn, nn, nullptr,
@@ -283,6 +345,7 @@ class FastCpuBackend final : public Backend {
     });
 
     // Phase 2: down projection, by (expert, slice of output columns).
+    if (hp != nullptr) pack_groups(hb, ldhb, true, hp);
     plan(true);
     BalancedFor(prefix, static_cast<int64_t>(units.size()), kMinParallelMacs, [&](int64_t u0, int64_t u1) {
       for (int64_t u = u0; u < u1; ++u) {
@@ -291,6 +354,13 @@ class FastCpuBackend final : public Backend {
         const int64_t rows = offsets[un.g + 1] - offsets[un.g];
         const int64_t first = offsets[un.g] - base;
         const bool bf = ExpertUsesBf16(e);
+        if (hpo[un.g] >= 0) {
+          const int64_t inter = e.w1.rows;
+          cpu::DotRowsBf16Amx(hp + hpo[un.g], rows, inter, BfRow(e.w2, un.r0), e.w2.row_stride,
+                              inter, un.r1 - un.r0, y + offsets[un.g] * hidden + un.r0, hidden,
+                              nullptr);
+          continue;
+        }
         DotRows(bf ? nullptr : hf + first * max_inter, max_inter,
                 bf ? hb + first * ldhb : nullptr, ldhb, rows,
                 e.w2, un.r0, un.r1, y + offsets[un.g] * hidden + un.r0, hidden, nullptr);
@@ -376,7 +446,25 @@ class FastCpuBackend final : public Backend {
 
  private:
   bool UsesBf16Activations(DType wdt) const {
-    return level_ == CpuLevel::kAvx512Bf16 && wdt == DType::kBF16;
+    return level_ >= CpuLevel::kAvx512Bf16 && wdt == DType::kBF16;
+  }
+  // Products against bf16 W (K = w.cols a multiple of 32) run on the AMX tiles, at any
+  // number of tokens: with one token too they read the weights faster than the vdpbf16ps
+  // register tiles (bench/KERNEL_NOTES.md, AMX).
+  bool UsesAmx(const WeightView& w) const {
+    return level_ == CpuLevel::kAmx && w.dtype == DType::kBF16 && w.cols % cpu::kAmxK == 0;
+  }
+  // Packs bf16 rows (ldxb) for the AMX kernels, by blocks of 16 rows over the pool.
+  void PackForAmx(const uint16_t* xb, int64_t ldxb, int64_t rows, int64_t kp, uint32_t* xp) {
+    const int64_t blocks = (rows + 15) / 16;
+    const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(kMinParallelMacs / (16 * kp)));
+    ThreadPool::Default().ParallelFor(blocks, grain, [&](int64_t b0, int64_t b1) {
+      cpu::PackBf16ForAmx(xb + b0 * 16 * ldxb, ldxb, std::min(rows, b1 * 16) - b0 * 16, kp,
+                          xp + cpu::AmxPackedSize(b0 * 16, kp));
+    });
+  }
+  static const uint16_t* BfRow(const WeightView& w, int64_t r) {
+    return reinterpret_cast<const uint16_t*>(w.row(r));
   }
   bool ExpertUsesBf16(const ExpertWeights& e) const {
     return UsesBf16Activations(e.w1.dtype) && UsesBf16Activations(e.w3.dtype) &&
@@ -413,6 +501,8 @@ class FastCpuBackend final : public Backend {
   KernelProfile profile_;
   // Scratch of the calling thread (grow-only; no allocation once warm).
   ScratchVec<uint16_t> xb_, hb_;
+  ScratchVec<uint32_t> xp_, hp_;  // activations packed for AMX
+  std::vector<int64_t> xp_offset_, hp_offset_;  // per expert group; -1: not on AMX
   ScratchVec<float> hf_, norm_w_;
   std::vector<const float*> k_rows_, v_rows_;
   std::vector<double> prefix_;

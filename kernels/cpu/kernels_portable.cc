@@ -7,23 +7,51 @@
 
 #include "kernels/cpu/cpu_kernels.h"
 
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace sy::kernels::cpu {
+namespace {
+
+#if defined(__x86_64__)
+// CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
+bool CpuHasAmxBf16() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  return (d & (1u << 22)) != 0 && (d & (1u << 24)) != 0;
+}
+
+// Linux hands out the 8 KiB AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM
+// for XFEATURE_XTILEDATA, kernel 5.16+); the grant covers every thread of the process.
+bool RequestAmxState() {
+  constexpr int kArchReqXcompPerm = 0x1023;
+  constexpr int kXfeatureXtileData = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtileData) == 0;
+}
+#endif
+
+}  // namespace
 
 CpuLevel DetectCpuLevel() {
   static const CpuLevel level = [] {
     CpuLevel l = CpuLevel::kPortable;
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(__x86_64__)
     __builtin_cpu_init();
     const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     if (avx512) l = CpuLevel::kAvx512;
     if (avx512 && __builtin_cpu_supports("avx512bf16")) l = CpuLevel::kAvx512Bf16;
+    if (l == CpuLevel::kAvx512Bf16 && CpuHasAmxBf16() && RequestAmxState()) l = CpuLevel::kAmx;
 #endif
     if (const char* env = std::getenv("SWITCHYARD_CPU_LEVEL")) {
       const std::string want(env);
       CpuLevel cap = l;
       if (want == "portable") cap = CpuLevel::kPortable;
       if (want == "avx512") cap = CpuLevel::kAvx512;
+      if (want == "avx512bf16") cap = CpuLevel::kAvx512Bf16;
       l = std::min(l, cap);
     }
     return l;
@@ -36,6 +64,7 @@ const char* CpuLevelName(CpuLevel level) {
     case CpuLevel::kPortable: return "portable";
     case CpuLevel::kAvx512: return "avx512";
     case CpuLevel::kAvx512Bf16: return "avx512bf16";
+    case CpuLevel::kAmx: return "amx";
   }
   return "?";
 }

@@ -212,6 +212,7 @@ CpuLevel Level() {
 
 void RowToBf16(const float* src, int64_t n, uint16_t* dst) {
   switch (Level()) {
+    case CpuLevel::kAmx:
     case CpuLevel::kAvx512Bf16: return RowToBf16Avx512<true>(src, n, dst);
     case CpuLevel::kAvx512: return RowToBf16Avx512<false>(src, n, dst);
     case CpuLevel::kPortable: return RowToBf16Portable(src, n, dst);
@@ -230,6 +231,7 @@ void RowCopyF32(const float* src, int64_t n, float* dst) {
 
 void SumRows(const RowSum& sum, int64_t n, float* out_f32, uint16_t* out_bf16) {
   switch (Level()) {
+    case CpuLevel::kAmx:
     case CpuLevel::kAvx512Bf16:
       return sum.parts_bf16 ? SumRowsAvx512<true, true>(sum, n, out_f32, out_bf16)
                             : SumRowsAvx512<true, false>(sum, n, out_f32, out_bf16);

@@ -1,5 +1,5 @@
 // Every kernel of the fast CPU backend against the reference backend, at every CPU level this
-// machine has (portable, avx512, avx512bf16), over odd shapes, 1 and many tokens, empty
+// machine has (portable, avx512, avx512bf16, amx), over odd shapes, 1 and many tokens, empty
 // expert groups and all three weight dtypes.
 //
 // Error measure: normalised error ||y - y_ref||_2 / ||y_ref||_2 over the whole output. The
@@ -7,8 +7,8 @@
 // weight rounding is not counted; what is counted is what the fast path adds:
 //  * f32 arithmetic instead of the reference's double: ~sqrt(K) * 2^-24 per dot product,
 //    far below kF32Tol = 1e-5 for K <= 4096;
-//  * on avx512bf16 with bf16 weights, activations are rounded to bf16 (RNE; 8 significant
-//    bits, unit roundoff u = 2^-8 ≈ 3.9e-3) before vdpbf16ps: each product's relative error
+//  * on avx512bf16 and amx with bf16 weights, activations are rounded to bf16 (RNE; 8 significant
+//    bits, unit roundoff u = 2^-8 ≈ 3.9e-3) before vdpbf16ps or tdpbf16ps: each product's relative error
 //    is <= u and spread over [-u, u], so a dot product of random-signed terms has normalised
 //    error about u/sqrt(3) ≈ 2.3e-3. kBf16MatMulTol = 2u ≈ 7.8e-3. The
 //    expert FFN rounds twice (x, then silu(g)*u before the down projection):
@@ -18,6 +18,7 @@
 //    (+ 2^-24 |bias|), which MatMul checks element by element.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -84,12 +85,13 @@ struct StoredWeight {
 };
 
 double MatMulTol(CpuLevel level, DType dtype) {
-  return level == CpuLevel::kAvx512Bf16 && dtype == DType::kBF16 ? kBf16MatMulTol : kF32Tol;
+  return level >= CpuLevel::kAvx512Bf16 && dtype == DType::kBF16 ? kBf16MatMulTol : kF32Tol;
 }
 
 std::vector<CpuLevel> AvailableLevels() {
   std::vector<CpuLevel> out;
-  for (CpuLevel l : {CpuLevel::kPortable, CpuLevel::kAvx512, CpuLevel::kAvx512Bf16}) {
+  for (CpuLevel l : {CpuLevel::kPortable, CpuLevel::kAvx512, CpuLevel::kAvx512Bf16,
+                     CpuLevel::kAmx}) {
     if (l <= cpu::DetectCpuLevel()) out.push_back(l);
   }
   return out;
@@ -109,7 +111,12 @@ struct MatMulShape {
 TEST_P(FastBackendTest, MatMulMatchesReferenceForEveryDtypeAndOddShape) {
   const std::vector<MatMulShape> shapes = {{1, 1, 1},    {1, 5, 7},     {3, 37, 33},
                                            {4, 64, 64},  {5, 67, 130},  {17, 100, 1000},
-                                           {33, 48, 96}, {1, 300, 1024}, {9, 13, 2816}};
+                                           {33, 48, 96}, {1, 300, 1024}, {9, 13, 2816},
+                                           // AMX tiles (>= 16 tokens, K % 32 == 0): one and
+                                           // two 16-row weight tiles, a tail of rows, partial
+                                           // token tiles
+                                           {16, 16, 32},  {40, 70, 64},  {64, 96, 1024},
+                                           {100, 200, 2816}};
   for (DType dtype : {DType::kF32, DType::kBF16, DType::kF16}) {
     for (const MatMulShape& s : shapes) {
       for (bool with_bias : {false, true}) {
@@ -181,7 +188,9 @@ TEST_P(FastBackendTest, GroupedExpertFfnMatchesReferenceWithEmptyGroups) {
   const std::vector<FfnCase> cases = {
       {{0, 1, 5, 0, 17}, 67, 45, 0},     {{3, 0}, 128, 96, 0},  {{1, 1}, 1024, 2816, 0},
       {{0, 0, 0}, 32, 32, 0},            {{40}, 64, 200, 0},     {{2, 7}, 33, 70, 3},
-      {{9, 4, 1, 0, 0, 0, 0, 30}, 96, 160, 0}};
+      {{9, 4, 1, 0, 0, 0, 0, 30}, 96, 160, 0},
+      // groups on the AMX tiles (>= 16 rows, hidden and inter multiples of 32) beside small ones
+      {{20, 0, 33, 16, 3}, 64, 96, 0},   {{17, 40}, 1024, 352, 5}};
   for (DType dtype : {DType::kF32, DType::kBF16, DType::kF16}) {
     for (const FfnCase& c : cases) {
       const int64_t g_count = static_cast<int64_t>(c.rows_per_group.size());
@@ -210,7 +219,7 @@ TEST_P(FastBackendTest, GroupedExpertFfnMatchesReferenceWithEmptyGroups) {
       EXPECT_TRUE(fast_->GroupedExpertFfn(x.data(), offsets.data(), g_count, ptrs.data(), c.hidden, got.data()).ok());
       EXPECT_TRUE(ref_->GroupedExpertFfn(x.data(), offsets.data(), g_count, ptrs.data(), c.hidden, want.data()).ok());
       const double tol =
-          GetParam() == CpuLevel::kAvx512Bf16 && dtype == DType::kBF16 ? kBf16FfnTol : kF32Tol;
+          GetParam() >= CpuLevel::kAvx512Bf16 && dtype == DType::kBF16 ? kBf16FfnTol : kF32Tol;
       EXPECT_LE(NormalisedError(got, want), tol)
           << DTypeName(dtype) << " groups=" << g_count << " hidden=" << c.hidden
           << " inter=" << c.inter;
@@ -330,6 +339,32 @@ TEST(CpuKernelsTest, Bf16ConversionRoundsToNearestEvenAndZeroPads) {
       }
     }
     EXPECT_EQ(out[0], 0x3f80);
+  }
+}
+
+TEST(CpuKernelsTest, AmxPackingInterleavesColumnPairsByBlocksOfSixteenRows) {
+  if (cpu::DetectCpuLevel() < CpuLevel::kAmx) GTEST_SKIP() << "no AMX";
+  std::mt19937 rng(11);
+  for (int64_t T : {1, 16, 21}) {
+    for (int64_t kp : {32, 96}) {
+      const int64_t ld = kp + 32;
+      std::vector<uint16_t> x(T * ld);
+      for (auto& v : x) v = static_cast<uint16_t>(rng());
+      // The packed blocks are stored with aligned 64-byte stores.
+      std::vector<uint32_t> buf(cpu::AmxPackedSize(T, kp) + 16, 0xdeadbeef);
+      uint32_t* packed = buf.data() + (16 - reinterpret_cast<uintptr_t>(buf.data()) / 4 % 16) % 16;
+      cpu::PackBf16ForAmx(x.data(), ld, T, kp, packed);
+      for (int64_t t = 0; t < (T + 15) / 16 * 16; ++t) {
+        for (int64_t c = 0; c < kp / 2; ++c) {
+          const uint32_t want =
+              t < T ? static_cast<uint32_t>(x[t * ld + 2 * c]) |
+                          static_cast<uint32_t>(x[t * ld + 2 * c + 1]) << 16
+                    : 0u;
+          ASSERT_EQ(packed[t / 16 * 16 * (kp / 2) + c * 16 + t % 16], want)
+              << "T=" << T << " kp=" << kp << " t=" << t << " c=" << c;
+        }
+      }
+    }
   }
 }
 
