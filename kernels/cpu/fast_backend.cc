@@ -27,14 +27,13 @@ using cpu::CpuLevel;
 // work): handing work to the other worker costs microseconds when it is spinning and far
 // more when it sleeps or the machine is loaded (KERNEL_NOTES.md).
 constexpr double kMinParallelMacs = 1 << 20;
-// MatMul ranges: at least 1 M multiply-adds (2 MiB of bf16 weights at one token). 128 K
-// (so decode k / v projections split too) measured no better on the loaded machine
-// (KERNEL_NOTES.md §8).
+// MatMul ranges: 1 M multiply-adds or 256 KiB of weights, whichever comes first. By
+// multiply-adds alone (2 MiB of bf16 weights at one token) a decode step's q / k / v / o
+// projections each ran on one thread; sized by bytes they split, and batch-1 decode got
+// 1.1x faster (bf16 on AMX, and f32 weights; bench/KERNEL_NOTES.md, AMX). 128 K multiply-adds
+// alone had measured no better on the loaded machine (KERNEL_NOTES.md §8).
 constexpr double kMinMatMulRangeMacs = 1 << 20;
-// On the AMX tiles the multiply-adds are cheap next to streaming the weights, so MatMul ranges
-// are sized by weight bytes: 256 KiB splits a decode step's k / v projections (1.1x faster
-// batch-1 decode than 2 MiB ranges; bench/KERNEL_NOTES.md, AMX).
-constexpr double kMinAmxRangeBytes = 256 << 10;
+constexpr double kMinMatMulRangeBytes = 256 << 10;
 // Attention reads a cache-resident KV and has no weight streaming: a smaller call pays.
 constexpr double kMinParallelAttentionMacs = 1 << 18;
 
@@ -179,9 +178,7 @@ class FastCpuBackend final : public Backend {
       // AVX-512 kernel.
       const int64_t full = n / 16 * 16;
       const int64_t groups = (n + 15) / 16;
-      const int64_t grain = std::max<int64_t>(
-          1, static_cast<int64_t>(kMinAmxRangeBytes / (16.0 * 2 * static_cast<double>(k))));
-      ThreadPool::Default().ParallelFor(groups, grain, [&](int64_t g0, int64_t g1) {
+      ThreadPool::Default().ParallelFor(groups, MatMulGrain(16, k, T, w.dtype), [&](int64_t g0, int64_t g1) {
         const int64_t r0 = g0 * 16, r1 = std::min(n, g1 * 16), rf = std::min(r1, full);
         if (rf > r0)
           cpu::DotRowsBf16Amx(xp, T, k, reinterpret_cast<const uint16_t*>(w.row(r0)),
@@ -193,9 +190,7 @@ class FastCpuBackend final : public Backend {
     }
     // Groups of 4 output rows (the register tile); ranges hold enough work to pay for a wake.
     const int64_t groups = (n + 3) / 4;
-    const int64_t grain = std::max<int64_t>(
-        1, static_cast<int64_t>(kMinMatMulRangeMacs / (4.0 * static_cast<double>(k) * T)));
-    ThreadPool::Default().ParallelFor(groups, grain, [&](int64_t g0, int64_t g1) {
+    ThreadPool::Default().ParallelFor(groups, MatMulGrain(4, k, T, w.dtype), [&](int64_t g0, int64_t g1) {
       const int64_t r0 = g0 * 4, r1 = std::min(n, g1 * 4);
       DotRows(x, k, xb, ldxb, T, w, r0, r1, y + r0, n, bias ? bias + r0 : nullptr);
     });
@@ -453,6 +448,13 @@ class FastCpuBackend final : public Backend {
   // register tiles (bench/KERNEL_NOTES.md, AMX).
   bool UsesAmx(const WeightView& w) const {
     return level_ == CpuLevel::kAmx && w.dtype == DType::kBF16 && w.cols % cpu::kAmxK == 0;
+  }
+  // MatMul grain in groups of `group_rows` output rows (kMinMatMulRange*).
+  static int64_t MatMulGrain(int64_t group_rows, int64_t k, int64_t tokens, DType wdt) {
+    const double row_macs = static_cast<double>(k) * static_cast<double>(tokens);
+    const double row_bytes = static_cast<double>(k) * static_cast<double>(DTypeSize(wdt));
+    const double rows = std::min(kMinMatMulRangeMacs / row_macs, kMinMatMulRangeBytes / row_bytes);
+    return std::max<int64_t>(1, static_cast<int64_t>(rows / static_cast<double>(group_rows)));
   }
   // Packs bf16 rows (ldxb) for the AMX kernels, by blocks of 16 rows over the pool.
   void PackForAmx(const uint16_t* xb, int64_t ldxb, int64_t rows, int64_t kp, uint32_t* xp) {
