@@ -116,7 +116,13 @@ __attribute__((target("avx512f"))) double SumAvx512(const float* p, int64_t n) {
     a2 = _mm512_add_ps(a2, _mm512_loadu_ps(p + i + 32));
     a3 = _mm512_add_ps(a3, _mm512_loadu_ps(p + i + 48));
   }
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  // Sum the 16 lanes through a store: GCC 12's _mm512_reduce_add_ps builds on
+  // _mm256_undefined_pd(), which -Wuninitialized reports.
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  double sum = 0;
+  for (float v : lanes) sum += v;
+  return sum;
 }
 
 double SumPortable(const float* p, int64_t n) {

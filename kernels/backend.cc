@@ -43,6 +43,29 @@ absl::Status Backend::WriteKv(const float* k, const float* v, int64_t num_tokens
   return absl::OkStatus();
 }
 
+absl::Status Backend::GroupedExpertFfnRows(const RowList& x, const int64_t* offsets,
+                                           int64_t num_groups,
+                                           const ExpertWeights* const* experts, int64_t hidden,
+                                           float* y) {
+  const int64_t base = offsets[0];
+  const int64_t R = offsets[num_groups] - base;
+  if (R <= 0) return absl::OkStatus();
+  std::vector<float> rows(R * hidden);
+  std::vector<int64_t> local(offsets, offsets + num_groups + 1);
+  for (int64_t& o : local) o -= base;
+  for (int64_t i = 0; i < R; ++i) {
+    const void* src = x.rows[base + i];
+    if (x.bf16 != nullptr && x.bf16[base + i] != 0) {
+      const auto* b = static_cast<const uint16_t*>(src);
+      for (int64_t d = 0; d < hidden; ++d) rows[i * hidden + d] = Bf16ToF32(b[d]);
+    } else {
+      std::memcpy(&rows[i * hidden], src, hidden * sizeof(float));
+    }
+  }
+  return GroupedExpertFfn(rows.data(), local.data(), num_groups, experts, hidden,
+                          y + base * hidden);
+}
+
 absl::Status Backend::AddGated(const float* x, const float* gate, int64_t num_rows, int64_t dim,
                        float* y) {
   for (int64_t t = 0; t < num_rows; ++t) {

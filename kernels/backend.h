@@ -62,6 +62,12 @@ struct AttentionSeq {
   float* out = nullptr;                 // [num_new, num_heads, head_dim] f32
 };
 
+// Rows given by address (Backend::GroupedExpertFfnRows).
+struct RowList {
+  const void* const* rows = nullptr;  // per row: `hidden` values, f32 or bf16
+  const uint8_t* bf16 = nullptr;      // per row: 1 = bf16; nullptr: every row f32
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -82,6 +88,16 @@ class Backend {
   // allowed. experts[g] may be null only when its group is empty.
   virtual absl::Status GroupedExpertFfn(const float* x, const int64_t* offsets, int64_t num_groups,
                                 const ExpertWeights* const* experts, int64_t hidden, float* y) = 0;
+
+  // The same with the input rows given by address (the expert dispatcher's rows stay where
+  // they arrived: in the token rows, or in a receive buffer in bf16): row i of
+  // [offsets[0], offsets[num_groups]) is x.rows[i], `hidden` f32 values, or bf16 values where
+  // x.bf16 != nullptr and x.bf16[i] != 0. y as above. Default: gathers the rows into f32 on
+  // the calling thread and calls GroupedExpertFfn.
+  virtual absl::Status GroupedExpertFfnRows(const RowList& x, const int64_t* offsets,
+                                            int64_t num_groups,
+                                            const ExpertWeights* const* experts, int64_t hidden,
+                                            float* y);
 
   // Causal attention for one sequence: q [num_new, num_heads, head_dim] f32 for positions
   // start_pos .. start_pos+num_new-1, whose K/V are already written in `kv`; keys 0 ..

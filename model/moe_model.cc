@@ -515,8 +515,8 @@ absl::Status MoeModelImpl::MoeBlock(int64_t l, int64_t T, int* moe_index) {
           "layer ", l, " slot ", s, " (expert ", e, ") has rows but is not loaded"));
   }
   if (missing.ok() && rows.num_rows > 0)
-    missing = backend_->GroupedExpertFfn(rows.rows, rows.slot_offsets, slots, slot_experts_.data(),
-                                         H, rows.out);
+    missing = backend_->GroupedExpertFfnRows({rows.row_ptrs, rows.row_bf16}, rows.slot_offsets,
+                                             slots, slot_experts_.data(), H, rows.out);
   if (!missing.ok()) std::fill(rows.out, rows.out + rows.num_rows * H, 0.f);
   // Combine: Σ_k weight · expert output back into each token's row.
   SY_RETURN_IF_ERROR(dispatcher_->Combine(static_cast<int>(l), moe_out_.data()));

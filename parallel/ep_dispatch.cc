@@ -15,7 +15,6 @@
 namespace sy::parallel {
 
 using kernels::cpu::RowCopyF32;
-using kernels::cpu::RowFromBf16;
 using kernels::cpu::RowSum;
 using kernels::cpu::RowToBf16;
 using kernels::cpu::SumRows;
@@ -202,7 +201,9 @@ class EpDispatcher final : public ExpertParallelDispatcher {
   std::vector<int32_t> row_src_;                  // [received rows] source rank of each
   std::vector<int64_t> slot_offsets_, cursor_, pos_of_pair_;
   std::vector<int64_t> row_pairs_begin_, pairs_by_row_;  // CSR: received row → its pairs
-  std::vector<float> grouped_, results_;
+  std::vector<const void*> row_ptrs_;  // grouped row → its address (x or receive buffer)
+  std::vector<uint8_t> row_bf16_;      // grouped row → 1 when it is in bf16 (wire)
+  std::vector<float> results_;
 
   // The layer between Dispatch and Combine.
   struct Call {
@@ -409,21 +410,18 @@ absl::Status EpDispatcher::Dispatch(int layer, const float* x, int64_t num_token
       return reinterpret_cast<const char*>(x + static_cast<int64_t>(tokens_to_[me][row]) * hidden);
     return recv_buf_.data() + r_off_[s] + row * row_bytes;
   };
-  grouped_.resize(num_pairs * hidden);
-  For(num_pairs, grain, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      float* dst = &grouped_[pos_of_pair_[i] * hidden];
-      const char* src = in_row_ptr(in_row_[i]);
-      if (row_src_[in_row_[i]] == me || !bf16()) {
-        RowCopyF32(reinterpret_cast<const float*>(src), hidden, dst);
-      } else {
-        RowFromBf16(reinterpret_cast<const uint16_t*>(src), hidden, dst);
-      }
-    }
-  });
+  // The grouped rows stay where they are (x, or the receive buffer in the wire dtype): the
+  // experts' kernel reads them by address.
+  row_ptrs_.resize(num_pairs);
+  row_bf16_.resize(num_pairs);
+  for (int64_t i = 0; i < num_pairs; ++i) {
+    row_ptrs_[pos_of_pair_[i]] = in_row_ptr(in_row_[i]);
+    row_bf16_[pos_of_pair_[i]] = row_src_[in_row_[i]] != me && bf16() ? 1 : 0;
+  }
   const double group_s = Lap(&t0);
   results_.resize(num_pairs * hidden);
-  expert_rows->rows = grouped_.data();
+  expert_rows->row_ptrs = row_ptrs_.data();
+  expert_rows->row_bf16 = row_bf16_.data();
   expert_rows->slot_offsets = slot_offsets_.data();
   expert_rows->num_rows = num_pairs;
   expert_rows->out = results_.data();

@@ -12,9 +12,10 @@
 //      for balancedness at no extra collective; its placement epoch: on a mismatch every rank
 //      returns FAILED_PRECONDITION before any expert runs or anything returns, and the
 //      communicator stays usable), then the rows (f32 or bf16 on the wire) and the pairs;
-//   5. the receiver groups the pairs by local slot (a row needed by two local experts is
-//      copied into both groups): Dispatch returns these rows (ExpertRows) and the model runs
-//      its grouped expert FFN over them;
+//   5. the receiver groups the pairs by local slot (a row needed by two local experts is in
+//      both groups): Dispatch returns the grouped rows by address (ExpertRows: rows stay in
+//      x or in the receive buffer, in the wire dtype) and the model runs its grouped expert
+//      FFN over them, which rounds them into its own bf16 rows in one pass;
 //   6. the receiver pre-sums Σ weight · y per received row straight into the return buffer
 //      (wire dtype), so the return all-to-all-v carries one row per (token, destination),
 //      not one per (token, expert): with top-k and k > 1 that is up to k× fewer bytes back;
@@ -52,7 +53,7 @@ enum class WireDType { kF32, kBF16 };
 
 struct EpDispatchOptions {
   // Element type of token rows and returned rows on the wire. bf16 halves the bytes; the
-  // expert math stays f32 (rows are widened on the receiver).
+  // experts' kernel reads received bf16 rows where they are.
   WireDType wire_dtype = WireDType::kF32;
   // Pool for the packing, grouping, pre-sum and combine loops; nullptr runs them on the
   // calling thread. (Not ThreadPool::Default() implicitly: a forked rank process must not
@@ -83,7 +84,7 @@ struct EpDispatchStats {
   // the expert callback), summed over calls.
   double layout_seconds = 0;  // routing and per-destination layout
   double pack_seconds = 0;    // rows into the send buffer (f32 → wire dtype)
-  double group_seconds = 0;   // received pairs sorted by slot, rows widened into groups
+  double group_seconds = 0;   // received pairs sorted by slot (rows are not copied)
   double expert_seconds = 0;  // the caller's experts: from Dispatch's return to Combine
   double presum_seconds = 0;  // Σ weight · y per received row into the return buffer
   double merge_seconds = 0;   // out = own weighted results + returned partial sums

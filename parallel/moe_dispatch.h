@@ -6,9 +6,9 @@
 //             destination rank, and hand back the rows this rank's experts must compute,
 //             grouped by local slot (ExpertRows);
 //   (model)   run this rank's experts over those rows as one grouped computation (the
-//             backend's GroupedExpertFfn), writing ExpertRows::out;
+//             backend's GroupedExpertFfnRows), writing ExpertRows::out;
 //   Combine   ship the results back and combine Σ_k weight_k · y_k into the token rows.
-// The single-rank dispatcher groups in place; the expert-parallel dispatcher (all-to-all over
+// The single-rank dispatcher groups addresses of the token rows; the expert-parallel dispatcher (all-to-all over
 // a Communicator) implements the same phases, so the model does not know how many ranks
 // there are. DispatchCombine runs the three with a callback (tests, benchmarks).
 //
@@ -29,14 +29,22 @@ namespace sy::parallel {
 using GroupedExpertFn = std::function<void(int layer, const float* rows,
                                            const int64_t* slot_offsets, float* out)>;
 
-// What Dispatch hands the model: the rows this rank's experts compute in one MoE layer.
+// What Dispatch hands the model: the rows this rank's experts compute in one MoE layer,
+// grouped by local slot. The rows are not copied into groups: grouped row i is at
+// row_ptrs[i] (a token row of x, or a row in the dispatcher's receive buffer), `hidden`
+// values in f32, or in bf16 where row_bf16 != nullptr and row_bf16[i] != 0 (rows that came
+// over a bf16 wire). The backend's GroupedExpertFfnRows reads them where they are.
 struct ExpertRows {
-  const float* rows = nullptr;            // f32 [num_rows, hidden], grouped by local slot
+  const void* const* row_ptrs = nullptr;  // [num_rows]
+  const uint8_t* row_bf16 = nullptr;      // [num_rows] or nullptr (every row f32)
   const int64_t* slot_offsets = nullptr;  // [num_local_slots + 1]: slot s has rows
                                           // [slot_offsets[s], slot_offsets[s + 1])
   int64_t num_rows = 0;
   float* out = nullptr;  // f32 [num_rows, hidden]: the caller writes each row's expert output
 };
+
+// The rows of `rows` as f32 [num_rows, hidden] into dst (the callback form; tests).
+void GatherExpertRows(const ExpertRows& rows, int64_t hidden, float* dst);
 
 class MoeDispatcher {
  public:
@@ -55,8 +63,8 @@ class MoeDispatcher {
   // Σ_k topk_weights[t,k] · expert(x[t]). Follows every successful Dispatch, on every rank.
   virtual absl::Status Combine(int layer, float* out) = 0;
 
-  // Dispatch, compute(layer, rows, slot_offsets, rows out), Combine; on a Dispatch error, out
-  // is zeros.
+  // Dispatch, compute(layer, rows gathered into f32, slot_offsets, rows out), Combine; on a
+  // Dispatch error, out is zeros.
   absl::Status DispatchCombine(int layer, const float* x, int64_t num_tokens, int64_t hidden,
                                const int32_t* topk_ids, const float* topk_weights,
                                int64_t num_topk, const GroupedExpertFn& compute, float* out);

@@ -1,5 +1,4 @@
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -8,9 +7,10 @@
 namespace sy::parallel {
 namespace {
 
-// Groups (token, k) pairs by expert with a counting sort (Dispatch), and scatters the
-// weighted results of the grouped rows back (Combine). A token that picks the same expert
-// twice (never happens with top-k, but cheap to allow) contributes twice.
+// Groups (token, k) pairs by expert with a counting sort (Dispatch: the addresses of the
+// token rows, nothing copied), and scatters the weighted results of the grouped rows back
+// (Combine). A token that picks the same expert twice (never happens with top-k, but cheap
+// to allow) contributes twice.
 class SingleRankDispatcher final : public MoeDispatcher {
  public:
   explicit SingleRankDispatcher(int64_t num_experts) : num_experts_(num_experts) {}
@@ -29,18 +29,19 @@ class SingleRankDispatcher final : public MoeDispatcher {
     for (int64_t e = 0; e < num_experts_; ++e) offsets_[e + 1] += offsets_[e];
     cursor_.assign(offsets_.begin(), offsets_.end() - 1);
     row_of_.resize(n);
-    rows_.resize(n * hidden);
+    row_ptrs_.resize(n);
     for (int64_t i = 0; i < n; ++i) {
       int64_t r = cursor_[topk_ids[i]]++;
       row_of_[i] = r;
-      std::memcpy(&rows_[r * hidden], x + (i / num_topk) * hidden, hidden * sizeof(float));
+      row_ptrs_[r] = x + (i / num_topk) * hidden;
     }
     results_.resize(n * hidden);
     num_tokens_ = num_tokens;
     hidden_ = hidden;
     num_topk_ = num_topk;
     topk_weights_ = topk_weights;
-    rows->rows = rows_.data();
+    rows->row_ptrs = row_ptrs_.data();
+    rows->row_bf16 = nullptr;
     rows->slot_offsets = offsets_.data();
     rows->num_rows = n;
     rows->out = results_.data();
@@ -69,7 +70,8 @@ class SingleRankDispatcher final : public MoeDispatcher {
  private:
   int64_t num_experts_;
   std::vector<int64_t> offsets_, cursor_, row_of_;
-  std::vector<float> rows_, results_;
+  std::vector<const void*> row_ptrs_;  // grouped row r: its token's row of x
+  std::vector<float> results_;
   // The layer between Dispatch and Combine.
   int64_t num_tokens_ = 0, hidden_ = 0, num_topk_ = 0;
   const float* topk_weights_ = nullptr;

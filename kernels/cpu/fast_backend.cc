@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <map>
 #include <string>
@@ -217,6 +218,28 @@ class FastCpuBackend final : public Backend {
   absl::Status GroupedExpertFfn(const float* x, const int64_t* offsets, int64_t num_groups,
                         const ExpertWeights* const* experts, int64_t hidden,
                         float* y) override {
+    return ExpertFfn(x, nullptr, offsets, num_groups, experts, hidden, y);
+  }
+
+  // Rows by address: when every expert with rows runs on bf16 activations, the rows are
+  // rounded (f32) or copied (bf16) straight into the kernels' bf16 rows, one pass, no f32
+  // copy; otherwise the default gather into f32.
+  absl::Status GroupedExpertFfnRows(const RowList& x, const int64_t* offsets, int64_t num_groups,
+                                    const ExpertWeights* const* experts, int64_t hidden,
+                                    float* y) override {
+    for (int64_t g = 0; g < num_groups; ++g) {
+      if (offsets[g + 1] > offsets[g] &&
+          (experts[g] == nullptr || !ExpertUsesBf16(*experts[g])))
+        return Backend::GroupedExpertFfnRows(x, offsets, num_groups, experts, hidden, y);
+    }
+    return ExpertFfn(nullptr, &x, offsets, num_groups, experts, hidden, y);
+  }
+
+  // The grouped expert FFN over rows x (f32 [R, hidden]) or, when every expert runs on bf16
+  // activations, over rows by address (list; x == nullptr).
+  absl::Status ExpertFfn(const float* x, const RowList* list, const int64_t* offsets,
+                         int64_t num_groups, const ExpertWeights* const* experts, int64_t hidden,
+                         float* y) {
     const int64_t R = offsets[num_groups] - offsets[0];
     if (R <= 0) return absl::OkStatus();
     const int64_t base = offsets[0];
@@ -242,7 +265,11 @@ class FastCpuBackend final : public Backend {
     float* hf = any_f32 ? Grow(hf_, R * max_inter) : nullptr;
     if (any_bf16) {
       xb = Grow(xb_, R * ldxb);
-      ConvertToBf16(x + base * hidden, R, hidden, hidden, xb, ldxb);
+      if (list != nullptr) {
+        GatherBf16(*list, base, R, hidden, xb, ldxb);
+      } else {
+        ConvertToBf16(x + base * hidden, R, hidden, hidden, xb, ldxb);
+      }
       hb = Grow(hb_, R * ldhb);
     }
     // Groups on AMX: their rows packed once for the gate / up products
@@ -312,7 +339,7 @@ class FastCpuBackend final : public Backend {
         float* gbuf = Grow(gate, rows * nn);
         float* ubuf = Grow(up, rows * nn);
         const bool bf = ExpertUsesBf16(e);
-        const float* xs = x + offsets[un.g] * hidden;
+        const float* xs = bf ? nullptr : x + offsets[un.g] * hidden;
         const uint16_t* xbs = bf ? xb + first * ldxb : nullptr;
         if (xpo[un.g] >= 0) {
           const uint32_t* xpg = xp + xpo[un.g];
@@ -478,6 +505,24 @@ class FastCpuBackend final : public Backend {
     const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(4 * kMinParallelMacs / k));
     ThreadPool::Default().ParallelFor(rows, grain, [&](int64_t r0, int64_t r1) {
       cpu::ConvertRowsToBf16Avx512(x + r0 * ldx, r1 - r0, k, ldx, xb + r0 * ldxb, ldxb);
+    });
+  }
+
+  // Row i of list (f32 rounded, bf16 copied) into xb row i - base, i in [base, base + rows).
+  void GatherBf16(const RowList& list, int64_t base, int64_t rows, int64_t k, uint16_t* xb,
+                  int64_t ldxb) {
+    const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(4 * kMinParallelMacs / k));
+    ThreadPool::Default().ParallelFor(rows, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        uint16_t* dst = xb + r * ldxb;
+        const void* src = list.rows[base + r];
+        if (list.bf16 != nullptr && list.bf16[base + r] != 0) {
+          std::memcpy(dst, src, k * sizeof(uint16_t));
+          std::fill(dst + k, dst + ldxb, uint16_t{0});
+        } else {
+          cpu::ConvertRowsToBf16Avx512(static_cast<const float*>(src), 1, k, k, dst, ldxb);
+        }
+      }
     });
   }
 

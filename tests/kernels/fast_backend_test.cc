@@ -228,6 +228,62 @@ TEST_P(FastBackendTest, GroupedExpertFfnMatchesReferenceWithEmptyGroups) {
   }
 }
 
+TEST_P(FastBackendTest, GroupedExpertFfnRowsReadsF32AndBf16RowsByAddress) {
+  // Rows scattered over two buffers (f32 token rows, a bf16 "receive buffer"), listed out of
+  // order: the same results as GroupedExpertFfn over the rows gathered into f32 (bf16 rows
+  // widened exactly), for bf16 experts (the direct path) and f32 experts (the default path).
+  const int64_t hidden = 64, inter = 96;
+  const std::vector<int64_t> rows_per_group = {18, 0, 5, 1};
+  const int64_t first_row = 2;
+  for (DType dtype : {DType::kBF16, DType::kF32}) {
+    const int64_t G = static_cast<int64_t>(rows_per_group.size());
+    std::vector<int64_t> offsets(G + 1, first_row);
+    for (int64_t g = 0; g < G; ++g) offsets[g + 1] = offsets[g] + rows_per_group[g];
+    const int64_t R = offsets.back();
+    std::vector<std::unique_ptr<StoredWeight>> store;
+    std::vector<ExpertWeights> experts(G);
+    std::vector<const ExpertWeights*> ptrs(G, nullptr);
+    for (int64_t g = 0; g < G; ++g) {
+      if (rows_per_group[g] == 0) continue;
+      store.push_back(std::make_unique<StoredWeight>(dtype, inter, hidden, hidden, rng_, 0.125f));
+      experts[g].w1 = store.back()->view;
+      store.push_back(std::make_unique<StoredWeight>(dtype, inter, hidden, hidden, rng_, 0.125f));
+      experts[g].w3 = store.back()->view;
+      store.push_back(std::make_unique<StoredWeight>(dtype, hidden, inter, inter, rng_, 0.1f));
+      experts[g].w2 = store.back()->view;
+      ptrs[g] = &experts[g];
+    }
+    auto tokens = RandomVec(R * hidden, rng_, 2.f);
+    std::vector<uint16_t> wire(R * hidden);
+    for (int64_t i = 0; i < R * hidden; ++i) wire[i] = F32ToBf16(tokens[i]);
+    std::vector<const void*> addr(R);
+    std::vector<uint8_t> is_bf16(R);
+    std::vector<float> gathered(R * hidden);
+    for (int64_t i = 0; i < R; ++i) {
+      const int64_t src = R - 1 - i;  // listed in reverse
+      is_bf16[i] = i % 3 == 1;
+      addr[i] = is_bf16[i] ? static_cast<const void*>(&wire[src * hidden])
+                           : static_cast<const void*>(&tokens[src * hidden]);
+      for (int64_t d = 0; d < hidden; ++d)
+        gathered[i * hidden + d] =
+            is_bf16[i] ? Bf16ToF32(wire[src * hidden + d]) : tokens[src * hidden + d];
+    }
+    std::vector<float> got(R * hidden, 5.f), want(R * hidden, 5.f), ref(R * hidden, 5.f);
+    ASSERT_TRUE(fast_->GroupedExpertFfnRows({addr.data(), is_bf16.data()}, offsets.data(), G,
+                                            ptrs.data(), hidden, got.data()).ok());
+    ASSERT_TRUE(fast_->GroupedExpertFfn(gathered.data(), offsets.data(), G, ptrs.data(), hidden,
+                                        want.data()).ok());
+    ASSERT_TRUE(ref_->GroupedExpertFfnRows({addr.data(), is_bf16.data()}, offsets.data(), G,
+                                           ptrs.data(), hidden, ref.data()).ok());
+    // The direct path rounds each row to bf16 exactly as GroupedExpertFfn does: equal.
+    EXPECT_EQ(got, want) << DTypeName(dtype);
+    const double tol =
+        GetParam() >= CpuLevel::kAvx512Bf16 && dtype == DType::kBF16 ? kBf16FfnTol : kF32Tol;
+    EXPECT_LE(NormalisedError(got, ref), tol) << DTypeName(dtype);
+    for (int64_t i = 0; i < first_row * hidden; ++i) ASSERT_EQ(got[i], 5.f);
+  }
+}
+
 struct AttnCase {
   int64_t num_new, start_pos, num_heads, num_kv_heads, head_dim, block_size;
 };
