@@ -61,7 +61,17 @@ void ThreadPool::RunRanges(uint32_t generation) {
     if (index >= ranges) return;
     if (!claim_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel)) continue;
     (*fn)(index * chunk, std::min(n, (index + 1) * chunk));
-    if (done_ranges_.fetch_add(1, std::memory_order_acq_rel) + 1 == ranges) {
+    // Completions are counted toward the region they were claimed in: (generation << 32) |
+    // count, so a count can never carry over into the next region.
+    uint64_t d = done_.load(std::memory_order_acquire);
+    while (static_cast<uint32_t>(d >> 32) == generation &&
+           !done_.compare_exchange_weak(d, d + 1, std::memory_order_acq_rel)) {
+    }
+    if (static_cast<uint32_t>(d >> 32) != generation) {
+      stale_completions_.fetch_add(1, std::memory_order_relaxed);
+      continue;
+    }
+    if (static_cast<int64_t>(d & 0xffffffffu) + 1 == ranges) {
       sy::MutexLock lock(&mu_);  // pairs with the caller's predicate check
       cv_done_.Signal();
     }
@@ -106,8 +116,8 @@ void ThreadPool::ParallelFor(int64_t n, int64_t min_grain,
     n_.store(n, std::memory_order_relaxed);
     chunk_.store(chunk, std::memory_order_relaxed);
     num_ranges_.store(ranges, std::memory_order_relaxed);
-    done_ranges_.store(0, std::memory_order_relaxed);
     generation = generation_.load(std::memory_order_relaxed) + 1;
+    done_.store(static_cast<uint64_t>(generation) << 32, std::memory_order_relaxed);
     claim_.store(static_cast<uint64_t>(generation) << 32, std::memory_order_release);
     generation_.store(generation, std::memory_order_release);
   }
@@ -115,7 +125,8 @@ void ThreadPool::ParallelFor(int64_t n, int64_t min_grain,
   tls_in_worker = true;
   RunRanges(generation);
   tls_in_worker = false;
-  auto done = [&] { return done_ranges_.load(std::memory_order_acquire) == ranges; };
+  const uint64_t all_done = (static_cast<uint64_t>(generation) << 32) | static_cast<uint64_t>(ranges);
+  auto done = [&] { return done_.load(std::memory_order_acquire) == all_done; };
   if (!SpinFor(done)) {
     sy::MutexLock lock(&mu_);
     while (!done()) cv_done_.Wait(&mu_);

@@ -69,7 +69,10 @@ class ThreadPool {
   std::atomic<const std::function<void(int64_t, int64_t)>*> fn_{nullptr};
   std::atomic<int64_t> n_{0}, chunk_{0}, num_ranges_{0};
   std::atomic<uint64_t> claim_{0};  // (generation << 32) | next range index
-  std::atomic<int64_t> done_ranges_{0};
+  std::atomic<uint64_t> done_{0};  // (generation << 32) | ranges finished
+  // Completions that arrived after their region had ended (none expected; counted so that
+  // a test or a debugger can see one).
+  std::atomic<int64_t> stale_completions_{0};
   std::atomic<uint32_t> generation_{0};
   std::atomic<bool> stop_{false};
 };
