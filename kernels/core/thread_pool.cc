@@ -53,11 +53,16 @@ void ThreadPool::RunRanges(uint32_t generation) {
     uint64_t c = claim_.load(std::memory_order_acquire);
     if (static_cast<uint32_t>(c >> 32) != generation) return;
     const int64_t index = static_cast<int64_t>(c & 0xffffffffu);
-    // Read before claiming: if the region changed meanwhile the claim below fails.
-    const auto* fn = fn_.load(std::memory_order_relaxed);
-    const int64_t n = n_.load(std::memory_order_relaxed);
-    const int64_t chunk = chunk_.load(std::memory_order_relaxed);
-    const int64_t ranges = num_ranges_.load(std::memory_order_relaxed);
+    // Read before claiming: if the region changed meanwhile the claim below fails. That
+    // holds because the caller closes the old region's claims before it writes the new
+    // region's fields (release), and these loads acquire: a worker that read a new field
+    // also sees the closed claim, so its compare-exchange with the old value fails. (Without
+    // the close, a worker holding the exhausted claim of the old region could read the new
+    // region's larger range count and claim with the old value: a range run twice.)
+    const auto* fn = fn_.load(std::memory_order_acquire);
+    const int64_t n = n_.load(std::memory_order_acquire);
+    const int64_t chunk = chunk_.load(std::memory_order_acquire);
+    const int64_t ranges = num_ranges_.load(std::memory_order_acquire);
     if (index >= ranges) return;
     if (!claim_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel)) continue;
     (*fn)(index * chunk, std::min(n, (index + 1) * chunk));
@@ -112,10 +117,15 @@ void ThreadPool::ParallelFor(int64_t n, int64_t min_grain,
   uint32_t generation;
   {
     sy::MutexLock lock(&mu_);
-    fn_.store(&fn, std::memory_order_relaxed);
-    n_.store(n, std::memory_order_relaxed);
-    chunk_.store(chunk, std::memory_order_relaxed);
-    num_ranges_.store(ranges, std::memory_order_relaxed);
+    // Close the previous region's claims (index past any range count) before its fields
+    // change; see RunRanges.
+    claim_.store((static_cast<uint64_t>(generation_.load(std::memory_order_relaxed)) << 32) |
+                     0xffffffffu,
+                 std::memory_order_relaxed);
+    fn_.store(&fn, std::memory_order_release);
+    n_.store(n, std::memory_order_release);
+    chunk_.store(chunk, std::memory_order_release);
+    num_ranges_.store(ranges, std::memory_order_release);
     generation = generation_.load(std::memory_order_relaxed) + 1;
     done_.store(static_cast<uint64_t>(generation) << 32, std::memory_order_relaxed);
     claim_.store(static_cast<uint64_t>(generation) << 32, std::memory_order_release);
