@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <mutex>
 #include <set>
 #include <thread>
@@ -101,6 +102,38 @@ TEST(ThreadPoolTest, ConcurrentCallersAreSerialisedAndAllComplete) {
   }
   for (auto& t : callers) t.join();
   EXPECT_EQ(total.load(), 4 * 200 * 100);
+}
+
+TEST(ThreadPoolTest, BackToBackRegionsOfGrowingRangeCountsRunEveryRangeOnce) {
+  // A worker still holding the exhausted claim of a 2-range region must not claim a range of
+  // the next 8-range region with it (that range would run twice and the region's done count
+  // would overshoot: the caller waited forever). The regions run on a helper thread so a hang
+  // fails the test instead of stalling it.
+  ThreadPool pool(2);
+  std::atomic<int> bad{0};
+  std::atomic<bool> finished{false};
+  std::thread driver([&] {
+    for (int r = 0; r < 100000; ++r) {
+      const int64_t n = r % 2 == 0 ? 2 : 8;
+      std::atomic<int> hits[8] = {};
+      pool.ParallelFor(n, 1, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) hits[i]++;
+      });
+      for (int64_t i = 0; i < n; ++i)
+        if (hits[i].load() != 1) bad++;
+    }
+    finished = true;
+  });
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  while (!finished && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  if (!finished) {
+    ADD_FAILURE() << "a ParallelFor region never completed";
+    driver.detach();
+    std::_Exit(1);
+  }
+  driver.join();
+  EXPECT_EQ(bad.load(), 0);
 }
 
 TEST(ThreadPoolTest, SingleThreadPoolRunsInline) {
