@@ -4,6 +4,8 @@
 #include <cstring>
 #include <vector>
 
+#include "kernels/cpu/row_kernels.h"
+
 namespace sy::kernels {
 
 absl::Status Backend::ApplyRope(float* q, float* k, int64_t num_tokens, int64_t num_heads,
@@ -43,6 +45,17 @@ absl::Status Backend::WriteKv(const float* k, const float* v, int64_t num_tokens
   return absl::OkStatus();
 }
 
+void GatherRowsF32(const RowList& x, int64_t first, int64_t count, int64_t hidden, float* dst) {
+  for (int64_t i = 0; i < count; ++i) {
+    const void* src = x.rows[first + i];
+    if (x.bf16 != nullptr && x.bf16[first + i] != 0) {
+      cpu::RowFromBf16(static_cast<const uint16_t*>(src), hidden, dst + i * hidden);
+    } else {
+      cpu::RowCopyF32(static_cast<const float*>(src), hidden, dst + i * hidden);
+    }
+  }
+}
+
 absl::Status Backend::GroupedExpertFfnRows(const RowList& x, const int64_t* offsets,
                                            int64_t num_groups,
                                            const ExpertWeights* const* experts, int64_t hidden,
@@ -53,15 +66,7 @@ absl::Status Backend::GroupedExpertFfnRows(const RowList& x, const int64_t* offs
   std::vector<float> rows(R * hidden);
   std::vector<int64_t> local(offsets, offsets + num_groups + 1);
   for (int64_t& o : local) o -= base;
-  for (int64_t i = 0; i < R; ++i) {
-    const void* src = x.rows[base + i];
-    if (x.bf16 != nullptr && x.bf16[base + i] != 0) {
-      const auto* b = static_cast<const uint16_t*>(src);
-      for (int64_t d = 0; d < hidden; ++d) rows[i * hidden + d] = Bf16ToF32(b[d]);
-    } else {
-      std::memcpy(&rows[i * hidden], src, hidden * sizeof(float));
-    }
-  }
+  GatherRowsF32(x, base, R, hidden, rows.data());
   return GroupedExpertFfn(rows.data(), local.data(), num_groups, experts, hidden,
                           y + base * hidden);
 }

@@ -68,6 +68,9 @@ struct RowList {
   const uint8_t* bf16 = nullptr;      // per row: 1 = bf16; nullptr: every row f32
 };
 
+// Rows [first, first + count) of x as f32 into dst [count, hidden] (bf16 rows widened).
+void GatherRowsF32(const RowList& x, int64_t first, int64_t count, int64_t hidden, float* dst);
+
 class Backend {
  public:
   virtual ~Backend() = default;

@@ -3,20 +3,12 @@
 #include <algorithm>
 #include <vector>
 
-#include "kernels/cpu/row_kernels.h"
+#include "kernels/backend.h"
 
 namespace sy::parallel {
 
 void GatherExpertRows(const ExpertRows& rows, int64_t hidden, float* dst) {
-  for (int64_t i = 0; i < rows.num_rows; ++i) {
-    if (rows.row_bf16 != nullptr && rows.row_bf16[i] != 0) {
-      kernels::cpu::RowFromBf16(static_cast<const uint16_t*>(rows.row_ptrs[i]), hidden,
-                                dst + i * hidden);
-    } else {
-      kernels::cpu::RowCopyF32(static_cast<const float*>(rows.row_ptrs[i]), hidden,
-                               dst + i * hidden);
-    }
-  }
+  kernels::GatherRowsF32({rows.row_ptrs, rows.row_bf16}, 0, rows.num_rows, hidden, dst);
 }
 
 absl::Status MoeDispatcher::DispatchCombine(int layer, const float* x, int64_t num_tokens,
