@@ -7,10 +7,13 @@
 #   1p2t  one `switchyard serve --threads 2`
 #   2p1t  `serve --threads 1` + one `worker --threads 1` (Gloo over 127.0.0.1)
 #   4p1t  `serve --threads 1` + three workers with one thread each (two ranks per core)
+#   2p1t-tbo, 4p1t-tbo  the same groups with `serve --two-batch-overlap` (each step as two
+#         micro-batches, one's all-to-all in flight while the other computes)
 # each loaded by `loadgen --concurrency 32 --prompt-len 128 --max-new-tokens 64` (after a short
 # warm-up run). Prints the output tokens/s of every round, the medians and their ratios to
-# 1p2t, and the step split of every rank of the last group run (attention, experts,
-# all-to-all, other: switchyard_rank_step_seconds_total of each rank's /metrics).
+# 1p2t, the overlapped groups' ratios to the plain ones, and the step split of every rank of
+# the last group run (attention, experts, all-to-all, other:
+# switchyard_rank_step_seconds_total of each rank's /metrics).
 # Checks: no failed request; 2p1t >= 0.9 (bench) / 0.7 (demo) of 1p2t; 4p1t >= 0.75 of 1p2t on
 # bench. On demo the 4p1t ratio is printed without a target: its steps take a few
 # milliseconds, so with two ranks per core every exchange waits for a descheduled peer.
@@ -51,12 +54,13 @@ wait_for() {  # FILE PATTERN: wait up to 120 s for PATTERN in FILE
 
 # start CONFIG MODEL: the group of CONFIG, serving once every rank is in.
 start() {
-  local cfg=$1 model=$2 ranks threads=1
+  local cfg=$1 model=$2 ranks threads=1 extra=()
   case $cfg in
     1p2t) ranks=1; threads=2 ;;
-    2p1t) ranks=2 ;;
-    4p1t) ranks=4 ;;
+    2p1t*) ranks=2 ;;
+    4p1t*) ranks=4 ;;
   esac
+  [[ $cfg == *-tbo ]] && extra=(--two-batch-overlap)
   local common=(--model "$model" --kv-cache-bytes 1073741824)
   if [ "$ranks" -eq 1 ]; then
     "$bin" serve "${common[@]}" --max-num-seqs 64 --threads "$threads" --host 127.0.0.1 --port 0 --metrics-port 0 \
@@ -64,7 +68,7 @@ start() {
     pids+=($!)
   else
     "$bin" serve "${common[@]}" --max-num-seqs 64 --threads 1 --host 127.0.0.1 --port 0 --metrics-port 0 \
-      --cluster-port 0 --secret-file "$work/secret" --min-ranks "$ranks" \
+      --cluster-port 0 --secret-file "$work/secret" --min-ranks "$ranks" "${extra[@]}" \
       >"$work/leader.out" 2>"$work/leader.err" &
     pids+=($!)
     wait_for "$work/leader.out" "cluster service on"
@@ -107,10 +111,10 @@ for preset in $presets; do
   model=$(model_of "$preset")
   echo "ep_bench: $preset model, loadgen 32 streams, prompt 128, 64 new tokens, $requests requests"
   declare -A tps=()
-  order=(1p2t 2p1t 4p1t)
   for r in $(seq 1 "$rounds"); do
     # Alternate the order so that a drift of the machine's speed hits every config.
-    [ $((r % 2)) -eq 0 ] && order=(4p1t 2p1t 1p2t) || order=(1p2t 2p1t 4p1t)
+    if [ $((r % 2)) -eq 0 ]; then order=(4p1t-tbo 4p1t 2p1t-tbo 2p1t 1p2t)
+    else order=(1p2t 2p1t 2p1t-tbo 4p1t 4p1t-tbo); fi
     for cfg in "${order[@]}"; do
       rm -f "$work"/*.out "$work"/*.err
       start "$cfg" "$model"
@@ -120,7 +124,7 @@ for preset in $presets; do
       out=$("${lg[@]}" --requests "$requests" --seed "$r" || true)
       failed=$(awk '/failed requests/ {print $NF}' <<<"$out")
       t=$(awk '/output token throughput/ {print $NF}' <<<"$out")
-      printf '  round %d %-5s %8s tok/s  failed %s\n' "$r" "$cfg" "${t:-?}" "${failed:-?}"
+      printf '  round %d %-8s %8s tok/s  failed %s\n' "$r" "$cfg" "${t:-?}" "${failed:-?}"
       if [ "${failed:-1}" != 0 ] || [ -z "$t" ]; then
         echo "check: $cfg round $r had failed requests: FAIL"; status=1
         tail -20 "$work/leader.err"
@@ -128,6 +132,7 @@ for preset in $presets; do
       tps[$cfg]="${tps[$cfg]:-} ${t:-0}"
       [ "$cfg" = 2p1t ] && [ "$r" -eq "$rounds" ] && split2=$(split)
       [ "$cfg" = 4p1t ] && [ "$r" -eq "$rounds" ] && split4=$(split)
+      [ "$cfg" = 2p1t-tbo ] && [ "$r" -eq "$rounds" ] && split2o=$(split)
       stop_all
     done
   done
@@ -139,10 +144,17 @@ for preset in $presets; do
   r4=$(awk -v a="$m4" -v b="$base" 'BEGIN {printf "%.2f", a / b}')
   want2=$([ "$preset" = demo ] && echo 0.7 || echo 0.9)
   printf '  median tok/s: 1p2t %s, 2p1t %s (%sx), 4p1t %s (%sx)\n' "$base" "$m2" "$r2" "$m4" "$r4"
+  m2o=$(med "${tps[2p1t-tbo]}")
+  m4o=$(med "${tps[4p1t-tbo]}")
+  printf '  two-batch overlap: 2p1t-tbo %s (%sx of 2p1t), 4p1t-tbo %s (%sx of 4p1t)\n' \
+    "$m2o" "$(awk -v a="$m2o" -v b="$m2" 'BEGIN {printf "%.2f", a / b}')" \
+    "$m4o" "$(awk -v a="$m4o" -v b="$m4" 'BEGIN {printf "%.2f", a / b}')"
   echo "  step split, 2p1t (last round):"
   echo "${split2:-  (none)}"
   echo "  step split, 4p1t (last round):"
   echo "${split4:-  (none)}"
+  echo "  step split, 2p1t-tbo (last round):"
+  echo "${split2o:-  (none)}"
   if awk -v r="$r2" -v w="$want2" 'BEGIN {exit !(r >= w)}'; then echo "check: 2p1t >= $want2 x 1p2t: ok"
   else echo "check: 2p1t $r2 < $want2 x 1p2t: FAIL"; status=1; fi
   if [ "$preset" != bench ]; then echo "4p1t: ${r4}x of 1p2t (no target on $preset)"

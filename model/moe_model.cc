@@ -295,9 +295,21 @@ class MoeModelImpl final : public MoeModel {
                           int64_t* num_tokens, int64_t* num_logits) const;
   // The token rows into x_, and each token's position and KV cache slot.
   void Embed(std::span<const SequenceInput> batch, int64_t T, int64_t block_size);
-  absl::Status Attention(int64_t l, std::span<const SequenceInput> batch, int64_t T,
-                 const kernels::PagedKv& kv);
+  // Attention of layer l for the tokens [tb, te) of the batch (all of it, or one micro-batch).
+  absl::Status Attention(int64_t l, std::span<const SequenceInput> batch, int64_t tb, int64_t te,
+                         const kernels::PagedKv& kv);
+  // The MoE (or dense MLP) block of layer l over all T tokens through the dispatcher.
   absl::Status MoeBlock(int64_t l, int64_t T, int* moe_index);
+  // Its parts, for the tokens [tb, te): RMSNorm and router (top-k into topk_ids_ / topk_w_);
+  // the experts over grouped rows (this rank's slots; a slot with rows whose expert is not
+  // loaded is an error, its rows get zeros); the shared expert and the residual add.
+  absl::Status MoeRoute(int64_t l, int64_t tb, int64_t te);
+  absl::Status MoeExperts(int64_t l, const parallel::ExpertRows& rows);
+  absl::Status MoeTail(int64_t l, int64_t tb, int64_t te);
+  // A dense MLP layer's block for the tokens [tb, te).
+  absl::Status DenseMlp(int64_t l, int64_t tb, int64_t te);
+  // Forward's layers as two micro-batches (the dispatcher's micro_batches() == 2).
+  absl::Status LayersOverlapped(std::span<const SequenceInput> batch, int64_t T, KvCache& cache);
   absl::Status LmHead(std::span<const SequenceInput> batch, int64_t num_logits, float* logits);
 
   absl::Status Ffn(const ExpertWeights& w, const float* x, int64_t rows, float* y) {
@@ -335,6 +347,7 @@ class MoeModelImpl final : public MoeModel {
   std::vector<float> last_;           // [L, H] the last hidden state of each such sequence
   std::vector<kernels::AttentionSeq> attn_seqs_;    // one layer's batched attention call
   std::vector<const ExpertWeights*> slot_experts_;  // [local slots] of the layer
+  parallel::ExpertRowsMerger merger_;                // both micro-batches' rows (overlap)
   // forward_times(), in nanoseconds (written by Forward, read by any thread).
   std::atomic<int64_t> calls_{0}, total_ns_{0}, attention_ns_{0}, moe_ns_{0}, lm_head_ns_{0};
 };
@@ -354,15 +367,19 @@ absl::Status MoeModelImpl::Forward(std::span<const SequenceInput> batch, KvCache
   const Clock::time_point start = Clock::now();
   logits->assign(num_logits * c.vocab_size, 0.f);
   Embed(batch, T, cache.block_size());
-  int moe_index = 0;  // index of this MoE layer among the MoE layers (load statistics)
-  for (int64_t l = 0; l < c.num_layers; ++l) {
-    const Clock::time_point t0 = Clock::now();
-    SY_RETURN_IF_ERROR(Attention(l, batch, T, cache.layer(l)));
-    const Clock::time_point t1 = Clock::now();
-    absl::Status moe = MoeBlock(l, T, &moe_index);
-    add(moe_ns_, t1, Clock::now());
-    add(attention_ns_, t0, t1);
-    SY_RETURN_IF_ERROR(moe);
+  if (dispatcher_->micro_batches() == 2) {
+    SY_RETURN_IF_ERROR(LayersOverlapped(batch, T, cache));
+  } else {
+    int moe_index = 0;  // index of this MoE layer among the MoE layers (load statistics)
+    for (int64_t l = 0; l < c.num_layers; ++l) {
+      const Clock::time_point t0 = Clock::now();
+      SY_RETURN_IF_ERROR(Attention(l, batch, 0, T, cache.layer(l)));
+      const Clock::time_point t1 = Clock::now();
+      absl::Status moe = MoeBlock(l, T, &moe_index);
+      add(moe_ns_, t1, Clock::now());
+      add(attention_ns_, t0, t1);
+      SY_RETURN_IF_ERROR(moe);
+    }
   }
   if (recorder_ != nullptr) recorder_->EndStep();
   const Clock::time_point head = Clock::now();
@@ -430,80 +447,118 @@ void MoeModelImpl::Embed(std::span<const SequenceInput> batch, int64_t T, int64_
     }
 }
 
-absl::Status MoeModelImpl::Attention(int64_t l, std::span<const SequenceInput> batch, int64_t T,
-                             const kernels::PagedKv& kv) {
+absl::Status MoeModelImpl::Attention(int64_t l, std::span<const SequenceInput> batch, int64_t tb,
+                                     int64_t te, const kernels::PagedKv& kv) {
   const ModelConfig& c = config_;
   const LayerWeights& L = layers_[l];
   const int64_t H = c.hidden_size, hd = c.head_dim, nh = c.num_heads, nkv = c.num_kv_heads;
   const int64_t qdim = nh * hd, kvdim = nkv * hd;
   const float eps = static_cast<float>(c.rms_norm_eps);
-  SY_RETURN_IF_ERROR(backend_->RmsNorm(x_.data(), T, H, L.input_norm, eps, h_.data()));
-  SY_RETURN_IF_ERROR(backend_->MatMul(h_.data(), T, L.q, q_.data(),
-                                      L.q_bias.empty() ? nullptr : L.q_bias.data()));
-  SY_RETURN_IF_ERROR(backend_->MatMul(h_.data(), T, L.k, k_.data(),
-                                      L.k_bias.empty() ? nullptr : L.k_bias.data()));
-  SY_RETURN_IF_ERROR(backend_->MatMul(h_.data(), T, L.v, v_.data(),
-                                      L.v_bias.empty() ? nullptr : L.v_bias.data()));
+  const int64_t T = te - tb;
+  if (T <= 0) return absl::OkStatus();
+  float* x = &x_[tb * H];
+  float* h = &h_[tb * H];
+  float* q = &q_[tb * qdim];
+  float* k = &k_[tb * kvdim];
+  float* v = &v_[tb * kvdim];
+  float* attn = &attn_[tb * qdim];
+  float* o = &o_[tb * H];
+  SY_RETURN_IF_ERROR(backend_->RmsNorm(x, T, H, L.input_norm, eps, h));
+  SY_RETURN_IF_ERROR(backend_->MatMul(h, T, L.q, q, L.q_bias.empty() ? nullptr : L.q_bias.data()));
+  SY_RETURN_IF_ERROR(backend_->MatMul(h, T, L.k, k, L.k_bias.empty() ? nullptr : L.k_bias.data()));
+  SY_RETURN_IF_ERROR(backend_->MatMul(h, T, L.v, v, L.v_bias.empty() ? nullptr : L.v_bias.data()));
   if (c.qk_norm == QkNorm::kFull) {
-    SY_RETURN_IF_ERROR(backend_->RmsNorm(q_.data(), T, qdim, L.q_norm, eps, q_.data()));
-    SY_RETURN_IF_ERROR(backend_->RmsNorm(k_.data(), T, kvdim, L.k_norm, eps, k_.data()));
+    SY_RETURN_IF_ERROR(backend_->RmsNorm(q, T, qdim, L.q_norm, eps, q));
+    SY_RETURN_IF_ERROR(backend_->RmsNorm(k, T, kvdim, L.k_norm, eps, k));
   } else if (c.qk_norm == QkNorm::kPerHead) {
-    SY_RETURN_IF_ERROR(backend_->RmsNorm(q_.data(), T * nh, hd, L.q_norm, eps, q_.data()));
-    SY_RETURN_IF_ERROR(backend_->RmsNorm(k_.data(), T * nkv, hd, L.k_norm, eps, k_.data()));
+    SY_RETURN_IF_ERROR(backend_->RmsNorm(q, T * nh, hd, L.q_norm, eps, q));
+    SY_RETURN_IF_ERROR(backend_->RmsNorm(k, T * nkv, hd, L.k_norm, eps, k));
   }
   if (c.clip_qkv > 0) {
     const float lim = static_cast<float>(c.clip_qkv);
-    for (auto* buf : {&q_, &k_, &v_})
-      for (float& f : *buf) f = std::clamp(f, -lim, lim);
+    for (float* buf : {q, k, v}) {
+      const int64_t n = T * (buf == q ? qdim : kvdim);
+      for (int64_t i = 0; i < n; ++i) buf[i] = std::clamp(buf[i], -lim, lim);
+    }
   }
   // RoPE on q and k, and this layer's K/V of every new token into the paged cache.
-  SY_RETURN_IF_ERROR(
-      backend_->ApplyRope(q_.data(), k_.data(), T, nh, nkv, hd, positions_.data(), c.rope_theta));
-  SY_RETURN_IF_ERROR(backend_->WriteKv(k_.data(), v_.data(), T, slots_.data(), kv));
+  SY_RETURN_IF_ERROR(backend_->ApplyRope(q, k, T, nh, nkv, hd, &positions_[tb], c.rope_theta));
+  SY_RETURN_IF_ERROR(backend_->WriteKv(k, v, T, &slots_[tb], kv));
+  // The part of each sequence in [tb, te): its queries attend to every position up to theirs
+  // (a micro-batch that starts inside a sequence reads the earlier part's K/V, which the other
+  // micro-batch wrote to the cache first).
   attn_seqs_.clear();
   int64_t t0 = 0;
   for (const auto& in : batch) {
     const int64_t n = static_cast<int64_t>(in.tokens.size());
-    if (n > 0)
-      attn_seqs_.push_back({&q_[t0 * qdim], n, in.start_pos, in.block_table.data(), &attn_[t0 * qdim]});
+    const int64_t b = std::max(t0, tb), e = std::min(t0 + n, te);
+    if (e > b)
+      attn_seqs_.push_back({&q_[b * qdim], e - b, in.start_pos + (b - t0), in.block_table.data(),
+                            &attn_[b * qdim]});
     t0 += n;
   }
   // Every sequence's K/V of this layer is written: one attention call for the batch.
   SY_RETURN_IF_ERROR(backend_->AttentionBatch(
       attn_seqs_.data(), static_cast<int64_t>(attn_seqs_.size()), nh, kv,
       static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)))));
-  SY_RETURN_IF_ERROR(backend_->MatMul(attn_.data(), T, L.o, o_.data()));
-  for (int64_t i = 0; i < T * H; ++i) x_[i] += o_[i];
+  SY_RETURN_IF_ERROR(backend_->MatMul(attn, T, L.o, o));
+  for (int64_t i = 0; i < T * H; ++i) x[i] += o[i];
   return absl::OkStatus();
 }
 
 absl::Status MoeModelImpl::MoeBlock(int64_t l, int64_t T, int* moe_index) {
-  const ModelConfig& c = config_;
   const LayerWeights& L = layers_[l];
-  const int64_t H = c.hidden_size;
-  SY_RETURN_IF_ERROR(backend_->RmsNorm(x_.data(), T, H, L.post_norm,
-                                       static_cast<float>(c.rms_norm_eps), h_.data()));
-  if (!L.is_moe) {  // a dense MLP layer
-    SY_RETURN_IF_ERROR(Ffn(L.shared, h_.data(), T, moe_out_.data()));
-    for (int64_t i = 0; i < T * H; ++i) x_[i] += moe_out_[i];
-    return absl::OkStatus();
-  }
-  // Router: the top-k experts of each token and their weights.
-  const int64_t E = c.num_experts, K = c.num_experts_per_tok;
-  router_logits_.resize(T * E);
-  topk_ids_.resize(T * K);
-  topk_w_.resize(T * K);
-  SY_RETURN_IF_ERROR(backend_->MatMul(h_.data(), T, L.router, router_logits_.data()));
-  RouteTopK(router_logits_.data(), T, E, K, c.norm_topk_prob, topk_ids_.data(), topk_w_.data());
+  if (!L.is_moe) return DenseMlp(l, 0, T);
+  SY_RETURN_IF_ERROR(MoeRoute(l, 0, T));
   if (recorder_ != nullptr) recorder_->Record(*moe_index, topk_ids_.data(), T);
   ++*moe_index;
+  const int64_t H = config_.hidden_size, K = config_.num_experts_per_tok;
   // Dispatch: the rows this rank's experts compute, grouped by local slot.
   parallel::ExpertRows rows;
   SY_RETURN_IF_ERROR(dispatcher_->Dispatch(static_cast<int>(l), h_.data(), T, H, topk_ids_.data(),
                                            topk_w_.data(), K, &rows));
-  // Experts: one grouped FFN over this rank's slots. A slot with rows whose expert is not
-  // loaded (an error of the placement), or a failed expert kernel, is reported after the
-  // combine (the other ranks still finish the layer's collectives); the rows get zeros.
+  // Experts; an error is reported after the combine (the other ranks still finish the
+  // layer's collectives).
+  const absl::Status missing = MoeExperts(l, rows);
+  // Combine: Σ_k weight · expert output back into each token's row.
+  SY_RETURN_IF_ERROR(dispatcher_->Combine(static_cast<int>(l), moe_out_.data()));
+  SY_RETURN_IF_ERROR(missing);
+  return MoeTail(l, 0, T);
+}
+
+absl::Status MoeModelImpl::DenseMlp(int64_t l, int64_t tb, int64_t te) {
+  const ModelConfig& c = config_;
+  const LayerWeights& L = layers_[l];
+  const int64_t H = c.hidden_size, T = te - tb;
+  if (T <= 0) return absl::OkStatus();
+  SY_RETURN_IF_ERROR(backend_->RmsNorm(&x_[tb * H], T, H, L.post_norm,
+                                       static_cast<float>(c.rms_norm_eps), &h_[tb * H]));
+  SY_RETURN_IF_ERROR(Ffn(L.shared, &h_[tb * H], T, &moe_out_[tb * H]));
+  for (int64_t i = tb * H; i < te * H; ++i) x_[i] += moe_out_[i];
+  return absl::OkStatus();
+}
+
+absl::Status MoeModelImpl::MoeRoute(int64_t l, int64_t tb, int64_t te) {
+  const ModelConfig& c = config_;
+  const LayerWeights& L = layers_[l];
+  const int64_t H = c.hidden_size, E = c.num_experts, K = c.num_experts_per_tok;
+  const int64_t T = te - tb, all = static_cast<int64_t>(x_.size()) / H;
+  router_logits_.resize(all * E);
+  topk_ids_.resize(all * K);
+  topk_w_.resize(all * K);
+  if (T <= 0) return absl::OkStatus();
+  SY_RETURN_IF_ERROR(backend_->RmsNorm(&x_[tb * H], T, H, L.post_norm,
+                                       static_cast<float>(c.rms_norm_eps), &h_[tb * H]));
+  // Router: the top-k experts of each token and their weights.
+  SY_RETURN_IF_ERROR(backend_->MatMul(&h_[tb * H], T, L.router, &router_logits_[tb * E]));
+  RouteTopK(&router_logits_[tb * E], T, E, K, c.norm_topk_prob, &topk_ids_[tb * K],
+            &topk_w_[tb * K]);
+  return absl::OkStatus();
+}
+
+absl::Status MoeModelImpl::MoeExperts(int64_t l, const parallel::ExpertRows& rows) {
+  const LayerWeights& L = layers_[l];
+  const int64_t H = config_.hidden_size;
   const int64_t slots = dispatcher_->num_local_slots(static_cast<int>(l));
   slot_experts_.assign(slots, nullptr);
   absl::Status missing;
@@ -518,18 +573,102 @@ absl::Status MoeModelImpl::MoeBlock(int64_t l, int64_t T, int* moe_index) {
     missing = backend_->GroupedExpertFfnRows({rows.row_ptrs, rows.row_bf16}, rows.slot_offsets,
                                              slots, slot_experts_.data(), H, rows.out);
   if (!missing.ok()) std::fill(rows.out, rows.out + rows.num_rows * H, 0.f);
-  // Combine: Σ_k weight · expert output back into each token's row.
-  SY_RETURN_IF_ERROR(dispatcher_->Combine(static_cast<int>(l), moe_out_.data()));
-  SY_RETURN_IF_ERROR(missing);
+  return missing;
+}
+
+absl::Status MoeModelImpl::MoeTail(int64_t l, int64_t tb, int64_t te) {
+  const LayerWeights& L = layers_[l];
+  const int64_t H = config_.hidden_size, T = te - tb;
+  if (T <= 0) return absl::OkStatus();
   if (L.has_shared) {  // Qwen2-MoE: + sigmoid(gate . h) * shared_expert(h)
-    shared_out_.resize(T * H);
-    gate_.resize(T);
-    SY_RETURN_IF_ERROR(Ffn(L.shared, h_.data(), T, shared_out_.data()));
-    SY_RETURN_IF_ERROR(backend_->MatMul(h_.data(), T, L.shared_gate, gate_.data()));
-    SY_RETURN_IF_ERROR(backend_->AddGated(shared_out_.data(), gate_.data(), T, H, moe_out_.data()));
+    const int64_t all = static_cast<int64_t>(x_.size()) / H;
+    shared_out_.resize(all * H);
+    gate_.resize(all);
+    SY_RETURN_IF_ERROR(Ffn(L.shared, &h_[tb * H], T, &shared_out_[tb * H]));
+    SY_RETURN_IF_ERROR(backend_->MatMul(&h_[tb * H], T, L.shared_gate, &gate_[tb]));
+    SY_RETURN_IF_ERROR(
+        backend_->AddGated(&shared_out_[tb * H], &gate_[tb], T, H, &moe_out_[tb * H]));
   }
-  for (int64_t i = 0; i < T * H; ++i) x_[i] += moe_out_[i];
+  for (int64_t i = tb * H; i < te * H; ++i) x_[i] += moe_out_[i];
   return absl::OkStatus();
+}
+
+// Two micro-batches, lane 0 = tokens [0, Ta) and lane 1 = [Ta, T) (a split may fall inside a
+// sequence). Per MoE layer, with at most one exchange in flight:
+//   attention(0)            ‖ lane 1's return of the previous layer
+//   finish that return; lane 1's tail of the previous layer
+//   route(0), start dispatch(0)
+//   attention(1)            ‖ lane 0's dispatch
+//   finish dispatch(0); route(1), dispatch(1)
+//   experts over both lanes' rows (each expert's weights read once)
+//   combine(0); lane 0's tail
+//   start combine(1)        ‖ the next layer's attention(0)
+// Every rank runs this sequence whatever its token count (empty lanes included).
+absl::Status MoeModelImpl::LayersOverlapped(std::span<const SequenceInput> batch, int64_t T,
+                                            KvCache& cache) {
+  const ModelConfig& c = config_;
+  const int64_t H = c.hidden_size, K = c.num_experts_per_tok, Ta = T / 2;
+  using Clock = std::chrono::steady_clock;
+  auto ns = [](Clock::time_point from, Clock::time_point until) {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(until - from).count();
+  };
+  int moe_index = 0;
+  int returning = -1;  // the layer whose lane-1 return is in flight
+  auto finish_return = [&]() -> absl::Status {
+    if (returning < 0) return absl::OkStatus();
+    const int layer = returning;
+    returning = -1;
+    SY_RETURN_IF_ERROR(dispatcher_->FinishCombine(1, layer, &moe_out_[Ta * H]));
+    return MoeTail(layer, Ta, T);
+  };
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const LayerWeights& L = layers_[l];
+    const int layer = static_cast<int>(l);
+    const Clock::time_point t0 = Clock::now();
+    SY_RETURN_IF_ERROR(Attention(l, batch, 0, Ta, cache.layer(l)));
+    int64_t attention = ns(t0, Clock::now());
+    SY_RETURN_IF_ERROR(finish_return());
+    if (!L.is_moe) {  // no exchange in a dense layer
+      SY_RETURN_IF_ERROR(DenseMlp(l, 0, Ta));
+      const Clock::time_point t1 = Clock::now();
+      SY_RETURN_IF_ERROR(Attention(l, batch, Ta, T, cache.layer(l)));
+      attention += ns(t1, Clock::now());
+      SY_RETURN_IF_ERROR(DenseMlp(l, Ta, T));
+    } else {
+      SY_RETURN_IF_ERROR(MoeRoute(l, 0, Ta));
+      SY_RETURN_IF_ERROR(dispatcher_->StartDispatch(0, layer, h_.data(), Ta, H, topk_ids_.data(),
+                                                    topk_w_.data(), K));
+      const Clock::time_point t1 = Clock::now();
+      SY_RETURN_IF_ERROR(Attention(l, batch, Ta, T, cache.layer(l)));
+      attention += ns(t1, Clock::now());
+      parallel::ExpertRows rows0, rows1, rows;
+      SY_RETURN_IF_ERROR(dispatcher_->FinishDispatch(0, &rows0));
+      SY_RETURN_IF_ERROR(MoeRoute(l, Ta, T));
+      if (recorder_ != nullptr) recorder_->Record(moe_index, topk_ids_.data(), T);
+      ++moe_index;
+      SY_RETURN_IF_ERROR(dispatcher_->StartDispatch(1, layer, &h_[Ta * H], T - Ta, H,
+                                                    &topk_ids_[Ta * K], &topk_w_[Ta * K], K));
+      SY_RETURN_IF_ERROR(dispatcher_->FinishDispatch(1, &rows1));
+      merger_.Merge(rows0, rows1, dispatcher_->num_local_slots(layer), H, &rows);
+      const absl::Status missing = MoeExperts(l, rows);
+      merger_.Split(rows0, rows1);
+      // A failed lane-0 combine that is not the group's failure (a routing error) still lets
+      // lane 1's exchanges run on every rank before it is reported.
+      SY_RETURN_IF_ERROR(dispatcher_->StartCombine(0, layer, moe_out_.data()));
+      const absl::Status combined = dispatcher_->FinishCombine(0, layer, moe_out_.data());
+      if (absl::IsUnavailable(combined)) return combined;
+      SY_RETURN_IF_ERROR(dispatcher_->StartCombine(1, layer, &moe_out_[Ta * H]));
+      returning = layer;
+      if (!combined.ok() || !missing.ok()) {
+        finish_return().IgnoreError();
+        return !combined.ok() ? combined : missing;
+      }
+      SY_RETURN_IF_ERROR(MoeTail(l, 0, Ta));
+    }
+    attention_ns_ += attention;
+    moe_ns_ += ns(t0, Clock::now()) - attention;
+  }
+  return finish_return();
 }
 
 absl::Status MoeModelImpl::LmHead(std::span<const SequenceInput> batch, int64_t num_logits,

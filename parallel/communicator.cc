@@ -52,7 +52,85 @@ class FinishedAllToAllV final : public PendingAllToAllV {
   absl::Status status_;
 };
 
+// The default StartAllToAllVDynamic's handle: the counts are in flight; Wait() takes them
+// and exchanges the bytes.
+class DynamicAllToAllV final : public PendingAllToAllV {
+ public:
+  DynamicAllToAllV(Communicator* comm, const void* send, absl::Span<const int64_t> send_counts,
+                   absl::Span<const int64_t> send_offsets, std::vector<char>* recv,
+                   std::vector<int64_t>* recv_counts, std::vector<int64_t>* recv_offsets)
+      : comm_(comm),
+        send_(send),
+        send_counts_(send_counts.begin(), send_counts.end()),
+        send_offsets_(send_offsets.begin(), send_offsets.end()),
+        recv_(recv),
+        recv_counts_(recv_counts),
+        recv_offsets_(recv_offsets) {
+    const int n = comm_->world_size();
+    if (static_cast<int>(send_counts_.size()) != n ||
+        static_cast<int>(send_offsets_.size()) != n) {
+      status_ = absl::InvalidArgumentError(absl::StrCat(
+          "AllToAllVDynamic: send spans have ", send_counts_.size(), " and ",
+          send_offsets_.size(), " entries, world size ", n));
+      return;
+    }
+    counts_in_.assign(n, 0);
+    count_bytes_.assign(n, sizeof(int64_t));
+    count_offsets_.resize(n);
+    for (int p = 0; p < n; ++p) count_offsets_[p] = static_cast<int64_t>(sizeof(int64_t)) * p;
+    counts_ = comm_->StartAllToAllV(send_counts_.data(), count_bytes_, count_offsets_,
+                                    counts_in_.data(), count_bytes_, count_offsets_);
+  }
+  ~DynamicAllToAllV() override {
+    if (!waited_) Wait().IgnoreError();
+  }
+
+  absl::Status Wait() override {
+    if (waited_) return status_;
+    waited_ = true;
+    if (!status_.ok()) return status_;
+    status_ = counts_->Wait();
+    if (!status_.ok()) return status_;
+    const int n = comm_->world_size();
+    recv_counts_->assign(n, 0);
+    recv_offsets_->assign(n, 0);
+    int64_t total = 0;
+    for (int p = 0; p < n; ++p) {
+      if (counts_in_[p] < 0)
+        return status_ = absl::InternalError(
+                   absl::StrCat("AllToAllVDynamic: rank ", p, " sends ", counts_in_[p], " bytes"));
+      (*recv_counts_)[p] = counts_in_[p];
+      (*recv_offsets_)[p] = total;
+      total += counts_in_[p];
+    }
+    recv_->resize(std::max<int64_t>(total, 1));
+    status_ = comm_->AllToAllV(send_, send_counts_, send_offsets_, recv_->data(), *recv_counts_,
+                               *recv_offsets_);
+    return status_;
+  }
+
+ private:
+  Communicator* comm_;
+  const void* send_;
+  std::vector<int64_t> send_counts_, send_offsets_, counts_in_;
+  std::vector<int64_t> count_bytes_, count_offsets_;  // the counts exchange's spans
+  std::vector<char>* recv_;
+  std::vector<int64_t>* recv_counts_;
+  std::vector<int64_t>* recv_offsets_;
+  std::unique_ptr<PendingAllToAllV> counts_;
+  absl::Status status_;
+  bool waited_ = false;
+};
+
 }  // namespace
+
+std::unique_ptr<PendingAllToAllV> Communicator::StartAllToAllVDynamic(
+    const void* send, absl::Span<const int64_t> send_counts,
+    absl::Span<const int64_t> send_offsets, std::vector<char>* recv,
+    std::vector<int64_t>* recv_counts, std::vector<int64_t>* recv_offsets) {
+  return std::make_unique<DynamicAllToAllV>(this, send, send_counts, send_offsets, recv,
+                                            recv_counts, recv_offsets);
+}
 
 std::unique_ptr<PendingAllToAllV> Communicator::StartAllToAllV(
     const void* send, absl::Span<const int64_t> send_counts,

@@ -100,6 +100,16 @@ class Communicator {
                                         std::vector<int64_t>* recv_counts,
                                         std::vector<int64_t>* recv_offsets);
 
+  // AllToAllVDynamic in two halves, as StartAllToAllV: Start posts the exchange and returns;
+  // recv, recv_counts and recv_offsets are filled by the handle's Wait(). Until then the send
+  // buffer, the spans and the three outputs stay valid and the rank calls no other collective.
+  // Default: the counts are posted with StartAllToAllV and Wait() exchanges the bytes with
+  // AllToAllV (a peer that is late only delays Wait); tcp posts its one exchange.
+  virtual std::unique_ptr<PendingAllToAllV> StartAllToAllVDynamic(
+      const void* send, absl::Span<const int64_t> send_counts,
+      absl::Span<const int64_t> send_offsets, std::vector<char>* recv,
+      std::vector<int64_t>* recv_counts, std::vector<int64_t>* recv_offsets);
+
   // recv: [world_size() * bytes], block p from rank p.
   virtual absl::Status AllGather(const void* send, size_t bytes, void* recv);
   // Rank p contributes recv_counts[p] bytes (send holds recv_counts[rank()] bytes); recv holds

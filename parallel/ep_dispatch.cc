@@ -155,10 +155,25 @@ class EpDispatcher final : public ExpertParallelDispatcher {
     return absl::OkStatus();
   }
 
+  int micro_batches() const override { return options_.two_batch_overlap ? 2 : 1; }
+
   absl::Status Dispatch(int layer, const float* x, int64_t num_tokens, int64_t hidden,
                         const int32_t* topk_ids, const float* topk_weights, int64_t num_topk,
-                        ExpertRows* rows) override;
-  absl::Status Combine(int layer, float* out) override;
+                        ExpertRows* rows) override {
+    SY_RETURN_IF_ERROR(
+        StartDispatch(0, layer, x, num_tokens, hidden, topk_ids, topk_weights, num_topk));
+    return FinishDispatch(0, rows);
+  }
+  absl::Status Combine(int layer, float* out) override {
+    SY_RETURN_IF_ERROR(StartCombine(0, layer, out));
+    return FinishCombine(0, layer, out);
+  }
+  absl::Status StartDispatch(int lane, int layer, const float* x, int64_t num_tokens,
+                             int64_t hidden, const int32_t* topk_ids, const float* topk_weights,
+                             int64_t num_topk) override;
+  absl::Status FinishDispatch(int lane, ExpertRows* rows) override;
+  absl::Status StartCombine(int lane, int layer, float* out) override;
+  absl::Status FinishCombine(int lane, int layer, float* out) override;
 
  private:
   bool bf16() const { return options_.wire_dtype == WireDType::kBF16; }
@@ -180,54 +195,88 @@ class EpDispatcher final : public ExpertParallelDispatcher {
     }
   }
 
+  // One micro-batch's layer between StartDispatch and FinishCombine.
+  struct Call {
+    bool started = false;    // StartDispatch posted the exchange; FinishDispatch next
+    bool open = false;       // FinishDispatch handed out the rows; StartCombine next
+    bool returning = false;  // StartCombine posted the return; FinishCombine next
+    int layer = -1;
+    const float* x = nullptr;
+    int64_t num_tokens = 0, hidden = 0, K = 0, T = 0, num_pairs = 0, num_in_rows = 0;
+    absl::Status route, bad_pair;  // reported by FinishCombine, after every exchange
+    double layout_s = 0, counts_s = 0, pack_s = 0, dispatch_s = 0, group_s = 0;
+    double expert_s = 0, presum_s = 0, combine_s = 0, merge_s = 0;
+  };
+  // The state of one micro-batch (lane): scratch reused across calls, the exchange in flight.
+  struct Lane {
+    Call call;
+    std::shared_ptr<const ExpertPlacement> placement;  // the call's (SetPlacement may follow)
+    std::unique_ptr<PendingAllToAllV> pending;
+    int64_t last_load = -1;  // pairs this lane computed in its previous call
+    std::vector<int32_t> slots;
+    std::vector<int32_t> seen_dest;               // [K] destinations of the current token
+    std::vector<int32_t> token_dest, token_row;   // [T, K] (dest, row) per token, -1 padded
+    std::vector<std::vector<int32_t>> tokens_to;  // [n][rows] token of each row sent to rank
+    std::vector<std::vector<WirePair>> pairs_to;  // [n][pairs]
+    std::vector<WireCounts> send_counts, recv_counts;
+    std::vector<int64_t> s_cnt, s_off, r_cnt, r_off, dispatch_sent;
+    std::vector<int64_t> row_cursor;              // counting-sort scratch
+    std::vector<char> send_buf, recv_buf, ret_send, ret_recv;
+    std::vector<WirePair> in_pairs;               // received pairs, source-major
+    std::vector<int64_t> in_row;                  // global received row of each pair
+    std::vector<int64_t> src_row_base;            // [n+1] first global received row per source
+    std::vector<int32_t> row_src;                 // [received rows] source rank of each
+    std::vector<int64_t> slot_offsets, cursor, pos_of_pair;
+    std::vector<int64_t> row_pairs_begin, pairs_by_row;  // CSR: received row → its pairs
+    std::vector<const void*> row_ptrs;  // grouped row → its address (x or receive buffer)
+    std::vector<uint8_t> row_bf16;      // grouped row → 1 when it is in bf16 (wire)
+    std::vector<float> results;
+  };
+  // out[t] for the lane's tokens (step 7):
+  //   kAll:    one pass after the exchange (reads every input once, writes out once);
+  //   kOwn:    (overlap_combine) while the partial sums are in flight, or this rank waits
+  //            for a slower peer: the own share of every token served here (tokens with no
+  //            destination at all get zeros; tokens served only remotely wait for kRemote);
+  //   kRemote: after the exchange, the partial sums are added to what kOwn wrote. A token
+  //            served here and remotely is read and written twice; the exchange hides kOwn.
+  enum class Merge { kAll, kOwn, kRemote };
+  void MergeInto(const Lane& L, Merge what, float* out) const;
+  static void AddRowTerms(const Lane& L, int64_t g, std::vector<const float*>* ys,
+                          std::vector<float>* ws);
+  absl::Status CheckLane(int lane) const {
+    if (lane < 0 || lane >= micro_batches())
+      return absl::InvalidArgumentError(
+          absl::StrCat("expert dispatch: micro-batch ", lane, " of ", micro_batches()));
+    return absl::OkStatus();
+  }
+
   Communicator* comm_;
   std::shared_ptr<const ExpertPlacement> placement_;
   EpDispatchOptions options_;
-  int64_t last_load_ = -1;
-
-  // Scratch reused across calls (one engine thread).
-  std::vector<int32_t> slots_;
-  std::vector<int32_t> seen_dest_;                // [K] destinations of the current token
-  std::vector<int32_t> token_dest_, token_row_;   // [T, K] (dest, row) per token, -1 padded
-  std::vector<std::vector<int32_t>> tokens_to_;   // [n][rows] token of each row sent to rank
-  std::vector<std::vector<WirePair>> pairs_to_;   // [n][pairs]
-  std::vector<WireCounts> send_counts_, recv_counts_;
-  std::vector<int64_t> s_cnt_, s_off_, r_cnt_, r_off_, dispatch_sent_;
-  std::vector<int64_t> row_cursor_;               // counting-sort scratch
-  std::vector<char> send_buf_, recv_buf_, ret_send_, ret_recv_;
-  std::vector<WirePair> in_pairs_;                // received pairs, source-major
-  std::vector<int64_t> in_row_;                   // global received row of each pair
-  std::vector<int64_t> src_row_base_;             // [n+1] first global received row per source
-  std::vector<int32_t> row_src_;                  // [received rows] source rank of each
-  std::vector<int64_t> slot_offsets_, cursor_, pos_of_pair_;
-  std::vector<int64_t> row_pairs_begin_, pairs_by_row_;  // CSR: received row → its pairs
-  std::vector<const void*> row_ptrs_;  // grouped row → its address (x or receive buffer)
-  std::vector<uint8_t> row_bf16_;      // grouped row → 1 when it is in bf16 (wire)
-  std::vector<float> results_;
-
-  // The layer between Dispatch and Combine.
-  struct Call {
-    bool open = false;
-    int layer = -1;
-    int64_t num_tokens = 0, hidden = 0, K = 0, T = 0, num_pairs = 0, num_in_rows = 0;
-    absl::Status route, bad_pair;  // reported by Combine, after every exchange
-    double layout_s = 0, counts_s = 0, pack_s = 0, dispatch_s = 0, group_s = 0;
-    std::chrono::steady_clock::time_point dispatched;
-  };
-  Call call_;
+  Lane lanes_[2];
+  // The caller's experts run between the last FinishDispatch and the next StartCombine (with
+  // two lanes: lane 1's FinishDispatch and lane 0's StartCombine); the gaps after other calls
+  // are the caller's other work (attention, router), not experts.
+  std::chrono::steady_clock::time_point experts_from_;
+  bool experts_open_ = false;
 
   mutable sy::Mutex stats_mu_;
   EpDispatchStats stats_ ABSL_GUARDED_BY(stats_mu_);
 };
 
-absl::Status EpDispatcher::Dispatch(int layer, const float* x, int64_t num_tokens,
-                                    int64_t hidden, const int32_t* topk_ids,
-                                    const float* topk_weights, int64_t num_topk,
-                                    ExpertRows* expert_rows) {
-  call_.open = false;
+absl::Status EpDispatcher::StartDispatch(int lane, int layer, const float* x,
+                                         int64_t num_tokens, int64_t hidden,
+                                         const int32_t* topk_ids, const float* topk_weights,
+                                         int64_t num_topk) {
+  SY_RETURN_IF_ERROR(CheckLane(lane));
+  experts_open_ = false;
+  Lane& L = lanes_[lane];
+  L.call = Call{};
+  L.pending.reset();
   const int n = comm_->world_size();
   const int me = comm_->rank();
-  const ExpertPlacement& placement = *placement_;
+  L.placement = placement_;
+  const ExpertPlacement& placement = *L.placement;
   const int spr = placement.slots_per_rank();
   const int64_t row_bytes = static_cast<int64_t>(ElemBytes()) * hidden;
   const int64_t K = num_topk;
@@ -237,37 +286,37 @@ absl::Status EpDispatcher::Dispatch(int layer, const float* x, int64_t num_token
   auto t0 = std::chrono::steady_clock::now();
   // 1. Route. A bad id is a bug upstream, but peers are already waiting for this rank's
   // collectives: join them with nothing to send and report the error afterwards.
-  slots_.resize(num_tokens * K);
+  L.slots.resize(num_tokens * K);
   absl::Status route =
-      ChooseSlots(placement, layer, me, topk_ids, num_tokens, K, slots_.data());
+      ChooseSlots(placement, layer, me, topk_ids, num_tokens, K, L.slots.data());
   const int64_t T = route.ok() ? num_tokens : 0;
 
   // 2. Layout: one row per (token, destination rank); pairs of a row stay contiguous and in
   // row order (the receiver relies on neither, but it keeps its accesses sequential).
-  tokens_to_.resize(n);
-  pairs_to_.resize(n);
+  L.tokens_to.resize(n);
+  L.pairs_to.resize(n);
   for (int d = 0; d < n; ++d) {
-    tokens_to_[d].clear();
-    pairs_to_[d].clear();
+    L.tokens_to[d].clear();
+    L.pairs_to[d].clear();
   }
-  seen_dest_.resize(K);
-  token_dest_.assign(T * K, -1);
-  token_row_.assign(T * K, -1);
+  L.seen_dest.resize(K);
+  L.token_dest.assign(T * K, -1);
+  L.token_row.assign(T * K, -1);
   for (int64_t t = 0; t < T; ++t) {
-    const int32_t* ts = &slots_[t * K];
+    const int32_t* ts = &L.slots[t * K];
     int num_seen = 0;
     for (int64_t k = 0; k < K; ++k) {
       const int d = placement.rank_of_slot(ts[k]);
       int32_t row = -1;
       for (int j = 0; j < num_seen; ++j)  // k is small (≤ 8 or so): a scan beats a map
-        if (token_dest_[t * K + j] == d) row = token_row_[t * K + j];
+        if (L.token_dest[t * K + j] == d) row = L.token_row[t * K + j];
       if (row < 0) {
-        row = static_cast<int32_t>(tokens_to_[d].size());
-        tokens_to_[d].push_back(static_cast<int32_t>(t));
-        token_dest_[t * K + num_seen] = d;
-        token_row_[t * K + num_seen++] = row;
+        row = static_cast<int32_t>(L.tokens_to[d].size());
+        L.tokens_to[d].push_back(static_cast<int32_t>(t));
+        L.token_dest[t * K + num_seen] = d;
+        L.token_row[t * K + num_seen++] = row;
       }
-      pairs_to_[d].push_back({row, ts[k] % spr, topk_weights[t * K + k]});
+      L.pairs_to[d].push_back({row, ts[k] % spr, topk_weights[t * K + k]});
     }
   }
 
@@ -275,214 +324,246 @@ absl::Status EpDispatcher::Dispatch(int layer, const float* x, int64_t num_token
   // its rows, then its pairs. The rows for this rank's own experts never touch the wire: they
   // are read from x (f32, no bf16 rounding) in step 5 and their results summed in f32 in
   // step 7.
-  send_counts_.resize(n);
-  recv_counts_.resize(n);
+  L.send_counts.resize(n);
+  L.recv_counts.resize(n);
   for (int d = 0; d < n; ++d)
-    send_counts_[d] = {static_cast<int64_t>(tokens_to_[d].size()),
-                       static_cast<int64_t>(pairs_to_[d].size()), last_load_,
+    L.send_counts[d] = {static_cast<int64_t>(L.tokens_to[d].size()),
+                       static_cast<int64_t>(L.pairs_to[d].size()), L.last_load,
                        placement.epoch()};
   const double layout_s = Lap(&t0);
-  s_cnt_.assign(n, 0);
-  s_off_.assign(n, 0);
+  L.s_cnt.assign(n, 0);
+  L.s_off.assign(n, 0);
   int64_t send_total = 0;
   for (int d = 0; d < n; ++d) {
-    s_off_[d] = send_total;
+    L.s_off[d] = send_total;
     if (d != me)
-      s_cnt_[d] = static_cast<int64_t>(sizeof(WireCounts)) + send_counts_[d].rows * row_bytes +
-                  send_counts_[d].pairs * static_cast<int64_t>(sizeof(WirePair));
-    send_total += s_cnt_[d];
+      L.s_cnt[d] = static_cast<int64_t>(sizeof(WireCounts)) + L.send_counts[d].rows * row_bytes +
+                  L.send_counts[d].pairs * static_cast<int64_t>(sizeof(WirePair));
+    send_total += L.s_cnt[d];
   }
-  send_buf_.resize(std::max<int64_t>(send_total, 1));
+  L.send_buf.resize(std::max<int64_t>(send_total, 1));
   for (int d = 0; d < n; ++d) {
     if (d == me) continue;
-    char* seg = send_buf_.data() + s_off_[d];
-    std::memcpy(seg, &send_counts_[d], sizeof(WireCounts));
+    char* seg = L.send_buf.data() + L.s_off[d];
+    std::memcpy(seg, &L.send_counts[d], sizeof(WireCounts));
     seg += sizeof(WireCounts);
-    const std::vector<int32_t>& toks = tokens_to_[d];
+    const std::vector<int32_t>& toks = L.tokens_to[d];
     For(static_cast<int64_t>(toks.size()), grain, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i)
         PutRow(x + static_cast<int64_t>(toks[i]) * hidden, hidden, seg + i * row_bytes);
     });
-    if (!pairs_to_[d].empty())
-      std::memcpy(seg + toks.size() * row_bytes, pairs_to_[d].data(),
-                  pairs_to_[d].size() * sizeof(WirePair));
+    if (!L.pairs_to[d].empty())
+      std::memcpy(seg + toks.size() * row_bytes, L.pairs_to[d].data(),
+                  L.pairs_to[d].size() * sizeof(WirePair));
   }
   const double pack_s = Lap(&t0);
-  SY_RETURN_IF_ERROR(sy::Annotate(
-      comm_->AllToAllVDynamic(send_buf_.data(), s_cnt_, s_off_, &recv_buf_, &r_cnt_, &r_off_),
-      absl::StrCat("expert dispatch layer ", layer, ": rows")));
-  const double dispatch_s = Lap(&t0);
-  const double counts_s = 0;  // the counts travel with the rows
-  dispatch_sent_ = s_cnt_;
-  // Each message's WireCounts; r_off_[s] then points at rank s's rows.
+  L.pending = comm_->StartAllToAllVDynamic(L.send_buf.data(), L.s_cnt, L.s_off, &L.recv_buf,
+                                           &L.r_cnt, &L.r_off);
+  L.dispatch_sent = L.s_cnt;
+  L.call.started = true;
+  L.call.layer = layer;
+  L.call.x = x;
+  L.call.num_tokens = num_tokens;
+  L.call.hidden = hidden;
+  L.call.K = K;
+  L.call.T = T;
+  L.call.route = route;
+  L.call.layout_s = layout_s;
+  L.call.pack_s = pack_s;
+  L.call.dispatch_s = Lap(&t0);
+  return absl::OkStatus();
+}
+
+absl::Status EpDispatcher::FinishDispatch(int lane, ExpertRows* expert_rows) {
+  SY_RETURN_IF_ERROR(CheckLane(lane));
+  Lane& L = lanes_[lane];
+  if (!L.call.started)
+    return absl::FailedPreconditionError("expert dispatch: finished without a start");
+  L.call.started = false;
+  const int n = comm_->world_size();
+  const int me = comm_->rank();
+  const ExpertPlacement& placement = *L.placement;
+  const int spr = placement.slots_per_rank();
+  const int layer = L.call.layer;
+  const float* x = L.call.x;
+  const int64_t hidden = L.call.hidden;
+  const int64_t row_bytes = static_cast<int64_t>(ElemBytes()) * hidden;
+  // While the exchange was in flight the caller worked: not this phase's time.
+  auto t0 = std::chrono::steady_clock::now();
+  absl::Status sent = L.pending->Wait();
+  L.pending.reset();
+  SY_RETURN_IF_ERROR(
+      sy::Annotate(sent, absl::StrCat("expert dispatch layer ", layer, ": rows")));
+  L.call.dispatch_s += Lap(&t0);
+  // Each message's WireCounts; L.r_off[s] then points at rank s's rows.
   for (int s = 0; s < n; ++s) {
     if (s == me) {
-      recv_counts_[me] = send_counts_[me];
+      L.recv_counts[me] = L.send_counts[me];
       continue;
     }
     WireCounts c{};
-    bool ok = r_cnt_[s] >= static_cast<int64_t>(sizeof(WireCounts));
+    bool ok = L.r_cnt[s] >= static_cast<int64_t>(sizeof(WireCounts));
     if (ok) {
-      std::memcpy(&c, recv_buf_.data() + r_off_[s], sizeof(WireCounts));
-      ok = c.rows >= 0 && c.pairs >= 0 && c.rows <= r_cnt_[s] && c.pairs <= r_cnt_[s] &&
-           r_cnt_[s] == static_cast<int64_t>(sizeof(WireCounts)) + c.rows * row_bytes +
+      std::memcpy(&c, L.recv_buf.data() + L.r_off[s], sizeof(WireCounts));
+      ok = c.rows >= 0 && c.pairs >= 0 && c.rows <= L.r_cnt[s] && c.pairs <= L.r_cnt[s] &&
+           L.r_cnt[s] == static_cast<int64_t>(sizeof(WireCounts)) + c.rows * row_bytes +
                             c.pairs * static_cast<int64_t>(sizeof(WirePair));
     }
     if (!ok)
       return absl::InternalError(absl::StrCat("expert dispatch layer ", layer, ": rank ", s,
-                                              " sent a malformed message of ", r_cnt_[s],
+                                              " sent a malformed message of ", L.r_cnt[s],
                                               " bytes"));
-    recv_counts_[s] = c;
-    r_off_[s] += static_cast<int64_t>(sizeof(WireCounts));
+    L.recv_counts[s] = c;
+    L.r_off[s] += static_cast<int64_t>(sizeof(WireCounts));
   }
   // Every rank sees every rank's epoch here, so all take the same decision: on a mismatch
   // (a placement switch applied on some ranks only) nobody computes rows for slots that mean
   // different experts on the two sides, and nothing returns; the group stays usable.
   for (int s = 0; s < n; ++s)
-    if (recv_counts_[s].placement_epoch != placement.epoch()) {
+    if (L.recv_counts[s].placement_epoch != placement.epoch()) {
       return absl::FailedPreconditionError(absl::StrCat(
           "expert dispatch layer ", layer, ": placement epoch ", placement.epoch(),
-          " on rank ", me, " but ", recv_counts_[s].placement_epoch, " on rank ", s));
+          " on rank ", me, " but ", L.recv_counts[s].placement_epoch, " on rank ", s));
     }
 
   // 5. Group received pairs by local slot (counting sort), widen rows to f32, compute.
-  src_row_base_.assign(n + 1, 0);
+  L.src_row_base.assign(n + 1, 0);
   int64_t num_pairs = 0;
   for (int s = 0; s < n; ++s) {
-    src_row_base_[s + 1] = src_row_base_[s] + recv_counts_[s].rows;
-    num_pairs += recv_counts_[s].pairs;
+    L.src_row_base[s + 1] = L.src_row_base[s] + L.recv_counts[s].rows;
+    num_pairs += L.recv_counts[s].pairs;
   }
-  const int64_t num_in_rows = src_row_base_[n];
-  in_pairs_.resize(num_pairs);
-  in_row_.resize(num_pairs);
+  const int64_t num_in_rows = L.src_row_base[n];
+  L.in_pairs.resize(num_pairs);
+  L.in_row.resize(num_pairs);
   absl::Status bad_pair;
   {
     int64_t i = 0;
     for (int s = 0; s < n; ++s) {
-      const char* p = s == me ? reinterpret_cast<const char*>(pairs_to_[me].data())
-                              : recv_buf_.data() + r_off_[s] + recv_counts_[s].rows * row_bytes;
-      if (recv_counts_[s].pairs > 0)
-        std::memcpy(&in_pairs_[i], p, recv_counts_[s].pairs * sizeof(WirePair));
-      for (int64_t j = 0; j < recv_counts_[s].pairs; ++j, ++i) {
-        const WirePair& pr = in_pairs_[i];
+      const char* p = s == me ? reinterpret_cast<const char*>(L.pairs_to[me].data())
+                              : L.recv_buf.data() + L.r_off[s] + L.recv_counts[s].rows * row_bytes;
+      if (L.recv_counts[s].pairs > 0)
+        std::memcpy(&L.in_pairs[i], p, L.recv_counts[s].pairs * sizeof(WirePair));
+      for (int64_t j = 0; j < L.recv_counts[s].pairs; ++j, ++i) {
+        const WirePair& pr = L.in_pairs[i];
         if (pr.local_slot < 0 || pr.local_slot >= spr || pr.row < 0 ||
-            pr.row >= recv_counts_[s].rows) {
+            pr.row >= L.recv_counts[s].rows) {
           bad_pair = absl::InternalError(absl::StrCat(
               "expert dispatch layer ", layer, ": rank ", s, " sent a malformed pair"));
-          in_pairs_[i] = {0, 0, 0.f};
-          in_row_[i] = -1;
+          L.in_pairs[i] = {0, 0, 0.f};
+          L.in_row[i] = -1;
           continue;
         }
-        in_row_[i] = src_row_base_[s] + pr.row;
+        L.in_row[i] = L.src_row_base[s] + pr.row;
       }
     }
   }
   if (!bad_pair.ok()) num_pairs = 0;  // compute nothing; still take part in the return
-  slot_offsets_.assign(spr + 1, 0);
-  row_pairs_begin_.assign(num_in_rows + 1, 0);
+  L.slot_offsets.assign(spr + 1, 0);
+  L.row_pairs_begin.assign(num_in_rows + 1, 0);
   for (int64_t i = 0; i < num_pairs; ++i) {
-    ++slot_offsets_[in_pairs_[i].local_slot + 1];
-    ++row_pairs_begin_[in_row_[i] + 1];
+    ++L.slot_offsets[L.in_pairs[i].local_slot + 1];
+    ++L.row_pairs_begin[L.in_row[i] + 1];
   }
-  for (int s = 0; s < spr; ++s) slot_offsets_[s + 1] += slot_offsets_[s];
-  for (int64_t r = 0; r < num_in_rows; ++r) row_pairs_begin_[r + 1] += row_pairs_begin_[r];
-  cursor_.assign(slot_offsets_.begin(), slot_offsets_.end() - 1);
-  pos_of_pair_.resize(num_pairs);
-  pairs_by_row_.resize(num_pairs);
+  for (int s = 0; s < spr; ++s) L.slot_offsets[s + 1] += L.slot_offsets[s];
+  for (int64_t r = 0; r < num_in_rows; ++r) L.row_pairs_begin[r + 1] += L.row_pairs_begin[r];
+  L.cursor.assign(L.slot_offsets.begin(), L.slot_offsets.end() - 1);
+  L.pos_of_pair.resize(num_pairs);
+  L.pairs_by_row.resize(num_pairs);
   {
-    std::vector<int64_t>& row_cursor = row_cursor_;
-    row_cursor.assign(row_pairs_begin_.begin(), row_pairs_begin_.end() - 1);
+    std::vector<int64_t>& row_cursor = L.row_cursor;
+    row_cursor.assign(L.row_pairs_begin.begin(), L.row_pairs_begin.end() - 1);
     for (int64_t i = 0; i < num_pairs; ++i) {
-      pos_of_pair_[i] = cursor_[in_pairs_[i].local_slot]++;
-      pairs_by_row_[row_cursor[in_row_[i]]++] = i;
+      L.pos_of_pair[i] = L.cursor[L.in_pairs[i].local_slot]++;
+      L.pairs_by_row[row_cursor[L.in_row[i]]++] = i;
     }
   }
   // Source rank of every received row, so the row loops need no search.
-  row_src_.resize(num_in_rows);
+  L.row_src.resize(num_in_rows);
   for (int s = 0; s < n; ++s)
-    std::fill(row_src_.begin() + src_row_base_[s], row_src_.begin() + src_row_base_[s + 1], s);
+    std::fill(L.row_src.begin() + L.src_row_base[s], L.row_src.begin() + L.src_row_base[s + 1], s);
   // Address of received row g: this rank's own rows are read from x (f32), the others from
   // the receive buffer (wire dtype).
   auto in_row_ptr = [&](int64_t g) -> const char* {
-    const int s = row_src_[g];
-    const int64_t row = g - src_row_base_[s];
+    const int s = L.row_src[g];
+    const int64_t row = g - L.src_row_base[s];
     if (s == me)
-      return reinterpret_cast<const char*>(x + static_cast<int64_t>(tokens_to_[me][row]) * hidden);
-    return recv_buf_.data() + r_off_[s] + row * row_bytes;
+      return reinterpret_cast<const char*>(x + static_cast<int64_t>(L.tokens_to[me][row]) * hidden);
+    return L.recv_buf.data() + L.r_off[s] + row * row_bytes;
   };
   // The grouped rows stay where they are (x, or the receive buffer in the wire dtype): the
   // experts' kernel reads them by address.
-  row_ptrs_.resize(num_pairs);
-  row_bf16_.resize(num_pairs);
+  L.row_ptrs.resize(num_pairs);
+  L.row_bf16.resize(num_pairs);
   for (int64_t i = 0; i < num_pairs; ++i) {
-    row_ptrs_[pos_of_pair_[i]] = in_row_ptr(in_row_[i]);
-    row_bf16_[pos_of_pair_[i]] = row_src_[in_row_[i]] != me && bf16() ? 1 : 0;
+    L.row_ptrs[L.pos_of_pair[i]] = in_row_ptr(L.in_row[i]);
+    L.row_bf16[L.pos_of_pair[i]] = L.row_src[L.in_row[i]] != me && bf16() ? 1 : 0;
   }
   const double group_s = Lap(&t0);
-  results_.resize(num_pairs * hidden);
-  expert_rows->row_ptrs = row_ptrs_.data();
-  expert_rows->row_bf16 = row_bf16_.data();
-  expert_rows->slot_offsets = slot_offsets_.data();
+  L.results.resize(num_pairs * hidden);
+  expert_rows->row_ptrs = L.row_ptrs.data();
+  expert_rows->row_bf16 = L.row_bf16.data();
+  expert_rows->slot_offsets = L.slot_offsets.data();
   expert_rows->num_rows = num_pairs;
-  expert_rows->out = results_.data();
-  call_ = Call{true,     layer,    num_tokens, hidden,  K,       T,       num_pairs, num_in_rows,
-               route,    bad_pair, layout_s,   counts_s, pack_s, dispatch_s, group_s, t0};
+  expert_rows->out = L.results.data();
+  L.call.open = true;
+  L.call.num_pairs = num_pairs;
+  L.call.num_in_rows = num_in_rows;
+  L.call.bad_pair = bad_pair;
+  L.call.group_s = group_s;
+  experts_from_ = t0;
+  experts_open_ = true;
   return absl::OkStatus();
 }
 
-absl::Status EpDispatcher::Combine(int layer, float* out) {
-  if (!call_.open || call_.layer != layer)
+absl::Status EpDispatcher::StartCombine(int lane, int layer, float* out) {
+  SY_RETURN_IF_ERROR(CheckLane(lane));
+  Lane& L = lanes_[lane];
+  if (!L.call.open || L.call.layer != layer)
     return absl::FailedPreconditionError(
         absl::StrCat("expert combine layer ", layer, " without its dispatch"));
-  call_.open = false;
+  L.call.open = false;
   const int n = comm_->world_size();
   const int me = comm_->rank();
-  const int64_t num_tokens = call_.num_tokens, hidden = call_.hidden, K = call_.K, T = call_.T;
-  const int64_t num_pairs = call_.num_pairs, num_in_rows = call_.num_in_rows;
+  const int64_t hidden = L.call.hidden;
+  const int64_t num_in_rows = L.call.num_in_rows;
   const int64_t row_bytes = static_cast<int64_t>(ElemBytes()) * hidden;
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, hidden * 4));
-  auto t0 = call_.dispatched;
-  const double expert_s = Lap(&t0);  // the caller's experts ran between the two phases
+  auto t0 = std::chrono::steady_clock::now();
+  L.call.expert_s = experts_open_ ? std::chrono::duration<double>(t0 - experts_from_).count() : 0;
+  experts_open_ = false;
 
   // 6. Pre-sum Σ weight · y per received row straight into the return buffer in the wire
   // dtype (one pass: read each result once, write each returned row once). Its layout is
-  // that of the received rows: rank s gets recv_counts_[s].rows rows back, in its order.
+  // that of the received rows: rank s gets L.recv_counts[s].rows rows back, in its order.
   // This rank's own rows are not pre-summed: step 7 reads their results directly.
   for (int d = 0; d < n; ++d) {
-    s_cnt_[d] = d == me ? 0 : recv_counts_[d].rows * row_bytes;
-    r_cnt_[d] = d == me ? 0 : send_counts_[d].rows * row_bytes;
+    L.s_cnt[d] = d == me ? 0 : L.recv_counts[d].rows * row_bytes;
+    L.r_cnt[d] = d == me ? 0 : L.send_counts[d].rows * row_bytes;
   }
   int64_t ret_send_total = 0, ret_recv_total = 0;
   for (int d = 0; d < n; ++d) {
-    s_off_[d] = ret_send_total;
-    ret_send_total += s_cnt_[d];
-    r_off_[d] = ret_recv_total;
-    ret_recv_total += r_cnt_[d];
+    L.s_off[d] = ret_send_total;
+    ret_send_total += L.s_cnt[d];
+    L.r_off[d] = ret_recv_total;
+    ret_recv_total += L.r_cnt[d];
   }
-  ret_send_.resize(std::max<int64_t>(ret_send_total, 1));
-  ret_recv_.resize(std::max<int64_t>(ret_recv_total, 1));
-  // Gathers the weighted results of received row g into (ys, ws).
-  auto add_row_terms = [&](int64_t g, std::vector<const float*>* ys, std::vector<float>* ws) {
-    for (int64_t j = row_pairs_begin_[g]; j < row_pairs_begin_[g + 1]; ++j) {
-      const int64_t i = pairs_by_row_[j];
-      ys->push_back(&results_[pos_of_pair_[i] * hidden]);
-      ws->push_back(in_pairs_[i].weight);
-    }
-  };
+  L.ret_send.resize(std::max<int64_t>(ret_send_total, 1));
+  L.ret_recv.resize(std::max<int64_t>(ret_recv_total, 1));
   For(num_in_rows, grain, [&](int64_t b, int64_t e) {
     std::vector<const float*> ys;
     std::vector<float> ws;
     for (int64_t g = b; g < e; ++g) {
-      const int s = row_src_[g];
+      const int s = L.row_src[g];
       if (s == me) continue;
       ys.clear();
       ws.clear();
-      add_row_terms(g, &ys, &ws);
+      AddRowTerms(L, g, &ys, &ws);
       RowSum sum;
       sum.y = ys.data();
       sum.w = ws.data();
       sum.num_y = static_cast<int>(ys.size());
-      char* dst = ret_send_.data() + s_off_[s] + (g - src_row_base_[s]) * row_bytes;
+      char* dst = L.ret_send.data() + L.s_off[s] + (g - L.src_row_base[s]) * row_bytes;
       if (bf16()) {
         SumRows(sum, hidden, nullptr, reinterpret_cast<uint16_t*>(dst));
       } else {
@@ -490,75 +571,39 @@ absl::Status EpDispatcher::Combine(int layer, float* out) {
       }
     }
   });
-  const double presum_s = Lap(&t0);
-  // 7. Return and combine: out[t] = Σ over t's pairs computed here of weight · y (f32,
-  // straight from the results) + Σ over t's other destination ranks of their partial sums.
-  //   kAll:    one pass after the exchange (reads every input once, writes out once);
-  //   kOwn:    (overlap_combine) while the partial sums are in flight, or this rank waits
-  //            for a slower peer: the own share of every token served here (tokens with no
-  //            destination at all get zeros; tokens served only remotely wait for kRemote);
-  //   kRemote: after the exchange, the partial sums are added to what kOwn wrote. A token
-  //            served here and remotely is read and written twice; the exchange hides kOwn.
-  enum class Merge { kAll, kOwn, kRemote };
-  auto merge = [&](Merge what) {
-    For(num_tokens, grain, [&](int64_t b, int64_t e) {
-      std::vector<const float*> ys;
-      std::vector<float> ws;
-      std::vector<const void*> parts;
-      const float one = 1.f;
-      for (int64_t t = b; t < e; ++t) {
-        ys.clear();
-        ws.clear();
-        parts.clear();
-        bool own = false, remote = false;
-        for (int64_t j = 0; t < T && j < K && token_dest_[t * K + j] >= 0; ++j) {
-          const int d = token_dest_[t * K + j];
-          const int64_t row = token_row_[t * K + j];
-          if (d == me) {
-            own = true;
-            if (what != Merge::kRemote) add_row_terms(src_row_base_[me] + row, &ys, &ws);
-          } else {
-            remote = true;
-            if (what != Merge::kOwn) parts.push_back(ret_recv_.data() + r_off_[d] + row * row_bytes);
-          }
-        }
-        float* o = out + t * hidden;
-        const float* const prev = o;
-        if (what == Merge::kOwn && !own && remote) continue;
-        if (what == Merge::kRemote) {
-          if (!remote) continue;
-          if (own) {  // add to the own share kOwn wrote (in place)
-            ys.push_back(prev);
-            ws.push_back(one);
-          }
-        }
-        RowSum sum;
-        sum.y = ys.data();
-        sum.w = ws.data();
-        sum.num_y = static_cast<int>(ys.size());
-        sum.parts = parts.data();
-        sum.num_parts = static_cast<int>(parts.size());
-        sum.parts_bf16 = bf16();
-        SumRows(sum, hidden, o, nullptr);
-      }
-    });
-  };
-  double merge_own_s = 0;
+  L.call.presum_s = Lap(&t0);
+  // 7. Return (in flight until FinishCombine); with overlap_combine the own share of every
+  // token is summed into out meanwhile.
+  L.pending = comm_->StartAllToAllV(L.ret_send.data(), L.s_cnt, L.s_off, L.ret_recv.data(),
+                                    L.r_cnt, L.r_off);
+  L.call.combine_s = Lap(&t0);
   if (options_.overlap_combine) {
-    std::unique_ptr<PendingAllToAllV> ret = comm_->StartAllToAllV(
-        ret_send_.data(), s_cnt_, s_off_, ret_recv_.data(), r_cnt_, r_off_);
-    merge(Merge::kOwn);
-    merge_own_s = Lap(&t0);
-    SY_RETURN_IF_ERROR(
-        sy::Annotate(ret->Wait(), absl::StrCat("expert combine layer ", layer)));
-  } else {
-    SY_RETURN_IF_ERROR(sy::Annotate(comm_->AllToAllV(ret_send_.data(), s_cnt_, s_off_,
-                                                     ret_recv_.data(), r_cnt_, r_off_),
-                                    absl::StrCat("expert combine layer ", layer)));
+    MergeInto(L, Merge::kOwn, out);
+    L.call.merge_s = Lap(&t0);
   }
-  const double combine_s = Lap(&t0);
-  merge(options_.overlap_combine ? Merge::kRemote : Merge::kAll);
-  const double merge_s = merge_own_s + Lap(&t0);
+  L.call.returning = true;
+  return absl::OkStatus();
+}
+
+absl::Status EpDispatcher::FinishCombine(int lane, int layer, float* out) {
+  SY_RETURN_IF_ERROR(CheckLane(lane));
+  Lane& L = lanes_[lane];
+  if (!L.call.returning || L.call.layer != layer)
+    return absl::FailedPreconditionError(
+        absl::StrCat("expert combine layer ", layer, " finished without its start"));
+  L.call.returning = false;
+  experts_open_ = false;
+  const int n = comm_->world_size();
+  const int me = comm_->rank();
+  const int64_t T = L.call.T, num_pairs = L.call.num_pairs;
+  auto t0 = std::chrono::steady_clock::now();
+  absl::Status returned = L.pending->Wait();
+  L.pending.reset();
+  SY_RETURN_IF_ERROR(sy::Annotate(returned, absl::StrCat("expert combine layer ", layer)));
+  const double combine_s = L.call.combine_s + Lap(&t0);
+  MergeInto(L, options_.overlap_combine ? Merge::kRemote : Merge::kAll, out);
+  const double merge_s = L.call.merge_s + Lap(&t0);
+  const double expert_s = L.call.expert_s, presum_s = L.call.presum_s;
 
   // Counters.
   {
@@ -568,25 +613,25 @@ absl::Status EpDispatcher::Combine(int layer, float* out) {
     stats_.pairs_computed += num_pairs;
     for (int d = 0; d < n; ++d) {
       if (d == me) continue;
-      stats_.rows_sent += send_counts_[d].rows;
-      stats_.dispatch_bytes += dispatch_sent_[d];
-      stats_.combine_bytes += s_cnt_[d];
+      stats_.rows_sent += L.send_counts[d].rows;
+      stats_.dispatch_bytes += L.dispatch_sent[d];
+      stats_.combine_bytes += L.s_cnt[d];
     }
-    stats_.counts_seconds += call_.counts_s;
-    stats_.dispatch_seconds += call_.dispatch_s;
+    stats_.counts_seconds += L.call.counts_s;
+    stats_.dispatch_seconds += L.call.dispatch_s;
     stats_.combine_seconds += combine_s;
-    stats_.layout_seconds += call_.layout_s;
-    stats_.pack_seconds += call_.pack_s;
-    stats_.group_seconds += call_.group_s;
+    stats_.layout_seconds += L.call.layout_s;
+    stats_.pack_seconds += L.call.pack_s;
+    stats_.group_seconds += L.call.group_s;
     stats_.expert_seconds += expert_s;
     stats_.presum_seconds += presum_s;
     stats_.merge_seconds += merge_s;
     bool known = true;
-    for (int s = 0; s < n; ++s) known = known && recv_counts_[s].sender_last_load >= 0;
+    for (int s = 0; s < n; ++s) known = known && L.recv_counts[s].sender_last_load >= 0;
     if (known) {
       for (int s = 0; s < n; ++s) {
-        stats_.last_rank_load[s] = recv_counts_[s].sender_last_load;
-        stats_.total_rank_load[s] += recv_counts_[s].sender_last_load;
+        stats_.last_rank_load[s] = L.recv_counts[s].sender_last_load;
+        stats_.total_rank_load[s] += L.recv_counts[s].sender_last_load;
       }
       const int64_t mx =
           *std::max_element(stats_.total_rank_load.begin(), stats_.total_rank_load.end());
@@ -596,10 +641,70 @@ absl::Status EpDispatcher::Combine(int layer, float* out) {
       stats_.balancedness = mx > 0 ? mean / static_cast<double>(mx) : 1.0;
     }
   }
-  last_load_ = num_pairs;
-  if (!call_.route.ok())
-    return sy::Annotate(call_.route, absl::StrCat("expert dispatch layer ", layer));
-  return call_.bad_pair;
+  L.last_load = num_pairs;
+  if (!L.call.route.ok())
+    return sy::Annotate(L.call.route, absl::StrCat("expert dispatch layer ", layer));
+  return L.call.bad_pair;
+}
+
+void EpDispatcher::MergeInto(const Lane& L, Merge what, float* out) const {
+  const int me = comm_->rank();
+  const int64_t num_tokens = L.call.num_tokens, hidden = L.call.hidden, K = L.call.K, T = L.call.T;
+  const int64_t row_bytes = static_cast<int64_t>(ElemBytes()) * hidden;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, hidden * 4));
+  // 7. Combine: out[t] = Σ over t's pairs computed here of weight · y (f32, straight from the
+  // results) + Σ over t's other destination ranks of their partial sums.
+  For(num_tokens, grain, [&](int64_t b, int64_t e) {
+    std::vector<const float*> ys;
+    std::vector<float> ws;
+    std::vector<const void*> parts;
+    const float one = 1.f;
+    for (int64_t t = b; t < e; ++t) {
+      ys.clear();
+      ws.clear();
+      parts.clear();
+      bool own = false, remote = false;
+      for (int64_t j = 0; t < T && j < K && L.token_dest[t * K + j] >= 0; ++j) {
+        const int d = L.token_dest[t * K + j];
+        const int64_t row = L.token_row[t * K + j];
+        if (d == me) {
+          own = true;
+          if (what != Merge::kRemote) AddRowTerms(L, L.src_row_base[me] + row, &ys, &ws);
+        } else {
+          remote = true;
+          if (what != Merge::kOwn) parts.push_back(L.ret_recv.data() + L.r_off[d] + row * row_bytes);
+        }
+      }
+      float* o = out + t * hidden;
+      const float* const prev = o;
+      if (what == Merge::kOwn && !own && remote) continue;
+      if (what == Merge::kRemote) {
+        if (!remote) continue;
+        if (own) {  // add to the own share kOwn wrote (in place)
+          ys.push_back(prev);
+          ws.push_back(one);
+        }
+      }
+      RowSum sum;
+      sum.y = ys.data();
+      sum.w = ws.data();
+      sum.num_y = static_cast<int>(ys.size());
+      sum.parts = parts.data();
+      sum.num_parts = static_cast<int>(parts.size());
+      sum.parts_bf16 = bf16();
+      SumRows(sum, hidden, o, nullptr);
+    }
+  });
+}
+
+// Gathers the weighted results of received row g into (ys, ws).
+void EpDispatcher::AddRowTerms(const Lane& L, int64_t g, std::vector<const float*>* ys,
+                               std::vector<float>* ws) {
+  for (int64_t j = L.row_pairs_begin[g]; j < L.row_pairs_begin[g + 1]; ++j) {
+    const int64_t i = L.pairs_by_row[j];
+    ys->push_back(&L.results[L.pos_of_pair[i] * L.call.hidden]);
+    ws->push_back(L.in_pairs[i].weight);
+  }
 }
 
 }  // namespace

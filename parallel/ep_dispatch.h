@@ -65,6 +65,11 @@ struct EpDispatchOptions {
   // tokens served both here and remotely. Off by default: on the 2-core test host it did not
   // pay (parallel/NOTES.md, dispatch overhead); it is meant for links slower than memory.
   bool overlap_combine = false;
+  // Two-batch overlap (micro_batches() == 2, see MoeDispatcher): the model splits each step in
+  // two micro-batches, hides one's dispatch behind the other's attention and the other's
+  // return behind the next layer's attention, and runs the experts once over both. Every rank
+  // of a group must agree (the collectives' order depends on it).
+  bool two_batch_overlap = false;
 };
 
 // Cumulative counters of one rank's dispatcher (exported as switchyard_ep_* metrics).

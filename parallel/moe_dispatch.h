@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <vector>
 
 #include "absl/status/status.h"
 
@@ -69,10 +70,49 @@ class MoeDispatcher {
                                const int32_t* topk_ids, const float* topk_weights,
                                int64_t num_topk, const GroupedExpertFn& compute, float* out);
 
+  // Two-batch overlap. When micro_batches() is 2 (the expert-parallel dispatcher made with
+  // EpDispatchOptions::two_batch_overlap; every rank of a group answers the same), the model
+  // splits each step's tokens into two micro-batches (lanes 0 and 1) and interleaves them so
+  // that one's exchange is in flight while it computes the other's attention:
+  //   StartDispatch(lane)   route, pack and post the rows' exchange; returns at once;
+  //   FinishDispatch(lane)  wait for it; the lane's rows (as Dispatch);
+  //   StartCombine(lane)    pre-sum and post the return exchange;
+  //   FinishCombine(lane)   wait for it; out (as Combine).
+  // Each lane has its own state, so the experts can run once over both lanes' rows. At most
+  // one exchange is in flight at a time (Communicator contract): after a Start, the next call
+  // on the dispatcher is that lane's Finish, with any computation between them. Every rank
+  // makes the same sequence of calls. Dispatch / Combine are lane 0's Start + Finish.
+  // Default: one micro-batch; the lane calls return UNIMPLEMENTED.
+  virtual int micro_batches() const { return 1; }
+  virtual absl::Status StartDispatch(int lane, int layer, const float* x, int64_t num_tokens,
+                                     int64_t hidden, const int32_t* topk_ids,
+                                     const float* topk_weights, int64_t num_topk);
+  virtual absl::Status FinishDispatch(int lane, ExpertRows* rows);
+  virtual absl::Status StartCombine(int lane, int layer, float* out);
+  virtual absl::Status FinishCombine(int lane, int layer, float* out);
+
   // Number of local slots of `layer` on this rank (the groups GroupedExpertFn receives).
   virtual int64_t num_local_slots(int layer) const = 0;
   // Logical expert held in local slot `slot` of `layer` on this rank.
   virtual int32_t local_slot_expert(int layer, int64_t slot) const = 0;
+};
+
+// Both lanes' rows of a two-batch-overlap layer as one grouped computation, so that every
+// expert's weights are read once per layer: Merge lists slot s's rows of lane 0, then of
+// lane 1 (addresses only); after the experts wrote merged.out, Split copies each row's output
+// to its lane's ExpertRows::out.
+class ExpertRowsMerger {
+ public:
+  void Merge(const ExpertRows& a, const ExpertRows& b, int64_t num_slots, int64_t hidden,
+             ExpertRows* merged);
+  void Split(const ExpertRows& a, const ExpertRows& b) const;
+
+ private:
+  int64_t num_slots_ = 0, hidden_ = 0;
+  std::vector<const void*> row_ptrs_;
+  std::vector<uint8_t> row_bf16_;
+  std::vector<int64_t> slot_offsets_;
+  std::vector<float> out_;
 };
 
 // One rank holding every expert: local slot e == logical expert e.

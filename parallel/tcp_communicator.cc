@@ -261,11 +261,21 @@ class TcpCommunicator final : public OverlappingCommunicator {
                                 absl::Span<const int64_t> send_offsets, std::vector<char>* recv,
                                 std::vector<int64_t>* recv_counts,
                                 std::vector<int64_t>* recv_offsets) override {
-    Pending p(this);
+    return StartAllToAllVDynamic(send, send_counts, send_offsets, recv, recv_counts, recv_offsets)
+        ->Wait();
+  }
+
+  // Posts the one exchange: whatever fits in the socket buffers goes now, the rest (and every
+  // receive) moves in Wait().
+  std::unique_ptr<PendingAllToAllV> StartAllToAllVDynamic(
+      const void* send, absl::Span<const int64_t> send_counts,
+      absl::Span<const int64_t> send_offsets, std::vector<char>* recv,
+      std::vector<int64_t>* recv_counts, std::vector<int64_t>* recv_offsets) override {
+    auto p = std::make_unique<Pending>(this);
     const uint64_t seq = ++seq_;
     if (broken_.load()) {
-      p.status = BrokenStatus();
-      return p.Wait();
+      p->status = BrokenStatus();
+      return p;
     }
     absl::Status valid;
     if (static_cast<int>(send_counts.size()) != world_ ||
@@ -275,30 +285,30 @@ class TcpCommunicator final : public OverlappingCommunicator {
       if (send_counts[q] < 0 || send_offsets[q] < 0)
         valid = absl::InvalidArgumentError("all-to-all-v dynamic: negative count or offset");
     if (!valid.ok()) {
-      p.status = Break(valid);
-      return p.Wait();
+      p->status = Break(valid);
+      return p;
     }
     recv_counts->assign(world_, 0);
     recv_offsets->assign(world_, 0);
-    p.dyn_recv = recv;
-    p.dyn_counts = recv_counts;
-    p.dyn_offsets = recv_offsets;
-    p.own = static_cast<const char*>(send) + send_offsets[rank_];
-    p.own_bytes = send_counts[rank_];
-    p.seq = seq;
-    p.peers.resize(world_);
+    p->dyn_recv = recv;
+    p->dyn_counts = recv_counts;
+    p->dyn_offsets = recv_offsets;
+    p->own = static_cast<const char*>(send) + send_offsets[rank_];
+    p->own_bytes = send_counts[rank_];
+    p->seq = seq;
+    p->peers.resize(world_);
     for (int q = 0; q < world_; ++q) {
       if (q == rank_) continue;
-      Peer& e = p.peers[q];
+      Peer& e = p->peers[q];
       e.SetOut(seq, static_cast<const char*>(send) + send_offsets[q],
                static_cast<uint64_t>(send_counts[q]));
       e.awaiting_size = true;
       e.in_left = kHeaderBytes;
     }
-    for (int q = 0; q < world_ && p.status.ok(); ++q)
-      if (q != rank_) p.status = SendSome(q, &p.peers[q]);
-    if (!p.status.ok()) p.status = Break(p.status);
-    return p.Wait();
+    for (int q = 0; q < world_ && p->status.ok(); ++q)
+      if (q != rank_) p->status = SendSome(q, &p->peers[q]);
+    if (!p->status.ok()) p->status = Break(p->status);
+    return p;
   }
 
   absl::Status Barrier() override {

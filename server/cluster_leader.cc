@@ -236,6 +236,7 @@ absl::StatusOr<std::unique_ptr<ClusterLeader>> ClusterLeader::Start(
       ro.model = lr->model.get();
       ro.num_blocks = c->num_blocks_;
       ro.block_size = block_size;
+      ro.dispatch.two_batch_overlap = options.two_batch_overlap;
       parallel::LocalRendezvous* rv = c->rendezvous_.get();
       ro.make_comm = [rv](const std::string& prefix, int rank, int world_size) {
         return absl::StatusOr<std::unique_ptr<parallel::Communicator>>(rv->Join(prefix, rank, world_size));
@@ -279,6 +280,7 @@ absl::StatusOr<std::unique_ptr<ClusterLeader>> ClusterLeader::Start(
     so.kv_bytes_per_block = model::KvCache::BytesPerBlock(c->config_, block_size);
     so.heartbeat_interval_ms = options.heartbeat_interval_ms;
     so.transport = options.transport;
+    so.two_batch_overlap = options.two_batch_overlap;
     c->service_ = std::make_unique<ClusterService>(so, c->membership_.get());
     SY_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> creds,
                         MakeServerCredentials(options.tls, "cluster-tls"));
@@ -340,6 +342,7 @@ absl::StatusOr<std::unique_ptr<scheduler::StepExecutor>> ClusterLeader::MakeExec
   go.block_size = block_size_;
   go.timeout = timeout;
   go.drain_timeout = milliseconds(static_cast<int64_t>(options_.drain_timeout_s * 1000));
+  go.dispatch.two_batch_overlap = options_.two_batch_overlap;
   go.join_timeout = options_.join_timeout_s > 0
                         ? milliseconds(static_cast<int64_t>(options_.join_timeout_s * 1000))
                         : std::max(timeout, milliseconds(10000));

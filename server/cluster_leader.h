@@ -59,6 +59,9 @@ struct ClusterOptions {
   std::string secret_file;      // read at start (keeps the secret out of `ps`)
   int64_t collective_timeout_ms = 30000;
   std::string transport = "tcp";  // rank processes' communicator engine: tcp | gloo
+  // Every rank splits each step in two micro-batches and overlaps one's all-to-all with the
+  // other's attention (EpDispatchOptions::two_batch_overlap); workers take the leader's.
+  bool two_batch_overlap = false;
   int64_t heartbeat_interval_ms = 200;
   int64_t heartbeat_timeout_ms = 1000;  // a rank silent this long is dead once its epoch broke
   double rank_wait_timeout_s = 600;  // how long serve waits for --min-ranks ranks

@@ -112,6 +112,7 @@ grpc::Status ClusterService::Join(grpc::ServerContext* ctx, const v1::JoinReques
   reply->set_kv_block_size(options_.kv_block_size);
   reply->set_heartbeat_interval_ms(options_.heartbeat_interval_ms);
   reply->set_transport(options_.transport);
+  reply->set_two_batch_overlap(options_.two_batch_overlap);
   return grpc::Status::OK;
 }
 

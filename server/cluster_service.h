@@ -37,6 +37,7 @@ struct ClusterServiceOptions {
   int64_t kv_bytes_per_block = 0;  // KV cache bytes of one block of this model
   int64_t heartbeat_interval_ms = 200;
   std::string transport = "tcp";  // the group's communicator engine (parallel/transport.h)
+  bool two_batch_overlap = false;  // EpDispatchOptions::two_batch_overlap of every rank
   // How long a Join waits for the leader to place the rank.
   std::chrono::milliseconds join_wait{60000};
 };

@@ -138,6 +138,11 @@ int ServeCommand(int argc, char** argv) {
   flags.Add("transport", &o.cluster.transport,
             "how rank processes exchange tokens: tcp (sockets, the calling thread does the I/O) "
             "or gloo; workers use the leader's");
+  flags.Add("two-batch-overlap", &o.cluster.two_batch_overlap,
+            "split each step of a rank group in two micro-batches: one's all-to-all runs "
+            "while the other computes its attention, the experts run once over both; workers "
+            "use the leader's (off by default: on CPU rank groups it measured no faster, "
+            "parallel/NOTES.md)");
   flags.Add("collective-timeout-ms", &o.cluster.collective_timeout_ms,
             "a rank that does not answer a collective within this fails its epoch (the group "
             "re-forms without it)");

@@ -198,6 +198,7 @@ absl::Status RunWorker(const WorkerOptions& options,
     ro.id = id;
     ro.model = m.get();
     ro.num_blocks = reply.num_kv_blocks();
+    ro.dispatch.two_batch_overlap = reply.two_batch_overlap();
     ro.block_size = reply.kv_block_size();
     SY_ASSIGN_OR_RETURN(
         ro.make_comm,

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "kernels/core/status.h"
 #include "tests/testing/faulty_communicator.h"
 #include "parallel/local_communicator.h"
 #include "tests/parallel/multi_rank_testing.h"
@@ -544,6 +545,166 @@ TEST(EpDispatchTest, OneRankMatchesTheSingleRankDispatcher) {
                                       in.topk_weights.data(), K, compute_for(single.get()),
                                       b.data()).ok());
   ExpectNear(a, b, 1e-6f, "one rank");
+}
+
+// ---- two micro-batches (two-batch overlap) ----------------------------------------------------
+
+TEST(ExpertRowsMergerTest, ListsEachSlotsRowsOfLaneZeroThenLaneOneAndSplitsTheOutputsBack) {
+  const int64_t H = 2;
+  float xa[3][H] = {{1, 1}, {2, 2}, {3, 3}}, xb[2][H] = {{10, 10}, {20, 20}};
+  const void* pa[3] = {xa[0], xa[1], xa[2]};
+  const void* pb[2] = {xb[0], xb[1]};
+  const uint8_t bf_b[2] = {0, 1};
+  const int64_t off_a[4] = {0, 2, 2, 3}, off_b[4] = {0, 1, 1, 2};  // slots 0, 1 (empty), 2
+  std::vector<float> out_a(3 * H, -1), out_b(2 * H, -1);
+  ExpertRows a{pa, nullptr, off_a, 3, out_a.data()}, b{pb, bf_b, off_b, 2, out_b.data()};
+  ExpertRowsMerger m;
+  ExpertRows merged;
+  m.Merge(a, b, 3, H, &merged);
+  ASSERT_EQ(merged.num_rows, 5);
+  const std::vector<const void*> want = {xa[0], xa[1], xb[0], xa[2], xb[1]};
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(merged.row_ptrs[i], want[i]) << i;
+  EXPECT_EQ(std::vector<uint8_t>(merged.row_bf16, merged.row_bf16 + 5),
+            (std::vector<uint8_t>{0, 0, 0, 0, 1}));
+  EXPECT_EQ(std::vector<int64_t>(merged.slot_offsets, merged.slot_offsets + 4),
+            (std::vector<int64_t>{0, 3, 3, 5}));
+  for (int i = 0; i < 5 * H; ++i) merged.out[i] = static_cast<float>(i);
+  m.Split(a, b);
+  EXPECT_EQ(out_a, (std::vector<float>{0, 1, 2, 3, 6, 7}));
+  EXPECT_EQ(out_b, (std::vector<float>{4, 5, 8, 9}));
+}
+
+// Every rank runs the layers as two lanes, in the model's order: lane 1's previous return
+// finished, lane 0 dispatched (started, finished), lane 1 dispatched, the experts once over
+// both lanes' rows, lane 0 combined, lane 1's return started (finished in the next layer).
+struct LaneResult {
+  std::vector<std::vector<float>> out[2];  // [lane][rank]
+  std::vector<absl::Status> status;
+  std::vector<EpDispatchStats> stats;
+};
+LaneResult RunLanes(int n, std::shared_ptr<const ExpertPlacement> placement,
+                    const std::vector<std::vector<RankInput>> inputs[2], int64_t hidden,
+                    int64_t num_topk, EpDispatchOptions options) {
+  LocalCommunicatorGroup group(n, milliseconds(5000));
+  LaneResult res;
+  for (auto& o : res.out) o.resize(n);
+  res.status.assign(n, absl::OkStatus());
+  res.stats.resize(n);
+  options.two_batch_overlap = true;
+  RunRankThreads(n, kWatchdog, [&](int r) {
+    auto d = MakeExpertParallelDispatcher(group.comm(r), placement, options);
+    ASSERT_TRUE(d.ok()) << d.status();
+    ExpertParallelDispatcher* disp = d->get();
+    ASSERT_EQ(disp->micro_batches(), 2);
+    ExpertRowsMerger merger;
+    auto run = [&]() -> absl::Status {
+      int returning = -1;
+      for (size_t layer = 0; layer < inputs[0].size(); ++layer) {
+        const int l = static_cast<int>(layer);
+        const RankInput& a = inputs[0][layer][r];
+        const RankInput& b = inputs[1][layer][r];
+        if (returning >= 0)
+          SY_RETURN_IF_ERROR(disp->FinishCombine(1, returning, res.out[1][r].data()));
+        SY_RETURN_IF_ERROR(disp->StartDispatch(0, l, a.x.data(), a.num_tokens, hidden,
+                                               a.topk_ids.data(), a.topk_weights.data(),
+                                               num_topk));
+        ExpertRows ra, rb, rows;
+        SY_RETURN_IF_ERROR(disp->FinishDispatch(0, &ra));
+        SY_RETURN_IF_ERROR(disp->StartDispatch(1, l, b.x.data(), b.num_tokens, hidden,
+                                               b.topk_ids.data(), b.topk_weights.data(),
+                                               num_topk));
+        SY_RETURN_IF_ERROR(disp->FinishDispatch(1, &rb));
+        merger.Merge(ra, rb, disp->num_local_slots(l), hidden, &rows);
+        std::vector<float> gathered(rows.num_rows * hidden);
+        GatherExpertRows(rows, hidden, gathered.data());
+        for (int64_t s = 0; s < disp->num_local_slots(l); ++s)
+          for (int64_t i = rows.slot_offsets[s]; i < rows.slot_offsets[s + 1]; ++i)
+            ExpertFn(l, disp->local_slot_expert(l, s), &gathered[i * hidden], hidden,
+                     rows.out + i * hidden);
+        merger.Split(ra, rb);
+        res.out[0][r].assign(a.num_tokens * hidden, -7.f);
+        res.out[1][r].assign(b.num_tokens * hidden, -7.f);
+        SY_RETURN_IF_ERROR(disp->StartCombine(0, l, res.out[0][r].data()));
+        SY_RETURN_IF_ERROR(disp->FinishCombine(0, l, res.out[0][r].data()));
+        SY_RETURN_IF_ERROR(disp->StartCombine(1, l, res.out[1][r].data()));
+        returning = l;
+      }
+      return returning >= 0 ? disp->FinishCombine(1, returning, res.out[1][r].data())
+                            : absl::OkStatus();
+    };
+    res.status[r] = run();
+    res.stats[r] = disp->stats();
+  });
+  return res;
+}
+
+class EpDispatchLanesTest : public ::testing::TestWithParam<std::tuple<int, bool>> {};
+
+TEST_P(EpDispatchLanesTest, BothMicroBatchesMatchTheReferenceWithEmptyLanesAndReplicas) {
+  const auto [n, bf16] = GetParam();
+  const int E = 8, L = 3;
+  const int64_t H = 16, K = 2;
+  // A replica of the hot expert 0 on every rank.
+  std::vector<std::vector<int32_t>> slots(n);
+  for (int e = 0; e < E; ++e) slots[e % n].push_back(e);
+  for (int r = 1; r < n; ++r) slots[r].push_back(0);
+  const int spr = static_cast<int>(std::max_element(slots.begin(), slots.end(),
+                                                    [](auto& x, auto& y) { return x.size() < y.size(); })
+                                       ->size());
+  std::vector<int32_t> flat;
+  for (auto& sl : slots) {
+    sl.resize(spr, -1);
+    flat.insert(flat.end(), sl.begin(), sl.end());
+  }
+  auto p = ExpertPlacement::Create(n, spr, E, std::vector<std::vector<int32_t>>(L, flat));
+  ASSERT_TRUE(p.ok()) << p.status();
+  auto placement = std::make_shared<const ExpertPlacement>(std::move(*p));
+  std::vector<std::vector<RankInput>> inputs[2];
+  for (int lane = 0; lane < 2; ++lane) {
+    inputs[lane].resize(L);
+    for (int l = 0; l < L; ++l)
+      for (int r = 0; r < n; ++r) {
+        // Lane 0 of rank 0 is empty in layer 1; lane 1 of the last rank in layer 2.
+        const bool empty = (lane == 0 && r == 0 && l == 1) || (lane == 1 && r == n - 1 && l == 2);
+        inputs[lane][l].push_back(
+            MakeInput(r + 100 * lane, empty ? 0 : 3 + 2 * r + l + lane, H, K, Iota(E), 31 + l));
+      }
+  }
+  EpDispatchOptions o;
+  o.wire_dtype = bf16 ? WireDType::kBF16 : WireDType::kF32;
+  LaneResult res = RunLanes(n, placement, inputs, H, K, o);
+  for (int r = 0; r < n; ++r) {
+    ASSERT_TRUE(res.status[r].ok()) << "rank " << r << ": " << res.status[r];
+    for (int lane = 0; lane < 2; ++lane) {
+      const RankInput& in = inputs[lane][L - 1][r];
+      ExpectNear(res.out[lane][r], ReferenceMoe(L - 1, in.x, H, in.topk_ids, in.topk_weights, K),
+                 bf16 ? 2e-2f : 1e-5f, "rank " + std::to_string(r) + " lane " + std::to_string(lane));
+    }
+    EXPECT_EQ(res.stats[r].calls, 2 * L);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Ranks, EpDispatchLanesTest,
+                         ::testing::Combine(::testing::Values(1, 2, 3, 4), ::testing::Bool()));
+
+TEST(EpDispatchLanesTest, CallsOutOfOrderAreRefusedAndOneLaneDispatchersHaveNoLaneOne) {
+  LocalCommunicatorGroup group(1, milliseconds(1000));
+  auto one = MakeExpertParallelDispatcher(group.comm(0), Contiguous(1, 4, 1));
+  ASSERT_TRUE(one.ok());
+  EXPECT_EQ((*one)->micro_batches(), 1);
+  ExpertRows rows;
+  EXPECT_EQ((*one)->FinishDispatch(1, &rows).code(), absl::StatusCode::kInvalidArgument);
+  EpDispatchOptions o;
+  o.two_batch_overlap = true;
+  auto two = MakeExpertParallelDispatcher(group.comm(0), Contiguous(1, 4, 1), o);
+  ASSERT_TRUE(two.ok());
+  EXPECT_EQ((*two)->FinishDispatch(1, &rows).code(), absl::StatusCode::kFailedPrecondition);
+  std::vector<float> out(4);
+  EXPECT_EQ((*two)->StartCombine(0, 0, out.data()).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ((*two)->FinishCombine(1, 0, out.data()).code(), absl::StatusCode::kFailedPrecondition);
+  auto single = MakeSingleRankDispatcher(4);
+  EXPECT_EQ(single->micro_batches(), 1);
+  EXPECT_EQ(single->FinishDispatch(0, &rows).code(), absl::StatusCode::kUnimplemented);
 }
 
 }  // namespace

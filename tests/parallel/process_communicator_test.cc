@@ -145,6 +145,15 @@ TEST_P(ProcessesTest, AllToAllVAndOtherCollectivesMatchReferences) {
           CHILD_EXPECT(r, static_cast<uint8_t>(dyn[at + b]) == MessageByte(p, r, b));
         at += rcnt[p];
       }
+      // Started, with work before Wait: the same bytes once Wait returns.
+      std::vector<char> dyn2;
+      std::vector<int64_t> dcnt2, doff2;
+      std::unique_ptr<PendingAllToAllV> dyn_pending =
+          c->StartAllToAllVDynamic(send.data(), sc, so, &dyn2, &dcnt2, &doff2);
+      std::this_thread::sleep_for(milliseconds(3 * (n - r)));
+      CHILD_EXPECT(r, dyn_pending->Wait().ok());
+      CHILD_EXPECT(r, dcnt2 == dcnt && doff2 == doff);
+      CHILD_EXPECT(r, std::equal(dyn.begin(), dyn.begin() + at, dyn2.begin()));
     }
     std::vector<int32_t> all(n, -1);
     int32_t mine = 500 + r;

@@ -35,6 +35,7 @@ class RankGroup {
     std::chrono::milliseconds drain_timeout{10000};
     std::chrono::milliseconds heartbeat_interval{50};
     std::chrono::milliseconds heartbeat_timeout{600};
+    bool two_batch_overlap = false;  // EpDispatchOptions::two_batch_overlap of every rank
   };
 
   RankGroup(const std::string& dir, Options o) : dir_(dir), o_(o), rendezvous_(o.timeout) {
@@ -87,6 +88,7 @@ class RankGroup {
     go.drain_timeout = o.drain_timeout;
     go.join_timeout = o.timeout;
     go.make_comm = factory_;
+    go.dispatch.two_batch_overlap = o.two_batch_overlap;
     std::unique_ptr<parallel::Communicator> comm;
     if (o.world > 1) {
       auto c = factory_(first.store_prefix, 0, o.world);
@@ -185,6 +187,7 @@ class RankGroup {
     ro.num_blocks = num_blocks > 0 ? num_blocks : o_.num_blocks;
     ro.block_size = o_.block_size;
     ro.make_comm = factory_;
+    ro.dispatch.two_batch_overlap = o_.two_batch_overlap;
     ro.store = membership_->store();
     ro.client = client_.get();
     ro.heartbeat_interval = o_.heartbeat_interval;
