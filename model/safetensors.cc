@@ -237,14 +237,17 @@ std::vector<std::string> CheckpointReader::Names() const {
   return out;
 }
 
-absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite>& tensors) {
+absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorSource>& tensors) {
   json header = json::object();
   uint64_t offset = 0;
+  int64_t largest = 0;
   for (const auto& t : tensors) {
+    const uint64_t n = static_cast<uint64_t>(t.bytes);
     header[t.name] = {{"dtype", std::string(DTypeName(t.dtype))},
                       {"shape", t.shape},
-                      {"data_offsets", {offset, offset + t.bytes.size()}}};
-    offset += t.bytes.size();
+                      {"data_offsets", {offset, offset + n}}};
+    offset += n;
+    largest = std::max(largest, t.bytes);
   }
   header["__metadata__"] = {{"format", "pt"}};
   std::string h = header.dump();
@@ -256,10 +259,25 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorT
   for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(n >> (8 * i));
   out.write(reinterpret_cast<const char*>(len), 8);
   out.write(h.data(), static_cast<std::streamsize>(h.size()));
-  for (const auto& t : tensors)
-    out.write(reinterpret_cast<const char*>(t.bytes.data()), static_cast<std::streamsize>(t.bytes.size()));
-  if (!out) return absl::DataLossError(absl::StrCat("short write to ", path));
+  std::vector<uint8_t> buf(static_cast<size_t>(largest));
+  for (const auto& t : tensors) {
+    t.fill(buf.data());
+    out.write(reinterpret_cast<const char*>(buf.data()), static_cast<std::streamsize>(t.bytes));
+    if (!out) break;
+  }
+  if (!out) return absl::DataLossError(absl::StrCat("short write to ", path, " (disk full?)"));
   return absl::OkStatus();
+}
+
+absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite>& tensors) {
+  std::vector<TensorSource> sources;
+  sources.reserve(tensors.size());
+  for (const auto& t : tensors) {
+    const TensorToWrite* p = &t;
+    sources.push_back({t.name, t.dtype, t.shape, static_cast<int64_t>(t.bytes.size()),
+                       [p](uint8_t* dst) { std::copy(p->bytes.begin(), p->bytes.end(), dst); }});
+  }
+  return WriteSafetensors(path, sources);
 }
 
 }  // namespace sy::model

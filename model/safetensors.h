@@ -12,6 +12,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -103,5 +104,17 @@ struct TensorToWrite {
   std::vector<uint8_t> bytes;
 };
 absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorToWrite>& tensors);
+
+// The same, each tensor's bytes produced while the file is written: one tensor is in memory at
+// a time, so a checkpoint larger than memory can be written. fill(dst) writes the tensor's
+// `bytes` bytes (normally elements × dtype size; the header says what is written).
+struct TensorSource {
+  std::string name;
+  DType dtype;
+  std::vector<int64_t> shape;
+  int64_t bytes = 0;
+  std::function<void(uint8_t* dst)> fill;
+};
+absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorSource>& tensors);
 
 }  // namespace sy::model

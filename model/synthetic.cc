@@ -28,7 +28,9 @@ absl::StatusOr<Shape> PresetShape(const std::string& preset) {
   if (preset == "tiny") return Shape{512, 64, 128, 2, 4, 2, 16, 4, 2};
   if (preset == "demo") return Shape{4096, 256, 512, 4, 8, 2, 32, 8, 2};
   if (preset == "bench") return Shape{32000, 1024, 2816, 8, 16, 4, 64, 8, 2};
-  return absl::InvalidArgumentError(absl::StrCat("unknown preset '", preset, "' (tiny, demo, bench)"));
+  if (preset == "olmoe-1b-7b") return Shape{50304, 2048, 1024, 16, 16, 16, 128, 64, 8};
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown preset '", preset, "' (tiny, demo, bench, olmoe-1b-7b)"));
 }
 
 // splitmix64: small, fast, and the same on every platform (std::normal_distribution is not).
@@ -61,24 +63,26 @@ class Rng {
   double spare_ = 0;
 };
 
-// Each tensor gets its own stream (seed, tensor index), so adding a tensor to one
-// architecture does not shift the others' weights.
-TensorToWrite MakeTensor(const std::string& name, std::vector<int64_t> shape, DType dtype,
-                         uint64_t seed, uint64_t index, double mean, double stddev) {
-  TensorToWrite t{name, dtype, shape, {}};
+// A tensor of N(mean, stddev) values, generated while the file is written. Each tensor gets
+// its own stream (seed, tensor index), so adding a tensor to one architecture does not shift
+// the others' weights.
+TensorSource MakeTensor(const std::string& name, std::vector<int64_t> shape, DType dtype,
+                        uint64_t seed, uint64_t index, double mean, double stddev) {
   int64_t n = 1;
   for (int64_t d : shape) n *= d;
-  t.bytes.resize(n * DTypeSize(dtype));
-  Rng rng(seed ^ (index * 0xD1B54A32D192ED03ull));
-  for (int64_t i = 0; i < n; ++i) {
-    float v = static_cast<float>(mean + stddev * rng.Normal());
-    if (dtype == DType::kF32) {
-      std::memcpy(&t.bytes[i * 4], &v, 4);
-    } else {
-      uint16_t h = dtype == DType::kBF16 ? F32ToBf16(v) : F32ToF16(v);
-      std::memcpy(&t.bytes[i * 2], &h, 2);
+  TensorSource t{name, dtype, std::move(shape), n * static_cast<int64_t>(DTypeSize(dtype)), nullptr};
+  t.fill = [n, dtype, seed, index, mean, stddev](uint8_t* dst) {
+    Rng rng(seed ^ (index * 0xD1B54A32D192ED03ull));
+    for (int64_t i = 0; i < n; ++i) {
+      float v = static_cast<float>(mean + stddev * rng.Normal());
+      if (dtype == DType::kF32) {
+        std::memcpy(&dst[i * 4], &v, 4);
+      } else {
+        uint16_t h = dtype == DType::kBF16 ? F32ToBf16(v) : F32ToF16(v);
+        std::memcpy(&dst[i * 2], &h, 2);
+      }
     }
-  }
+  };
   return t;
 }
 
@@ -89,71 +93,15 @@ absl::Status WriteText(const std::string& path, const std::string& text) {
   return out ? absl::OkStatus() : absl::DataLossError(absl::StrCat("short write to ", path));
 }
 
-}  // namespace
-
-absl::StatusOr<Arch> ParseArch(const std::string& name) {
-  if (name == "mixtral") return Arch::kMixtral;
-  if (name == "qwen2_moe") return Arch::kQwen2Moe;
-  if (name == "qwen3_moe") return Arch::kQwen3Moe;
-  if (name == "olmoe") return Arch::kOlmoe;
-  return absl::InvalidArgumentError(
-      absl::StrCat("unknown architecture '", name, "' (mixtral, qwen2_moe, qwen3_moe, olmoe)"));
-}
-
-absl::Status WriteSyntheticCheckpoint(const SyntheticOptions& o) {
-  SY_ASSIGN_OR_RETURN(Shape s, PresetShape(o.preset));
-  std::error_code ec;
-  std::filesystem::create_directories(o.out_dir, ec);
-  if (ec) return absl::PermissionDeniedError(absl::StrCat("cannot create ", o.out_dir, ": ", ec.message()));
+// The checkpoint's tensors in file order (their bytes are generated when written).
+std::vector<TensorSource> Tensors(const Shape& s, const SyntheticOptions& o) {
   const Arch arch = o.arch;
   const bool mixtral = arch == Arch::kMixtral;
   const int64_t H = s.hidden, hd = s.head_dim;
   const int64_t shared_inter = arch == Arch::kQwen2Moe ? s.inter : 0;
-
-  // config.json in each architecture's own spelling.
-  json cfg;
-  const char* arch_cls[] = {"MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
-                            "OlmoeForCausalLM"};
-  cfg["architectures"] = {arch_cls[static_cast<int>(arch)]};
-  cfg["model_type"] = ArchName(arch);
-  cfg["vocab_size"] = s.vocab;
-  cfg["hidden_size"] = H;
-  cfg["intermediate_size"] = s.inter;
-  cfg["num_hidden_layers"] = s.layers;
-  cfg["num_attention_heads"] = s.heads;
-  cfg["num_key_value_heads"] = s.kv_heads;
-  cfg["head_dim"] = hd;
-  cfg["num_experts_per_tok"] = s.topk;
-  cfg["hidden_act"] = "silu";
-  cfg["max_position_embeddings"] = 4096;
-  cfg["rms_norm_eps"] = mixtral || arch == Arch::kOlmoe ? 1e-5 : 1e-6;
-  cfg["rope_theta"] = mixtral ? 1e6 : 10000.0;
-  cfg["tie_word_embeddings"] = false;
-  cfg["bos_token_id"] = 1;
-  cfg["eos_token_id"] = 2;
-  cfg["torch_dtype"] = o.dtype == DType::kF32 ? "float32" : o.dtype == DType::kBF16 ? "bfloat16" : "float16";
-  if (mixtral) {
-    cfg["num_local_experts"] = s.experts;
-    cfg["sliding_window"] = nullptr;
-  } else {
-    cfg["num_experts"] = s.experts;
-    if (arch != Arch::kOlmoe) {
-      cfg["moe_intermediate_size"] = s.inter;
-      cfg["decoder_sparse_step"] = 1;
-      cfg["mlp_only_layers"] = json::array();
-    }
-    cfg["norm_topk_prob"] = arch == Arch::kQwen3Moe;
-  }
-  if (arch == Arch::kQwen2Moe) cfg["shared_expert_intermediate_size"] = shared_inter;
-  if (arch == Arch::kQwen3Moe || arch == Arch::kOlmoe) cfg["attention_bias"] = false;
-  if (arch == Arch::kOlmoe) cfg["clip_qkv"] = nullptr;
-  SY_RETURN_IF_ERROR(WriteText(o.out_dir + "/config.json", cfg.dump(2) + "\n"));
-  json gen = {{"bos_token_id", 1}, {"eos_token_id", 2}};
-  SY_RETURN_IF_ERROR(WriteText(o.out_dir + "/generation_config.json", gen.dump(2) + "\n"));
-
   // Weights. Scales keep activations O(1) through the layers and make routing decisive:
   // projections ~ N(0, 1/fan_in), norms ~ 1 + N(0, 0.1), router ~ N(0, 4/fan_in).
-  std::vector<TensorToWrite> tensors;
+  std::vector<TensorSource> tensors;
   uint64_t idx = 0;
   auto add = [&](const std::string& name, std::vector<int64_t> shape, double mean, double sd) {
     tensors.push_back(MakeTensor(name, std::move(shape), o.dtype, o.seed, idx++, mean, sd));
@@ -200,6 +148,95 @@ absl::Status WriteSyntheticCheckpoint(const SyntheticOptions& o) {
   add("model.norm.weight", {H}, 1.0, 0.1);
   add("lm_head.weight", {s.vocab, H}, 0, sh);
 
+  return tensors;
+}
+
+}  // namespace
+
+absl::StatusOr<Arch> ParseArch(const std::string& name) {
+  if (name == "mixtral") return Arch::kMixtral;
+  if (name == "qwen2_moe") return Arch::kQwen2Moe;
+  if (name == "qwen3_moe") return Arch::kQwen3Moe;
+  if (name == "olmoe") return Arch::kOlmoe;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown architecture '", name, "' (mixtral, qwen2_moe, qwen3_moe, olmoe)"));
+}
+
+absl::StatusOr<int64_t> SyntheticWeightBytes(const SyntheticOptions& o) {
+  SY_ASSIGN_OR_RETURN(Shape s, PresetShape(o.preset));
+  int64_t total = 0;
+  for (const auto& t : Tensors(s, o)) total += t.bytes;
+  return total;
+}
+
+absl::Status WriteSyntheticCheckpoint(const SyntheticOptions& o) {
+  SY_ASSIGN_OR_RETURN(Shape s, PresetShape(o.preset));
+  std::error_code ec;
+  std::filesystem::create_directories(o.out_dir, ec);
+  if (ec) return absl::PermissionDeniedError(absl::StrCat("cannot create ", o.out_dir, ": ", ec.message()));
+  // Refuse before writing anything when the weights cannot fit (olmoe-1b-7b is ~14 GB); the
+  // weight files of an earlier checkpoint in the folder are replaced, so their space counts.
+  std::vector<TensorSource> tensors = Tensors(s, o);
+  int64_t total_bytes = 0;
+  for (const auto& t : tensors) total_bytes += t.bytes;
+  uintmax_t replaced = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(o.out_dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (name.rfind("model", 0) == 0 && name.find(".safetensors") != std::string::npos)
+      replaced += entry.file_size(ec);
+  }
+  const std::filesystem::space_info space = std::filesystem::space(o.out_dir, ec);
+  if (!ec && static_cast<uintmax_t>(total_bytes) > space.available + replaced)
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "the %s checkpoint needs %.2f GB of weights; %s has %.2f GB free", o.preset,
+        static_cast<double>(total_bytes) / 1e9, o.out_dir,
+        static_cast<double>(space.available + replaced) / 1e9));
+  const Arch arch = o.arch;
+  const bool mixtral = arch == Arch::kMixtral;
+  const int64_t H = s.hidden, hd = s.head_dim;
+  const int64_t shared_inter = arch == Arch::kQwen2Moe ? s.inter : 0;
+
+  // config.json in each architecture's own spelling.
+  json cfg;
+  const char* arch_cls[] = {"MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+                            "OlmoeForCausalLM"};
+  cfg["architectures"] = {arch_cls[static_cast<int>(arch)]};
+  cfg["model_type"] = ArchName(arch);
+  cfg["vocab_size"] = s.vocab;
+  cfg["hidden_size"] = H;
+  cfg["intermediate_size"] = s.inter;
+  cfg["num_hidden_layers"] = s.layers;
+  cfg["num_attention_heads"] = s.heads;
+  cfg["num_key_value_heads"] = s.kv_heads;
+  cfg["head_dim"] = hd;
+  cfg["num_experts_per_tok"] = s.topk;
+  cfg["hidden_act"] = "silu";
+  cfg["max_position_embeddings"] = 4096;
+  cfg["rms_norm_eps"] = mixtral || arch == Arch::kOlmoe ? 1e-5 : 1e-6;
+  cfg["rope_theta"] = mixtral ? 1e6 : 10000.0;
+  cfg["tie_word_embeddings"] = false;
+  cfg["bos_token_id"] = 1;
+  cfg["eos_token_id"] = 2;
+  cfg["torch_dtype"] = o.dtype == DType::kF32 ? "float32" : o.dtype == DType::kBF16 ? "bfloat16" : "float16";
+  if (mixtral) {
+    cfg["num_local_experts"] = s.experts;
+    cfg["sliding_window"] = nullptr;
+  } else {
+    cfg["num_experts"] = s.experts;
+    if (arch != Arch::kOlmoe) {
+      cfg["moe_intermediate_size"] = s.inter;
+      cfg["decoder_sparse_step"] = 1;
+      cfg["mlp_only_layers"] = json::array();
+    }
+    cfg["norm_topk_prob"] = arch == Arch::kQwen3Moe;
+  }
+  if (arch == Arch::kQwen2Moe) cfg["shared_expert_intermediate_size"] = shared_inter;
+  if (arch == Arch::kQwen3Moe || arch == Arch::kOlmoe) cfg["attention_bias"] = false;
+  if (arch == Arch::kOlmoe) cfg["clip_qkv"] = nullptr;
+  SY_RETURN_IF_ERROR(WriteText(o.out_dir + "/config.json", cfg.dump(2) + "\n"));
+  json gen = {{"bos_token_id", 1}, {"eos_token_id", 2}};
+  SY_RETURN_IF_ERROR(WriteText(o.out_dir + "/generation_config.json", gen.dump(2) + "\n"));
+
   // Remove files of an earlier checkpoint in the same folder, so that a shard layout and a
   // single file never coexist.
   for (const auto& entry : std::filesystem::directory_iterator(o.out_dir)) {
@@ -210,14 +247,14 @@ absl::Status WriteSyntheticCheckpoint(const SyntheticOptions& o) {
   if (o.shard_bytes <= 0) {
     SY_RETURN_IF_ERROR(WriteSafetensors(o.out_dir + "/model.safetensors", tensors));
   } else {
-    std::vector<std::vector<TensorToWrite>> shards(1);
+    std::vector<std::vector<TensorSource>> shards(1);
     int64_t cur = 0;
     for (auto& t : tensors) {
-      if (cur > 0 && cur + static_cast<int64_t>(t.bytes.size()) > o.shard_bytes) {
+      if (cur > 0 && cur + t.bytes > o.shard_bytes) {
         shards.emplace_back();
         cur = 0;
       }
-      cur += static_cast<int64_t>(t.bytes.size());
+      cur += t.bytes;
       shards.back().push_back(std::move(t));
     }
     json index = {{"metadata", {{"total_size", 0}}}, {"weight_map", json::object()}};
@@ -226,7 +263,7 @@ absl::Status WriteSyntheticCheckpoint(const SyntheticOptions& o) {
       std::string file = absl::StrFormat("model-%05d-of-%05d.safetensors", i + 1, shards.size());
       for (const auto& t : shards[i]) {
         index["weight_map"][t.name] = file;
-        total += static_cast<int64_t>(t.bytes.size());
+        total += t.bytes;
       }
       SY_RETURN_IF_ERROR(WriteSafetensors(o.out_dir + "/" + file, shards[i]));
     }

@@ -8,6 +8,12 @@
 //   demo:  vocab 4096,  hidden 256,  inter 512,  4 layers, 8 heads, 2 KV heads, 8 experts top-2
 //   bench: vocab 32000, hidden 1024, inter 2816, 8 layers, 16 heads, 4 KV heads, 8 experts
 //          top-2 (Mixtral-shaped, about 0.64 B parameters)
+//   olmoe-1b-7b: vocab 50304, hidden 2048, expert inter 1024, 16 layers, 16 heads, 16 KV
+//          heads, 64 experts top-8 (OLMoE-1B-7B-shaped, about 6.9 B parameters, 13.8 GB in
+//          bf16: the GPU benchmark's shape)
+// Tensors are generated while the files are written (one tensor in memory at a time); a
+// checkpoint larger than the folder's free space is refused (RESOURCE_EXHAUSTED) before any
+// weight is written.
 // Thread safety: pure function of its options.
 #pragma once
 
@@ -22,7 +28,7 @@ namespace sy::model {
 
 struct SyntheticOptions {
   Arch arch = Arch::kMixtral;
-  std::string preset = "tiny";  // tiny | demo | bench
+  std::string preset = "tiny";  // tiny | demo | bench | olmoe-1b-7b
   uint64_t seed = 0;
   DType dtype = DType::kF32;
   std::string out_dir;
@@ -31,6 +37,8 @@ struct SyntheticOptions {
 };
 
 absl::Status WriteSyntheticCheckpoint(const SyntheticOptions& options);
+// Bytes of the weights WriteSyntheticCheckpoint would write (nothing is generated).
+absl::StatusOr<int64_t> SyntheticWeightBytes(const SyntheticOptions& options);
 
 absl::StatusOr<Arch> ParseArch(const std::string& name);  // mixtral|qwen2_moe|qwen3_moe|olmoe
 

@@ -16,7 +16,8 @@ int MakeModelCommand(int argc, char** argv) {
                 "Writes a synthetic MoE checkpoint (config.json, safetensors, tokenizer.json) with\n"
                 "random weights from a fixed seed, in the real Hugging Face format.");
   flags.Add("arch", &arch, "architecture: mixtral | qwen2_moe | qwen3_moe | olmoe");
-  flags.Add("preset", &preset, "size: tiny | demo | bench (bench: Mixtral-shaped, ~0.64 B parameters)");
+  flags.Add("preset", &preset, "size: tiny | demo | bench | olmoe-1b-7b (bench: Mixtral-shaped, ~0.64 B parameters; "
+            "olmoe-1b-7b: OLMoE-1B-7B-shaped, ~6.9 B parameters, 13.8 GB in bf16)");
   flags.Add("seed", &seed, "random seed (same seed, same bytes)");
   flags.Add("dtype", &dtype, "weight dtype: f32 | bf16 | f16");
   flags.Add("out", &out, "output folder (created if missing)");

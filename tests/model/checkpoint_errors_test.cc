@@ -3,13 +3,16 @@
 // tests/fuzz/ does the same without a budget).
 #include <filesystem>
 #include <fstream>
+#include <cstring>
 #include <random>
+#include <set>
 #include <sstream>
 
 #include "gtest/gtest.h"
 #include "model/config.h"
 #include "model/moe_model.h"
 #include "model/safetensors.h"
+#include "model/synthetic.h"
 #include "tests/testing/model_fixtures.h"
 
 namespace sy::model {
@@ -194,6 +197,54 @@ TEST(CheckpointErrorsTest, ParserSurvivesMutatedHeaders) {
     }
   }
   SUCCEED() << ok << " mutated headers still parsed";
+}
+
+TEST(SyntheticCheckpointTest, OlmoePresetHasTheOlmoe1b7bShapeAndItsSize) {
+  SyntheticOptions o;
+  o.arch = Arch::kOlmoe;
+  o.preset = "olmoe-1b-7b";
+  o.dtype = DType::kBF16;
+  auto bytes = SyntheticWeightBytes(o);
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  // vocab 50304, hidden 2048, 16 layers of attention 4 x 2048^2 with q/k norms, router 64 x
+  // 2048 and 64 experts of 3 x 1024 x 2048; embeddings, final norm and LM head.
+  const int64_t V = 50304, H = 2048, L = 16, E = 64, I = 1024;
+  const int64_t per_layer = 2 * H + 4 * H * H + 2 * H + E * H + E * 3 * I * H;
+  const int64_t params = V * H + L * per_layer + H + V * H;
+  EXPECT_EQ(*bytes, 2 * params);
+  EXPECT_NEAR(static_cast<double>(params), 6.92e9, 0.01e9);
+  o.preset = "huge";
+  EXPECT_EQ(SyntheticWeightBytes(o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(SyntheticCheckpointTest, ShardedAndSingleFileCheckpointsHoldTheSameTensors) {
+  SyntheticOptions o;
+  o.arch = Arch::kQwen2Moe;
+  o.preset = "tiny";
+  o.dtype = DType::kBF16;
+  o.out_dir = sy::testing::MakeTempDir("single");
+  ASSERT_TRUE(WriteSyntheticCheckpoint(o).ok());
+  const std::string single = o.out_dir;
+  o.out_dir = sy::testing::MakeTempDir("sharded");
+  o.shard_bytes = 50000;
+  ASSERT_TRUE(WriteSyntheticCheckpoint(o).ok());
+  EXPECT_TRUE(fs::exists(o.out_dir + "/model.safetensors.index.json"));
+  EXPECT_FALSE(fs::exists(o.out_dir + "/model.safetensors"));
+  auto a = CheckpointReader::Open(single);
+  auto b = CheckpointReader::Open(o.out_dir);
+  ASSERT_TRUE(a.ok() && b.ok());
+  const std::vector<std::string> names = (*a)->Names();
+  ASSERT_EQ(names, (*b)->Names());
+  std::set<std::string> files;
+  for (const std::string& n : names) {
+    auto x = (*a)->Get(n);
+    auto y = (*b)->Get(n);
+    ASSERT_TRUE(x.ok() && y.ok()) << n;
+    ASSERT_EQ(x->shape, y->shape) << n;
+    EXPECT_EQ(std::memcmp(x->data, y->data, x->numel() * DTypeSize(x->dtype)), 0) << n;
+    files.insert(y->file);
+  }
+  EXPECT_GT(files.size(), 2u) << "expected several shards";
 }
 
 TEST(ConfigTest, UsesHuggingFaceDefaultsPerArchitecture) {
