@@ -8,7 +8,8 @@
 #                                  first where the build packages are installed)
 #
 # Runs every gpu-labelled test binary with SY_REQUIRE_GPU=1 (no usable GPU fails instead of
-# skipping), the CUDA kernel benchmark and the NCCL dispatch benchmark, then prints one table:
+# skipping), the CUDA kernel benchmark, the NCCL dispatch benchmark, the model benchmark with
+# the cuda backend beside the CPU one, and `switchyard run --device cuda`, then prints one table:
 # step, exit code, seconds, and the line that sums the step up. Logs go to $OUT when it is set
 # (the device tool brings that folder back), else to /tmp/gpu-check. Exit 0 only when every
 # step passed.
@@ -23,7 +24,7 @@ build_bundle() {
   cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSY_ENABLE_CUDA=ON \
     -DSY_BUILD_TESTS=ON -DSY_BUILD_BENCH=ON >/dev/null || return 1
   cmake --build "$BUILD" -j"$(nproc)" --target kernels_gpu_tests parallel_gpu_tests \
-    cuda_kernels_bench dispatch_bench || return 1
+    model_gpu_tests cuda_kernels_bench dispatch_bench model_bench switchyard || return 1
   bash kernels/cuda/make_gpu_bundle.sh "$BUILD"
 }
 
@@ -55,6 +56,14 @@ step kernels_gpu_tests 240 '(PASSED|FAILED)' kernels_gpu_tests
 step parallel_gpu_tests 120 '(PASSED|FAILED)' parallel_gpu_tests
 step cuda_kernels_bench 180 '.' cuda_kernels_bench
 step dispatch_bench_nccl 120 'results checked|FAILED|skipped' dispatch_bench --engines=nccl
+step model_gpu_tests 240 '(PASSED|FAILED)' model_gpu_tests
+# The serving path's products on the GPU (--device cuda) beside the CPU on this host's cores.
+step model_bench_cuda 150 'decode|FAIL' model_bench --backend cuda --reps 2 --decode-steps 8 \
+  --batches 1,8,64
+step model_bench_cpu 150 'decode|FAIL' model_bench --backend cpu --threads "$(nproc)" --reps 2 \
+  --decode-steps 8 --batches 1,8,64
+step run_device_cuda 120 '.' switchyard run --device cuda --prompt-ids 1,17,42,99 \
+  --max-new-tokens 16 --ids-only
 
 failed=0
 printf '\n| step | rc | ms | summary |\n|---|---|---|---|\n'

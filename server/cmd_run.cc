@@ -43,7 +43,9 @@ int RunCommand(int argc, char** argv) {
   flags.Add("ids-only", &ids_only, "print only the generated token ids, space-separated, on one line");
   flags.Add("ignore-eos", &ignore_eos, "keep generating past the end-of-sequence token");
   flags.Add("no-bos", &no_bos, "do not prepend BOS to a text prompt");
-  flags.Add("backend", &backend, "kernel backend: auto | cpu | reference");
+  std::string device = "cpu";
+  flags.Add("device", &device, "where the model runs: cpu, or cuda / cuda:K (the weight products on GPU K)");
+  flags.Add("backend", &backend, "CPU kernel backend: auto | cpu | reference");
   flags.Add("threads", &threads, "CPU threads (0 = all cores)");
   absl::Status s = flags.Parse(argc, argv);
   if (absl::IsCancelled(s)) {
@@ -51,6 +53,11 @@ int RunCommand(int argc, char** argv) {
     return 0;
   }
   if (!s.ok()) return Fail(s);
+  if (auto b = BackendForDevice(device, backend); b.ok()) {
+    backend = *b;
+  } else {
+    return Fail(b.status());
+  }
   if (prompt.empty() && !flags.positional().empty()) prompt = flags.positional()[0];
   if (threads > 0) ThreadPool::SetDefaultThreads(static_cast<int>(threads));
   if (max_new <= 0) return Fail(absl::InvalidArgumentError("--max-new-tokens must be positive"));

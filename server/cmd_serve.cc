@@ -102,7 +102,11 @@ int ServeCommand(int argc, char** argv) {
             "ranks need a certificate of that CA, mutual TLS)");
   flags.Add("cluster-tls-key", &o.cluster.tls.key, "PEM key of --cluster-tls-cert");
   flags.Add("cluster-tls-ca", &o.cluster.tls.client_ca, "PEM CA that signs the ranks' certificates");
-  flags.Add("backend", &o.backend, "compute backend (auto, reference, cpu, cuda)");
+  std::string device = "cpu";
+  flags.Add("device", &device,
+            "where the model runs: cpu, or cuda / cuda:K (the weight products on GPU K, "
+            "weights uploaded once in bf16; the rest on the CPU)");
+  flags.Add("backend", &o.backend, "CPU compute backend (auto, cpu, reference)");
   flags.Add("threads", &o.threads, "compute threads; 0: SWITCHYARD_THREADS or every core");
   flags.Add("kv-cache-bytes", &o.kv_cache_bytes, "bytes of paged KV cache (sets the block count)");
   flags.Add("block-size", &o.block_size, "token positions per KV cache block");
@@ -168,6 +172,12 @@ int ServeCommand(int argc, char** argv) {
   flags.MarkSecret("admin-token", "admin-token-file");
   if (int rc = flags.ParseOrExitCode(argc, argv); rc >= 0) return rc;
   absl::Status s;
+  if (auto b = BackendForDevice(device, o.backend); b.ok()) {
+    o.backend = *b;
+  } else {
+    std::fprintf(stderr, "serve: %s\n", b.status().ToString().c_str());
+    return 2;
+  }
 
   // SIGTERM / SIGINT write to a pipe; one waiting thread reads it and drains. (A handler, not
   // sigwait: libraries may start threads before main that would take the default action.)

@@ -35,7 +35,10 @@ int WorkerCommand(int argc, char** argv) {
   flags.Add("host", &o.host,
             "address this rank listens on for the other ranks (announced); empty: the address "
             "of the interface that routes to the leader");
-  flags.Add("backend", &o.backend, "compute backend (auto, reference, cpu, cuda)");
+  std::string device = "cpu";
+  flags.Add("device", &device,
+            "where this rank's model runs: cpu, or cuda / cuda:K (the weight products on GPU K)");
+  flags.Add("backend", &o.backend, "CPU compute backend (auto, cpu, reference)");
   flags.Add("threads", &o.threads, "compute threads; 0: SWITCHYARD_THREADS or every core");
   flags.Add("kv-cache-bytes", &o.kv_cache_bytes,
             "bytes of this rank's KV cache (the sequences homed here); it adds to the group's");
@@ -53,6 +56,12 @@ int WorkerCommand(int argc, char** argv) {
             "join again as a new rank when fenced (declared dead while stopped or cut off)");
   flags.MarkSecret("secret", "secret-file");
   if (int rc = flags.ParseOrExitCode(argc, argv); rc >= 0) return rc;
+  if (auto b = BackendForDevice(device, o.backend); b.ok()) {
+    o.backend = *b;
+  } else {
+    std::fprintf(stderr, "worker: %s\n", b.status().ToString().c_str());
+    return 2;
+  }
   struct sigaction sa {};
   sa.sa_handler = OnWorkerSignal;
   sigemptyset(&sa.sa_mask);

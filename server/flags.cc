@@ -217,4 +217,17 @@ std::string FlagSet::Usage() const {
   return out;
 }
 
+absl::StatusOr<std::string> BackendForDevice(const std::string& device,
+                                             const std::string& backend) {
+  if (device.empty() || device == "cpu") return backend;  // --backend cuda[:K] says it too
+  if (device.rfind("cuda", 0) != 0)
+    return absl::InvalidArgumentError(
+        absl::StrCat("--device ", device, ": expected cpu, cuda or cuda:K"));
+  if (backend != "auto" && backend != device)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--device ", device, " with --backend ", backend,
+        ": --backend picks a CPU backend; leave it at auto with a GPU device"));
+  return device;
+}
+
 }  // namespace sy::server

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 
 namespace sy::server {
 
@@ -58,5 +59,12 @@ class FlagSet {
   std::vector<Flag> flags_;
   std::vector<std::string> positional_;
 };
+
+// The kernels::MakeBackend name for `--device` and `--backend` (serve, worker, run):
+// --device cpu keeps --backend (auto, cpu, reference, or cuda[:K], the older spelling of the
+// device); --device cuda or cuda:K runs the model's weight products on GPU K
+// (kernels/cuda/cuda_backend.h), with --backend left at auto or naming the same device.
+// INVALID_ARGUMENT for anything else.
+absl::StatusOr<std::string> BackendForDevice(const std::string& device, const std::string& backend);
 
 }  // namespace sy::server

@@ -5,8 +5,9 @@
 #
 #   kernels/cuda/make_gpu_bundle.sh [build_dir]      (default build-cuda; run from repo root)
 #
-# Result: <build_dir>/gpu-bundle/{kernels_gpu_tests, parallel_gpu_tests, cuda_kernels_bench,
-# dispatch_bench, lib/*.so.*, compat/{libstdc++.so.6, libgcc_s.so.1}, run-one.sh}.
+# Result: <build_dir>/gpu-bundle/{kernels_gpu_tests, parallel_gpu_tests, model_gpu_tests,
+# cuda_kernels_bench, dispatch_bench, model_bench, switchyard, lib/*.so.*,
+# compat/{libstdc++.so.6, libgcc_s.so.1}, run-one.sh}.
 # The binaries link the CUDA runtime statically and load cuBLAS with dlopen; NCCL
 # (libnccl.so.2) and cuBLAS are not packed (hundreds of MB): run-one.sh finds them on the
 # host, in the system's library path or in the pip packages nvidia-nccl-cu13 / nvidia-cublas.
@@ -17,7 +18,8 @@ set -euo pipefail
 build=${1:-build-cuda}
 out=$build/gpu-bundle
 bins=("$build/tests/kernels_gpu_tests" "$build/tests/parallel_gpu_tests"
-      "$build/bench/cuda_kernels_bench" "$build/bench/dispatch_bench")
+      "$build/tests/model_gpu_tests" "$build/bench/cuda_kernels_bench"
+      "$build/bench/dispatch_bench" "$build/bench/model_bench" "$build/server/switchyard")
 rm -rf "$out"
 mkdir -p "$out/compat" "$out/lib"
 cp "${bins[@]}" "$out/"

@@ -379,6 +379,20 @@ TEST(BackendRegistryTest, CpuAndAutoPickTheFastBackendAndUnknownNamesFail) {
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+TEST(BackendRegistryTest, CudaWithoutAUsableDeviceIsAClearFailedPrecondition) {
+  for (const char* bad : {"cuda:", "cuda:x", "cuda:-1", "cuda0", "cudax"})
+    EXPECT_EQ(MakeBackend(bad).status().code(), absl::StatusCode::kInvalidArgument) << bad;
+  auto cuda = MakeBackend("cuda");
+  if (cuda.ok()) {  // a GPU host (tests/kernels/cuda_backend_gpu_test.cc checks the rest)
+    EXPECT_EQ((*cuda)->name().rfind("cuda:0", 0), 0u) << (*cuda)->name();
+    return;
+  }
+  // This build has no CUDA, or the host no device or driver: said at once, never a crash.
+  EXPECT_EQ(cuda.status().code(), absl::StatusCode::kFailedPrecondition) << cuda.status();
+  EXPECT_NE(cuda.status().message().find("CUDA"), std::string::npos) << cuda.status();
+  EXPECT_EQ(MakeBackend("cuda:1").status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
 TEST(CpuKernelsTest, Bf16ConversionRoundsToNearestEvenAndZeroPads) {
   if (cpu::DetectCpuLevel() < CpuLevel::kAvx512Bf16) GTEST_SKIP() << "no AVX512-BF16";
   std::mt19937 rng(7);

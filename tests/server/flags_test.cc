@@ -129,5 +129,17 @@ TEST(FlagsTest, ASecretFlagsValueIsOverwrittenInArgvButKeptInTheFlag) {
   EXPECT_STREQ(a.argv()[2], "--host=h");
 }
 
+TEST(FlagsTest, DeviceAndBackendGiveOneBackendName) {
+  EXPECT_EQ(*BackendForDevice("cpu", "auto"), "auto");
+  EXPECT_EQ(*BackendForDevice("cpu", "reference"), "reference");
+  EXPECT_EQ(*BackendForDevice("cuda", "auto"), "cuda");
+  EXPECT_EQ(*BackendForDevice("cuda:1", "auto"), "cuda:1");
+  EXPECT_EQ(*BackendForDevice("cuda:1", "cuda:1"), "cuda:1");
+  EXPECT_EQ(BackendForDevice("cuda", "reference").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(*BackendForDevice("cpu", "cuda:2"), "cuda:2");
+  EXPECT_EQ(BackendForDevice("tpu", "auto").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace sy::server
