@@ -51,6 +51,7 @@ struct PagedKv {
   int64_t block_size = 0;
   int64_t num_kv_heads = 0;
   int64_t head_dim = 0;
+  int64_t num_blocks = 0;  // 0: not stated (a device backend then keeps this cache on the CPU)
 };
 
 // One sequence of a batched attention call (Backend::AttentionBatch).

@@ -25,7 +25,7 @@ class KvCache {
   int64_t num_blocks() const { return num_blocks_; }
   int64_t block_size() const { return block_size_; }
   kernels::PagedKv layer(int64_t l) {
-    return {k_[l].data(), v_[l].data(), block_size_, num_kv_heads_, head_dim_};
+    return {k_[l].data(), v_[l].data(), block_size_, num_kv_heads_, head_dim_, num_blocks_};
   }
 
  private:

@@ -165,28 +165,124 @@ class CudaBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  // The paged KV cache on the device: each layer's cache (PagedKv with num_blocks) gets a
+  // device copy of its shape, written here and read only by attention here (nothing else
+  // reads a layer's K/V), so the host arrays are left unwritten. A PagedKv without
+  // num_blocks stays on the CPU.
+  absl::Status WriteKv(const float* k, const float* v, int64_t num_tokens, const int64_t* slots,
+                       const PagedKv& kv) override {
+    if (kv.num_blocks <= 0) return cpu_->WriteKv(k, v, num_tokens, slots, kv);
+    if (num_tokens <= 0) return absl::OkStatus();
+    SY_RETURN_IF_ERROR(Cuda(cudaSetDevice(device_), "cudaSetDevice"));
+    SY_ASSIGN_OR_RETURN(DeviceKv * dkv, KvOf(kv));
+    const int64_t row = kv.num_kv_heads * kv.head_dim, num_slots = kv.num_blocks * kv.block_size;
+    for (int64_t t = 0; t < num_tokens; ++t)
+      if (slots[t] < 0 || slots[t] >= num_slots)
+        return absl::InvalidArgumentError(
+            absl::StrCat("KV slot ", slots[t], " of token ", t, " outside the cache's ", num_slots));
+    SY_RETURN_IF_ERROR(kv_in_.Reserve(2 * num_tokens * row * 4 + num_tokens * 8, "new K/V rows"));
+    char* base = static_cast<char*>(kv_in_.get());
+    float* k_dev = reinterpret_cast<float*>(base);
+    float* v_dev = k_dev + num_tokens * row;
+    int64_t* slots_dev = reinterpret_cast<int64_t*>(v_dev + num_tokens * row);
+    SY_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(k_dev, k, num_tokens * row * 4, cudaMemcpyHostToDevice, stream_), "K rows"));
+    SY_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(v_dev, v, num_tokens * row * 4, cudaMemcpyHostToDevice, stream_), "V rows"));
+    SY_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(slots_dev, slots, num_tokens * 8, cudaMemcpyHostToDevice, stream_), "KV slots"));
+    SY_RETURN_IF_ERROR(WritePagedKv(k_dev, v_dev, DType::kF32, num_tokens, row, slots_dev, num_slots,
+                                    dkv->k.get(), dkv->v.get(), stream_));
+    return Cuda(cudaStreamSynchronize(stream_), "writing the KV cache");
+  }
+
+  absl::Status Attention(const float* q, int64_t num_new, int64_t start_pos, int64_t num_heads,
+                         const PagedKv& kv, const int32_t* block_table, float scale,
+                         float* out) override {
+    if (kv.num_blocks <= 0)
+      return cpu_->Attention(q, num_new, start_pos, num_heads, kv, block_table, scale, out);
+    const AttentionSeq one{q, num_new, start_pos, block_table, out};
+    return AttentionBatch(&one, 1, num_heads, kv, scale);
+  }
+
+  // Every new token is one query of PagedDecodeAttention over the positions up to its own
+  // (a prefill chunk of n tokens is n queries with growing context lengths).
+  absl::Status AttentionBatch(const AttentionSeq* seqs, int64_t num_seqs, int64_t num_heads,
+                              const PagedKv& kv, float scale) override {
+    if (kv.num_blocks <= 0) return cpu_->AttentionBatch(seqs, num_seqs, num_heads, kv, scale);
+    SY_RETURN_IF_ERROR(Cuda(cudaSetDevice(device_), "cudaSetDevice"));
+    SY_ASSIGN_OR_RETURN(DeviceKv * dkv, KvOf(kv));
+    const int64_t hd = kv.head_dim, qrow = num_heads * hd, bs = kv.block_size;
+    int64_t queries = 0, max_blocks = 1;
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      if (seqs[s].num_new <= 0) continue;
+      queries += seqs[s].num_new;
+      const int64_t blocks = (seqs[s].start_pos + seqs[s].num_new + bs - 1) / bs;
+      for (int64_t b = 0; b < blocks; ++b)
+        if (seqs[s].block_table[b] < 0 || seqs[s].block_table[b] >= kv.num_blocks)
+          return absl::InvalidArgumentError(absl::StrCat("sequence ", s, ": block id ",
+                                                         seqs[s].block_table[b], " out of range"));
+      max_blocks = std::max(max_blocks, blocks);
+    }
+    if (queries == 0) return absl::OkStatus();
+    q_host_.resize(static_cast<size_t>(queries * qrow));
+    tables_.assign(static_cast<size_t>(queries * max_blocks), 0);
+    lens_.resize(static_cast<size_t>(queries));
+    int64_t e = 0;
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      const AttentionSeq& a = seqs[s];
+      if (a.num_new <= 0) continue;
+      const int64_t blocks = (a.start_pos + a.num_new + bs - 1) / bs;
+      std::copy(a.q, a.q + a.num_new * qrow, q_host_.begin() + e * qrow);
+      for (int64_t i = 0; i < a.num_new; ++i, ++e) {
+        std::copy(a.block_table, a.block_table + blocks, tables_.begin() + e * max_blocks);
+        lens_[e] = static_cast<int32_t>(a.start_pos + i + 1);
+      }
+    }
+    const int64_t q_bytes = queries * qrow * 4, t_bytes = queries * max_blocks * 4,
+                  l_bytes = queries * 4;
+    const int64_t ws = PagedDecodeAttentionWorkspaceBytes(queries, num_heads, hd);
+    auto round = [](int64_t b) { return (b + 255) / 256 * 256; };
+    SY_RETURN_IF_ERROR(attn_in_.Reserve(round(q_bytes) + round(t_bytes) + round(l_bytes) + ws,
+                                        "attention inputs"));
+    SY_RETURN_IF_ERROR(y_dev_.Reserve(q_bytes, "attention output"));
+    char* base = static_cast<char*>(attn_in_.get());
+    float* q_dev = reinterpret_cast<float*>(base);
+    int32_t* tables_dev = reinterpret_cast<int32_t*>(base + round(q_bytes));
+    int32_t* lens_dev = reinterpret_cast<int32_t*>(base + round(q_bytes) + round(t_bytes));
+    void* ws_dev = base + round(q_bytes) + round(t_bytes) + round(l_bytes);
+    SY_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(q_dev, q_host_.data(), q_bytes, cudaMemcpyHostToDevice, stream_), "queries"));
+    SY_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(tables_dev, tables_.data(), t_bytes, cudaMemcpyHostToDevice, stream_), "block tables"));
+    SY_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(lens_dev, lens_.data(), l_bytes, cudaMemcpyHostToDevice, stream_), "context lengths"));
+    float* out_dev = static_cast<float*>(y_dev_.get());
+    constexpr int64_t kMaxQueriesPerLaunch = 65535;
+    for (int64_t first = 0; first < queries; first += kMaxQueriesPerLaunch) {
+      const int64_t n = std::min(kMaxQueriesPerLaunch, queries - first);
+      SY_RETURN_IF_ERROR(PagedDecodeAttention(
+          q_dev + first * qrow, DType::kF32, dkv->k.get(), dkv->v.get(), DType::kF32,
+          tables_dev + first * max_blocks, lens_dev + first, n, num_heads, kv.num_kv_heads, hd,
+          bs, max_blocks, scale, out_dev + first * qrow, DType::kF32, ws_dev, ws, stream_));
+    }
+    out_host_.resize(static_cast<size_t>(queries * qrow));
+    SY_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(out_host_.data(), out_dev, q_bytes, cudaMemcpyDeviceToHost, stream_),
+                            "attention output"));
+    SY_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream_), "attention"));
+    e = 0;
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      const AttentionSeq& a = seqs[s];
+      if (a.num_new <= 0) continue;
+      std::copy(out_host_.begin() + e * qrow, out_host_.begin() + (e + a.num_new) * qrow, a.out);
+      e += a.num_new;
+    }
+    return absl::OkStatus();
+  }
+
   // The rest on the CPU.
   absl::Status RmsNorm(const float* x, int64_t num_rows, int64_t dim, const WeightView& weight,
                        float eps, float* y) override {
     return cpu_->RmsNorm(x, num_rows, dim, weight, eps, y);
   }
-  absl::Status Attention(const float* q, int64_t num_new, int64_t start_pos, int64_t num_heads,
-                         const PagedKv& kv, const int32_t* block_table, float scale,
-                         float* out) override {
-    return cpu_->Attention(q, num_new, start_pos, num_heads, kv, block_table, scale, out);
-  }
-  absl::Status AttentionBatch(const AttentionSeq* seqs, int64_t num_seqs, int64_t num_heads,
-                              const PagedKv& kv, float scale) override {
-    return cpu_->AttentionBatch(seqs, num_seqs, num_heads, kv, scale);
-  }
   absl::Status ApplyRope(float* q, float* k, int64_t num_tokens, int64_t num_heads,
                          int64_t num_kv_heads, int64_t head_dim, const int32_t* positions,
                          double theta) override {
     return cpu_->ApplyRope(q, k, num_tokens, num_heads, num_kv_heads, head_dim, positions, theta);
-  }
-  absl::Status WriteKv(const float* k, const float* v, int64_t num_tokens, const int64_t* slots,
-                       const PagedKv& kv) override {
-    return cpu_->WriteKv(k, v, num_tokens, slots, kv);
   }
   absl::Status AddGated(const float* x, const float* gate, int64_t num_rows, int64_t dim,
                         float* y) override {
@@ -194,6 +290,27 @@ class CudaBackend final : public Backend {
   }
 
  private:
+  struct DeviceKv {
+    DeviceBuffer k, v;
+  };
+  // The device cache of the layer whose host K array is kv.k, allocated on first use.
+  absl::StatusOr<DeviceKv*> KvOf(const PagedKv& kv) {
+    auto& slot = kv_[kv.k];
+    if (slot != nullptr) return slot.get();
+    auto dkv = std::make_unique<DeviceKv>();
+    const int64_t bytes = kv.num_blocks * kv.block_size * kv.num_kv_heads * kv.head_dim * 4;
+    absl::Status s = dkv->k.Reserve(bytes, "the KV cache of a layer (K)");
+    if (s.ok()) s = dkv->v.Reserve(bytes, "the KV cache of a layer (V)");
+    if (!s.ok()) {
+      kv_.erase(kv.k);
+      return s;
+    }
+    SY_RETURN_IF_ERROR(Cuda(cudaMemset(dkv->k.get(), 0, bytes), "clearing the KV cache"));
+    SY_RETURN_IF_ERROR(Cuda(cudaMemset(dkv->v.get(), 0, bytes), "clearing the KV cache"));
+    slot = std::move(dkv);
+    return slot.get();
+  }
+
   // The device copy of w (bf16, dense), uploaded on first use.
   absl::StatusOr<const void*> Upload(const WeightView& w) {
     const auto key = std::make_tuple(w.data, w.rows, w.cols, w.row_stride, w.dtype);
@@ -246,7 +363,10 @@ class CudaBackend final : public Backend {
   std::vector<uint16_t> staging_, x_bf16_, y_bf16_;
   std::vector<ExpertFfnWeights> ffn_weights_;
   std::vector<int32_t> offsets32_;
-  DeviceBuffer x_dev_, y_dev_, workspace_;
+  DeviceBuffer x_dev_, y_dev_, workspace_, kv_in_, attn_in_;
+  std::map<const float*, std::unique_ptr<DeviceKv>> kv_;
+  std::vector<float> q_host_, out_host_;
+  std::vector<int32_t> tables_, lens_;
 };
 
 }  // namespace

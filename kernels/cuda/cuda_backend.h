@@ -1,14 +1,18 @@
-// The "cuda" Backend (MakeBackend("cuda") / "cuda:K"): the model's weight products on one GPU.
+// The "cuda" Backend (MakeBackend("cuda") / "cuda:K"): the model's weights, products, KV
+// cache and attention on one GPU.
 //
 // What runs where: MatMul (q/k/v/o projections, router, shared expert, LM head) and the
 // grouped expert FFN run on device K with cuBLAS (GemmContext, bf16 inputs, f32 accumulate)
 // and this folder's SiLU kernel; every weight is copied to the device once, as bf16 (f32 and
 // f16 checkpoints are converted while they are uploaded), the first time a product reads it,
-// and stays there. Activations cross to the device in bf16 and results come back per call.
-// Norms, RoPE, the paged KV cache and attention stay on the CPU (the fast CPU backend): this
-// is the first stage of the GPU path, the one that moves the weight traffic, which is what a
-// decode step is made of. Numerics: as the CPU backend at its AMX level for bf16 weights
-// (activations rounded to bf16, f32 accumulation); f32 checkpoints are read in bf16.
+// and stays there. Each layer's paged KV cache (a PagedKv that states num_blocks, as
+// KvCache's do) lives on the device in f32: WriteKv scatters the new rows there
+// (WritePagedKv) and attention runs PagedDecodeAttention with one query per new token (a
+// prefill chunk's tokens see growing context lengths). Activations cross to the device and
+// back per call; norms, RoPE, the router's top-k and the residual adds stay on the CPU (the
+// fast CPU backend). Numerics: as the CPU backend at its AMX level for bf16 weights
+// (activations rounded to bf16 for the products, f32 accumulation, f32 attention); f32
+// checkpoints are read in bf16.
 //
 // Errors: FAILED_PRECONDITION at creation when the host has no usable CUDA device or driver,
 // or the device is older than sm_90 (the kernels are built for H100 / H200); INVALID_ARGUMENT

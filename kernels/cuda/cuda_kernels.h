@@ -180,7 +180,19 @@ absl::Status GroupedExpertFfn(GemmContext& gemm, const ExpertFfnWeights* experts
 absl::Status SiluMul(const float* gate, const float* up, int64_t num_rows, int64_t inter,
                      void* act, cudaStream_t stream);
 
-// ---- Phase 5: paged decode attention -----------------------------------------------------------
+// ---- Phase 5: paged KV cache and decode attention ----------------------------------------------
+
+// This step's K and V rows into the paged cache (vLLM's slot mapping): token t's rows go to
+// slot slots[t] = block · block_size + row of k_cache and v_cache.
+//   k, v:             [num_tokens, row_elems] dtype (row_elems = num_kv_heads · head_dim)
+//   slots:            [num_tokens] int64 (device); a slot outside [0, num_slots) is skipped
+//                     (check them on the host: the kernel cannot report it)
+//   k_cache, v_cache: [num_slots, row_elems] dtype (= [num_blocks, block_size, kv_heads, hd])
+// One block per token.
+absl::Status WritePagedKv(const void* k, const void* v, DType dtype, int64_t num_tokens,
+                          int64_t row_elems, const int64_t* slots, int64_t num_slots,
+                          void* k_cache, void* v_cache, cudaStream_t stream);
+
 
 // One new token per sequence attends to its whole context in the paged KV cache (the new
 // token's K/V already written). Layout as model/kv_cache.h:

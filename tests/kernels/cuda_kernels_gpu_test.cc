@@ -716,6 +716,40 @@ TEST(CudaPagedDecodeAttentionTest, MatchesDoubleReferenceWithGqaScatteredBlocksA
   }
 }
 
+TEST(CudaWritePagedKvTest, RowsLandInTheirSlotsAndOtherSlotsAreUntouched) {
+  SKIP_WITHOUT_GPU();
+  for (DType dtype : {DType::kF32, DType::kBF16})
+    for (int64_t row : {int64_t{64}, int64_t{12}}) {  // 16-byte words, and 2-byte words
+      const int64_t tokens = 5, num_slots = 40, es = DTypeSize(dtype);
+      const std::vector<int64_t> slots = {7, 0, 39, 16, 8};
+      HostTensor k = MakeTensor(dtype, RandomVector(tokens * row, 11));
+      HostTensor v = MakeTensor(dtype, RandomVector(tokens * row, 12));
+      DeviceBuffer dk(k.bytes.size()), dv(v.bytes.size()), ds(slots.size() * 8),
+          kc(num_slots * row * es), vc(num_slots * row * es);
+      ASSERT_CUDA(Upload(k.bytes, dk));
+      ASSERT_CUDA(Upload(v.bytes, dv));
+      ASSERT_CUDA(Upload(slots, ds));
+      ASSERT_OK(WritePagedKv(dk.get(), dv.get(), dtype, tokens, row, ds.as<int64_t>(), num_slots,
+                             kc.get(), vc.get(), nullptr));
+      ASSERT_CUDA(cudaDeviceSynchronize());
+      std::vector<uint8_t> kh(num_slots * row * es), vh(num_slots * row * es);
+      ASSERT_CUDA(Download(kc, &kh));
+      ASSERT_CUDA(Download(vc, &vh));
+      std::vector<bool> written(num_slots, false);
+      for (int64_t t = 0; t < tokens; ++t) {
+        written[slots[t]] = true;
+        EXPECT_EQ(std::memcmp(&kh[slots[t] * row * es], &k.bytes[t * row * es], row * es), 0) << t;
+        EXPECT_EQ(std::memcmp(&vh[slots[t] * row * es], &v.bytes[t * row * es], row * es), 0) << t;
+      }
+      for (int64_t sl = 0; sl < num_slots; ++sl) {
+        if (written[sl]) continue;
+        for (int64_t b = 0; b < row * es; ++b) {
+          ASSERT_EQ(kh[sl * row * es + b], 0xff) << "slot " << sl << " written";
+        }
+      }
+    }
+}
+
 TEST(CudaPagedDecodeAttentionTest, RejectsHeadDimAbove256AndUnevenGroups) {
   EXPECT_EQ(PagedDecodeAttention(nullptr, DType::kF32, nullptr, nullptr, DType::kF32, nullptr, nullptr, 1, 4, 4,
                                  320, 16, 1, 0.f, nullptr, DType::kF32, nullptr, 0, nullptr)
