@@ -22,26 +22,11 @@
 #include "gtest/gtest.h"
 #include "kernels/backend.h"
 #include "kernels/core/dtype.h"
+#include "tests/testing/gpu_testing.h"
 
 namespace sy::kernels::cuda {
 namespace {
 
-std::string NoGpuReason() {
-  int n = 0;
-  const cudaError_t err = cudaGetDeviceCount(&n);
-  if (err != cudaSuccess) return std::string("cudaGetDeviceCount: ") + cudaGetErrorString(err);
-  return n > 0 ? "" : "no CUDA device";
-}
-
-#define SKIP_WITHOUT_GPU()                                                        \
-  do {                                                                            \
-    const std::string why_ = NoGpuReason();                                       \
-    if (!why_.empty()) {                                                          \
-      const char* req_ = std::getenv("SY_REQUIRE_GPU");                           \
-      if (req_ && std::string(req_) == "1") FAIL() << why_ << " (SY_REQUIRE_GPU=1)"; \
-      GTEST_SKIP() << why_;                                                       \
-    }                                                                             \
-  } while (0)
 
 // A weight of `rows` x `cols` in `dtype` with `pad` unused elements after each row.
 struct HostWeight {

@@ -26,30 +26,11 @@
 
 #include "gtest/gtest.h"
 #include "kernels/core/dtype.h"
+#include "tests/testing/gpu_testing.h"
 
 namespace sy::kernels::cuda {
 namespace {
 
-// Empty when a device is usable, else why not (e.g. a driver older than the CUDA 13 runtime
-// this binary carries statically).
-std::string NoGpuReason() {
-  int n = 0;
-  const cudaError_t err = cudaGetDeviceCount(&n);
-  if (err != cudaSuccess) return std::string("cudaGetDeviceCount: ") + cudaGetErrorString(err);
-  return n > 0 ? "" : "no CUDA device";
-}
-
-// Skips without a device; with SY_REQUIRE_GPU=1 in the environment (set it on the GPU host so
-// that a broken driver cannot pass as a skip) the test fails instead.
-#define SKIP_WITHOUT_GPU()                                                        \
-  do {                                                                            \
-    const std::string why_ = NoGpuReason();                                       \
-    if (!why_.empty()) {                                                          \
-      const char* req_ = std::getenv("SY_REQUIRE_GPU");                           \
-      if (req_ && std::string(req_) == "1") FAIL() << why_ << " (SY_REQUIRE_GPU=1)"; \
-      GTEST_SKIP() << why_;                                                       \
-    }                                                                             \
-  } while (0)
 
 #define ASSERT_CUDA(expr)                                       \
   do {                                                          \

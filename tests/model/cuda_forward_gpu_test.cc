@@ -16,17 +16,11 @@
 #include "gtest/gtest.h"
 #include "model/moe_model.h"
 #include "model/sampler.h"
+#include "tests/testing/gpu_testing.h"
 #include "tests/testing/model_fixtures.h"
 
 namespace sy::model {
 namespace {
-
-std::string NoGpuReason() {
-  int n = 0;
-  const cudaError_t err = cudaGetDeviceCount(&n);
-  if (err != cudaSuccess) return std::string("cudaGetDeviceCount: ") + cudaGetErrorString(err);
-  return n > 0 ? "" : "no CUDA device";
-}
 
 // Logits of every step: the prompt as one prefill, then `steps` decode tokens fed from `feed`
 // (teacher forcing); or, with token_by_token, the prompt one token per step too.
@@ -77,12 +71,7 @@ class CudaForwardTest
     : public ::testing::TestWithParam<std::tuple<Arch, std::string, DType>> {};
 
 TEST_P(CudaForwardTest, MatchesTheCpuForward) {
-  const std::string why = NoGpuReason();
-  if (!why.empty()) {
-    const char* req = std::getenv("SY_REQUIRE_GPU");
-    if (req && std::string(req) == "1") FAIL() << why << " (SY_REQUIRE_GPU=1)";
-    GTEST_SKIP() << why;
-  }
+  SKIP_WITHOUT_GPU();
   const auto [arch, preset, dtype] = GetParam();
   const std::string dir = sy::testing::SyntheticModelDir(arch, preset, dtype);
   LoadOptions cpu_o, gpu_o;
