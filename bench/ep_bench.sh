@@ -17,7 +17,8 @@
 # Checks: no failed request; 2p1t >= 0.9 (bench) / 0.7 (demo) of 1p2t; 4p1t >= 0.75 of 1p2t on
 # bench. On demo the 4p1t ratio is printed without a target: its steps take a few
 # milliseconds, so with two ranks per core every exchange waits for a descheduled peer.
-# Exit status 0 when every check holds. Not run by ctest (about 2 minutes per preset and round).
+# Exit status 0 when every check holds. Not run by ctest (about 2 minutes per preset and round on
+# demo, 4 on bench: five groups each).
 set -euo pipefail
 bin=$(readlink -f "${1:-build/server/switchyard}")
 presets=${2:-demo bench}
