@@ -13,6 +13,7 @@
 #include "kernels/core/dtype.h"
 #include "kernels/core/status.h"
 #include "kernels/cpu/fast_backend.h"
+#include "kernels/cpu/row_kernels.h"
 #include "kernels/cuda/cuda_kernels.h"
 
 namespace sy::kernels::cuda {
@@ -71,11 +72,7 @@ void ToBf16Rows(const WeightView& w, std::vector<uint16_t>* out) {
         std::memcpy(dst, src, static_cast<size_t>(w.cols) * 2);
         break;
       case DType::kF32:
-        for (int64_t c = 0; c < w.cols; ++c) {
-          float f;
-          std::memcpy(&f, src + 4 * c, 4);
-          dst[c] = F32ToBf16(f);
-        }
+        cpu::RowToBf16(reinterpret_cast<const float*>(src), w.cols, dst);
         break;
       case DType::kF16:
         for (int64_t c = 0; c < w.cols; ++c) {
@@ -160,8 +157,7 @@ class CudaBackend final : public Backend {
                                             cudaMemcpyDeviceToHost, stream_),
                             "copying expert outputs to the host"));
     SY_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream_), "grouped expert FFN"));
-    float* out = y + first * hidden;
-    for (size_t i = 0; i < y_bf16_.size(); ++i) out[i] = Bf16ToF32(y_bf16_[i]);
+    cpu::RowFromBf16(y_bf16_.data(), rows * hidden, y + first * hidden);
     return absl::OkStatus();
   }
 
@@ -346,7 +342,7 @@ class CudaBackend final : public Backend {
   // x [rows, cols] f32 on the host → bf16 on the device (x_dev_).
   absl::StatusOr<const void*> ToDevice(const float* x, int64_t rows, int64_t cols) {
     x_bf16_.resize(static_cast<size_t>(rows * cols));
-    for (size_t i = 0; i < x_bf16_.size(); ++i) x_bf16_[i] = F32ToBf16(x[i]);
+    cpu::RowToBf16(x, rows * cols, x_bf16_.data());
     SY_RETURN_IF_ERROR(x_dev_.Reserve(rows * cols * 2, "activations"));
     SY_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(x_dev_.get(), x_bf16_.data(), x_bf16_.size() * 2,
                                             cudaMemcpyHostToDevice, stream_),
