@@ -2,6 +2,7 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -130,8 +131,14 @@ std::vector<TensorSource> Tensors(const Shape& s, const SyntheticOptions& o) {
       add(p + "self_attn.k_norm.weight", {s.kv_heads * hd}, 1.0, 0.1);
     }
     const std::string m = p + (mixtral ? "block_sparse_moe." : "mlp.");
-    add(m + "gate.weight", {s.experts, H}, 0, 2.0 * sh);
     const double si = 1.0 / std::sqrt(static_cast<double>(s.inter));
+    if (std::find(o.mlp_only_layers.begin(), o.mlp_only_layers.end(), l) != o.mlp_only_layers.end()) {
+      add(m + "gate_proj.weight", {s.inter, H}, 0, sh);
+      add(m + "up_proj.weight", {s.inter, H}, 0, sh);
+      add(m + "down_proj.weight", {H, s.inter}, 0, si);
+      continue;
+    }
+    add(m + "gate.weight", {s.experts, H}, 0, 2.0 * sh);
     for (int64_t e = 0; e < s.experts; ++e) {
       const std::string ep = absl::StrCat(m, "experts.", e, ".");
       add(ep + (mixtral ? "w1" : "gate_proj") + ".weight", {s.inter, H}, 0, sh);
@@ -162,8 +169,25 @@ absl::StatusOr<Arch> ParseArch(const std::string& name) {
       absl::StrCat("unknown architecture '", name, "' (mixtral, qwen2_moe, qwen3_moe, olmoe)"));
 }
 
+namespace {
+
+absl::Status CheckDenseLayers(const Shape& s, const SyntheticOptions& o) {
+  if (o.mlp_only_layers.empty()) return absl::OkStatus();
+  if (o.arch != Arch::kQwen2Moe && o.arch != Arch::kQwen3Moe)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "dense (mlp_only) layers are a Qwen-MoE feature; ", ArchName(o.arch), " checkpoints have none"));
+  for (int64_t l : o.mlp_only_layers)
+    if (l < 0 || l >= s.layers)
+      return absl::InvalidArgumentError(absl::StrCat("mlp_only layer ", l, " is out of range: the ",
+                                                     o.preset, " preset has ", s.layers, " layers"));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<int64_t> SyntheticWeightBytes(const SyntheticOptions& o) {
   SY_ASSIGN_OR_RETURN(Shape s, PresetShape(o.preset));
+  SY_RETURN_IF_ERROR(CheckDenseLayers(s, o));
   int64_t total = 0;
   for (const auto& t : Tensors(s, o)) total += t.bytes;
   return total;
@@ -171,6 +195,7 @@ absl::StatusOr<int64_t> SyntheticWeightBytes(const SyntheticOptions& o) {
 
 absl::Status WriteSyntheticCheckpoint(const SyntheticOptions& o) {
   SY_ASSIGN_OR_RETURN(Shape s, PresetShape(o.preset));
+  SY_RETURN_IF_ERROR(CheckDenseLayers(s, o));
   std::error_code ec;
   std::filesystem::create_directories(o.out_dir, ec);
   if (ec) return absl::PermissionDeniedError(absl::StrCat("cannot create ", o.out_dir, ": ", ec.message()));
@@ -226,7 +251,7 @@ absl::Status WriteSyntheticCheckpoint(const SyntheticOptions& o) {
     if (arch != Arch::kOlmoe) {
       cfg["moe_intermediate_size"] = s.inter;
       cfg["decoder_sparse_step"] = 1;
-      cfg["mlp_only_layers"] = json::array();
+      cfg["mlp_only_layers"] = o.mlp_only_layers;
     }
     cfg["norm_topk_prob"] = arch == Arch::kQwen3Moe;
   }

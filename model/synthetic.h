@@ -11,6 +11,7 @@
 //   olmoe-1b-7b: vocab 50304, hidden 2048, expert inter 1024, 16 layers, 16 heads, 16 KV
 //          heads, 64 experts top-8 (OLMoE-1B-7B-shaped, about 6.9 B parameters, 13.8 GB in
 //          bf16: the GPU benchmark's shape)
+// Qwen-MoE checkpoints may name dense layers (`mlp_only_layers`), written with a plain MLP.
 // Tensors are generated while the files are written (one tensor in memory at a time); a
 // checkpoint larger than the folder's free space is refused (RESOURCE_EXHAUSTED) before any
 // weight is written.
@@ -19,6 +20,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "kernels/core/dtype.h"
@@ -34,6 +36,10 @@ struct SyntheticOptions {
   std::string out_dir;
   int64_t shard_bytes = 0;  // > 0: split into model-0000x-of-0000y.safetensors shards
   bool write_tokenizer = true;
+  // Layers written with a dense MLP (`mlp.{gate,up,down}_proj`, intermediate size = the
+  // preset's) instead of the MoE block, named in config.json's `mlp_only_layers` the way
+  // Qwen-MoE checkpoints do. Qwen2-MoE and Qwen3-MoE only (INVALID_ARGUMENT otherwise).
+  std::vector<int64_t> mlp_only_layers;
 };
 
 absl::Status WriteSyntheticCheckpoint(const SyntheticOptions& options);

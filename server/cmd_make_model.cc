@@ -2,6 +2,9 @@
 #include <cstdio>
 #include <iostream>
 
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "kernels/core/dtype.h"
 #include "model/synthetic.h"
 #include "server/commands.h"
@@ -10,7 +13,7 @@
 namespace sy::server {
 
 int MakeModelCommand(int argc, char** argv) {
-  std::string arch = "mixtral", preset = "tiny", dtype = "f32", out;
+  std::string arch = "mixtral", preset = "tiny", dtype = "f32", out, dense_layers;
   int64_t seed = 0, shard_bytes = 0;
   FlagSet flags("make-model",
                 "Writes a synthetic MoE checkpoint (config.json, safetensors, tokenizer.json) with\n"
@@ -21,6 +24,9 @@ int MakeModelCommand(int argc, char** argv) {
   flags.Add("seed", &seed, "random seed (same seed, same bytes)");
   flags.Add("dtype", &dtype, "weight dtype: f32 | bf16 | f16");
   flags.Add("out", &out, "output folder (created if missing)");
+  flags.Add("mlp-only-layers", &dense_layers,
+            "comma-separated layer indices written with a dense MLP instead of experts (qwen2_moe, "
+            "qwen3_moe: config.json's mlp_only_layers)");
   flags.Add("shard-bytes", &shard_bytes, "split into model-0000x-of-0000y.safetensors shards of about this size (0: one file)");
   absl::Status s = flags.Parse(argc, argv);
   if (absl::IsCancelled(s)) {
@@ -29,6 +35,12 @@ int MakeModelCommand(int argc, char** argv) {
   }
   if (s.ok() && out.empty()) s = absl::InvalidArgumentError("--out is required");
   model::SyntheticOptions o;
+  for (absl::string_view part : absl::StrSplit(dense_layers, ',', absl::SkipWhitespace())) {
+    int64_t layer = 0;
+    if (s.ok() && !absl::SimpleAtoi(part, &layer))
+      s = absl::InvalidArgumentError(absl::StrCat("--mlp-only-layers: '", part, "' is not a layer index"));
+    o.mlp_only_layers.push_back(layer);
+  }
   if (s.ok()) {
     auto a = model::ParseArch(arch);
     auto d = ParseDType(dtype);

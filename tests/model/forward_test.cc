@@ -1,6 +1,7 @@
 // Properties of the forward pass on synthetic checkpoints of every architecture: batched
 // prefill equals token-by-token decode, chunked prefill equals one-shot prefill, and a batch
-// of sequences of mixed lengths equals each sequence run alone.
+// of sequences of mixed lengths equals each sequence run alone; Qwen-MoE dense layers mixed
+// with MoE layers.
 #include <cmath>
 
 #include "gtest/gtest.h"
@@ -133,6 +134,63 @@ TEST_P(ForwardTest, RejectsTokenOutsideVocabulary) {
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("outside the vocabulary"), absl::string_view::npos) << s;
 }
+
+// Qwen-MoE checkpoints may make some layers dense (`mlp_only_layers`): those layers run a plain
+// MLP, have no router or dispatch, and the forward properties hold across the mix.
+class DenseLayersTest : public ::testing::TestWithParam<Arch> {};
+
+TEST_P(DenseLayersTest, MixedDenseAndMoeLayersKeepTheForwardProperties) {
+  const std::string dir = sy::testing::SyntheticModelDir(GetParam(), "demo", DType::kF32, 0, 0, {1});
+  auto m = MoeModel::Load(dir);
+  ASSERT_TRUE(m.ok()) << m.status();
+  MoeModel& model = **m;
+  const auto& c = model.config();
+  EXPECT_FALSE(c.IsMoeLayer(1));
+  EXPECT_EQ(model.MoeLayerIds(), (std::vector<int>{0, 2, 3}));
+  // The dense layer does work: the same seed without it gives other logits.
+  auto prompt = Prompt(29, c.vocab_size, 9);
+  auto full = sy::testing::PrefillLogits(model, prompt);
+  auto all_moe = MoeModel::Load(sy::testing::SyntheticModelDir(GetParam(), "demo", DType::kF32));
+  ASSERT_TRUE(all_moe.ok()) << all_moe.status();
+  EXPECT_GT(MaxAbsDiff(full.data(), sy::testing::PrefillLogits(**all_moe, prompt).data(), c.vocab_size), 1e-2);
+  // Prefill equals token-by-token decode.
+  KvCache cache(c, 2, 16);
+  std::vector<int32_t> blocks = {1, 0};
+  std::vector<float> logits;
+  for (size_t i = 0; i < prompt.size(); ++i) {
+    SequenceInput in;
+    in.tokens = std::span<const int32_t>(&prompt[i], 1);
+    in.start_pos = static_cast<int64_t>(i);
+    in.block_table = blocks;
+    ASSERT_TRUE(model.Forward(std::span<const SequenceInput>(&in, 1), cache, &logits).ok());
+  }
+  EXPECT_LT(MaxAbsDiff(full.data(), logits.data(), c.vocab_size), 1e-4);
+}
+
+TEST(DenseLayersTest, OnlyQwenMoeCheckpointsNameDenseLayersAndOnlyLayersThatExist) {
+  SyntheticOptions o;
+  o.preset = "tiny";
+  o.out_dir = sy::testing::MakeTempDir("dense");
+  o.mlp_only_layers = {0};
+  o.arch = Arch::kMixtral;
+  absl::Status s = WriteSyntheticCheckpoint(o);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("mixtral"), absl::string_view::npos) << s;
+  o.arch = Arch::kQwen3Moe;
+  o.mlp_only_layers = {2};
+  s = WriteSyntheticCheckpoint(o);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("has 2 layers"), absl::string_view::npos) << s;
+  o.mlp_only_layers = {0};
+  ASSERT_TRUE(WriteSyntheticCheckpoint(o).ok());
+  auto m = MoeModel::Load(o.out_dir);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ((*m)->config().mlp_only_layers, (std::vector<int64_t>{0}));
+  EXPECT_EQ((*m)->MoeLayerIds(), (std::vector<int>{1}));
+}
+
+INSTANTIATE_TEST_SUITE_P(Archs, DenseLayersTest, ::testing::Values(Arch::kQwen2Moe, Arch::kQwen3Moe),
+                         [](const auto& info) { return std::string(ArchName(info.param)); });
 
 INSTANTIATE_TEST_SUITE_P(Archs, ForwardTest,
                          ::testing::Values(Arch::kMixtral, Arch::kQwen2Moe, Arch::kQwen3Moe, Arch::kOlmoe),

@@ -123,23 +123,29 @@ INSTANTIATE_TEST_SUITE_P(Ranks, DistributedExecutorRanksTest, ::testing::Values(
 
 // Two-batch overlap: every rank splits its tokens in two micro-batches (a split may fall inside
 // a prompt) and interleaves them with the exchanges; the tokens stay those of one rank, for
-// every architecture (Qwen2-MoE's shared expert included), over threads and sockets.
+// every architecture (Qwen2-MoE's shared expert included), over threads and sockets, with dense
+// layers among the MoE layers.
 struct OverlapCase {
   model::Arch arch;
   int world;
   std::string comm;
+  std::vector<int64_t> dense_layers = {};  // demo preset (4 layers) with these dense, else tiny
 };
 std::string OverlapCaseName(const OverlapCase& c) {
   static const char* const kArch[] = {"mixtral", "qwen2moe", "qwen3moe", "olmoe"};
-  return std::string(kArch[static_cast<int>(c.arch)]) + "_" + std::to_string(c.world) +
-         "ranks_" + c.comm;
+  std::string name = std::string(kArch[static_cast<int>(c.arch)]) + "_" + std::to_string(c.world) +
+                     "ranks_" + c.comm;
+  for (int64_t l : c.dense_layers) name += "_dense" + std::to_string(l);
+  return name;
 }
 class TwoBatchOverlapTest : public ::testing::TestWithParam<OverlapCase> {};
 
 TEST_P(TwoBatchOverlapTest, GreedyTokensMatchOneRank) {
   Watchdog dog(std::chrono::seconds(90));
   const OverlapCase c = GetParam();
-  const std::string dir = sy::testing::SyntheticModelDir(c.arch, "tiny", DType::kF32);
+  const std::string dir =
+      c.dense_layers.empty() ? sy::testing::SyntheticModelDir(c.arch, "tiny", DType::kF32)
+                             : sy::testing::SyntheticModelDir(c.arch, "demo", DType::kF32, 0, 0, c.dense_layers);
   auto whole = model::MoeModel::Load(dir);
   ASSERT_TRUE(whole.ok()) << whole.status();
   LocalStepExecutor local(whole->get(), kNumBlocks, kBlockSize);
@@ -164,7 +170,11 @@ INSTANTIATE_TEST_SUITE_P(
                       OverlapCase{model::Arch::kMixtral, 3, "local"},
                       OverlapCase{model::Arch::kQwen2Moe, 4, "local"},
                       OverlapCase{model::Arch::kQwen3Moe, 2, "tcp"},
-                      OverlapCase{model::Arch::kOlmoe, 3, "gloo"}),
+                      OverlapCase{model::Arch::kOlmoe, 3, "gloo"},
+                      // A dense layer between MoE layers: lane 1's return of layer 0 is finished
+                      // before layer 1's MLP, and layer 2 starts the exchanges again.
+                      OverlapCase{model::Arch::kQwen2Moe, 2, "local", {1}},
+                      OverlapCase{model::Arch::kQwen3Moe, 3, "local", {0, 2}}),
     [](const auto& info) { return OverlapCaseName(info.param); });
 
 TEST(DistributedExecutorTest, AnAbortedCommunicatorReFormsTheGroupAndTheNextStepRuns) {

@@ -8,6 +8,7 @@
 #include <mutex>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "kernels/core/logging.h"
 #include "model/sampler.h"
 
@@ -47,11 +48,13 @@ std::string MakeTempDir(const std::string& prefix) {
 }
 
 std::string SyntheticModelDir(model::Arch arch, const std::string& preset, DType dtype,
-                              uint64_t seed, int64_t shard_bytes) {
+                              uint64_t seed, int64_t shard_bytes,
+                              const std::vector<int64_t>& mlp_only_layers) {
   static std::mutex mu;
   static std::map<std::string, std::string>* cache = new std::map<std::string, std::string>();
   const std::string key = absl::StrCat(model::ArchName(arch), "/", preset, "/", DTypeName(dtype),
-                                       "/", seed, "/", shard_bytes);
+                                       "/", seed, "/", shard_bytes, "/dense:",
+                                       absl::StrJoin(mlp_only_layers, ","));
   std::lock_guard<std::mutex> lock(mu);
   auto it = cache->find(key);
   if (it != cache->end()) return it->second;
@@ -61,6 +64,7 @@ std::string SyntheticModelDir(model::Arch arch, const std::string& preset, DType
   o.dtype = dtype;
   o.seed = seed;
   o.shard_bytes = shard_bytes;
+  o.mlp_only_layers = mlp_only_layers;
   o.out_dir = MakeTempDir(absl::StrCat("model-", model::ArchName(arch)));
   SY_CHECK_OK(model::WriteSyntheticCheckpoint(o));
   (*cache)[key] = o.out_dir;

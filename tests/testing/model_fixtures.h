@@ -14,10 +14,11 @@ namespace sy::testing {
 // A fresh empty folder under $TEST_TMPDIR or /tmp, removed at exit of the test binary.
 std::string MakeTempDir(const std::string& prefix);
 
-// Writes a synthetic checkpoint once per (arch, preset, dtype, seed, shard_bytes) per test
-// binary and returns its folder.
+// Writes a synthetic checkpoint once per (arch, preset, dtype, seed, shard_bytes, dense layers)
+// per test binary and returns its folder.
 std::string SyntheticModelDir(model::Arch arch, const std::string& preset, DType dtype,
-                              uint64_t seed = 0, int64_t shard_bytes = 0);
+                              uint64_t seed = 0, int64_t shard_bytes = 0,
+                              const std::vector<int64_t>& mlp_only_layers = {});
 
 // SY_SHARED_DIR "/reference/mixtral-tiny".
 std::string ReferenceDir();
