@@ -25,6 +25,24 @@ std::vector<int32_t> Prompt(int64_t n, int64_t vocab, int seed) {
   return p;
 }
 
+// Feeds `prompt` one token per step through blocks `blocks` of a fresh cache of `num_blocks`
+// blocks of 16; returns the last step's logits (empty after a failed step).
+std::vector<float> DecodeTokenByToken(MoeModel& model, const std::vector<int32_t>& prompt,
+                                      std::vector<int32_t> blocks, int64_t num_blocks) {
+  KvCache cache(model.config(), num_blocks, 16);
+  std::vector<float> logits;
+  for (size_t i = 0; i < prompt.size(); ++i) {
+    SequenceInput in;
+    in.tokens = std::span<const int32_t>(&prompt[i], 1);
+    in.start_pos = static_cast<int64_t>(i);
+    in.block_table = blocks;
+    const absl::Status s = model.Forward(std::span<const SequenceInput>(&in, 1), cache, &logits);
+    EXPECT_TRUE(s.ok()) << "position " << i << ": " << s;
+    if (!s.ok()) return {};
+  }
+  return logits;
+}
+
 class ForwardTest : public ::testing::TestWithParam<Arch> {
  protected:
   void SetUp() override {
@@ -39,16 +57,9 @@ TEST_P(ForwardTest, BatchedPrefillEqualsTokenByTokenDecode) {
   const auto& c = model_->config();
   auto prompt = Prompt(37, c.vocab_size, 1);
   auto full = sy::testing::PrefillLogits(*model_, prompt);
-  KvCache cache(c, 4, 16);
-  std::vector<int32_t> blocks = {3, 0, 2};  // non-contiguous blocks on purpose
-  std::vector<float> logits;
-  for (size_t i = 0; i < prompt.size(); ++i) {
-    SequenceInput in;
-    in.tokens = std::span<const int32_t>(&prompt[i], 1);
-    in.start_pos = static_cast<int64_t>(i);
-    in.block_table = blocks;
-    ASSERT_TRUE(model_->Forward(std::span<const SequenceInput>(&in, 1), cache, &logits).ok());
-  }
+  // Non-contiguous blocks on purpose.
+  const std::vector<float> logits = DecodeTokenByToken(*model_, prompt, {3, 0, 2}, 4);
+  ASSERT_EQ(logits.size(), static_cast<size_t>(c.vocab_size));
   EXPECT_LT(MaxAbsDiff(full.data(), logits.data(), c.vocab_size), 1e-4);
 }
 
@@ -154,16 +165,8 @@ TEST_P(DenseLayersTest, MixedDenseAndMoeLayersKeepTheForwardProperties) {
   ASSERT_TRUE(all_moe.ok()) << all_moe.status();
   EXPECT_GT(MaxAbsDiff(full.data(), sy::testing::PrefillLogits(**all_moe, prompt).data(), c.vocab_size), 1e-2);
   // Prefill equals token-by-token decode.
-  KvCache cache(c, 2, 16);
-  std::vector<int32_t> blocks = {1, 0};
-  std::vector<float> logits;
-  for (size_t i = 0; i < prompt.size(); ++i) {
-    SequenceInput in;
-    in.tokens = std::span<const int32_t>(&prompt[i], 1);
-    in.start_pos = static_cast<int64_t>(i);
-    in.block_table = blocks;
-    ASSERT_TRUE(model.Forward(std::span<const SequenceInput>(&in, 1), cache, &logits).ok());
-  }
+  const std::vector<float> logits = DecodeTokenByToken(model, prompt, {1, 0}, 2);
+  ASSERT_EQ(logits.size(), static_cast<size_t>(c.vocab_size));
   EXPECT_LT(MaxAbsDiff(full.data(), logits.data(), c.vocab_size), 1e-4);
 }
 
