@@ -71,6 +71,15 @@ if ! "$DOCKER" info >/dev/null 2>&1; then
   for _ in $(seq 1 120); do "$DOCKER" info >/dev/null 2>&1 && break; sleep 0.5; done
   "$DOCKER" info >/dev/null 2>&1 || fail "the Docker engine did not start: $(tail -5 "$WORK/dockerd.log")"
 fi
+# Under vfs every image layer and every container is a full copy of its tree: the run needs
+# about 6.5 GB at its peak (measured), so a disk short of that fails here, saying so, and not
+# half-way through a scale-up.
+DOCKER_ROOT=$("$DOCKER" info -f '{{.DockerRootDir}}')
+if [ "$("$DOCKER" info -f '{{.Driver}}')" = vfs ]; then
+  NEED_MB=${SWITCHYARD_TEST_DOCKER_DISK_MB:-7000}
+  FREE_MB=$(df --output=avail -BM "$DOCKER_ROOT" | tail -1 | tr -dc 0-9)
+  [ "$FREE_MB" -ge "$NEED_MB" ] || fail "Docker's vfs storage ($DOCKER_ROOT) has $FREE_MB MB free; this test needs about $NEED_MB MB (set SWITCHYARD_TEST_DOCKER_DISK_MB to override)"
+fi
 if ! "$DOCKER" image inspect debian:bookworm-slim >/dev/null 2>&1; then
   MIRROR=$( (grep -h -E '^(URIs:|deb )' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list \
               2>/dev/null || true) | grep -o -E 'https?://[^ ]+' | head -1 || true)
@@ -95,7 +104,7 @@ log "building the images"
 # layers (compilers and sources, about 1 GB each) are dropped once the runtime image exists,
 # so the containers that follow (two full copies each) have the disk.
 "$DOCKER" image prune -f --filter label=org.switchyard.stage=build >/dev/null
-log "images built; Docker's disk: $(df -h --output=used,avail "$("$DOCKER" info -f '{{.DockerRootDir}}')" | tail -1 | awk '{print $1 " used, " $2 " free"}')"
+log "images built; Docker's disk: $(df -h --output=used,avail "$DOCKER_ROOT" | tail -1 | awk '{print $1 " used, " $2 " free"}')"
 T_BUILT=$(date +%s)
 log "up: leader, 2 workers, prometheus (subnet $SWITCHYARD_SUBNET, gRPC on $ADDR)"
 "${COMPOSE[@]}" up -d >"$WORK/up.log" 2>&1 || fail "up: $(cat "$WORK/up.log")"
