@@ -102,8 +102,9 @@ log "building the images"
 "${COMPOSE[@]}" build >"$WORK/build.log" 2>&1 || fail "build: $(tail -20 "$WORK/build.log")"
 # Under the vfs storage driver every layer is a full copy of its tree: the build stage's
 # layers (compilers and sources, about 1 GB each) are dropped once the runtime image exists,
-# so the containers that follow (two full copies each) have the disk.
-"$DOCKER" image prune -f --filter label=org.switchyard.stage=build >/dev/null
+# so the containers that follow (two full copies each) have the disk; so is the runtime image
+# an earlier run left untagged. Only untagged images of this project's Dockerfile go.
+"$DOCKER" image prune -f --filter label=org.switchyard.stage >/dev/null
 log "images built; Docker's disk: $(df -h --output=used,avail "$DOCKER_ROOT" | tail -1 | awk '{print $1 " used, " $2 " free"}')"
 T_BUILT=$(date +%s)
 log "up: leader, 2 workers, prometheus (subnet $SWITCHYARD_SUBNET, gRPC on $ADDR)"
