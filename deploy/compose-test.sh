@@ -72,11 +72,11 @@ if ! "$DOCKER" info >/dev/null 2>&1; then
   "$DOCKER" info >/dev/null 2>&1 || fail "the Docker engine did not start: $(tail -5 "$WORK/dockerd.log")"
 fi
 # Under vfs every image layer and every container is a full copy of its tree: the run needs
-# about 6.5 GB at its peak (measured), so a disk short of that fails here, saying so, and not
+# about 5.6 GB at its peak (measured), so a disk short of that fails here, saying so, and not
 # half-way through a scale-up.
 DOCKER_ROOT=$("$DOCKER" info -f '{{.DockerRootDir}}')
 if [ "$("$DOCKER" info -f '{{.Driver}}')" = vfs ]; then
-  NEED_MB=${SWITCHYARD_TEST_DOCKER_DISK_MB:-7000}
+  NEED_MB=${SWITCHYARD_TEST_DOCKER_DISK_MB:-6000}
   FREE_MB=$(df --output=avail -BM "$DOCKER_ROOT" | tail -1 | tr -dc 0-9)
   [ "$FREE_MB" -ge "$NEED_MB" ] || fail "Docker's vfs storage ($DOCKER_ROOT) has $FREE_MB MB free; this test needs about $NEED_MB MB (set SWITCHYARD_TEST_DOCKER_DISK_MB to override)"
 fi
