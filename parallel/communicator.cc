@@ -52,6 +52,29 @@ class FinishedAllToAllV final : public PendingAllToAllV {
   absl::Status status_;
 };
 
+// The second half of AllToAllVDynamic: with the byte counts each peer sends known, the
+// receive layout (packed in rank order) and the exchange of the bytes.
+absl::Status ExchangeWithKnownCounts(Communicator* comm, const void* send,
+                                     absl::Span<const int64_t> send_counts,
+                                     absl::Span<const int64_t> send_offsets,
+                                     std::vector<char>* recv,
+                                     const std::vector<int64_t>& recv_counts,
+                                     std::vector<int64_t>* recv_offsets) {
+  const int n = comm->world_size();
+  recv_offsets->assign(n, 0);
+  int64_t total = 0;
+  for (int p = 0; p < n; ++p) {
+    if (recv_counts[p] < 0)
+      return absl::InternalError(
+          absl::StrCat("AllToAllVDynamic: rank ", p, " sends ", recv_counts[p], " bytes"));
+    (*recv_offsets)[p] = total;
+    total += recv_counts[p];
+  }
+  recv->resize(std::max<int64_t>(total, 1));
+  return comm->AllToAllV(send, send_counts, send_offsets, recv->data(), recv_counts,
+                         *recv_offsets);
+}
+
 // The default StartAllToAllVDynamic's handle: the counts are in flight; Wait() takes them
 // and exchanges the bytes.
 class DynamicAllToAllV final : public PendingAllToAllV {
@@ -91,21 +114,9 @@ class DynamicAllToAllV final : public PendingAllToAllV {
     if (!status_.ok()) return status_;
     status_ = counts_->Wait();
     if (!status_.ok()) return status_;
-    const int n = comm_->world_size();
-    recv_counts_->assign(n, 0);
-    recv_offsets_->assign(n, 0);
-    int64_t total = 0;
-    for (int p = 0; p < n; ++p) {
-      if (counts_in_[p] < 0)
-        return status_ = absl::InternalError(
-                   absl::StrCat("AllToAllVDynamic: rank ", p, " sends ", counts_in_[p], " bytes"));
-      (*recv_counts_)[p] = counts_in_[p];
-      (*recv_offsets_)[p] = total;
-      total += counts_in_[p];
-    }
-    recv_->resize(std::max<int64_t>(total, 1));
-    status_ = comm_->AllToAllV(send_, send_counts_, send_offsets_, recv_->data(), *recv_counts_,
-                               *recv_offsets_);
+    recv_counts_->assign(counts_in_.begin(), counts_in_.end());
+    status_ = ExchangeWithKnownCounts(comm_, send_, send_counts_, send_offsets_, recv_,
+                                      *recv_counts_, recv_offsets_);
     return status_;
   }
 
@@ -152,16 +163,8 @@ absl::Status Communicator::AllToAllVDynamic(const void* send, absl::Span<const i
   recv_counts->assign(n, 0);
   recv_offsets->assign(n, 0);
   SY_RETURN_IF_ERROR(AllToAll(send_counts.data(), recv_counts->data(), sizeof(int64_t)));
-  int64_t total = 0;
-  for (int p = 0; p < n; ++p) {
-    if ((*recv_counts)[p] < 0)
-      return absl::InternalError(absl::StrCat("AllToAllVDynamic: rank ", p, " sends ",
-                                              (*recv_counts)[p], " bytes"));
-    (*recv_offsets)[p] = total;
-    total += (*recv_counts)[p];
-  }
-  recv->resize(std::max<int64_t>(total, 1));
-  return AllToAllV(send, send_counts, send_offsets, recv->data(), *recv_counts, *recv_offsets);
+  return ExchangeWithKnownCounts(this, send, send_counts, send_offsets, recv, *recv_counts,
+                                 recv_offsets);
 }
 
 absl::Status Communicator::AllGather(const void* send, size_t bytes, void* recv) {
