@@ -434,8 +434,10 @@ void DistributedStepExecutor::CommitPending() {
   }
   const parallel::EpochView view = next.view;
   Install(std::move(next));
-  membership_->Commit(view);
   const auto now = Clock::now();
+  // The engine's pool events and the figures go first: whoever sees the membership's new
+  // epoch (a status call, a client that waits for the join) finds an engine that already
+  // homes new sequences on the joined ranks.
   for (int32_t id : p->joiners) {
     QueueEvent({PoolEvent::Kind::kAdded, id, membership_->kv_blocks(id)});
     awaiting_first_tokens_[id] = membership_->joined_at(id);
@@ -455,6 +457,7 @@ void DistributedStepExecutor::CommitPending() {
     if (!p->leavers.empty()) ++stats_.drains;
     stats_.migrated_bytes += p->gained_bytes;
   }
+  membership_->Commit(view);
   SY_LOG(INFO) << "epoch " << epoch << " in force: " << view.world_size() << " ranks, "
                << p->joiners.size() << " joined, " << p->leavers.size() << " left, "
                << p->gained_bytes << " expert bytes mapped, " << change.seconds << " s";
@@ -548,7 +551,6 @@ void DistributedStepExecutor::Reform(const absl::Status& cause) {
       continue;
     }
     Install(std::move(next));
-    membership_->Commit(next_view);
     for (int32_t id : lost) QueueEvent({PoolEvent::Kind::kLost, id, 0});
     recovering_since_ = t0;
     MembershipChange change;
@@ -560,6 +562,7 @@ void DistributedStepExecutor::Reform(const absl::Status& cause) {
       sy::MutexLock lock(&stats_mu_);
       ++stats_.failures;
     }
+    membership_->Commit(next_view);  // after the events and figures, as CommitPending
     SY_LOG(WARNING) << "the group re-formed as epoch " << next_view.epoch << " with "
                     << next_view.world_size() << " rank(s), " << lost.size() << " lost, in "
                     << change.seconds << " s";
@@ -702,18 +705,17 @@ void DistributedStepExecutor::Reconcile() {
 // ---- pool events and figures ---------------------------------------------------------------
 
 void DistributedStepExecutor::QueueEvent(PoolEvent event) {
-  std::function<void()> wake;
   {
     sy::MutexLock lock(&events_mu_);
     events_.push_back(event);
     ++events_queued_;
-    wake = wake_;
   }
-  if (wake) wake();
+  sy::MutexLock lock(&wake_mu_);  // held while it runs: SetWakeup waits for it
+  if (wake_) wake_();
 }
 
 void DistributedStepExecutor::SetWakeup(std::function<void()> wake) {
-  sy::MutexLock lock(&events_mu_);
+  sy::MutexLock lock(&wake_mu_);
   wake_ = std::move(wake);
 }
 

@@ -254,7 +254,8 @@ class DistributedStepExecutor : public StepExecutor {
   int64_t events_taken_ ABSL_GUARDED_BY(events_mu_) = 0;
   int64_t events_reported_ ABSL_GUARDED_BY(events_mu_) = 0;  // taken before the last report
   std::map<int32_t, PoolUsage> usage_ ABSL_GUARDED_BY(events_mu_);
-  std::function<void()> wake_;
+  sy::Mutex wake_mu_;  // never held with events_mu_
+  std::function<void()> wake_ ABSL_GUARDED_BY(wake_mu_);
 
   // Controller thread.
   struct Drain {

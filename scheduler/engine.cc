@@ -106,6 +106,7 @@ void Engine::Stop() {
     cv_.SignalAll();
   }
   if (thread_.joinable()) thread_.join();
+  executor_->SetWakeup(nullptr);  // the executor's threads outlive this engine's members
   // Anything the thread did not get to (or a never-started engine's intake).
   std::deque<Request> left;
   {
@@ -148,8 +149,10 @@ void Engine::Loop() {
       if (stopping_) break;
       wake_ = false;
     }
-    ApplyPoolEvents();
+    // Intake first: a request submitted after a pool change was queued (a join that status
+    // already shows) is admitted knowing that change.
     DrainIntake();
+    ApplyPoolEvents();
     AbortCancelled();
     if (!scheduler_.empty() && Step()) {
       PublishIdleness();  // EndStep published the gauges, before the sinks heard

@@ -2,7 +2,7 @@
 // into a bounded intake queue; one engine thread owns the scheduler, the KV pools and the
 // executor (which runs the model, here or on a rank group), and loops:
 //
-//   apply pool events (ranks joined, draining, lost) → drain intake → drop cancelled /
+//   drain intake → apply pool events (ranks joined, draining, lost) → drop cancelled /
 //   past-deadline sequences → Step: batch = Schedule(); RunBatch(batch) (the executor);
 //   Postprocess(batch) (sample, stop tokens, EOS, stop strings, length; stream to sinks);
 //   EndStep (retire the finished, count the step, then tell their sinks).

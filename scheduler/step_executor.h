@@ -91,7 +91,8 @@ class StepExecutor {
   // whenever the engine goes idle).
   virtual void ReportPools(std::span<const PoolUsage> usage) {}
   // `wake` makes an idle engine take its pool events; the executor calls it whenever it queues
-  // one. Set once, before the engine thread starts.
+  // one. Set before the engine thread starts; once SetWakeup (nullptr when the engine stops)
+  // returns, the previous `wake` is not running and will not run again.
   virtual void SetWakeup(std::function<void()> wake) {}
 };
 

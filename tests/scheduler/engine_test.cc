@@ -6,6 +6,7 @@
 #include "scheduler/engine.h"
 
 #include <atomic>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -259,6 +260,96 @@ TEST(EngineTest, ContextLengthIsCappedByTheKvCache) {
   absl::Status s = f.engine->Submit(MakeRequest(std::vector<int32_t>(20, 1), 13, sink));
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("max_new_tokens"), std::string::npos) << s;
+}
+
+// An executor of pools: another thread (the rank group's controller) queues a pool event and
+// then a client submits, at the moment the engine has just taken its pool events — the worst
+// interleaving for "a request sent after a join is visible can be homed on the new rank".
+class RacingPools : public StepExecutor {
+ public:
+  RacingPools() {
+    config_.vocab_size = kVocab;
+    config_.max_position_embeddings = 4096;
+  }
+  const model::ModelConfig& config() const override { return config_; }
+  absl::Status Execute(std::span<const model::SequenceInput> batch, std::span<const int32_t> homes,
+                       std::span<const SampleSpec> samples, std::vector<int32_t>* tokens) override {
+    tokens->clear();
+    std::lock_guard<std::mutex> lock(mu);
+    for (size_t b = 0; b < batch.size(); ++b) {
+      if (batch[b].start_pos == 0) home_of_first_token[batch[b].tokens[0]] = homes[b];
+      if (WantsToken(batch[b])) tokens->push_back(1);
+    }
+    ++steps;
+    return absl::OkStatus();
+  }
+  std::vector<PoolEvent> TakePoolEvents() override {
+    std::vector<PoolEvent> out;
+    std::function<void()> race;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      out.swap(events);
+      if (steps > 0) race.swap(on_next_take);  // once a sequence runs
+    }
+    if (race) race();  // after the engine's read: what it did not see
+    return out;
+  }
+  void Queue(PoolEvent e) {
+    std::lock_guard<std::mutex> lock(mu);
+    events.push_back(e);
+  }
+  void SetWakeup(std::function<void()> w) override {
+    std::lock_guard<std::mutex> lock(mu);
+    wake = std::move(w);
+  }
+
+  std::mutex mu;
+  std::vector<PoolEvent> events;
+  std::function<void()> on_next_take;
+  std::map<int32_t, int32_t> home_of_first_token;
+  std::function<void()> wake;
+  std::atomic<int64_t> steps{0};
+
+ private:
+  model::ModelConfig config_;
+};
+
+TEST(EngineTest, ARequestSentAfterAPoolJoinedCanBeHomedThere) {
+  auto exec = std::make_unique<RacingPools>();
+  RacingPools* pools = exec.get();
+  EngineOptions o;
+  o.num_blocks = 64;
+  o.block_size = 4;
+  Engine engine(std::move(exec), nullptr, o);
+  engine.Start();
+  {
+    std::lock_guard<std::mutex> lock(pools->mu);
+    EXPECT_TRUE(pools->wake) << "the engine set its wake-up";
+  }
+  auto a = std::make_shared<CollectingSink>();
+  auto b = std::make_shared<CollectingSink>();
+  {
+    // Fires at the engine's first read of pool events after A's first step (A, 200 tokens
+    // long, still runs when B is admitted).
+    std::lock_guard<std::mutex> lock(pools->mu);
+    pools->on_next_take = [&] {
+      pools->Queue({PoolEvent::Kind::kAdded, 1, 64});  // the join is in force...
+      EXPECT_TRUE(engine.Submit(MakeRequest({20, 21}, 5, b)).ok());  // ...and then B arrives
+    };
+  }
+  ASSERT_TRUE(engine.Submit(MakeRequest({10, 11}, 200, a)).ok());
+  ASSERT_TRUE(b->WaitDone());
+  EXPECT_TRUE(b->completion.status.ok()) << b->completion.status;
+  {
+    std::lock_guard<std::mutex> lock(pools->mu);
+    ASSERT_EQ(pools->home_of_first_token.count(20), 1u);
+    // Pool 0 holds A; the joined pool 1 has no sequence: the fewest.
+    EXPECT_EQ(pools->home_of_first_token[20], 1);
+    EXPECT_EQ(pools->home_of_first_token[10], 0);
+  }
+  engine.Stop();
+  std::lock_guard<std::mutex> lock(pools->mu);
+  EXPECT_FALSE(pools->wake) << "a stopped engine leaves no wake-up behind in the executor";
 }
 
 }  // namespace
