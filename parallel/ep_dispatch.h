@@ -93,7 +93,8 @@ struct EpDispatchStats {
   double expert_seconds = 0;  // the caller's experts: from Dispatch's return to Combine
   double presum_seconds = 0;  // Σ weight · y per received row into the return buffer
   double merge_seconds = 0;   // out = own weighted results + returned partial sums
-  // Pairs computed per rank in the latest call whose loads are known (one call behind).
+  // Pairs computed per rank in the latest call whose loads are known (one call behind; with
+  // two micro-batches a call is one lane's half of the layer: total_rank_load sums both).
   std::vector<int64_t> last_rank_load;
   // Pairs computed per rank over all calls (one call behind).
   std::vector<int64_t> total_rank_load;
