@@ -1,6 +1,6 @@
 // elastic_bench: what the elastic rank group costs, measured on the built `switchyard` binary
-// as a user runs it (leader and workers are processes over Gloo on 127.0.0.1, every process
-// --threads 1), under a closed loop of streams:
+// as a user runs it (leader and workers are processes over the default TCP transport on
+// 127.0.0.1, every process --threads 1), under a closed loop of streams:
 //   * scale-up: a worker process started against a serving group of R-1 ranks, until the
 //     first step that runs tokens on it (its rank's tokens counter moves on /metrics); beside
 //     it, in the same run, a cold start of R ranks (all processes started, loaded, group

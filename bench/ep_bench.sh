@@ -5,7 +5,7 @@
 # For each preset (demo: the built-in model; bench: the Mixtral-shaped bench checkpoint in bf16,
 # written once to $SY_BENCH_DIR or /tmp/sy-ep-bench) and each round, in alternating order:
 #   1p2t  one `switchyard serve --threads 2`
-#   2p1t  `serve --threads 1` + one `worker --threads 1` (Gloo over 127.0.0.1)
+#   2p1t  `serve --threads 1` + one `worker --threads 1` (the default TCP transport over 127.0.0.1)
 #   4p1t  `serve --threads 1` + three workers with one thread each (two ranks per core)
 #   2p1t-tbo, 4p1t-tbo  the same groups with `serve --two-batch-overlap` (each step as two
 #         micro-batches, one's all-to-all in flight while the other computes)
