@@ -161,7 +161,6 @@ absl::Status Communicator::AllToAllVDynamic(const void* send, absl::Span<const i
     return absl::InvalidArgumentError(absl::StrCat("AllToAllVDynamic: send_counts has ",
                                                    send_counts.size(), " entries, world size ", n));
   recv_counts->assign(n, 0);
-  recv_offsets->assign(n, 0);
   SY_RETURN_IF_ERROR(AllToAll(send_counts.data(), recv_counts->data(), sizeof(int64_t)));
   return ExchangeWithKnownCounts(this, send, send_counts, send_offsets, recv, *recv_counts,
                                  recv_offsets);
